@@ -1,0 +1,3 @@
+from mlxc.cli import main
+
+main()
