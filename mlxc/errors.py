@@ -1,0 +1,41 @@
+"""The errors a user can cause and fix, and how each reads as one line."""
+
+from __future__ import annotations
+
+from pydantic import ValidationError
+
+from mlxc.config import ConfigError
+from mlxc.engine.models import ModelError
+from mlxc.store import StoreError
+
+
+class InputError(ValueError):
+    """Bad input from a command line or a file (a message says which and why)."""
+
+
+def _prompt_too_long() -> type[Exception]:
+    from mlxc.engine.worker import PromptTooLong  # light: worker imports MLX lazily
+
+    return PromptTooLong
+
+
+USER_ERRORS: tuple[type[Exception], ...] = (
+    ConfigError,
+    ModelError,
+    StoreError,
+    InputError,
+    ValidationError,
+    _prompt_too_long(),
+)
+
+
+def describe(exc: Exception) -> str:
+    """One line: pydantic's list of problems reads as 'field: problem; field: problem'."""
+    if isinstance(exc, ValidationError):
+        parts = []
+        for err in exc.errors():
+            where = ".".join(str(p) for p in err["loc"])
+            message = err["msg"].removeprefix("Value error, ")
+            parts.append(f"{where}: {message}" if where else message)
+        return "; ".join(parts)
+    return str(exc)

@@ -1,0 +1,123 @@
+"""The canonical generation request, its cache key, and the stored answer. No MLX here.
+
+Every front end (ask, serve, warm, bench) builds a `GenerationRequest`; defaults are filled
+in by the model itself, so two requests that generate the same way hash the same way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+# Bump when the key's shape or the stored answer's meaning changes: old entries then miss.
+SCHEMA_VERSION = 1
+DEFAULT_MAX_TOKENS = 512
+MAX_TOKENS_LIMIT = 32768
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
+    name: str | None = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _join_text_parts(cls, value: Any) -> Any:
+        # OpenAI/Anthropic content may be a list of parts; only text reaches the model.
+        if isinstance(value, list):
+            texts = []
+            for part in value:
+                if not isinstance(part, dict) or part.get("type") not in ("text", "input_text"):
+                    raise ValueError("only text content parts are supported")
+                texts.append(str(part.get("text", "")))
+            return "".join(texts)
+        return value
+
+
+class GenerationRequest(BaseModel):
+    """Everything that changes the output of a generation, with defaults filled in."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    messages: list[Message] | None = None
+    prompt: str | None = None  # raw text completion: no chat template
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    response_format: dict[str, Any] | None = None
+    max_tokens: int = Field(DEFAULT_MAX_TOKENS, ge=1, le=MAX_TOKENS_LIMIT)
+    temperature: float = Field(0.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0)
+    min_p: float = Field(0.0, ge=0.0, le=1.0)
+    repetition_penalty: float = Field(1.0, gt=0.0)
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    seed: int | None = None
+    stop: list[str] = Field(default_factory=list)
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop_as_list(cls, value: Any) -> Any:
+        if value is None:
+            return []
+        return [value] if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _one_input(self) -> GenerationRequest:
+        if (self.messages is None) == (self.prompt is None):
+            raise ValueError("give either messages or prompt")
+        if self.messages is not None:
+            if not self.messages:
+                raise ValueError("messages must not be empty")
+            if not any((m.content or "").strip() or m.tool_calls for m in self.messages):
+                raise ValueError("the prompt is empty")
+        elif not self.prompt.strip():
+            raise ValueError("the prompt is empty")
+        return self
+
+    @property
+    def is_deterministic(self) -> bool:
+        """Greedy, or sampled with a fixed seed: the same request gives the same answer."""
+        return self.temperature == 0.0 or self.seed is not None
+
+    def canonical_json(self, model_fingerprint: str) -> str:
+        payload = {
+            "schema": SCHEMA_VERSION,
+            "model": model_fingerprint,
+            **self.model_dump(mode="json"),
+        }
+        return json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+    def cache_key(self, model_fingerprint: str) -> str:
+        """SHA-256 of the canonical request: equal in every process and on every machine."""
+        return hashlib.sha256(self.canonical_json(model_fingerprint).encode()).hexdigest()
+
+
+class Usage(BaseModel):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens whose KV state was reused, not recomputed
+
+
+class Answer(BaseModel):
+    """A finished generation: what the response store keeps and a hit returns verbatim."""
+
+    text: str
+    finish_reason: Literal["stop", "length", "tool_calls", "cancelled"] = "stop"
+    tool_calls: list[dict[str, Any]] = Field(default_factory=list)
+    usage: Usage = Field(default_factory=Usage)
+    model: str = ""
+    prefill_seconds: float = 0.0
+    generation_seconds: float = 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        n = self.usage.completion_tokens
+        return n / self.generation_seconds if self.generation_seconds > 0 else 0.0

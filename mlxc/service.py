@@ -1,0 +1,168 @@
+"""The one place where the cache decision is made: request -> key -> stored answer, or a
+generation on the engine (run once for identical requests in flight) that is stored when it
+finishes. Every front end (ask, serve, warm, bench) goes through `Service.start`.
+
+The hit path imports no MLX: the engine is created only on the first miss.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from mlxc.config import Settings
+from mlxc.engine.models import ModelRef, model_fingerprint, prepare_model, resolve_model
+from mlxc.request import Answer, GenerationRequest
+from mlxc.store import ResponseStore, open_store
+from mlxc.stream import Delta, Event, Finished, Generation
+
+# A replayed hit is re-chunked into a few words per event, as a live stream would be.
+_REPLAY_CHUNK = re.compile(r"\s*\S+(?:\s+\S+){0,2}\s*|\s+")
+
+
+@dataclass
+class Reply:
+    """What a front end gets back: a stored answer (hit) or a live generation (miss/bypass)."""
+
+    status: str  # "hit" | "miss" | "bypass"
+    key: str | None
+    answer: Answer | None = None
+    generation: Generation | None = None
+    shared: bool = False  # joined an identical generation already in flight
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def cached(self) -> bool:
+        return self.status == "hit"
+
+    def events(self, heartbeat: float | None = None) -> Iterator[Event | None]:
+        if self.answer is not None:
+            yield from replay(self.answer)
+        else:
+            yield from self.generation.events(heartbeat)
+
+    async def aevents(self, keepalive: float | None = None) -> AsyncIterator[Event | None]:
+        if self.answer is not None:
+            for event in replay(self.answer):
+                yield event
+        else:
+            async for event in self.generation.aevents(keepalive):
+                yield event
+
+    def result(self) -> Answer:
+        return self.answer if self.answer is not None else self.generation.result()
+
+
+def replay(answer: Answer) -> Iterator[Event]:
+    """A stored answer as a stream: the same text, in word-sized pieces, then the end."""
+    for piece in _REPLAY_CHUNK.findall(answer.text):
+        yield Delta(piece)
+    yield Finished(answer)
+
+
+class Service:
+    """Thread-safe; one per process. Owns the store and (lazily) the engine."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        model: str | None = None,
+        progress: Callable[[str], None] | None = None,
+        engine_options: dict[str, Any] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.ref: ModelRef = resolve_model(model or settings.model, settings)
+        self.progress = progress or (lambda _msg: None)
+        self._engine_options = engine_options or {}
+        self._store: ResponseStore | None = None
+        self._engine = None
+        self._fingerprint: str | None = None
+        self._inflight: dict[str, Generation] = {}
+        self._lock = threading.Lock()
+        self._engine_lock = threading.Lock()  # held while a model converts: not self._lock
+
+    # -- parts, made on first use --------------------------------------------------------
+
+    @property
+    def store(self) -> ResponseStore:
+        with self._lock:
+            if self._store is None:
+                self._store = open_store(self.settings)
+            return self._store
+
+    @property
+    def fingerprint(self) -> str | None:
+        if self._fingerprint is None:
+            self._fingerprint = model_fingerprint(self.ref, self.settings)
+        return self._fingerprint
+
+    @property
+    def engine_started(self) -> bool:
+        return self._engine is not None
+
+    def engine(self):
+        """The engine, started (model prepared and loading) on first call."""
+        with self._engine_lock:
+            if self._engine is None:
+                from mlxc.engine.worker import Engine
+
+                prepare_model(self.ref, self.progress)
+                self._engine = Engine(
+                    self.ref, self.settings, self.progress, **self._engine_options
+                ).start()
+            return self._engine
+
+    # -- the cache decision ----------------------------------------------------------------
+
+    def is_cacheable(self, request: GenerationRequest) -> bool:
+        policy = self.settings.cache_policy
+        return policy == "all" or (policy == "deterministic" and request.is_deterministic)
+
+    def key_for(self, request: GenerationRequest) -> str:
+        """The request's cache key; prepares the model first if it is not on disk yet."""
+        if self.fingerprint is None:
+            prepare_model(self.ref, self.progress)
+        return request.cache_key(self.fingerprint)
+
+    def lookup(self, request: GenerationRequest) -> Answer | None:
+        """The stored answer, counted as a hit or miss; None if absent or unreadable."""
+        value = self.store.get(self.key_for(request))
+        if value is None:
+            return None
+        try:
+            return Answer.model_validate(value)
+        except ValueError:
+            return None  # a foreign or older entry: regenerate rather than fail
+
+    def start(self, request: GenerationRequest, read: bool = True, write: bool = True) -> Reply:
+        """Answer from the store, join an identical generation in flight, or start one."""
+        if not self.is_cacheable(request):
+            return Reply("bypass", None, generation=self.engine().submit(request))
+        key = self.key_for(request)
+        if read and (answer := self.lookup(request)) is not None:
+            return Reply("hit", key, answer=answer)
+        status = "miss" if read or write else "bypass"
+        engine = self.engine()
+        with self._lock:
+            if (generation := self._inflight.get(key)) is not None:
+                return Reply(status, key, generation=generation, shared=True)
+            generation = engine.submit(request)
+            self._inflight[key] = generation
+        generation.add_done_callback(lambda event: self._finish(key, event, write))
+        return Reply(status, key, generation=generation)
+
+    def _finish(self, key: str, event: Event, write: bool) -> None:
+        with self._lock:
+            self._inflight.pop(key, None)
+        # Only whole answers are stored: a cancelled or failed run leaves no trace.
+        if write and isinstance(event, Finished) and event.answer.finish_reason != "cancelled":
+            self.store.set(key, event.answer.model_dump(mode="json"))
+
+    def close(self) -> None:
+        if self._engine is not None:
+            self._engine.shutdown()
+        if self._store is not None:
+            self._store.close()

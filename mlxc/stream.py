@@ -1,0 +1,143 @@
+"""A generation's events, handed from the engine thread to any number of listeners.
+
+The engine publishes `Delta`s then one `Finished` or `Failed`. Each subscriber, sync
+(a thread, the CLI) or async (the server's event loop), sees every event from the first,
+even if it joined late: that is what lets identical concurrent requests share one run.
+When the last subscriber leaves before the end, the generation is cancelled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
+
+from mlxc.request import Answer
+
+
+@dataclass(frozen=True)
+class Delta:
+    text: str
+
+
+@dataclass(frozen=True)
+class Finished:
+    answer: Answer
+
+
+@dataclass(frozen=True)
+class Failed:
+    error: Exception
+
+
+Event = Delta | Finished | Failed
+
+
+class Generation:
+    """One run of the model, broadcast to its subscribers. Thread-safe."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._events: list[Event] = []
+        self._listeners: list[Callable[[Event], None]] = []
+        self._subscribers = 0
+        self._done_callbacks: list[Callable[[Event], None]] = []
+        self.cancelled = threading.Event()  # read by the engine between tokens
+        self.done = threading.Event()
+        self.prompt_tokens_done = 0  # prefill progress, for keep-alives and progress bars
+        self.prompt_tokens_total = 0
+
+    def publish(self, event: Event) -> None:
+        with self._lock:
+            if self.done.is_set():
+                return
+            self._events.append(event)
+            listeners = list(self._listeners)
+            final = not isinstance(event, Delta)
+            if final:
+                self.done.set()
+        for listener in listeners:
+            listener(event)
+        if final:
+            for callback in self._done_callbacks:
+                callback(event)
+
+    def add_done_callback(self, callback: Callable[[Event], None]) -> None:
+        """Call back with the final event (on the publishing thread); not a subscriber, so
+        it does not keep an abandoned generation alive."""
+        with self._lock:
+            final = self._events[-1] if self.done.is_set() else None
+            if final is None:
+                self._done_callbacks.append(callback)
+        if final is not None:
+            callback(final)
+
+    def _attach(self, listener: Callable[[Event], None]) -> None:
+        with self._lock:
+            self._subscribers += 1
+            for event in self._events:
+                listener(event)
+            self._listeners.append(listener)
+
+    def _detach(self, listener: Callable[[Event], None]) -> None:
+        with self._lock:
+            if listener in self._listeners:
+                self._listeners.remove(listener)
+            self._subscribers -= 1
+            abandoned = self._subscribers == 0 and not self.done.is_set()
+        if abandoned:
+            self.cancelled.set()
+
+    def events(self, heartbeat: float | None = None) -> Iterator[Event | None]:
+        """Blocking iterator for threads; yields None every `heartbeat` seconds of silence
+        (when given) so a display can show prefill progress. Leaving early unsubscribes."""
+        inbox: queue.SimpleQueue[Event] = queue.SimpleQueue()
+        self._attach(inbox.put)
+        try:
+            while True:
+                try:
+                    event = inbox.get(timeout=heartbeat)
+                except queue.Empty:
+                    yield None
+                    continue
+                yield event
+                if not isinstance(event, Delta):
+                    return
+        finally:
+            self._detach(inbox.put)
+
+    async def aevents(self, keepalive: float | None = None) -> AsyncIterator[Event | None]:
+        """Async iterator for the event loop; yields None every `keepalive` seconds of silence
+        (a stream sends an SSE comment then, so clients' first-byte watchdogs stay calm)."""
+        loop = asyncio.get_running_loop()
+        inbox: asyncio.Queue[Event] = asyncio.Queue()
+
+        def listener(event: Event) -> None:
+            loop.call_soon_threadsafe(inbox.put_nowait, event)
+
+        self._attach(listener)
+        try:
+            while True:
+                try:
+                    event = await asyncio.wait_for(inbox.get(), keepalive)
+                except asyncio.TimeoutError:
+                    yield None
+                    continue
+                yield event
+                if not isinstance(event, Delta):
+                    return
+        finally:
+            self._detach(listener)
+
+    def result(self) -> Answer:
+        """Wait for the end and return the answer (raises the engine's error)."""
+        answer = None
+        for event in self.events():
+            if isinstance(event, Finished):
+                answer = event.answer
+            elif isinstance(event, Failed):
+                raise event.error
+        assert answer is not None
+        return answer
