@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Set up mlxc in ./.venv on a fresh machine. Usage: scripts/install.sh [--dev]
+#   --dev  also the test tools and a local Redis server (for the Redis store's tests)
+# On Linux it also installs an optimised BLAS (OpenBLAS), which makes MLX's CPU backend
+# ~30x faster at float matmuls; on a Mac MLX uses Metal and needs nothing more.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+dev=0; [ "${1:-}" = "--dev" ] && dev=1
+
+apt_packages=()
+if [ "$(uname -s)" = "Linux" ] && command -v apt-get >/dev/null 2>&1; then
+  ls /usr/lib/*/libopenblas*.so* >/dev/null 2>&1 || apt_packages+=(libopenblas0-pthread)
+  [ $dev = 1 ] && ! command -v redis-server >/dev/null 2>&1 && apt_packages+=(redis-server)
+fi
+if [ ${#apt_packages[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ]; then
+    echo "installing ${apt_packages[*]} with apt-get" >&2
+    apt-get update -qq >/dev/null && \
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${apt_packages[@]}" >/dev/null
+  else
+    echo "note: run 'sudo apt-get install ${apt_packages[*]}' for a faster CPU backend" >&2
+  fi
+fi
+
+python3 -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip
+if [ $dev = 1 ]; then
+  .venv/bin/python -m pip install -q -e ".[test]"
+else
+  .venv/bin/python -m pip install -q -e .
+fi
+echo "mlxc is installed in .venv: run .venv/bin/mlxc --help" >&2

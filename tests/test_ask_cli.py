@@ -1,0 +1,131 @@
+"""`mlxc ask` end to end, in real processes, on the tiny model and a real disk cache."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from conftest import run_mlxc
+
+
+def ask_json(env, *args, input=None):
+    result = run_mlxc("ask", *args, "--json", "--max-tokens", "12", env=env, input=input)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_miss_then_hit_in_a_new_process_returns_identical_text(mlxc_env):
+    first = ask_json(mlxc_env, "What is MLX?")
+    assert not first["cached"] and first["usage"]["completion_tokens"] > 0
+    second = ask_json(mlxc_env, "What is MLX?")
+    assert second["cached"]
+    assert second["text"] == first["text"] and second["key"] == first["key"]
+    assert second["usage"] == first["usage"]
+    stats = json.loads(run_mlxc("cache", "stats", "--json", env=mlxc_env).stdout)
+    assert stats["hits"] == 1 and stats["misses"] == 1 and stats["cached_items"] == 1
+    assert stats["total_requests"] == 2 and stats["hit_rate"] == 0.5
+
+
+def test_streamed_text_equals_the_cached_text(mlxc_env):
+    plain = run_mlxc("ask", "Tell me about Paris", "--max-tokens", "12", env=mlxc_env)
+    assert plain.returncode == 0, plain.stderr
+    assert "miss" in plain.stderr and "tokens" in plain.stderr  # the footer
+    hit = ask_json(mlxc_env, "Tell me about Paris")
+    assert hit["cached"] and plain.stdout == hit["text"] + "\n"
+
+
+def test_hit_path_imports_no_mlx(mlxc_env):
+    ask_json(mlxc_env, "What is MLX?")
+    probe = (
+        "import sys, runpy\n"
+        "sys.argv = ['mlxc', 'ask', 'What is MLX?', '--max-tokens', '12', '--json']\n"
+        "try:\n    runpy.run_module('mlxc', run_name='__main__')\n"
+        "except SystemExit:\n    pass\n"
+        "heavy = [m for m in ('mlx', 'mlx.core', 'mlx_lm', 'transformers') if m in sys.modules]\n"
+        "print('HEAVY', heavy, file=sys.stderr)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], env=mlxc_env, capture_output=True, text=True, input=""
+    )
+    assert json.loads(result.stdout)["cached"] is True
+    assert "HEAVY []" in result.stderr
+
+
+def test_stdin_comes_before_the_prompt_and_joins_the_key(mlxc_env):
+    piped = ask_json(mlxc_env, "review this", input="diff --git a b")
+    plain = ask_json(mlxc_env, "review this")
+    assert piped["key"] != plain["key"]
+    only_stdin = ask_json(mlxc_env, input="diff --git a b")
+    assert only_stdin["key"] != piped["key"]
+
+
+def test_no_cache_and_refresh(mlxc_env):
+    ask_json(mlxc_env, "Hello")
+    assert ask_json(mlxc_env, "Hello", "--no-cache")["cached"] is False
+    refreshed = ask_json(mlxc_env, "Hello", "--refresh")
+    assert refreshed["cached"] is False
+    assert ask_json(mlxc_env, "Hello")["cached"] is True
+
+
+def test_sampled_answers_are_not_cached_by_default(mlxc_env):
+    ask_json(mlxc_env, "Hello", "--temperature", "0.9")
+    assert ask_json(mlxc_env, "Hello", "--temperature", "0.9")["cached"] is False
+    ask_json(mlxc_env, "Hello", "--temperature", "0.9", "--seed", "4")
+    assert ask_json(mlxc_env, "Hello", "--temperature", "0.9", "--seed", "4")["cached"] is True
+    env = {**mlxc_env, "MLXC_CACHE_POLICY": "all"}
+    ask_json(env, "Hi", "--temperature", "0.9")
+    assert ask_json(env, "Hi", "--temperature", "0.9")["cached"] is True
+
+
+def test_two_processes_writing_at_once_both_succeed(mlxc_env):
+    cmd = [sys.executable, "-m", "mlxc", "ask", "--json", "--max-tokens", "8"]
+    procs = [
+        subprocess.Popen(
+            [*cmd, f"question {i}"], env=mlxc_env, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
+        )
+        for i in range(2)
+    ]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [o[1] for o in outs]
+    stats = json.loads(run_mlxc("cache", "stats", "--json", env=mlxc_env).stdout)
+    assert stats["cached_items"] == 2 and stats["misses"] == 2
+
+
+def one_error_line(result) -> str:
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+def test_bad_inputs_give_one_clear_line(mlxc_env, tmp_path):
+    assert "empty" in one_error_line(run_mlxc("ask", "", env=mlxc_env))
+    assert "max_tokens" in one_error_line(
+        run_mlxc("ask", "hi", "--max-tokens", "0", env=mlxc_env)
+    )
+    assert "max_tokens" in one_error_line(
+        run_mlxc("ask", "hi", "--max-tokens", "-3", env=mlxc_env)
+    )
+    missing = one_error_line(run_mlxc("ask", "hi", "-m", str(tmp_path / "nope.gguf"), env=mlxc_env))
+    assert "not found" in missing
+    corrupt = tmp_path / "corrupt.gguf"
+    corrupt.write_bytes(b"GGUF" + b"\x00" * 100)
+    assert "gguf" in one_error_line(run_mlxc("ask", "hi", "-m", str(corrupt), env=mlxc_env)).lower()
+    unwritable = {**mlxc_env, "MLXC_CACHE_DIR": "/proc/mlxc-no"}
+    assert "cache" in one_error_line(run_mlxc("ask", "hi", env=unwritable))
+    assert "policy" in one_error_line(
+        run_mlxc("ask", "hi", "--cache-policy", "sometimes", env=mlxc_env)
+    )
+
+
+def test_cache_clear_asks_and_yes_skips(mlxc_env):
+    ask_json(mlxc_env, "What is MLX?")
+    declined = run_mlxc("cache", "clear", env=mlxc_env, input="n\n")
+    assert declined.returncode != 0
+    assert json.loads(run_mlxc("cache", "stats", "--json", env=mlxc_env).stdout)["cached_items"]
+    cleared = run_mlxc("cache", "clear", "--yes", env=mlxc_env)
+    assert cleared.returncode == 0 and "removed 1" in cleared.stdout
+    assert ask_json(mlxc_env, "What is MLX?")["cached"] is False
