@@ -13,10 +13,8 @@ class InputError(ValueError):
     """Bad input from a command line or a file (a message says which and why)."""
 
 
-def _prompt_too_long() -> type[Exception]:
-    from mlxc.engine.worker import PromptTooLong  # light: worker imports MLX lazily
-
-    return PromptTooLong
+class PromptTooLong(InputError):
+    """The prompt does not fit the model's context window."""
 
 
 USER_ERRORS: tuple[type[Exception], ...] = (
@@ -25,7 +23,6 @@ USER_ERRORS: tuple[type[Exception], ...] = (
     StoreError,
     InputError,
     ValidationError,
-    _prompt_too_long(),
 )
 
 

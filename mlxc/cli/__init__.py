@@ -7,7 +7,7 @@ import sys
 import typer
 
 from mlxc import __version__
-from mlxc.cli import ask, cache
+from mlxc.cli import ask, bench, cache, serve
 
 app = typer.Typer(
     name="mlxc",
@@ -19,14 +19,18 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 app.command("ask", epilog=ask.EXAMPLES)(ask.ask)
+app.command("serve", epilog=serve.EXAMPLES)(serve.serve)
+app.command("bench", epilog=bench.EXAMPLES)(bench.bench)
 app.add_typer(cache.app, name="cache")
 
 
 def _version(value: bool) -> None:
     if value:
-        from mlxc.engine.blas import blas_report
+        from mlxc.engine.blas import load_optimised_blas
 
-        typer.echo(f"mlxc {__version__} ({blas_report()})")
+        blas = load_optimised_blas()  # what a generating command would load
+        where = f", {blas.path}" if blas.path else (f": {blas.note}" if blas.note else "")
+        typer.echo(f"mlxc {__version__}\nBLAS: {blas.name} ({blas.source}{where})")
         raise typer.Exit()
 
 
