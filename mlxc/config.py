@@ -38,7 +38,9 @@ def parse_size(text: str | int) -> int:
             return int(float(s[:-1]) * units[s[-1]])
         return int(s)
     except ValueError:
-        raise ConfigError(f"cannot read size {text!r}: use e.g. 2GB, 512MB or a byte count") from None
+        raise ConfigError(
+            f"cannot read size {text!r}: use e.g. 2GB, 512MB or a byte count"
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -76,7 +78,8 @@ class Settings:
     def validated(self) -> Settings:
         if self.cache_policy not in CACHE_POLICIES:
             raise ConfigError(
-                f"unknown cache policy {self.cache_policy!r}: use one of {', '.join(CACHE_POLICIES)}"
+                f"unknown cache policy {self.cache_policy!r}: "
+                f"use one of {', '.join(CACHE_POLICIES)}"
             )
         if self.eviction_policy not in EVICTION_POLICIES:
             raise ConfigError(

@@ -147,7 +147,9 @@ class Service:
         status = "miss" if read or write else "bypass"
         engine = self.engine()
         with self._lock:
-            if (generation := self._inflight.get(key)) is not None:
+            generation = self._inflight.get(key)
+            # An abandoned run is stopping and will not be stored: start afresh instead.
+            if generation is not None and not generation.cancelled.is_set():
                 return Reply(status, key, generation=generation, shared=True)
             generation = engine.submit(request)
             self._inflight[key] = generation
@@ -161,8 +163,37 @@ class Service:
         if write and isinstance(event, Finished) and event.answer.finish_reason != "cancelled":
             self.store.set(key, event.answer.model_dump(mode="json"))
 
+    # -- prefix (KV) cache ----------------------------------------------------------------
+
+    def warm_prefix(self, request: GenerationRequest) -> int:
+        """Prefill the request's prompt into the prefix cache (memory and disk) without
+        generating; returns the number of prompt tokens cached. Blocks until done."""
+        def warm(engine) -> int:
+            return engine.prompt_cache.warm(engine.encode(request), request)
+
+        return self.engine().call(warm).result()
+
+    def prefix_stats(self) -> dict[str, Any]:
+        """Prefix cache figures as a plain dict: hits, misses, tokens reused, bytes per tier.
+        Cheap and safe from any thread (an event loop too): no MLX, at most one SQLite read."""
+        engine = self._engine
+        cache = getattr(engine, "prompt_cache", None) if engine is not None else None
+        if cache is not None:
+            return cache.stats()
+        from mlxc.engine.prefix_index import read_stats
+
+        return {
+            **read_stats(self.settings.prefix_dir),
+            "memory_bytes": 0,
+            "memory_entries": 0,
+            "memory_limit": self.settings.prefix_memory_bytes,
+            "disk_limit": self.settings.prefix_disk_bytes,
+            "directory": str(self.settings.prefix_dir),
+            "trimmable": None,  # known once the model is loaded
+        }
+
     def close(self) -> None:
         if self._engine is not None:
-            self._engine.shutdown()
+            self._engine.shutdown(wait=30)  # let the last prefix state reach the disk
         if self._store is not None:
             self._store.close()

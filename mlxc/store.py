@@ -133,7 +133,9 @@ class RedisStore:
             self._redis = redis.Redis.from_url(url, socket_connect_timeout=2)
             self._redis.ping()
         except redis.RedisError as exc:
-            raise StoreError(f"cannot reach Redis at {url}: {exc}. Is redis-server running?") from exc
+            raise StoreError(
+                f"cannot reach Redis at {url}: {exc}. Is redis-server running?"
+            ) from exc
 
     def get(self, key: str) -> dict[str, Any] | None:
         raw = self._redis.get(self.PREFIX + key)

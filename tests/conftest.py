@@ -6,7 +6,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from tiny_model import make_tiny_model
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -20,7 +20,7 @@ CORPUS = [
 
 def make_tiny_model(folder: Path, seed: int = 0, vocab_size: int = 384) -> Path:
     import mlx.core as mx
-    from mlx.utils import tree_flatten, tree_map
+    from mlx.utils import tree_flatten
     from mlx_lm.models import llama
     from mlx_lm.utils import save_config, save_model
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers

@@ -28,6 +28,8 @@ EXAMPLES = """
   mlxc ask "Name three rivers" --max-tokens 64 --json | jq .text
 
   mlxc ask "Write a haiku" --temperature 0.8 --seed 7   # seeded: cached too
+
+  mlxc ask -c "And in one sentence?"   # continue the last conversation
 """
 
 
@@ -39,7 +41,9 @@ def build_messages(prompt: str | None, system: str | None, stdin_text: str | Non
 
 
 def ask(
-    prompt: Annotated[str | None, typer.Argument(help="The question; piped stdin joins it.")] = None,
+    prompt: Annotated[
+        str | None, typer.Argument(help="The question; piped stdin joins it.")
+    ] = None,
     system: Annotated[str | None, typer.Option("--system", "-s", help="System prompt.")] = None,
     model: ModelOption = None,
     max_tokens: Annotated[int, typer.Option(help="Most tokens to generate.")] = 512,
@@ -47,7 +51,9 @@ def ask(
         float, typer.Option("--temperature", "-t", help="0 is greedy (and cached).")
     ] = 0.0,
     top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = 1.0,
-    seed: Annotated[int | None, typer.Option(help="Random seed: makes sampling repeatable.")] = None,
+    seed: Annotated[
+        int | None, typer.Option(help="Random seed: makes sampling repeatable.")
+    ] = None,
     no_cache: Annotated[
         bool, typer.Option("--no-cache", help="Neither read nor write the response cache.")
     ] = False,
@@ -58,12 +64,17 @@ def ask(
     cache_dir: CacheDirOption = None,
     cache_policy: CachePolicyOption = None,
     dtype: DtypeOption = None,
+    continue_: Annotated[
+        bool,
+        typer.Option("--continue", "-c", help="Continue the last conversation (its model too)."),
+    ] = False,
 ) -> None:
     """Ask the model one question; the answer streams as it is generated.
 
     A repeat of the same request (same model, messages and settings) is answered from the
     on-disk cache in a fraction of a second, in any later process."""
     from mlxc.cli.render import Display
+    from mlxc.conversation import continue_with, load_last, save_last
     from mlxc.errors import InputError
     from mlxc.request import GenerationRequest
     from mlxc.service import Service
@@ -71,14 +82,20 @@ def ask(
     stdin_text = None if sys.stdin is None or sys.stdin.isatty() else sys.stdin.read()
     if not (prompt or "").strip() and not (stdin_text or "").strip():
         raise InputError('the prompt is empty: mlxc ask "your question" (or pipe text in)')
+    messages = build_messages(prompt, system, stdin_text)
+    settings = settings_from(cache_dir, cache_policy, dtype, model)
+    if continue_:
+        if (last := load_last(settings)) is None:
+            raise InputError("there is no conversation to continue: ask something first")
+        settings = settings if model else settings.with_overrides(model=last[0])
+        messages = continue_with(last[1], messages)
     request = GenerationRequest(
-        messages=build_messages(prompt, system, stdin_text),
+        messages=messages,
         max_tokens=max_tokens,
         temperature=temperature,
         top_p=top_p,
         seed=seed,
     )
-    settings = settings_from(cache_dir, cache_policy, dtype, model)
     display = Display(quiet=as_json)
     started = time.perf_counter()
     service = Service(settings, progress=display.status)
@@ -89,6 +106,8 @@ def ask(
     finally:
         service.close()
     latency_ms = (time.perf_counter() - started) * 1000
+    if answer.finish_reason != "cancelled":
+        save_last(settings, settings.model, messages, answer.text)
     if as_json:
         typer.echo(
             json.dumps(

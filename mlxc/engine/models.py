@@ -89,7 +89,8 @@ def folder_fingerprint(folder: Path, sidecar_dir: Path) -> str:
     signature = _signature(folder)
     sidecar = folder / FINGERPRINT_FILE
     if not os.access(folder, os.W_OK):
-        sidecar = sidecar_dir / (hashlib.sha256(str(folder.resolve()).encode()).hexdigest() + ".json")
+        name = hashlib.sha256(str(folder.resolve()).encode()).hexdigest()
+        sidecar = sidecar_dir / f"{name}.json"
     try:
         saved = json.loads(sidecar.read_text())
         if saved.get("signature") == signature:

@@ -17,16 +17,14 @@ from concurrent.futures import Future
 from typing import Any
 
 from mlxc.config import Settings
-from mlxc.engine.models import ModelError, ModelRef, prepare_model
+from mlxc.engine.models import ModelError, ModelRef, model_fingerprint, prepare_model
 from mlxc.engine.stops import StopMatcher
+from mlxc.engine.tools import ToolCallFilter, template_messages
+from mlxc.errors import PromptTooLong  # noqa: F401  (re-exported for front ends)
 from mlxc.request import Answer, GenerationRequest, Usage
 from mlxc.stream import Delta, Failed, Finished, Generation
 
 DEFAULT_PREFILL_STEP = 512
-
-
-class PromptTooLong(ValueError):
-    """The prompt does not fit the model's context window."""
 
 
 def quiet_libraries() -> None:
@@ -39,21 +37,6 @@ def quiet_libraries() -> None:
 
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
-
-
-class FreshPromptCache:
-    """No reuse: every prompt is prefilled from scratch. The prefix cache replaces this."""
-
-    def __init__(self, model: Any) -> None:
-        self.model = model
-
-    def fetch(self, tokens: list[int]) -> tuple[list[Any], list[int]]:
-        from mlx_lm.models.cache import make_prompt_cache
-
-        return make_prompt_cache(self.model), tokens
-
-    def store(self, tokens: list[int], prompt_cache: list[Any]) -> None:
-        pass
 
 
 class Engine:
@@ -72,6 +55,7 @@ class Engine:
         self._progress = progress or (lambda _msg: None)
         self._jobs: queue.Queue = queue.Queue()
         self._loaded = threading.Event()
+        self._stopped = threading.Event()
         self._load_error: Exception | None = None
         self._thread = threading.Thread(target=self._run, name="mlxc-engine", daemon=True)
         self.model: Any = None
@@ -113,8 +97,12 @@ class Engine:
         self._jobs.put((fn, future))
         return future
 
-    def shutdown(self) -> None:
+    def shutdown(self, wait: float | None = None) -> None:
+        """Stop after the queued jobs; with `wait`, block up to that many seconds until the
+        thread is done (its last prefix state written, so MLX is free for another engine)."""
         self._jobs.put(None)
+        if wait and threading.current_thread() is not self._thread:
+            self._stopped.wait(wait)
 
     # -- engine thread -----------------------------------------------------------------
 
@@ -135,6 +123,15 @@ class Engine:
                     self._run_generation(work, sink)
             finally:
                 self.busy = False
+        if self.prompt_cache is not None:
+            self.prompt_cache.close()
+        self.model = self.prompt_cache = None
+        self._stopped.set()
+        # Park rather than return: when a thread that ran MLX ends, MLX's thread-local
+        # destructors take the GIL, which aborts the process ("terminate called without an
+        # active exception") if the interpreter is finalizing at that moment. A parked daemon
+        # thread just disappears with the process.
+        threading.Event().wait()
 
     def _load(self) -> None:
         quiet_libraries()
@@ -157,7 +154,12 @@ class Engine:
         apply_dtype(self.model, self.dtype)
         args = getattr(self.model, "args", None)
         self.context_length = int(getattr(args, "max_position_embeddings", 0) or 0)
-        self.prompt_cache = FreshPromptCache(self.model)
+        from mlxc.engine.prefix_cache import PrefixCache
+
+        self.prompt_cache = PrefixCache(
+            self.model, self.tokenizer, model_fingerprint(self.ref, self.settings),
+            self.settings, self.prefill_step_size,
+        )
 
     def _run_call(self, fn: Callable[[Engine], Any], future: Future) -> None:
         if self._load_error is not None:
@@ -172,7 +174,7 @@ class Engine:
         """Prompt tokens: the chat template for messages, plain text for a raw prompt."""
         if request.prompt is not None:
             return self.tokenizer.encode(request.prompt)
-        messages = [m.model_dump(exclude_none=True) for m in request.messages]
+        messages = template_messages(request.messages)
         text = self.tokenizer.apply_chat_template(
             messages, tools=request.tools, add_generation_prompt=True, tokenize=False
         )
@@ -201,7 +203,8 @@ class Engine:
                 f"the prompt is {len(tokens)} tokens; {self.ref.name} takes at most "
                 f"{self.context_length}. Shorten it."
             )
-        prompt_cache, todo = self.prompt_cache.fetch(tokens)
+        start = time.perf_counter()  # a state loaded from disk counts in the time to first token
+        prompt_cache, todo = self.prompt_cache.fetch(tokens, request)
         generation.prompt_tokens_total = len(todo)
 
         def on_prefill(done: int, _total: int) -> None:
@@ -213,15 +216,17 @@ class Engine:
             request.temperature, request.top_p, request.min_p, top_k=request.top_k
         )
         processors = make_logits_processors(
-            repetition_penalty=request.repetition_penalty if request.repetition_penalty != 1 else None,
+            repetition_penalty=(
+                None if request.repetition_penalty == 1 else request.repetition_penalty
+            ),
             presence_penalty=request.presence_penalty or None,
             frequency_penalty=request.frequency_penalty or None,
         )
-        stops = StopMatcher(request.stop)
+        stops = ToolCallFilter(StopMatcher(request.stop), self.tokenizer, request.tools)
         text_parts: list[str] = []
         generated: list[int] = []
+        fed_eos: list[int] = []  # an end token was fed to the model (its KV is in the state)
         finish = "length"
-        start = time.perf_counter()
         first_token_at = None
         for response in stream_generate(
             self.model,
@@ -237,6 +242,8 @@ class Engine:
             first_token_at = first_token_at or time.perf_counter()
             if response.finish_reason != "stop":
                 generated.append(response.token)
+            else:
+                fed_eos = [response.token]
             emit, stopped = stops.feed(response.text)
             if emit:
                 text_parts.append(emit)
@@ -254,15 +261,16 @@ class Engine:
             generation.publish(Delta(tail))
         end = time.perf_counter()
         first_token_at = first_token_at or end
-        if finish != "cancelled":
-            self.prompt_cache.store(tokens + generated, prompt_cache)
+        # Kept even when cancelled: the prompt's state is still good for the next request.
+        self.prompt_cache.store(tokens + generated + fed_eos, prompt_cache)
         return Answer(
             text="".join(text_parts),
-            finish_reason=finish,
+            finish_reason=stops.finish_reason(finish),
+            tool_calls=stops.tool_calls,
             usage=Usage(
                 prompt_tokens=len(tokens),
                 completion_tokens=len(generated),
-                cached_tokens=len(tokens) - len(todo),
+                cached_tokens=self.prompt_cache.last_reused,
             ),
             model=self.ref.name,
             prefill_seconds=first_token_at - start,

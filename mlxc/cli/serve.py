@@ -1,0 +1,163 @@
+"""`mlxc serve`: the OpenAI- and Anthropic-compatible server, on the shared response cache."""
+
+from __future__ import annotations
+
+import socket
+import time
+from typing import Annotated
+
+import typer
+
+from mlxc.cli.options import (
+    CacheDirOption,
+    CachePolicyOption,
+    DtypeOption,
+    ModelOption,
+    settings_from,
+)
+
+EXAMPLES = """
+[bold]Examples[/bold]
+
+  mlxc serve                                    # http://127.0.0.1:8081, the default model
+
+  mlxc serve --port 9000 --api-key "$KEY" -m ./my-mlx-model
+
+  OPENAI_BASE_URL=http://127.0.0.1:8081/v1 OPENAI_API_KEY=none  my-openai-tool
+
+  ANTHROPIC_BASE_URL=http://127.0.0.1:8081 ANTHROPIC_MODEL=smollm2-135m-instruct claude
+
+  curl -s localhost:8081/health | jq .cache.hit_rate
+"""
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GB"
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """The server's socket, bound now so that a taken port is one clear error."""
+    from mlxc.errors import InputError
+
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+    except OSError as exc:
+        raise InputError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        raise InputError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def serve(
+    host: Annotated[str, typer.Option(help="Address to bind; loopback by default.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8081,
+    model: ModelOption = None,
+    api_key: Annotated[
+        str | None,
+        typer.Option(
+            envvar="MLXC_API_KEY",
+            help="Require this key (Authorization: Bearer or x-api-key) on /v1 routes "
+            "[env: MLXC_API_KEY]",
+            show_default=False,
+        ),
+    ] = None,
+    temperature: Annotated[
+        float, typer.Option("--temperature", "-t", help="For requests that leave it out.")
+    ] = 0.0,
+    alias: Annotated[
+        list[str] | None,
+        typer.Option(help="Another model name to answer to (repeatable, globs allowed), "
+                     "e.g. 'claude-*' for Claude Code."),
+    ] = None,
+    keepalive: Annotated[
+        float, typer.Option(help="Seconds of silence before a stream sends a keep-alive.")
+    ] = 10.0,
+    max_body: Annotated[str, typer.Option(help="Largest request body accepted.")] = "4MB",
+    cache_dir: CacheDirOption = None,
+    cache_policy: CachePolicyOption = None,
+    dtype: DtypeOption = None,
+) -> None:
+    """Serve the model over OpenAI's and Anthropic's HTTP APIs.
+
+    Routes: /v1/chat/completions, /v1/completions, /v1/messages, /v1/models, /health, /metrics.
+
+    Answers share the cache with `mlxc ask`; responses carry X-Mlxc-Cache: hit|miss|bypass."""
+    import uvicorn
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.panel import Panel
+    from rich.table import Table
+
+    from mlxc.config import parse_size
+    from mlxc.errors import InputError
+    from mlxc.server.app import create_app
+    from mlxc.server.state import ServerOptions
+    from mlxc.service import Service
+
+    if not 0.0 <= temperature <= 2.0:
+        raise InputError("--temperature must be between 0 and 2")
+    if keepalive <= 0:
+        raise InputError("--keepalive must be a positive number of seconds")
+    settings = settings_from(cache_dir, cache_policy, dtype, model)
+    sock = _listen(host, port)  # before the model loads: a busy port fails at once
+    console = Console(stderr=True, highlight=False)
+    status = console.status("starting", spinner="dots")
+    service = Service(settings, progress=status.update)
+    try:
+        if console.is_terminal:
+            status.start()
+        try:
+            engine = service.engine()  # fetch/convert once, then load on the engine thread
+            engine.wait_loaded()
+            stats = service.store.stats()
+            _ = service.fingerprint  # hashed now, not on the first request
+        finally:
+            status.stop()
+
+        def log(line: str) -> None:
+            console.print(f"[dim]{time.strftime('%H:%M:%S')}[/dim] {escape(line)}")
+
+        options = ServerOptions(
+            api_key=api_key or None,
+            temperature=temperature,
+            keepalive=keepalive,
+            max_body_bytes=parse_size(max_body),
+            aliases=tuple(alias or ()),
+            log=log,
+        )
+        app = create_app(service, options)
+        url = f"http://{host if ':' not in host else f'[{host}]'}:{port}"
+        table = Table.grid(padding=(0, 2))
+        table.add_row("[bold]model[/bold]", f"{app.state.mlxc.model_id} ({engine.dtype})")
+        table.add_row("[bold]URL[/bold]", f"{url}  (OpenAI: {url}/v1 · Anthropic: {url})")
+        table.add_row("[bold]cache[/bold]", f"{stats.directory}")
+        table.add_row(
+            "[bold]cache size[/bold]",
+            f"{stats.cached_items} answers · {_human(stats.size_bytes)} of "
+            f"{_human(stats.size_limit)} · policy {settings.cache_policy}",
+        )
+        table.add_row("[bold]API key[/bold]", "required" if api_key else "off")
+        console.print(Panel(table, title="mlxc serve", title_align="left", expand=False))
+        config = uvicorn.Config(
+            app,
+            host=host,
+            port=port,
+            log_level="warning",
+            access_log=False,  # RequestLog writes one line per request instead
+            lifespan="off",
+            timeout_graceful_shutdown=3,  # open streams must not hold up Ctrl-C
+        )
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        sock.close()
+        service.close()

@@ -1,0 +1,120 @@
+"""Tool calls: messages shaped for chat templates, and tool-call markup cut out of the
+generated text and parsed into OpenAI's shape. The markers and the parser are the ones
+mlx-lm picks for the model's tokenizer (`tool_call_start`, `tool_call_end`, `tool_parser`).
+No MLX here: this only works on text."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any
+
+from mlxc.engine.stops import StopMatcher
+from mlxc.request import Message
+
+
+def template_messages(messages: list[Message]) -> list[dict[str, Any]]:
+    """Messages as chat templates expect them: tool-call arguments as objects (OpenAI
+    sends them as JSON strings; templates would print them quoted twice)."""
+    out = []
+    for message in messages:
+        m = message.model_dump(exclude_none=True)
+        if "tool_calls" in m:
+            m.setdefault("content", "")
+            calls = []
+            for call in m["tool_calls"]:
+                function = dict(call.get("function") or {})
+                if isinstance(function.get("arguments"), str):
+                    try:
+                        function["arguments"] = json.loads(function["arguments"])
+                    except ValueError:
+                        pass  # not JSON: the template gets it as written
+                calls.append({**call, "function": function})
+            m["tool_calls"] = calls
+        out.append(m)
+    return out
+
+
+def _partial_marker(text: str, marker: str) -> int:
+    """Length of the longest end of `text` that could be the start of `marker`."""
+    for n in range(min(len(text), len(marker) - 1), 0, -1):
+        if marker.startswith(text[-n:]):
+            return n
+    return 0
+
+
+class ToolCallFilter:
+    """A StopMatcher (same `feed`/`flush`) that also holds back the text between the
+    model's tool-call markers and parses each call when it closes. Without tools in the
+    request, or a tokenizer that knows no tool-call format, text passes straight through."""
+
+    def __init__(self, stops: StopMatcher, tokenizer: Any = None, tools: list | None = None):
+        self.stops = stops
+        self.tool_calls: list[dict[str, Any]] = []
+        enabled = bool(tools) and bool(getattr(tokenizer, "has_tool_calling", False))
+        self._start = tokenizer.tool_call_start if enabled else None
+        self._end = (tokenizer.tool_call_end or "") if enabled else ""
+        self._parse = tokenizer.tool_parser if enabled else None
+        self._tools = tools
+        self._buffer = ""
+        self._in_call = False
+
+    def feed(self, segment: str) -> tuple[str, bool]:
+        emit, stopped = self.stops.feed(segment)
+        return self._split(emit), stopped
+
+    def flush(self) -> str:
+        shown = self._split(self.stops.flush())
+        rest, self._buffer = self._buffer, ""
+        if self._in_call:  # a format without an end marker, or a call cut off by max_tokens
+            self._in_call = False
+            return shown + self._add(rest)
+        return shown + rest
+
+    def finish_reason(self, finish: str) -> str:
+        return "tool_calls" if self.tool_calls and finish == "stop" else finish
+
+    def _split(self, text: str) -> str:
+        if self._start is None:
+            return text
+        self._buffer += text
+        shown = []
+        while True:
+            if not self._in_call:
+                i = self._buffer.find(self._start)
+                if i < 0:
+                    cut = len(self._buffer) - _partial_marker(self._buffer, self._start)
+                    shown.append(self._buffer[:cut])
+                    self._buffer = self._buffer[cut:]
+                    break
+                shown.append(self._buffer[:i])
+                self._buffer = self._buffer[i + len(self._start) :]
+                self._in_call = True
+            else:
+                j = self._buffer.find(self._end) if self._end else -1
+                if j < 0:
+                    break
+                shown.append(self._add(self._buffer[:j]))
+                self._buffer = self._buffer[j + len(self._end) :]
+                self._in_call = False
+        return "".join(shown)
+
+    def _add(self, text: str) -> str:
+        """Parse one call; text that does not parse is shown as written, not lost."""
+        try:
+            parsed = self._parse(text, self._tools)
+        except Exception:  # each model family's parser raises its own kinds
+            parsed = None
+        calls = parsed if isinstance(parsed, list) else [parsed]
+        if not all(isinstance(c, dict) and c.get("name") for c in calls):
+            return f"{self._start}{text}{self._end}"
+        for call in calls:
+            arguments = call.get("arguments", {})
+            if not isinstance(arguments, str):
+                arguments = json.dumps(arguments, ensure_ascii=False)
+            self.tool_calls.append({
+                "id": call.get("id") or f"call_{uuid.uuid4().hex[:24]}",
+                "type": "function",
+                "function": {"name": call["name"], "arguments": arguments},
+            })
+        return ""

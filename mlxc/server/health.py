@@ -1,0 +1,100 @@
+"""GET /health (open even with --api-key: monitors and load balancers read it) and GET
+/metrics. Both answer in milliseconds during a long generation: they read counters, the
+engine's queue and the store's statistics (in a worker thread: SQLite may wait on a lock),
+never the model."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from fastapi import APIRouter
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+
+from mlxc import __version__
+from mlxc.server.state import ServerState, get_state
+
+router = APIRouter()
+
+
+def _engine_status(state: ServerState) -> tuple[str, bool, int]:
+    """(status, model_loaded, queue depth); never waits for the engine."""
+    service = state.service
+    if not service.engine_started:
+        return "loading", False, 0
+    engine = service.engine()  # started: returns at once
+    if engine.loaded:
+        return "healthy", True, engine.queue_depth
+    try:
+        engine.wait_loaded(0)  # raises the load error, if loading ended with one
+    except Exception:
+        return "error", False, engine.queue_depth
+    return "loading", False, engine.queue_depth
+
+
+async def _store_stats(state: ServerState) -> dict[str, Any] | None:
+    try:
+        return (await run_in_threadpool(lambda: state.service.store.stats())).as_dict()
+    except Exception:  # a broken store must not break the health check itself
+        return None
+
+
+@router.get("/health")
+async def health(request: Request) -> Response:
+    state = get_state(request)
+    status, loaded, depth = _engine_status(state)
+    stats = await _store_stats(state)
+    cache: dict[str, Any] = {"error": "the response store cannot be read"}
+    if stats is not None:
+        cache = {
+            "hits": stats["hits"],
+            "misses": stats["misses"],
+            "total_requests": stats["total_requests"],
+            "hit_rate": f"{stats['hit_rate']:.1%}",
+            "cached_items": stats["cached_items"],
+            "size_bytes": stats["size_bytes"],
+            "size_limit_bytes": stats["size_limit"],
+            "eviction_policy": stats["eviction_policy"],
+            "backend": stats["backend"],
+        }
+    try:  # the KV prefix cache: reuse across turns and restarts
+        prefix = await run_in_threadpool(state.service.prefix_stats)
+    except Exception:
+        prefix = None
+    served = state.metrics.snapshot()
+    body = {
+        "status": status,
+        "model": state.model_id,
+        "model_loaded": loaded,
+        "cache": cache,
+        "prefix_cache": prefix,
+        "queue_depth": depth,
+        "requests_in_flight": served.pop("in_flight"),
+        "tokens_per_second": served.pop("tokens_per_second"),
+        "server": served,
+        "uptime_seconds": round(time.time() - state.started, 1),
+        "version": __version__,
+    }
+    return JSONResponse(body, status_code=503 if status == "error" else 200)
+
+
+@router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    state = get_state(request)
+    _status, loaded, depth = _engine_status(state)
+    gauges: dict[str, tuple[str, float]] = {
+        "mlxc_model_loaded": ("1 once the model is loaded.", float(loaded)),
+        "mlxc_queue_depth": ("Generations running or waiting for the engine.", depth),
+    }
+    if (stats := await _store_stats(state)) is not None:
+        gauges["mlxc_cache_items"] = ("Answers in the response cache.", stats["cached_items"])
+        gauges["mlxc_cache_bytes"] = ("Size of the response cache.", stats["size_bytes"])
+        gauges["mlxc_cache_store_hits"] = ("Hits counted by the store (all processes).",
+                                           stats["hits"])
+        gauges["mlxc_cache_store_misses"] = ("Misses counted by the store (all processes).",
+                                             stats["misses"])
+    return PlainTextResponse(
+        state.metrics.render(gauges), media_type="text/plain; version=0.0.4; charset=utf-8"
+    )
