@@ -195,5 +195,11 @@ class Service:
     def close(self) -> None:
         if self._engine is not None:
             self._engine.shutdown(wait=30)  # let the last prefix state reach the disk
+            self._engine = None
+            # Free MLX arrays now: left to interpreter exit, their teardown can race MLX's
+            # own threads and abort the process ("terminate called without an active...").
+            import gc
+
+            gc.collect()
         if self._store is not None:
             self._store.close()

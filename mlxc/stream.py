@@ -44,31 +44,38 @@ class Generation:
         self._listeners: list[Callable[[Event], None]] = []
         self._subscribers = 0
         self._done_callbacks: list[Callable[[Event], None]] = []
+        self._final: Event | None = None
         self.cancelled = threading.Event()  # read by the engine between tokens
         self.done = threading.Event()
         self.prompt_tokens_done = 0  # prefill progress, for keep-alives and progress bars
         self.prompt_tokens_total = 0
 
     def publish(self, event: Event) -> None:
+        final = not isinstance(event, Delta)
         with self._lock:
-            if self.done.is_set():
+            if self._final is not None:
                 return
+            if final:
+                self._final = event
+                callbacks = list(self._done_callbacks)
+        if final:
+            # Done callbacks (the store write) run before anyone hears the end, so a repeat
+            # sent the moment a stream finishes is already a hit.
+            for callback in callbacks:
+                callback(event)
+        with self._lock:
             self._events.append(event)
             listeners = list(self._listeners)
-            final = not isinstance(event, Delta)
             if final:
                 self.done.set()
         for listener in listeners:
             listener(event)
-        if final:
-            for callback in self._done_callbacks:
-                callback(event)
 
     def add_done_callback(self, callback: Callable[[Event], None]) -> None:
-        """Call back with the final event (on the publishing thread); not a subscriber, so
-        it does not keep an abandoned generation alive."""
+        """Call back with the final event (on the publishing thread) before subscribers see
+        it; not a subscriber, so it does not keep an abandoned generation alive."""
         with self._lock:
-            final = self._events[-1] if self.done.is_set() else None
+            final = self._final
             if final is None:
                 self._done_callbacks.append(callback)
         if final is not None:

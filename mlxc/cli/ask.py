@@ -71,8 +71,7 @@ def ask(
 ) -> None:
     """Ask the model one question; the answer streams as it is generated.
 
-    A repeat of the same request (same model, messages and settings) is answered from the
-    on-disk cache in a fraction of a second, in any later process."""
+    A repeat (same model, messages and settings) comes from the disk cache in a blink."""
     from mlxc.cli.render import Display
     from mlxc.conversation import continue_with, load_last, save_last
     from mlxc.errors import InputError

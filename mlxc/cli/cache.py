@@ -1,4 +1,5 @@
-"""`mlxc cache stats|clear`: look at and empty the caches. Never imports MLX."""
+"""`mlxc cache stats|clear|warm`: look at, empty and fill the caches. Only `warm` (without
+--url) loads MLX."""
 
 from __future__ import annotations
 
@@ -9,7 +10,16 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from mlxc.cli.options import CacheDirOption, JsonOption, settings_from
+from mlxc.cli.options import (
+    ApiKeyOption,
+    CacheDirOption,
+    CachePolicyOption,
+    DtypeOption,
+    JsonOption,
+    ModelOption,
+    UrlOption,
+    settings_from,
+)
 
 app = typer.Typer(
     help="Inspect, clear or warm mlxc's caches.",
@@ -28,9 +38,12 @@ def _human(n: int) -> str:
 
 @app.command(
     epilog="[bold]Examples[/bold]\n\n  mlxc cache stats\n\n  mlxc cache stats --json | jq .hit_rate"
+    "\n\n  mlxc cache stats --json | jq .prefix.tokens_reused"
 )
 def stats(cache_dir: CacheDirOption = None, as_json: JsonOption = False) -> None:
-    """Hits, misses and size of the response cache (shared by every mlxc process)."""
+    """Hits, misses and size of the response cache and of the prefix (KV) cache's disk tier,
+    shared by every mlxc process."""
+    from mlxc.engine.prefix_index import read_stats
     from mlxc.store import open_store
 
     settings = settings_from(cache_dir)
@@ -39,8 +52,13 @@ def stats(cache_dir: CacheDirOption = None, as_json: JsonOption = False) -> None
         figures = store.stats().as_dict()
     finally:
         store.close()
+    prefix = {
+        **read_stats(settings.prefix_dir),
+        "disk_limit": settings.prefix_disk_bytes,
+        "directory": str(settings.prefix_dir),
+    }
     if as_json:
-        typer.echo(json.dumps(figures))
+        typer.echo(json.dumps({**figures, "prefix": prefix}))
         return
     table = Table(title="mlxc response cache", show_header=False, title_justify="left")
     table.add_column(style="bold")
@@ -54,23 +72,112 @@ def stats(cache_dir: CacheDirOption = None, as_json: JsonOption = False) -> None
     table.add_row("eviction", figures["eviction_policy"])
     table.add_row("where", f"{figures['backend']}: {figures['directory']}")
     Console().print(table)
+    Console().print(_prefix_table(prefix))
 
 
-@app.command(epilog="[bold]Examples[/bold]\n\n  mlxc cache clear\n\n  mlxc cache clear --yes")
+def _prefix_table(prefix: dict) -> Table:
+    table = Table(title="mlxc prefix (KV) cache", show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column(justify="right")
+    table.add_row("hits", f"{prefix['hits']} ({prefix['memory_hits']} memory, "
+                  f"{prefix['disk_hits']} disk)")
+    table.add_row("misses", str(prefix["misses"]))
+    table.add_row("tokens reused", str(prefix["tokens_reused"]))
+    table.add_row("prefill saved", f"{prefix['prefill_saved_fraction']:.1%} of prompt tokens")
+    table.add_row("disk states", str(prefix["disk_entries"]))
+    table.add_row("disk size", f"{_human(prefix['disk_bytes'])} of {_human(prefix['disk_limit'])}")
+    table.add_row("where", prefix["directory"])
+    return table
+
+
+@app.command(
+    epilog="[bold]Examples[/bold]\n\n  mlxc cache clear\n\n  mlxc cache clear --yes"
+    "\n\n  mlxc cache clear --prefix-only -y"
+)
 def clear(
     cache_dir: CacheDirOption = None,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask first.")] = False,
+    responses_only: Annotated[
+        bool, typer.Option("--responses-only", help="Keep the prefix (KV) cache.")
+    ] = False,
+    prefix_only: Annotated[
+        bool, typer.Option("--prefix-only", help="Keep the cached answers.")
+    ] = False,
 ) -> None:
-    """Delete every cached answer and reset the statistics. Models are kept."""
+    """Delete every cached answer and saved prefix (KV) state, and reset the statistics.
+    Models are kept. A running server keeps the states it holds in memory."""
+    from mlxc.engine.prefix_index import PrefixIndex
+    from mlxc.errors import InputError
     from mlxc.store import open_store
 
+    if responses_only and prefix_only:
+        raise InputError("--responses-only and --prefix-only exclude each other")
     settings = settings_from(cache_dir)
-    store = open_store(settings)
+    store = None if prefix_only else open_store(settings)
     try:
-        where = store.stats().directory
-        if not yes and not typer.confirm(f"Delete all cached answers in {where}?"):
+        places = [] if store is None else [f"all cached answers in {store.stats().directory}"]
+        if not responses_only:
+            places.append(f"all prefix states in {settings.prefix_dir}")
+        if not yes and not typer.confirm(f"Delete {' and '.join(places)}?"):
             raise typer.Exit(1)
-        removed = store.clear()
+        if store is not None:
+            typer.echo(f"removed {store.clear()} cached answers from {store.stats().directory}")
     finally:
-        store.close()
-    typer.echo(f"removed {removed} cached answers from {where}")
+        if store is not None:
+            store.close()
+    if not responses_only:
+        index = PrefixIndex(settings.prefix_dir)
+        try:
+            typer.echo(f"removed {index.clear()} prefix states from {settings.prefix_dir}")
+        finally:
+            index.close()
+
+
+WARM_EXAMPLES = """
+[bold]Examples[/bold]
+
+  mlxc cache warm prompts.jsonl      # a line: {"prompt": "What is MLX?", "max_tokens": 64}
+
+  cat prompts.jsonl | mlxc cache warm - --strict
+
+  mlxc cache warm prompts.jsonl --url http://127.0.0.1:8081  # through mlxc serve
+
+  mlxc cache warm system-prompts.jsonl --prefix-only   # prefill only, no answers
+
+[bold]Lines[/bold] take the fields of `mlxc ask` and of a chat completion:
+prompt (with system) or messages; model, max_tokens, temperature, top_p, seed, stop, tools, …
+A warmed line has the cache key `mlxc ask` or the server would give the same request.
+"""
+
+
+@app.command(epilog=WARM_EXAMPLES)
+def warm(
+    file: Annotated[
+        str, typer.Argument(help="JSONL file, one request per line; - reads stdin.",
+                            metavar="FILE.jsonl", show_default=False)
+    ],
+    url: UrlOption = None,
+    api_key: ApiKeyOption = None,
+    strict: Annotated[
+        bool, typer.Option("--strict", help="Stop at the first bad or failed line.")
+    ] = False,
+    prefix_only: Annotated[
+        bool,
+        typer.Option("--prefix-only", help="Prefill the prompts into the prefix (KV) cache; "
+                     "generate and store no answers."),
+    ] = False,
+    model: ModelOption = None,
+    cache_dir: CacheDirOption = None,
+    cache_policy: CachePolicyOption = None,
+    dtype: DtypeOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Fill the response cache from a JSONL file, with a progress bar.
+
+    Lines already cached are skipped: an interrupted warm-up resumes where it stopped.
+    Ctrl-C keeps every answer finished so far.
+    A bad line is reported with its number and skipped; the exit code is then 1."""
+    from mlxc.cli.warming import run
+
+    settings = settings_from(cache_dir, cache_policy, dtype, model)
+    run(file, settings, model, url, api_key, strict, prefix_only, as_json)

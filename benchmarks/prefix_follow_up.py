@@ -1,0 +1,207 @@
+"""Time to first token of a follow-up turn: cold, from the prefix cache in memory, from disk
+after a clean restart, and from disk after the process was killed with SIGKILL.
+
+The conversation: a ~500-token system prompt, a short question and its answer (turn 1), then
+a follow-up that adds ~40 tokens (turn 2). Each case runs in its own process on its own cache
+folder (response cache off, so every turn is generated); a restart case writes turn 1 in one
+process and times turn 2 in the next. Each process warms the model up before timing.
+
+    python benchmarks/prefix_follow_up.py            # the default model and dtype
+    python benchmarks/prefix_follow_up.py --json --reps 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+TARGETS = {"memory": 0.05, "disk_restart": 0.06, "disk_sigkill": 0.06}
+RULES = [
+    "Read the whole file before you change it, and keep each change as small as the task allows.",
+    "Explain what you will do in one sentence, then do it; do not ask for permission twice.",
+    "Prefer the standard library; add a dependency only when it saves real work and is common.",
+    "Run the tests after every change, and say which ones you ran and what they printed.",
+    "Never print secrets, tokens or passwords, even when a file you read contains them.",
+    "When a command fails, read its error message, fix the cause, and try once more at most.",
+    "Write comments that say why the code is as it is, never what each line already says.",
+    "Keep functions short, name them after what they return, and avoid global state.",
+]
+QUESTIONS = [
+    "What is the capital of France?",
+    "Which planet is the largest in the solar system?",
+    "What does a compiler do?",
+    "Who wrote the play Hamlet?",
+    "What is the boiling point of water at sea level?",
+]
+FOLLOW_UP = (
+    "Thanks. Now explain that again for a ten year old child, in two short sentences, "
+    "and end with one surprising fact about it that most adults do not know."
+)
+
+
+def system_prompt(tokenizer, target: int = 500) -> str:
+    """A coding-agent style system prompt of about `target` tokens."""
+    lines = ["You are a careful coding assistant working in the user's repository."]
+    i = 0
+    while len(tokenizer.encode(" ".join(lines))) < target:
+        lines.append(f"Rule {i + 1}: {RULES[i % len(RULES)]}")
+        i += 1
+    return " ".join(lines)
+
+
+def make_service(cache_dir: Path, model: str | None, dtype: str | None, prefix: bool):
+    from mlxc.config import load_settings
+    from mlxc.service import Service
+
+    overrides = {"cache_dir": cache_dir, "cache_policy": "off", "dtype": dtype, "model": model}
+    settings = load_settings().with_overrides(**overrides)
+    if not prefix:
+        settings = settings.with_overrides(prefix_memory_bytes=0, prefix_disk_bytes=0)
+    return Service(settings)
+
+
+def timed(service, messages: list[dict], max_tokens: int):
+    """(seconds to the first token, the answer), measured around the whole request."""
+    from mlxc.request import GenerationRequest
+    from mlxc.stream import Failed
+
+    started = time.perf_counter()
+    reply = service.start(GenerationRequest(messages=messages, max_tokens=max_tokens))
+    first = None
+    for event in reply.events():
+        first = first or time.perf_counter()
+        if isinstance(event, Failed):
+            raise event.error
+    return first - started, reply.result()
+
+
+def turn1(system: str, i: int) -> list[dict]:
+    return [{"role": "system", "content": system}, {"role": "user", "content": QUESTIONS[i]}]
+
+
+def turn2(system: str, i: int, answer: str) -> list[dict]:
+    return turn1(system, i) + [
+        {"role": "assistant", "content": answer},
+        {"role": "user", "content": FOLLOW_UP},
+    ]
+
+
+def phase(args) -> None:
+    """One process: write turn 1 of each conversation and/or time turn 2."""
+    service = make_service(Path(args.cache_dir), args.model, args.dtype, args.phase != "cold")
+    engine = service.engine()
+    engine.wait_loaded()
+    system = system_prompt(engine.tokenizer)
+    answers = json.loads(args.answers) if args.answers else {}
+    timed(service, [{"role": "user", "content": "Say hello."}], 4)  # warm-up, not measured
+    out: dict = {"ttft": [], "reused": [], "prompt_tokens": [], "texts": [], "answers": {}}
+    for i in range(args.reps):
+        if args.phase in ("cold", "memory", "write"):
+            _, first = timed(service, turn1(system, i), args.answer_tokens)
+            answers[str(i)] = first.text
+            out["answers"][str(i)] = first.text
+        if args.phase == "write":
+            continue
+        seconds, second = timed(service, turn2(system, i, answers[str(i)]), 8)
+        out["ttft"].append(seconds)
+        out["reused"].append(second.usage.cached_tokens)
+        out["prompt_tokens"].append(second.usage.prompt_tokens)
+        out["texts"].append(second.text)
+    out["prefix"] = service.prefix_stats()
+    out["dtype"] = engine.dtype
+    out["system_tokens"] = len(engine.tokenizer.encode(system))
+    print(json.dumps(out), flush=True)
+    if args.hold:  # wait to be killed: nothing after the answers is needed for the state
+        time.sleep(3600)
+    service.close()
+
+
+def child(args, phase_name: str, cache_dir: Path, answers=None, kill: bool = False) -> dict:
+    cmd = [
+        sys.executable, __file__, "--phase", phase_name, "--cache-dir", str(cache_dir),
+        "--reps", str(args.reps), "--answer-tokens", str(args.answer_tokens),
+    ]
+    cmd += ["--model", args.model] if args.model else []
+    cmd += ["--dtype", args.dtype] if args.dtype else []
+    cmd += ["--answers", json.dumps(answers)] if answers else []
+    cmd += ["--hold"] if kill else []
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    line = proc.stdout.readline()
+    if kill:
+        proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=3600)
+    if not line:
+        raise SystemExit(f"phase {phase_name} failed (exit {proc.returncode})")
+    return json.loads(line)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", help="default: mlxc's default model (MLXC_MODEL)")
+    parser.add_argument("--dtype", help="default: mlxc's default dtype (MLXC_DTYPE)")
+    parser.add_argument("--reps", type=int, default=3, help="conversations timed per case")
+    parser.add_argument("--answer-tokens", type=int, default=24, help="turn 1 answer length")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--phase", help=argparse.SUPPRESS)
+    parser.add_argument("--cache-dir", help=argparse.SUPPRESS)
+    parser.add_argument("--answers", help=argparse.SUPPRESS)
+    parser.add_argument("--hold", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.phase:
+        return phase(args)
+
+    with tempfile.TemporaryDirectory(prefix="mlxc-prefix-bench-") as tmp:
+        root = Path(tmp)
+        cold = child(args, "cold", root / "cold")
+        memory = child(args, "memory", root / "memory")
+        written = child(args, "write", root / "restart")
+        restart = child(args, "disk", root / "restart", written["answers"])
+        doomed = child(args, "write", root / "killed", kill=True)
+        killed = child(args, "disk", root / "killed", doomed["answers"])
+    report(args, cold, {"memory": memory, "disk_restart": restart, "disk_sigkill": killed})
+
+
+def report(args, cold: dict, cases: dict) -> None:
+    base = statistics.median(cold["ttft"])
+    result = {
+        "model": args.model or "default",
+        "dtype": cold["dtype"],
+        "system_prompt_tokens": cold["system_tokens"],
+        "turn2_prompt_tokens": cold["prompt_tokens"][0],
+        "reps": args.reps,
+        "cold_ttft_s": round(base, 4),
+        "cases": {},
+    }
+    for name, case in cases.items():
+        ttft = statistics.median(case["ttft"])
+        result["cases"][name] = {
+            "ttft_s": round(ttft, 4),
+            "ratio": round(ttft / base, 4),
+            "target": TARGETS[name],
+            "met": ttft / base <= TARGETS[name],
+            "new_tokens": [
+                p - r for p, r in zip(case["prompt_tokens"], case["reused"], strict=True)
+            ],
+            "same_answer_as_cold": case["texts"] == cold["texts"],
+        }
+    if args.json:
+        print(json.dumps(result))
+        return
+    print(f"{result['model']} ({result['dtype']}): system prompt {result['system_prompt_tokens']}"
+          f" tokens, turn 2 {result['turn2_prompt_tokens']} tokens, median of {args.reps}")
+    print(f"  {'cold':<14} {base * 1000:8.1f} ms   1.000")
+    for name, row in result["cases"].items():
+        print(f"  {name:<14} {row['ttft_s'] * 1000:8.1f} ms   {row['ratio']:.3f}  "
+              f"(target {row['target']}: {'met' if row['met'] else 'MISSED'}; "
+              f"new tokens {row['new_tokens']}; same answer: {row['same_answer_as_cold']})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+complete --command mlxc --no-files --arguments "(env _MLXC_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=get-args _TYPER_COMPLETE_ARGS=(commandline -cp) mlxc)" --condition "env _MLXC_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=is-args _TYPER_COMPLETE_ARGS=(commandline -cp) mlxc"

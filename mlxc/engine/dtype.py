@@ -1,0 +1,159 @@
+"""Which dtype the model's weights run in, and turning a quantized model into it.
+
+On MLX's CPU backend only float32 matmuls go through BLAS (see `blas.py`): quantized, bf16
+and fp16 matmuls run MLX's own unvectorised loops. A small quantized model dequantized to
+float32 at load time prefills ~15x faster there; on Metal the quantized kernels are the fast
+path, so it stays as shipped. Dequantizing is exact up to float rounding.
+
+`choose_dtype` and `effective_dtype_without_mlx` import no mlx: the result is part of the
+model fingerprint, which the cache-hit path computes without loading MLX.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+import sys
+from pathlib import Path
+
+DTYPES = ("auto", "float32", "bfloat16", "float16", "keep")
+AUTO_RAM_FRACTION = 0.4  # float32 weights + KV cache + activations must still fit
+
+
+def choose_dtype(requested: str, model_bytes: int, ram_bytes: int | None = None) -> str:
+    """Resolve `requested` (one of DTYPES) to "float32", "bfloat16", "float16" or "keep".
+
+    `model_bytes` is the model's size in float32. "auto" gives "float32" on the CPU backend
+    when that is under 40% of the machine's RAM, else "keep". RAM is the total, not what is
+    free right now, so every process resolves the same model the same way (the answer goes
+    into the cache key). Pure and cheap: no mlx import.
+    """
+    if requested not in DTYPES:
+        raise ValueError(f"unknown dtype {requested!r}: choose one of {', '.join(DTYPES)}")
+    if requested != "auto":
+        return requested
+    if gpu_backend():
+        return "keep"
+    ram = total_ram_bytes() if ram_bytes is None else ram_bytes
+    return "float32" if ram and model_bytes < AUTO_RAM_FRACTION * ram else "keep"
+
+
+def effective_dtype_without_mlx(requested: str, model_dir: Path) -> str:
+    """`choose_dtype` for the MLX model folder `model_dir`, its float32 size read from the
+    safetensors headers and config.json (no weights read, no mlx import)."""
+    if requested != "auto":
+        return choose_dtype(requested, 0)
+    try:
+        size = float32_bytes(Path(model_dir))
+    except (OSError, ValueError, KeyError, struct.error):
+        return "keep"  # unreadable folder: the loader will say why; don't guess a conversion
+    return choose_dtype(requested, size)
+
+
+def gpu_backend() -> bool:
+    """Whether MLX will run on a GPU here, decided without importing mlx: Metal on macOS, or
+    a CUDA build of mlx on Linux (`mlx[cuda*]`)."""
+    if sys.platform == "darwin":
+        return True
+    from importlib import metadata
+
+    for dist in ("mlx-cuda-12", "mlx-cuda-13", "mlx-cuda"):
+        try:
+            metadata.distribution(dist)
+            return True
+        except metadata.PackageNotFoundError:
+            continue
+    return False
+
+
+def total_ram_bytes() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0  # unknown: "auto" keeps the model as shipped
+
+
+def float32_bytes(model_dir: Path) -> int:
+    """Bytes the weights take once dequantized to float32. A quantized weight counts as its
+    scales' element count times its group size; its scales and biases disappear."""
+    tensors: dict[str, tuple[str, list[int]]] = {}
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"no .safetensors in {model_dir}")
+    for file in files:
+        tensors.update(_safetensors_header(file))
+    config = json.loads((model_dir / "config.json").read_text())
+    quant = config.get("quantization") or config.get("quantization_config") or {}
+    total = 0
+    for name, (_dtype, shape) in tensors.items():
+        module, _, kind = name.rpartition(".")
+        if kind in ("scales", "biases") and f"{module}.weight" in tensors:
+            continue
+        if kind == "weight" and f"{module}.scales" in tensors:
+            layer = quant.get(module) if isinstance(quant.get(module), dict) else quant
+            group_size = layer.get("group_size", quant.get("group_size", 64))
+            total += math.prod(tensors[f"{module}.scales"][1]) * group_size * 4
+        else:
+            total += math.prod(shape) * 4  # any other tensor (rare integer ones too) as float32
+    return total
+
+
+def _safetensors_header(path: Path) -> dict[str, tuple[str, list[int]]]:
+    # Format: 8-byte little-endian header length, then that many bytes of JSON.
+    with open(path, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        if length > 100_000_000:
+            raise ValueError(f"{path}: implausible safetensors header")
+        header = json.loads(f.read(length))
+    return {k: (v["dtype"], v["shape"]) for k, v in header.items() if k != "__metadata__"}
+
+
+def apply_dtype(model, dtype: str) -> None:
+    """Convert `model` (an mlx-lm model) in place to `dtype`: every QuantizedLinear and
+    QuantizedEmbedding becomes a dequantized Linear / Embedding, and the other floating
+    parameters are cast. "keep" leaves the model untouched. Evaluates the new weights."""
+    if dtype == "keep":
+        return
+    import mlx.core as mx
+    import mlx.nn as nn
+    from mlx.utils import tree_map_with_path
+
+    target = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}.get(dtype)
+    if target is None:
+        raise ValueError(f"apply_dtype needs float32, bfloat16, float16 or keep, not {dtype!r}")
+
+    def dequantized(layer) -> mx.array:
+        mode = getattr(layer, "mode", "affine")
+        scales, biases = layer.scales, getattr(layer, "biases", None)
+        if mode == "affine":
+            # In float32, scale * q + bias escapes the extra rounding float16 would add.
+            scales = scales.astype(mx.float32)
+            biases = None if biases is None else biases.astype(mx.float32)
+        w = mx.dequantize(
+            layer.weight, scales, biases, group_size=layer.group_size, bits=layer.bits,
+            mode=mode, dtype=mx.float32,
+        )  # fmt: skip
+        return w.astype(target)
+
+    def convert(_path, module):
+        if isinstance(module, nn.QuantizedLinear):
+            w = dequantized(module)
+            has_bias = "bias" in module
+            linear = nn.Linear(w.shape[1], w.shape[0], bias=has_bias)
+            linear.weight = w
+            if has_bias:
+                linear.bias = module.bias.astype(target)
+            return linear
+        if isinstance(module, nn.QuantizedEmbedding):
+            w = dequantized(module)
+            embedding = nn.Embedding(w.shape[0], w.shape[1])  # keeps as_linear for tied heads
+            embedding.weight = w
+            return embedding
+        return module
+
+    leaves = tree_map_with_path(convert, model.leaf_modules(), is_leaf=nn.Module.is_module)
+    model.update_modules(leaves)
+    model.apply(lambda x: x.astype(target) if mx.issubdtype(x.dtype, mx.floating) else x)
+    mx.eval(model.parameters())

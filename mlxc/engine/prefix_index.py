@@ -1,0 +1,193 @@
+"""The prefix cache's on-disk index and counters: one SQLite file next to the state files.
+
+No MLX here: `mlxc cache stats` and `cache clear` read and empty the disk tier through this
+module alone. Process-safe (SQLite WAL, every change one transaction); each connection
+belongs to the thread that opened it.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from array import array
+from dataclasses import dataclass
+from pathlib import Path
+
+INDEX_FILE = "index.sqlite"
+STATE_SUFFIX = ".safetensors"
+COUNTERS = ("hits", "misses", "memory_hits", "disk_hits", "tokens_reused", "tokens_prefilled")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS entries (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,  -- grows on every write: others' new rows are seq > n
+    id TEXT UNIQUE NOT NULL,                -- sha256(fingerprint, tokens); also the file name
+    fingerprint TEXT NOT NULL,
+    n_tokens INTEGER NOT NULL,
+    tokens BLOB NOT NULL,                   -- int32 array
+    nbytes INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    used REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS entries_used ON entries (used);
+CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+"""
+
+
+@dataclass(frozen=True)
+class IndexRow:
+    id: str
+    seq: int
+    tokens: list[int]
+    nbytes: int
+    kind: str
+
+
+def pack_tokens(tokens: list[int]) -> bytes:
+    return array("i", tokens).tobytes()
+
+
+def unpack_tokens(blob: bytes) -> list[int]:
+    values = array("i")
+    values.frombytes(blob)
+    return values.tolist()
+
+
+class PrefixIndex:
+    """Which states are on disk (by model fingerprint and tokens), their sizes and last use,
+    and the hit/miss counters that survive restarts."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._db = sqlite3.connect(self.directory / INDEX_FILE, timeout=30, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(_SCHEMA)
+
+    def path_of(self, entry_id: str) -> Path:
+        return self.directory / (entry_id + STATE_SUFFIX)
+
+    # -- entries ---------------------------------------------------------------------------
+
+    def rows_since(self, fingerprint: str, seq: int) -> list[IndexRow]:
+        """Entries of one model written after `seq` (by any process)."""
+        cursor = self._db.execute(
+            "SELECT id, seq, tokens, nbytes, kind FROM entries "
+            "WHERE fingerprint = ? AND seq > ? ORDER BY seq",
+            (fingerprint, seq),
+        )
+        return [IndexRow(i, s, unpack_tokens(t), n, k) for i, s, t, n, k in cursor]
+
+    def has(self, entry_id: str) -> bool:
+        found = self._db.execute("SELECT 1 FROM entries WHERE id = ?", (entry_id,)).fetchone()
+        return found is not None
+
+    def put(self, entry_id: str, fingerprint: str, tokens: list[int], nbytes: int, kind: str
+            ) -> int:
+        """Record a state whose file is already in place; returns its seq."""
+        cursor = self._db.execute(
+            "INSERT OR REPLACE INTO entries (id, fingerprint, n_tokens, tokens, nbytes, kind, used)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (entry_id, fingerprint, len(tokens), pack_tokens(tokens), nbytes, kind, time.time()),
+        )
+        return int(cursor.lastrowid)
+
+    def touch(self, entry_id: str) -> None:
+        self._db.execute("UPDATE entries SET used = ? WHERE id = ?", (time.time(), entry_id))
+
+    def remove(self, entry_id: str) -> None:
+        """Forget an entry and delete its file (missing files are fine)."""
+        self._db.execute("DELETE FROM entries WHERE id = ?", (entry_id,))
+        self.path_of(entry_id).unlink(missing_ok=True)
+
+    def evict_to(self, budget: int) -> list[str]:
+        """Drop least recently used entries (any model) until the total fits the budget."""
+        removed: list[str] = []
+        total = self.total_bytes()
+        if total <= budget:
+            return removed
+        for entry_id, nbytes in self._db.execute("SELECT id, nbytes FROM entries ORDER BY used"):
+            if total <= budget:
+                break
+            removed.append(entry_id)
+            total -= nbytes
+        for entry_id in removed:
+            self.remove(entry_id)
+        return removed
+
+    def total_bytes(self) -> int:
+        return int(self._db.execute("SELECT COALESCE(SUM(nbytes), 0) FROM entries").fetchone()[0])
+
+    def count(self) -> int:
+        return int(self._db.execute("SELECT COUNT(*) FROM entries").fetchone()[0])
+
+    def sweep(self, older_than: float = 600.0) -> None:
+        """Remove rows whose file is gone, and files no row names (left by a kill between
+        rename and index write, or an interrupted temp file) once they are old enough that
+        no live writer can still own them."""
+        known = {row[0] for row in self._db.execute("SELECT id FROM entries")}
+        for entry_id in known:
+            if not self.path_of(entry_id).exists():
+                self._db.execute("DELETE FROM entries WHERE id = ?", (entry_id,))
+        cutoff = time.time() - older_than
+        for path in self.directory.glob("*" + STATE_SUFFIX):
+            name = path.name.removesuffix(STATE_SUFFIX)
+            try:
+                if name not in known and path.stat().st_mtime < cutoff:
+                    path.unlink()
+            except OSError:
+                pass
+
+    # -- counters ----------------------------------------------------------------------------
+
+    def counters(self) -> dict[str, int]:
+        saved = dict(self._db.execute("SELECT name, value FROM counters"))
+        return {name: int(saved.get(name, 0)) for name in COUNTERS}
+
+    def add_counts(self, counts: dict[str, int]) -> None:
+        self._db.executemany(
+            "INSERT INTO counters (name, value) VALUES (?, ?) "
+            "ON CONFLICT(name) DO UPDATE SET value = value + excluded.value",
+            [(k, v) for k, v in counts.items() if v],
+        )
+
+    # -- whole tier --------------------------------------------------------------------------
+
+    def clear(self) -> int:
+        """Delete every state file and row, and reset the counters; returns entries removed."""
+        ids = [row[0] for row in self._db.execute("SELECT id FROM entries")]
+        self._db.execute("DELETE FROM entries")
+        self._db.execute("DELETE FROM counters")
+        for entry_id in ids:
+            self.path_of(entry_id).unlink(missing_ok=True)
+        for path in self.directory.glob("*" + STATE_SUFFIX):
+            path.unlink(missing_ok=True)
+        return len(ids)
+
+    def close(self) -> None:
+        self._db.close()
+
+
+def summarize(counters: dict[str, int], disk_bytes: int, disk_entries: int) -> dict:
+    """The figures `cache stats` and /health show, from raw counters and disk totals."""
+    lookups = counters["hits"] + counters["misses"]
+    prompt = counters["tokens_reused"] + counters["tokens_prefilled"]
+    return {
+        **counters,
+        "hit_rate": counters["hits"] / lookups if lookups else 0.0,
+        "prefill_tokens_saved": counters["tokens_reused"],
+        "prefill_saved_fraction": counters["tokens_reused"] / prompt if prompt else 0.0,
+        "disk_bytes": disk_bytes,
+        "disk_entries": disk_entries,
+    }
+
+
+def read_stats(directory: Path) -> dict:
+    """Persisted figures for a folder, without creating it; zeros if there is no index yet."""
+    if not (Path(directory) / INDEX_FILE).exists():
+        return summarize(dict.fromkeys(COUNTERS, 0), 0, 0)
+    index = PrefixIndex(directory)
+    try:
+        return summarize(index.counters(), index.total_bytes(), index.count())
+    finally:
+        index.close()

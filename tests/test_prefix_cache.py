@@ -1,0 +1,393 @@
+"""The prefix (KV) cache: reusing a state never changes a greedy answer (from memory, from disk
+after a restart or a kill -9), bad files are skipped, models never share states, budgets hold.
+
+Every comparison is against a cold prefill of the same prompt by an engine with the prefix
+cache switched off. Tiny random models keep this fast; the real SmolLM2 runs when present.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from mlxc.config import Settings
+from mlxc.engine.prefix_index import PrefixIndex
+from mlxc.request import Answer, GenerationRequest
+from mlxc.service import Service
+
+SYSTEM = (
+    "You are MLX, a careful assistant. The quick brown fox jumps over the lazy dog. "
+    "Paris is the capital and largest city of France. def add(a, b): return a + b. " * 4
+)
+TEXT = " ".join(
+    f"Line {i}: the quick brown fox and the capital of France, MLX arrays, def add."
+    for i in range(24)
+)
+OFF = {"prefix_memory_bytes": 0, "prefix_disk_bytes": 0}
+
+
+def _rescaled_copy(source: Path, folder: Path, factor: float, config: dict | None = None) -> Path:
+    """A copy of the tiny model with its layer weights scaled: the plain one mostly repeats
+    the prompt's last token, which would hide a wrong state; scaled, answers use the context."""
+    import mlx.core as mx
+
+    shutil.copytree(source, folder, ignore=shutil.ignore_patterns(".mlxc-fingerprint.json"))
+    weights = mx.load(str(source / "model.safetensors"))
+    weights = {
+        k: v * factor if ".layers." in k and v.ndim == 2 else v for k, v in weights.items()
+    }
+    mx.save_safetensors(str(folder / "model.safetensors"), weights, {"format": "mlx"})
+    if config:
+        path = folder / "config.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), **config}))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def lively(tiny_model, tmp_path_factory) -> Path:
+    return _rescaled_copy(tiny_model, tmp_path_factory.mktemp("m") / "lively", 4.0)
+
+
+@pytest.fixture(scope="module")
+def sliding(tiny_model, tmp_path_factory) -> Path:
+    """A sliding-window + full-attention hybrid: its rotating cache cannot be trimmed."""
+    window = {"layer_types": ["sliding_attention", "full_attention"], "sliding_window": 48}
+    return _rescaled_copy(tiny_model, tmp_path_factory.mktemp("m") / "sliding", 4.0, window)
+
+
+def settings_for(model: Path, cache: Path, **overrides) -> Settings:
+    return Settings(
+        model=str(model), cache_dir=cache, models_dir=cache / "models", cache_policy="off",
+        **overrides,
+    )
+
+
+@contextmanager
+def service(model: Path, cache: Path, **overrides):
+    svc = Service(settings_for(model, cache, **overrides))
+    try:
+        yield svc
+    finally:
+        svc.close()
+
+
+def ask(svc: Service, messages=None, prompt=None, max_tokens: int = 10) -> Answer:
+    request = GenerationRequest(messages=messages, prompt=prompt, max_tokens=max_tokens)
+    return svc.start(request).result()
+
+
+@pytest.fixture(scope="module")
+def cold(tmp_path_factory):
+    """Answers from a cold prefill (prefix cache off), one engine per model, memoised."""
+    services: dict[Path, Service] = {}
+    seen: dict[str, str] = {}
+
+    def answer(model: Path, messages=None, prompt=None, max_tokens: int = 10) -> str:
+        key = json.dumps([str(model), messages, prompt, max_tokens])
+        if key not in seen:
+            if model not in services:
+                services[model] = Service(
+                    settings_for(model, tmp_path_factory.mktemp("cold"), **OFF)
+                )
+            result = ask(services[model], messages, prompt, max_tokens)
+            assert result.usage.cached_tokens == 0
+            seen[key] = result.text
+        return seen[key]
+
+    yield answer
+    for svc in services.values():
+        svc.close()
+
+
+def conversation(user: str, *turns: str) -> list[dict]:
+    messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}]
+    for answer, question in zip(turns[::2], turns[1::2], strict=True):
+        messages += [
+            {"role": "assistant", "content": answer},
+            {"role": "user", "content": question},
+        ]
+    return messages
+
+
+def state_files(cache: Path) -> list[Path]:
+    return sorted((cache / "prefix").glob("*.safetensors"))
+
+
+# -- memory ----------------------------------------------------------------------------------
+
+
+def test_reuse_from_memory_equals_cold_at_several_prefix_lengths(lively, cold, tmp_path):
+    with service(lively, tmp_path) as svc:
+        first = ask(svc, conversation("What is the capital of France?"))
+        assert first.usage.cached_tokens == 0
+        assert first.text == cold(lively, conversation("What is the capital of France?"))
+        # Turn 2 extends turn 1's state (prompt + answer): taken over, nothing copied.
+        follow = conversation("What is the capital of France?", first.text, "And MLX?")
+        second = ask(svc, follow)
+        assert second.usage.cached_tokens >= first.usage.prompt_tokens
+        assert second.text == cold(lively, follow)
+        # The same system prompt with another question shares only the system prompt's state.
+        other = ask(svc, conversation("Name a fox."))
+        assert 100 < other.usage.cached_tokens < first.usage.prompt_tokens
+        assert other.text == cold(lively, conversation("Name a fox."))
+        # Raw prompts cut at several lengths reuse the stored text's state up to the cut.
+        ask(svc, prompt=TEXT, max_tokens=4)
+        reused = []
+        for cut in (60, 400, 700, len(TEXT) - 1):
+            prompt = TEXT[:cut] + " Paris?"
+            result = ask(svc, prompt=prompt)
+            reused.append(result.usage.cached_tokens)
+            assert result.text == cold(lively, prompt=prompt), cut
+        assert reused == sorted(reused) and reused[0] >= 8 and reused[-1] > 256
+        stats = svc.prefix_stats()
+        assert stats["memory_hits"] >= 6 and stats["memory_bytes"] > 0
+
+
+def test_exact_repeat_prefills_only_the_last_token(lively, cold, tmp_path):
+    messages = conversation("Tell me about Paris.")
+    with service(lively, tmp_path) as svc:
+        first = ask(svc, messages)
+        again = ask(svc, messages)
+    assert again.usage.cached_tokens == again.usage.prompt_tokens - 1
+    assert again.text == first.text == cold(lively, messages)
+
+
+def test_warm_prefix_caches_a_prompt_without_generating(lively, cold, tmp_path):
+    messages = conversation("What is MLX?")
+    with service(lively, tmp_path) as svc:
+        cached = svc.warm_prefix(GenerationRequest(messages=messages))
+        answer = ask(svc, messages)
+    assert cached == answer.usage.prompt_tokens
+    assert answer.usage.cached_tokens == cached - 1
+    assert answer.text == cold(lively, messages)
+
+
+# -- disk ------------------------------------------------------------------------------------
+
+
+def test_follow_up_after_a_restart_is_served_from_disk(lively, cold, tmp_path):
+    question = "What is the capital of France?"
+    with service(lively, tmp_path) as svc:
+        first = ask(svc, conversation(question))
+    follow = conversation(question, first.text, "Why?")
+    with service(lively, tmp_path) as svc:
+        second = ask(svc, follow)
+        exact = ask(svc, conversation("What is the capital of France?"))
+        stats = svc.prefix_stats()
+    assert second.usage.cached_tokens >= first.usage.prompt_tokens
+    assert second.text == cold(lively, follow)
+    assert exact.text == first.text
+    assert stats["disk_hits"] == 1 and stats["disk_entries"] >= 1
+
+
+def test_a_kill_9_after_an_answer_keeps_its_state(lively, cold, tmp_path):
+    script = textwrap.dedent(f"""
+        import sys, time
+        from pathlib import Path
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        from test_prefix_cache import ask, conversation, service
+        with service(Path({str(lively)!r}), Path({str(tmp_path)!r})) as svc:
+            print(ask(svc, conversation("Why?")).text, flush=True)
+            time.sleep(120)
+    """)
+    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        first = child.stdout.readline().rstrip("\n")
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait(30)
+    follow = conversation("Why?", first, "Are you sure?")
+    with service(lively, tmp_path) as svc:
+        second = ask(svc, follow)
+    assert second.usage.cached_tokens > 100
+    assert second.text == cold(lively, follow)
+
+
+def _damage(path: Path, how: str, foreign: Path) -> None:
+    if how == "garbage":
+        path.write_bytes(b"\x00not a safetensors file" * 50)
+    elif how == "truncated":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    else:  # another model's state under this entry's name
+        shutil.copyfile(foreign, path)
+
+
+@pytest.mark.parametrize("how", ["garbage", "truncated", "foreign"])
+def test_a_bad_state_file_is_removed_with_a_warning(
+    lively, tiny_model, cold, tmp_path, how, caplog
+):
+    messages = conversation("Name a fox.")
+    with service(tiny_model, tmp_path / "other") as svc:
+        ask(svc, messages)
+    with service(lively, tmp_path / "c") as svc:
+        first = ask(svc, messages)
+    [path] = state_files(tmp_path / "c")
+    _damage(path, how, state_files(tmp_path / "other")[0])
+    follow = conversation("Name a fox.", first.text, "Another?")
+    with caplog.at_level(logging.WARNING, logger="mlxc.prefix"):
+        with service(lively, tmp_path / "c") as svc:
+            second = ask(svc, follow)
+    assert second.usage.cached_tokens == 0
+    assert second.text == cold(lively, follow)
+    assert "removing unusable state file" in caplog.text
+    assert not path.exists()
+
+
+def test_another_model_never_reuses_a_state(lively, tiny_model, tmp_path):
+    messages = conversation("What is MLX?")
+    with service(tiny_model, tmp_path) as svc:
+        ask(svc, messages)
+    [theirs] = state_files(tmp_path)
+    with service(lively, tmp_path) as svc:
+        mine = ask(svc, messages)
+        assert svc.prefix_stats()["misses"] >= 1
+    assert mine.usage.cached_tokens == 0
+    assert theirs.exists()  # still there for its own model
+
+
+# -- budgets ---------------------------------------------------------------------------------
+
+
+def test_memory_and_disk_budgets_are_honoured(lively, tmp_path):
+    memory, disk = 600_000, 700_000
+    with service(lively, tmp_path, prefix_memory_bytes=memory, prefix_disk_bytes=disk) as svc:
+        for i in range(5):
+            ask(svc, prompt=f"{i} {TEXT}", max_tokens=4)
+            stats = svc.prefix_stats()
+            assert 0 < stats["memory_bytes"] <= memory
+            assert 0 < stats["disk_bytes"] <= disk
+        assert stats["memory_entries"] < 5 and stats["disk_entries"] < 5
+    files = state_files(tmp_path)
+    assert len(files) == stats["disk_entries"]
+    assert sum(f.stat().st_size for f in files) <= disk + 4096 * len(files)  # + headers
+    with service(lively, tmp_path / "tiny", prefix_disk_bytes=10_000) as svc:
+        ask(svc, prompt=TEXT, max_tokens=4)  # its state is larger than the whole budget
+    assert state_files(tmp_path / "tiny") == []
+
+
+# -- caches that cannot be trimmed -----------------------------------------------------------
+
+
+def test_untrimmable_cache_reuses_states_at_message_boundaries(sliding, cold, tmp_path):
+    question, n = "What is the capital of France?", 6  # an answer that re-tokenizes the same
+    with service(sliding, tmp_path) as svc:
+        first = ask(svc, conversation(question), max_tokens=n)
+        assert svc.prefix_stats()["trimmable"] is False
+        follow = conversation(question, first.text, "And MLX?")
+        second = ask(svc, follow, max_tokens=n)  # from the state after turn 1's answer
+        again = ask(svc, conversation(question), max_tokens=n)  # end-of-conversation boundary
+        other = ask(svc, conversation("Name a fox."), max_tokens=n)  # end-of-system boundary
+    assert second.usage.cached_tokens == first.usage.prompt_tokens + n
+    assert second.text == cold(sliding, follow, max_tokens=n)
+    assert 0 < first.usage.prompt_tokens - again.usage.cached_tokens <= 10  # the answer header
+    assert again.text == first.text == cold(sliding, conversation(question), max_tokens=n)
+    assert 100 < other.usage.cached_tokens < first.usage.prompt_tokens
+    assert other.text == cold(sliding, conversation("Name a fox."), max_tokens=n)
+    follow2 = conversation(question, first.text, "And MLX?", second.text, "Sure?")
+    with service(sliding, tmp_path) as svc:  # and from disk after a restart
+        third = ask(svc, follow2, max_tokens=n)
+        assert svc.prefix_stats()["disk_hits"] == 1
+    # Turn 2's answer does not re-tokenize the same: the boundary before it serves.
+    assert third.usage.cached_tokens >= second.usage.prompt_tokens - 10
+    assert third.text == cold(sliding, follow2, max_tokens=n)
+
+
+def test_clear_empties_both_tiers(lively, tmp_path):
+    with service(lively, tmp_path) as svc:
+        ask(svc, conversation("Why?"))
+    index = PrefixIndex(tmp_path / "prefix")
+    assert index.count() == 1 and index.counters()["misses"] == 1
+    assert index.clear() == 1 and state_files(tmp_path) == []
+    index.close()
+
+
+# -- command line ----------------------------------------------------------------------------
+
+
+def _stats_without_mlx(env) -> dict:
+    probe = (
+        "import sys, runpy\n"
+        "sys.argv = ['mlxc', 'cache', 'stats', '--json']\n"
+        "try:\n    runpy.run_module('mlxc', run_name='__main__')\n"
+        "except SystemExit:\n    pass\n"
+        "heavy = [m for m in ('mlx', 'mlx.core', 'mlx_lm', 'transformers') if m in sys.modules]\n"
+        "print('HEAVY', heavy, file=sys.stderr)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], env=env, capture_output=True, text=True, input=""
+    )
+    assert "HEAVY []" in result.stderr, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_ask_continue_reuses_the_conversation_and_cache_commands_see_it(mlxc_env):
+    from conftest import run_mlxc
+
+    def ask_json(*args):
+        result = run_mlxc("ask", *args, "--json", "--max-tokens", "6", env=mlxc_env)
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout)
+
+    first = ask_json("What is MLX?", "-s", SYSTEM)
+    follow = ask_json("-c", "And Paris?")
+    assert follow["usage"]["prompt_tokens"] > first["usage"]["prompt_tokens"] + 6
+    stats = _stats_without_mlx(mlxc_env)
+    assert stats["prefix"]["disk_hits"] >= 1 and stats["prefix"]["tokens_reused"] > 100
+    assert stats["prefix"]["disk_entries"] >= 1 and stats["cached_items"] == 2
+    cleared = run_mlxc("cache", "clear", "--prefix-only", "-y", env=mlxc_env)
+    assert cleared.returncode == 0 and "prefix states" in cleared.stdout
+    stats = _stats_without_mlx(mlxc_env)
+    assert stats["prefix"]["disk_entries"] == 0 and stats["prefix"]["hits"] == 0
+    assert stats["cached_items"] == 2
+    assert follow["key"] != ask_json("And Paris?")["key"]  # the history is in the request
+
+
+# -- the real default model ------------------------------------------------------------------
+
+
+@pytest.mark.smollm
+def test_smollm2_follow_up_from_memory_and_disk_equals_cold(tmp_path):
+    from mlxc.config import load_settings
+    from mlxc.engine.models import ModelError, prepare_model, resolve_model
+
+    base = load_settings()
+    try:
+        prepare_model(resolve_model("default", base))
+    except ModelError as exc:
+        pytest.skip(f"the default model is not available: {exc}")
+
+    def run(cache: Path, *conversations, **overrides) -> list[Answer]:
+        settings = Settings(
+            models_dir=base.models_dir, cache_dir=cache, cache_policy="off", **overrides
+        )
+        svc = Service(settings)
+        try:
+            return [ask(svc, messages, max_tokens=8) for messages in conversations]
+        finally:
+            svc.close()
+
+    system = "You are a concise assistant. Answer in one short sentence. " * 12
+    turn1 = [{"role": "system", "content": system}, {"role": "user", "content": "Capital of Peru?"}]
+    [first] = run(tmp_path / "c", turn1)
+
+    def follow(question: str) -> list[dict]:
+        return turn1 + [
+            {"role": "assistant", "content": first.text},
+            {"role": "user", "content": question},
+        ]
+
+    # A new engine: turn 2 comes from disk, then a sibling question from memory.
+    from_disk, from_memory = run(tmp_path / "c", follow("And of Chile?"), follow("And Spain?"))
+    cold = run(tmp_path / "cold", follow("And of Chile?"), follow("And Spain?"), **OFF)
+    assert from_disk.usage.cached_tokens >= first.usage.prompt_tokens
+    assert from_memory.usage.cached_tokens >= first.usage.prompt_tokens
+    assert [from_disk.text, from_memory.text] == [a.text for a in cold]
