@@ -8,7 +8,6 @@ When the last subscriber leaves before the end, the generation is cancelled.
 
 from __future__ import annotations
 
-import asyncio
 import queue
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -118,6 +117,8 @@ class Generation:
     async def aevents(self, keepalive: float | None = None) -> AsyncIterator[Event | None]:
         """Async iterator for the event loop; yields None every `keepalive` seconds of silence
         (a stream sends an SSE comment then, so clients' first-byte watchdogs stay calm)."""
+        import asyncio  # here, not at the top: the CLI's hit path never needs it
+
         loop = asyncio.get_running_loop()
         inbox: asyncio.Queue[Event] = asyncio.Queue()
 
