@@ -155,9 +155,10 @@ def report(results: list[dict]) -> None:
     naive = next((r for r in results if r["setup"] == "naive"), None)
 
     def cell(r: dict, value: float, pick) -> str:
+        text = f"{value:,.0f}" if value >= 100 else f"{value:.1f}"
         if naive is None or r is naive or not pick(naive):
-            return f"{value:,.1f}"
-        return f"{value:,.1f} ({value / pick(naive):.1f}x)"
+            return text
+        return f"{text} ({value / pick(naive):.1f}x)"
 
     lengths = list(results[0]["prefill_tps"])
     table = Table(title="MLX CPU speed (tokens/s; ratio to naive)")
@@ -175,10 +176,14 @@ def report(results: list[dict]) -> None:
             row.append(f"{same}/{len(naive['answers'])}")
         table.add_row(*row)
     console = Console()
+    if not console.is_terminal:
+        console = Console(width=120)  # piped: Rich's 80 columns would wrap every cell
     console.print(table)
     for r in results:
+        same = naive is not None and r is not naive and r["answers"] == naive["answers"]
+        answers = "same as naive" if same else repr(r["answers"])
         console.print(f"{r['setup']}: load {r['load_s']} s, peak {r['peak_memory_gb']} GB, "
-                      f"answers {r['answers']!r}", highlight=False)  # fmt: skip
+                      f"answers {answers}", highlight=False)  # fmt: skip
         if r["step_tps"]:
             best = max(r["step_tps"], key=r["step_tps"].get)
             console.print(f"prefill_step_size ({r['setup']}, {lengths[-1]} tokens): "

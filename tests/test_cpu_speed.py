@@ -199,3 +199,19 @@ def test_apply_dtype_keeps_bias_and_casts():
     assert mx.abs(after - before).max().item() < 0.1
     with pytest.raises(ValueError):
         dtype_mod.apply_dtype(model, "int4")
+
+
+def test_cpu_speed_benchmark_runs(quantized_model):
+    # The benchmark script itself, kept from rotting: tiny sizes, two setups, JSON out.
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "cpu_speed.py"), "--model", str(quantized_model),
+         "--setups", "naive,auto", "--lengths", "8,16", "--decode", "4", "--answer-tokens", "4",
+         "--steps", "8,16", "--json"],
+        capture_output=True, text=True, timeout=300, cwd=ROOT,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    naive, auto = json.loads(done.stdout)
+    assert (naive["blas"], naive["dtype"]) == ("bundled", "keep")
+    assert auto["dtype"] == choose_dtype("auto", 1)
+    assert set(auto["prefill_tps"]) == {"8", "16"} and set(auto["step_tps"]) == {"8", "16"}
+    assert auto["answers"] == naive["answers"]  # dequantizing must not change greedy output
