@@ -126,6 +126,9 @@ def prepare_model(ref: ModelRef, progress: Callable[[str], None] | None = None) 
     if ref.is_ready:
         return ref.folder
     say = progress or (lambda _msg: None)
+    from mlxc.engine.blas import load_optimised_blas
+
+    load_optimised_blas()  # conversion imports MLX: the optimised BLAS must be loaded first
     from mlxc.engine.gguf import GGUFConversionError, convert_gguf, fetch_default_gguf
 
     try:

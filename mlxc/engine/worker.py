@@ -135,10 +135,10 @@ class Engine:
 
     def _load(self) -> None:
         quiet_libraries()
-        prepare_model(self.ref, self._progress)
         from mlxc.engine.blas import load_optimised_blas
 
         load_optimised_blas()  # must come before the first `import mlx.core`
+        prepare_model(self.ref, self._progress)
         self._progress(f"loading {self.ref.name}")
         try:
             from mlx_lm import load
