@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
-import typer
+# Pydantic scans every installed distribution for plugins on first use (~25 ms): too much
+# for a cache hit that should take a blink. mlxc's command line uses no pydantic plugin.
+os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "__all__")
 
-from mlxc import __version__
+import typer  # noqa: E402
+
+from mlxc import __version__  # noqa: E402
 from mlxc.cli import ask, bench, cache, serve
 
 app = typer.Typer(
