@@ -20,9 +20,13 @@ from pathlib import Path
 import pytest
 
 from mlxc.config import Settings
+from mlxc.engine.blas import load_optimised_blas
 from mlxc.engine.prefix_index import PrefixIndex
 from mlxc.request import Answer, GenerationRequest
 from mlxc.service import Service
+
+# Before the fixtures import MLX, as the engine does: float32 runs on the fast BLAS then.
+load_optimised_blas()
 
 SYSTEM = (
     "You are MLX, a careful assistant. The quick brown fox jumps over the lazy dog. "
@@ -217,11 +221,13 @@ def _damage(path: Path, how: str, foreign: Path) -> None:
         path.write_bytes(b"\x00not a safetensors file" * 50)
     elif how == "truncated":
         path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    elif how == "index":  # the index itself, not the state: every state goes with it
+        (path.parent / "index.sqlite").write_bytes(b"\x00not a database" * 300)
     else:  # another model's state under this entry's name
         shutil.copyfile(foreign, path)
 
 
-@pytest.mark.parametrize("how", ["garbage", "truncated", "foreign"])
+@pytest.mark.parametrize("how", ["garbage", "truncated", "foreign", "index"])
 def test_a_bad_state_file_is_removed_with_a_warning(
     lively, tiny_model, cold, tmp_path, how, caplog
 ):
@@ -238,7 +244,7 @@ def test_a_bad_state_file_is_removed_with_a_warning(
             second = ask(svc, follow)
     assert second.usage.cached_tokens == 0
     assert second.text == cold(lively, follow)
-    assert "removing unusable state file" in caplog.text
+    assert ("rebuilding" if how == "index" else "removing unusable") in caplog.text
     assert not path.exists()
 
 

@@ -3,11 +3,8 @@ so a follow-up turn or a shared system prompt prefills only the tokens it has no
 
 Engine thread only, except `stats()`, which reads plain Python numbers from any thread.
 
-- Memory tier: mlx-lm's `LRUPromptCache` (trie + LRU + byte budget), used without its deep
-  copy on every hit. A state that the new prompt extends is *taken* (removed from the tier,
-  trimmed in place, extended by the generation and stored again under the longer key), so no
-  copy at all; a state that diverges from the prompt is shared as a view of its first tokens,
-  which MLX copies-on-write when the generation appends to it (only the reused prefix).
+- Memory tier (prefix_memory.py): mlx-lm's trie + LRU with a byte budget, without its deep
+  copy on every hit: a state the prompt extends is taken over, a diverging one is shared.
 - Disk tier (prefix_disk.py): every stored state is written through, so it survives restarts.
 - Caches that cannot be trimmed (sliding window, recurrent): states are also kept at message
   boundaries (end of the system prompt, end of the conversation before the answer).
@@ -16,23 +13,28 @@ Engine thread only, except `stats()`, which reads plain Python numbers from any 
 from __future__ import annotations
 
 import copy
+import logging
 import os
+import sqlite3
 from collections import Counter
-from dataclasses import dataclass
 from typing import Any
 
-from mlx_lm.models.cache import (
-    LRUPromptCache,
-    PromptTrie,
-    make_prompt_cache,
-    trim_prompt_cache,
-)
+from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
 
 from mlxc.config import Settings
 from mlxc.engine.prefix_disk import DiskTier, state_nbytes
 from mlxc.engine.prefix_index import COUNTERS, read_stats, summarize
+from mlxc.engine.prefix_memory import (
+    ALWAYS_TRIMMABLE,
+    Match,
+    MemoryTier,
+    best_match,
+    cache_length,
+    prefix_view,
+)
 
-ALWAYS_TRIMMABLE = {"KVCache", "QuantizedKVCache", "ConcatenateKVCache"}
+log = logging.getLogger("mlxc.prefix")
+DISK_ERRORS = (OSError, sqlite3.Error)  # a full or broken disk costs reuse, never an answer
 MIN_REUSE = 8  # fewer shared tokens (a chat template's header) are not worth a lookup
 MEMORY_SHARE = 0.25  # of the memory available at start, when no budget is set
 
@@ -51,85 +53,6 @@ def default_memory_budget() -> int:
         return int(total * MEMORY_SHARE / 2)
     except (ValueError, OSError, AttributeError):
         return 2 << 30
-
-
-@dataclass
-class Match:
-    key: list[int]
-    reuse: int  # prompt tokens whose state this entry provides
-
-
-def best_match(trie: PromptTrie, model: Any, tokens: list[int], trimmable: bool) -> Match | None:
-    """The entry that provides the longest prefix of `tokens`, leaving at least one token to
-    feed (an exact repeat reuses all but the last token, never falls back to a cold prefill)."""
-    if trimmable:
-        found = trie.search(model, tokens)
-        options = []
-        if found.exact is not None:
-            options.append(Match(found.exact, len(tokens) - 1))
-        if found.shorter is not None:
-            options.append(Match(found.shorter, len(found.shorter)))
-        if found.longer is not None:
-            options.append(Match(found.longer, min(found.common_prefix, len(tokens) - 1)))
-        return max(options, key=lambda m: m.reuse, default=None)
-    found = trie.search(model, tokens[:-1])  # untrimmable: only an exact prefix will do
-    key = found.exact if found.exact is not None else found.shorter
-    return Match(key, len(key)) if key is not None else None
-
-
-def prefix_view(cache: list[Any], n: int) -> list[Any]:
-    """The state of the first n tokens, sharing the arrays (MLX copies when one is written)."""
-    out = []
-    for layer in cache:
-        if type(layer).__name__ in ALWAYS_TRIMMABLE:
-            view = copy.copy(layer)
-            view.keys = _head(layer.keys, n)
-            view.values = _head(layer.values, n)
-            view.offset = n
-        else:
-            view = copy.deepcopy(layer)
-            view.trim(view.offset - n)
-        out.append(view)
-    return out
-
-
-def _head(x: Any, n: int) -> Any:
-    return tuple(_head(a, n) for a in x) if isinstance(x, tuple) else x[..., :n, :]
-
-
-def cache_length(cache: list[Any]) -> int | None:
-    """Tokens a state holds, when its layers say so (recurrent layers do not)."""
-    for layer in cache:
-        if hasattr(layer, "offset"):
-            return int(layer.offset)
-    return None
-
-
-class MemoryTier(LRUPromptCache):
-    """mlx-lm's trie + LRU with a byte budget, plus taking and sharing entries without the
-    deep copy its own `fetch_nearest_cache` makes."""
-
-    def __init__(self, max_bytes: int, model_key: str) -> None:
-        super().__init__(max_size=1 << 20, max_bytes=max_bytes)
-        self.model_key = model_key
-
-    def best(self, tokens: list[int], trimmable: bool) -> Match | None:
-        return best_match(self._trie, self.model_key, tokens, trimmable)
-
-    def take(self, key: list[int]) -> LRUPromptCache.CacheEntry:
-        """Remove an entry and hand its state over: the caller extends it and stores it back."""
-        entry = self._trie.pop(self.model_key, key)
-        self._lru.remove(self.model_key, key)
-        self._n_bytes -= entry.nbytes
-        self._n_bytes_by_type[entry.cache_type] -= entry.nbytes
-        return entry
-
-    def peek(self, key: list[int]) -> LRUPromptCache.CacheEntry:
-        """An entry, left in place and marked as recently used."""
-        entry = self._trie.get(self.model_key, key)
-        self._lru.remove(self.model_key, key)
-        self._lru.push(self.model_key, key, entry.cache_type)
-        return entry
 
 
 class PrefixCache:
@@ -179,11 +102,16 @@ class PrefixCache:
             mem = self.memory.best(tokens, self.trimmable) if self.memory else None
             mem_reuse = mem.reuse if mem else 0
             while self.disk is not None:  # a bad file is dropped, then the next best is tried
-                self.disk.refresh()
-                found = best_match(self.disk.trie, self.fingerprint, tokens, self.trimmable)
-                if found is None or found.reuse <= max(mem_reuse, MIN_REUSE - 1):
+                try:
+                    self.disk.refresh()
+                    found = best_match(self.disk.trie, self.fingerprint, tokens, self.trimmable)
+                    if found is None or found.reuse <= max(mem_reuse, MIN_REUSE - 1):
+                        break
+                    cache = self.disk.load(found.key)
+                except DISK_ERRORS as exc:
+                    log.warning("prefix cache: disk tier unreadable (%s)", exc)
                     break
-                if (cache := self.disk.load(found.key)) is not None:
+                if cache is not None:
                     trim_prompt_cache(cache, len(found.key) - found.reuse)
                     return cache, found.reuse, "disk"
             if mem is not None and mem_reuse >= MIN_REUSE:
@@ -243,12 +171,15 @@ class PrefixCache:
                 return
             trim_prompt_cache(cache, held - len(key))
         if len(key) > MIN_REUSE:
-            if self.disk is not None and self.disk.save(key, cache, kind, state_nbytes(cache)):
-                if self.trimmable:
-                    self.disk.drop_prefixes(key)
             if self.memory is not None:
                 self.memory.insert_cache(self.fingerprint, key, cache, cache_type=kind)
-        self._save_counts()
+            try:
+                if self.disk is not None and self.disk.save(key, cache, kind, state_nbytes(cache)):
+                    if self.trimmable:
+                        self.disk.drop_prefixes(key)
+                self._save_counts()
+            except DISK_ERRORS as exc:
+                log.warning("prefix cache: cannot write the disk tier (%s)", exc)
 
     def warm(self, tokens: list[int], request: Any = None) -> int:
         """Prefill a whole prompt into the cache without generating; returns tokens cached."""
@@ -285,11 +216,14 @@ class PrefixCache:
             self.memory.trim_to(n_sequences=0)
         if self.disk is not None:
             self.disk.clear()
-        self.totals.clear()
+        self.totals = Counter(dict.fromkeys(COUNTERS, 0))
         self._unsaved.clear()
 
     def close(self) -> None:
-        self._save_counts()
+        try:
+            self._save_counts()
+        except DISK_ERRORS:
+            pass  # counters only
         if self.disk is not None:
             self.disk.close()
 

@@ -147,7 +147,7 @@ class DiskTier:
         try:
             save_prompt_cache(str(temp), cache, meta)
             os.replace(temp, final)
-        except OSError as exc:
+        except (OSError, RuntimeError, ValueError) as exc:  # MLX reports a full disk its own way
             temp.unlink(missing_ok=True)
             log.warning("prefix cache: cannot write %s (%s)", final, exc)
             return False

@@ -7,6 +7,7 @@ belongs to the thread that opened it.
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 import time
 from array import array
@@ -15,6 +16,7 @@ from pathlib import Path
 
 INDEX_FILE = "index.sqlite"
 STATE_SUFFIX = ".safetensors"
+log = logging.getLogger("mlxc.prefix")
 COUNTERS = ("hits", "misses", "memory_hits", "disk_hits", "tokens_reused", "tokens_prefilled")
 
 _SCHEMA = """
@@ -59,10 +61,27 @@ class PrefixIndex:
     def __init__(self, directory: Path) -> None:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self._db = sqlite3.connect(self.directory / INDEX_FILE, timeout=30, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(_SCHEMA)
+        try:
+            self._db = self._open()
+        except sqlite3.DatabaseError as exc:  # a damaged index: its states cannot be trusted
+            log.warning("prefix cache: rebuilding the unreadable index in %s (%s)", directory, exc)
+            for path in [*self.directory.glob(INDEX_FILE + "*"), *self._state_files()]:
+                path.unlink(missing_ok=True)
+            self._db = self._open()
+
+    def _open(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.directory / INDEX_FILE, timeout=30, isolation_level=None)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.executescript(_SCHEMA)
+        except sqlite3.DatabaseError:
+            db.close()
+            raise
+        return db
+
+    def _state_files(self) -> list[Path]:
+        return list(self.directory.glob("*" + STATE_SUFFIX))
 
     def path_of(self, entry_id: str) -> Path:
         return self.directory / (entry_id + STATE_SUFFIX)
@@ -130,7 +149,7 @@ class PrefixIndex:
             if not self.path_of(entry_id).exists():
                 self._db.execute("DELETE FROM entries WHERE id = ?", (entry_id,))
         cutoff = time.time() - older_than
-        for path in self.directory.glob("*" + STATE_SUFFIX):
+        for path in self._state_files():
             name = path.name.removesuffix(STATE_SUFFIX)
             try:
                 if name not in known and path.stat().st_mtime < cutoff:
@@ -160,7 +179,7 @@ class PrefixIndex:
         self._db.execute("DELETE FROM counters")
         for entry_id in ids:
             self.path_of(entry_id).unlink(missing_ok=True)
-        for path in self.directory.glob("*" + STATE_SUFFIX):
+        for path in self._state_files():
             path.unlink(missing_ok=True)
         return len(ids)
 
