@@ -60,33 +60,46 @@ def stats(cache_dir: CacheDirOption = None, as_json: JsonOption = False) -> None
     if as_json:
         typer.echo(json.dumps({**figures, "prefix": prefix}))
         return
-    table = Table(title="mlxc response cache", show_header=False, title_justify="left")
-    table.add_column(style="bold")
-    table.add_column(justify="right")
-    table.add_row("hits", str(figures["hits"]))
-    table.add_row("misses", str(figures["misses"]))
-    table.add_row("total requests", str(figures["total_requests"]))
-    table.add_row("hit rate", f"{figures['hit_rate']:.1%}")
-    table.add_row("cached items", str(figures["cached_items"]))
-    table.add_row("size", f"{_human(figures['size_bytes'])} of {_human(figures['size_limit'])}")
-    table.add_row("eviction", figures["eviction_policy"])
-    table.add_row("where", f"{figures['backend']}: {figures['directory']}")
-    Console().print(table)
-    Console().print(_prefix_table(prefix))
+    console = Console()
+    console.print(
+        _table(
+            "mlxc response cache",
+            [
+                ("hits", figures["hits"]),
+                ("misses", figures["misses"]),
+                ("total requests", figures["total_requests"]),
+                ("hit rate", f"{figures['hit_rate']:.1%}"),
+                ("cached items", figures["cached_items"]),
+                ("size", f"{_human(figures['size_bytes'])} of {_human(figures['size_limit'])}"),
+                ("eviction", figures["eviction_policy"]),
+                ("where", f"{figures['backend']}: {figures['directory']}"),
+            ],
+        )
+    )
+    console.print(
+        _table(
+            "mlxc prefix (KV) cache",
+            [
+                ("hits", f"{prefix['hits']} ({prefix['memory_hits']} memory, "
+                 f"{prefix['disk_hits']} disk)"),
+                ("misses", prefix["misses"]),
+                ("tokens reused", prefix["tokens_reused"]),
+                ("prefill saved", f"{prefix['prefill_saved_fraction']:.1%} of prompt tokens"),
+                ("disk states", prefix["disk_entries"]),
+                ("disk size",
+                 f"{_human(prefix['disk_bytes'])} of {_human(prefix['disk_limit'])}"),
+                ("where", prefix["directory"]),
+            ],
+        )
+    )
 
 
-def _prefix_table(prefix: dict) -> Table:
-    table = Table(title="mlxc prefix (KV) cache", show_header=False, title_justify="left")
+def _table(title: str, rows: list[tuple[str, object]]) -> Table:
+    table = Table(title=title, show_header=False, title_justify="left")
     table.add_column(style="bold")
     table.add_column(justify="right")
-    table.add_row("hits", f"{prefix['hits']} ({prefix['memory_hits']} memory, "
-                  f"{prefix['disk_hits']} disk)")
-    table.add_row("misses", str(prefix["misses"]))
-    table.add_row("tokens reused", str(prefix["tokens_reused"]))
-    table.add_row("prefill saved", f"{prefix['prefill_saved_fraction']:.1%} of prompt tokens")
-    table.add_row("disk states", str(prefix["disk_entries"]))
-    table.add_row("disk size", f"{_human(prefix['disk_bytes'])} of {_human(prefix['disk_limit'])}")
-    table.add_row("where", prefix["directory"])
+    for name, value in rows:
+        table.add_row(name, str(value))
     return table
 
 
