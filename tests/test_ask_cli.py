@@ -130,3 +130,21 @@ def test_cache_clear_asks_and_yes_skips(mlxc_env):
     cleared = run_mlxc("cache", "clear", "--yes", env=mlxc_env)
     assert cleared.returncode == 0 and "removed 1" in cleared.stdout
     assert ask_json(mlxc_env, "What is MLX?")["cached"] is False
+
+
+def test_ctrl_c_stops_generation_and_caches_nothing(mlxc_env):
+    import signal
+    import time
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlxc", "ask", "Tell me a very long story", "--max-tokens", "30000"],
+        env=mlxc_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+    )
+    assert proc.stdout.read(1)  # generation has started
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert b"cancelled" in err and b"Traceback" not in err
+    stats = json.loads(run_mlxc("cache", "stats", "--json", env=mlxc_env).stdout)
+    assert stats["cached_items"] == 0
