@@ -127,7 +127,9 @@ def prepare_model(ref: ModelRef, progress: Callable[[str], None] | None = None) 
         return ref.folder
     say = progress or (lambda _msg: None)
     from mlxc.engine.blas import load_optimised_blas
+    from mlxc.engine.quiet import quiet_libraries
 
+    quiet_libraries()  # conversion imports transformers, which talks about PyTorch otherwise
     load_optimised_blas()  # conversion imports MLX: the optimised BLAS must be loaded first
     from mlxc.engine.gguf import GGUFConversionError, convert_gguf, fetch_default_gguf
 

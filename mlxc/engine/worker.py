@@ -8,7 +8,6 @@ on MLX. Anything else that must touch MLX (counting tokens, prefix warm-up) goes
 
 from __future__ import annotations
 
-import os
 import queue
 import threading
 import time
@@ -18,6 +17,7 @@ from typing import Any
 
 from mlxc.config import Settings
 from mlxc.engine.models import ModelError, ModelRef, model_fingerprint, prepare_model
+from mlxc.engine.quiet import quiet_libraries
 from mlxc.engine.stops import StopMatcher
 from mlxc.engine.tools import ToolCallFilter, template_messages
 from mlxc.errors import PromptTooLong  # noqa: F401  (re-exported for front ends)
@@ -25,18 +25,6 @@ from mlxc.request import Answer, GenerationRequest, Usage
 from mlxc.stream import Delta, Failed, Finished, Generation
 
 DEFAULT_PREFILL_STEP = 512
-
-
-def quiet_libraries() -> None:
-    """Silence advisories that are noise to a CLI user (no PyTorch needed, deprecations)."""
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    import warnings
-
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
-    warnings.filterwarnings("ignore", category=FutureWarning)
 
 
 class Engine:
