@@ -127,9 +127,9 @@ class Service:
             prepare_model(self.ref, self.progress)
         return request.cache_key(self.fingerprint)
 
-    def lookup(self, request: GenerationRequest) -> Answer | None:
+    def lookup(self, key: str) -> Answer | None:
         """The stored answer, counted as a hit or miss; None if absent or unreadable."""
-        value = self.store.get(self.key_for(request))
+        value = self.store.get(key)
         if value is None:
             return None
         try:
@@ -142,7 +142,7 @@ class Service:
         if not self.is_cacheable(request):
             return Reply("bypass", None, generation=self.engine().submit(request))
         key = self.key_for(request)
-        if read and (answer := self.lookup(request)) is not None:
+        if read and (answer := self.lookup(key)) is not None:
             return Reply("hit", key, answer=answer)
         status = "miss" if read or write else "bypass"
         engine = self.engine()
