@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import ast
+import json
 import os
 import subprocess
 import sys
@@ -38,3 +40,24 @@ def run_mlxc(*args: str, env: dict[str, str], input: str | None = None, timeout:
         text=True,
         timeout=timeout,
     )
+
+
+HEAVY = ("mlx", "mlx.core", "mlx_lm", "transformers")
+
+
+def run_mlxc_light(*args: str, env: dict[str, str]) -> tuple[dict, list[str]]:
+    """Run the CLI in a new process; return its JSON output and the heavy modules it imported
+    (the cache-hit path and `cache stats` must import none of them)."""
+    probe = (
+        "import sys, runpy\n"
+        f"sys.argv = ['mlxc', *{list(args)!r}]\n"
+        "try:\n    runpy.run_module('mlxc', run_name='__main__')\n"
+        "except SystemExit:\n    pass\n"
+        f"print('HEAVY', [m for m in {HEAVY!r} if m in sys.modules], file=sys.stderr)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], env=env, capture_output=True, text=True, input=""
+    )
+    heavy_line = [line for line in result.stderr.splitlines() if line.startswith("HEAVY")]
+    assert heavy_line, result.stderr
+    return json.loads(result.stdout), ast.literal_eval(heavy_line[-1].removeprefix("HEAVY "))

@@ -6,7 +6,7 @@ import json
 import subprocess
 import sys
 
-from conftest import run_mlxc
+from conftest import run_mlxc, run_mlxc_light
 
 
 def ask_json(env, *args, input=None):
@@ -38,19 +38,11 @@ def test_streamed_text_equals_the_cached_text(mlxc_env):
 
 def test_hit_path_imports_no_mlx(mlxc_env):
     ask_json(mlxc_env, "What is MLX?")
-    probe = (
-        "import sys, runpy\n"
-        "sys.argv = ['mlxc', 'ask', 'What is MLX?', '--max-tokens', '12', '--json']\n"
-        "try:\n    runpy.run_module('mlxc', run_name='__main__')\n"
-        "except SystemExit:\n    pass\n"
-        "heavy = [m for m in ('mlx', 'mlx.core', 'mlx_lm', 'transformers') if m in sys.modules]\n"
-        "print('HEAVY', heavy, file=sys.stderr)\n"
+    out, heavy = run_mlxc_light(
+        "ask", "What is MLX?", "--max-tokens", "12", "--json", env=mlxc_env
     )
-    result = subprocess.run(
-        [sys.executable, "-c", probe], env=mlxc_env, capture_output=True, text=True, input=""
-    )
-    assert json.loads(result.stdout)["cached"] is True
-    assert "HEAVY []" in result.stderr
+    assert out["cached"] is True
+    assert heavy == []
 
 
 def test_stdin_comes_before_the_prompt_and_joins_the_key(mlxc_env):

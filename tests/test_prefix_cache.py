@@ -320,19 +320,11 @@ def test_clear_empties_both_tiers(lively, tmp_path):
 
 
 def _stats_without_mlx(env) -> dict:
-    probe = (
-        "import sys, runpy\n"
-        "sys.argv = ['mlxc', 'cache', 'stats', '--json']\n"
-        "try:\n    runpy.run_module('mlxc', run_name='__main__')\n"
-        "except SystemExit:\n    pass\n"
-        "heavy = [m for m in ('mlx', 'mlx.core', 'mlx_lm', 'transformers') if m in sys.modules]\n"
-        "print('HEAVY', heavy, file=sys.stderr)\n"
-    )
-    result = subprocess.run(
-        [sys.executable, "-c", probe], env=env, capture_output=True, text=True, input=""
-    )
-    assert "HEAVY []" in result.stderr, result.stderr
-    return json.loads(result.stdout)
+    from conftest import run_mlxc_light
+
+    stats, heavy = run_mlxc_light("cache", "stats", "--json", env=env)
+    assert heavy == []
+    return stats
 
 
 def test_ask_continue_reuses_the_conversation_and_cache_commands_see_it(mlxc_env):
