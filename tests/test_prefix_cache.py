@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from tiny_model import rescaled_copy
 
 from mlxc.config import Settings
 from mlxc.engine.blas import load_optimised_blas
@@ -39,33 +40,16 @@ TEXT = " ".join(
 OFF = {"prefix_memory_bytes": 0, "prefix_disk_bytes": 0}
 
 
-def _rescaled_copy(source: Path, folder: Path, factor: float, config: dict | None = None) -> Path:
-    """A copy of the tiny model with its layer weights scaled: the plain one mostly repeats
-    the prompt's last token, which would hide a wrong state; scaled, answers use the context."""
-    import mlx.core as mx
-
-    shutil.copytree(source, folder, ignore=shutil.ignore_patterns(".mlxc-fingerprint.json"))
-    weights = mx.load(str(source / "model.safetensors"))
-    weights = {
-        k: v * factor if ".layers." in k and v.ndim == 2 else v for k, v in weights.items()
-    }
-    mx.save_safetensors(str(folder / "model.safetensors"), weights, {"format": "mlx"})
-    if config:
-        path = folder / "config.json"
-        path.write_text(json.dumps({**json.loads(path.read_text()), **config}))
-    return folder
-
-
 @pytest.fixture(scope="module")
 def lively(tiny_model, tmp_path_factory) -> Path:
-    return _rescaled_copy(tiny_model, tmp_path_factory.mktemp("m") / "lively", 4.0)
+    return rescaled_copy(tiny_model, tmp_path_factory.mktemp("m") / "lively", 4.0)
 
 
 @pytest.fixture(scope="module")
 def sliding(tiny_model, tmp_path_factory) -> Path:
     """A sliding-window + full-attention hybrid: its rotating cache cannot be trimmed."""
     window = {"layer_types": ["sliding_attention", "full_attention"], "sliding_window": 48}
-    return _rescaled_copy(tiny_model, tmp_path_factory.mktemp("m") / "sliding", 4.0, window)
+    return rescaled_copy(tiny_model, tmp_path_factory.mktemp("m") / "sliding", 4.0, window)
 
 
 def settings_for(model: Path, cache: Path, **overrides) -> Settings:
@@ -84,8 +68,8 @@ def service(model: Path, cache: Path, **overrides):
         svc.close()
 
 
-def ask(svc: Service, messages=None, prompt=None, max_tokens: int = 10) -> Answer:
-    request = GenerationRequest(messages=messages, prompt=prompt, max_tokens=max_tokens)
+def ask(svc: Service, messages=None, prompt=None, max_tokens: int = 10, **params) -> Answer:
+    request = GenerationRequest(messages=messages, prompt=prompt, max_tokens=max_tokens, **params)
     return svc.start(request).result()
 
 
@@ -95,14 +79,14 @@ def cold(tmp_path_factory):
     services: dict[Path, Service] = {}
     seen: dict[str, str] = {}
 
-    def answer(model: Path, messages=None, prompt=None, max_tokens: int = 10) -> str:
-        key = json.dumps([str(model), messages, prompt, max_tokens])
+    def answer(model: Path, messages=None, prompt=None, max_tokens: int = 10, **params) -> str:
+        key = json.dumps([str(model), messages, prompt, max_tokens, params], sort_keys=True)
         if key not in seen:
             if model not in services:
                 services[model] = Service(
                     settings_for(model, tmp_path_factory.mktemp("cold"), **OFF)
                 )
-            result = ask(services[model], messages, prompt, max_tokens)
+            result = ask(services[model], messages, prompt, max_tokens, **params)
             assert result.usage.cached_tokens == 0
             seen[key] = result.text
         return seen[key]
@@ -292,7 +276,8 @@ def test_untrimmable_cache_reuses_states_at_message_boundaries(sliding, cold, tm
         second = ask(svc, follow, max_tokens=n)  # from the state after turn 1's answer
         again = ask(svc, conversation(question), max_tokens=n)  # end-of-conversation boundary
         other = ask(svc, conversation("Name a fox."), max_tokens=n)  # end-of-system boundary
-    assert second.usage.cached_tokens == first.usage.prompt_tokens + n
+    # The answer's last token (cut by max_tokens) was never fed: it is prefilled with turn 2.
+    assert second.usage.cached_tokens == first.usage.prompt_tokens + n - 1
     assert second.text == cold(sliding, follow, max_tokens=n)
     assert 0 < first.usage.prompt_tokens - again.usage.cached_tokens <= 10  # the answer header
     assert again.text == first.text == cold(sliding, conversation(question), max_tokens=n)

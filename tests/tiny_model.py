@@ -3,6 +3,8 @@ seconds with no network: for tests that need *a* model, not a good one."""
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 CHAT_TEMPLATE = (
@@ -67,4 +69,21 @@ def make_tiny_model(folder: Path, seed: int = 0, vocab_size: int = 384) -> Path:
     save_model(folder, model)
     save_config(config, folder / "config.json")
     assert tree_flatten(model.parameters())
+    return folder
+
+
+def rescaled_copy(source: Path, folder: Path, factor: float, config: dict | None = None) -> Path:
+    """A copy of the tiny model with its layer weights scaled: the plain one mostly repeats
+    the prompt's last token, which would hide a wrong state; scaled, answers use the context."""
+    import mlx.core as mx
+
+    shutil.copytree(source, folder, ignore=shutil.ignore_patterns(".mlxc-fingerprint.json"))
+    weights = mx.load(str(source / "model.safetensors"))
+    weights = {
+        k: v * factor if ".layers." in k and v.ndim == 2 else v for k, v in weights.items()
+    }
+    mx.save_safetensors(str(folder / "model.safetensors"), weights, {"format": "mlx"})
+    if config:
+        path = folder / "config.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), **config}))
     return folder

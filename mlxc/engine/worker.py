@@ -182,8 +182,9 @@ class Engine:
 
     def _generate(self, request: GenerationRequest, generation: Generation) -> Answer:
         import mlx.core as mx
-        from mlx_lm import stream_generate
         from mlx_lm.sample_utils import make_logits_processors, make_sampler
+
+        from mlxc.engine.generate import generate_tokens
 
         tokens = self.encode(request)
         if self.context_length and len(tokens) + 1 > self.context_length:
@@ -193,6 +194,7 @@ class Engine:
             )
         start = time.perf_counter()  # a state loaded from disk counts in the time to first token
         prompt_cache, todo = self.prompt_cache.fetch(tokens, request)
+        reused = len(tokens) - len(todo)
         generation.prompt_tokens_total = len(todo)
 
         def on_prefill(done: int, _total: int) -> None:
@@ -213,25 +215,23 @@ class Engine:
         stops = ToolCallFilter(StopMatcher(request.stop), self.tokenizer, request.tools)
         text_parts: list[str] = []
         generated: list[int] = []
-        fed_eos: list[int] = []  # an end token was fed to the model (its KV is in the state)
         finish = "length"
         first_token_at = None
-        for response in stream_generate(
+        for response in generate_tokens(
             self.model,
             self.tokenizer,
-            mx.array(todo),
-            max_tokens=request.max_tokens,
+            tokens,
+            reused,
+            prompt_cache,
             sampler=sampler,
             logits_processors=processors,
-            prompt_cache=prompt_cache,
+            max_tokens=request.max_tokens,
             prefill_step_size=self.prefill_step_size,
-            prompt_progress_callback=on_prefill,
+            on_prefill=on_prefill,
         ):
             first_token_at = first_token_at or time.perf_counter()
             if response.finish_reason != "stop":
                 generated.append(response.token)
-            else:
-                fed_eos = [response.token]
             emit, stopped = stops.feed(response.text)
             if emit:
                 text_parts.append(emit)
@@ -250,7 +250,8 @@ class Engine:
         end = time.perf_counter()
         first_token_at = first_token_at or end
         # Kept even when cancelled: the prompt's state is still good for the next request.
-        self.prompt_cache.store(tokens + generated + fed_eos, prompt_cache)
+        # The state may stop short of the last token (see generate.py): the key is cut to it.
+        self.prompt_cache.store(tokens + generated, prompt_cache)
         return Answer(
             text="".join(text_parts),
             finish_reason=stops.finish_reason(finish),
