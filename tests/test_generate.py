@@ -26,7 +26,8 @@ def prompt_of(tokenizer, n: int) -> list[int]:
     return [usable[(i * 37) % len(usable)] for i in range(n)]
 
 
-def ours(model, tokenizer, prompt, reused=0, cache=None, processors=(), max_tokens=12, step=512):
+def ours(model, tokenizer, prompt, reused=0, cache=None, processors=(), max_tokens=12, step=512,
+         last_only=True):
     from mlx_lm.models.cache import make_prompt_cache
     from mlx_lm.sample_utils import make_sampler
 
@@ -36,12 +37,31 @@ def ours(model, tokenizer, prompt, reused=0, cache=None, processors=(), max_toke
     steps = list(generate_tokens(
         model, tokenizer, prompt, reused, cache, sampler=make_sampler(0.0),
         logits_processors=list(processors), max_tokens=max_tokens, prefill_step_size=step,
+        last_only=last_only,
     ))
     return steps, cache
 
 
-@pytest.mark.parametrize("length", [1, 40, 64, 65, 700])
-def test_greedy_tokens_and_text_equal_mlx_lm_stream_generate(loaded, length):
+def test_the_last_position_shortcut_is_checked_and_exact_enough(loaded):
+    import mlx.core as mx
+    from mlx_lm.models.cache import make_prompt_cache
+
+    from mlxc.engine.generate import last_position_logits, supports_last_position_logits
+
+    model, tokenizer = loaded
+    assert supports_last_position_logits(model)
+    tokens = mx.array([prompt_of(tokenizer, 50)])
+    full = model(tokens, cache=make_prompt_cache(model))
+    last = last_position_logits(model, tokens, make_prompt_cache(model))
+    assert last.shape == (1, 1, full.shape[-1])
+    assert mx.allclose(full[:, -1:, :], last, atol=1e-4).item()
+    assert "model" not in vars(model)  # the swap is undone: the inner network is back
+    assert not supports_last_position_logits(object())  # no inner network: mlx-lm's way
+
+
+@pytest.mark.parametrize("last_only", [True, False])
+@pytest.mark.parametrize("length", [1, 40, 513, 700])
+def test_greedy_tokens_and_text_equal_mlx_lm_stream_generate(loaded, length, last_only):
     import mlx.core as mx
     from mlx_lm import stream_generate
     from mlx_lm.sample_utils import make_sampler
@@ -52,7 +72,7 @@ def test_greedy_tokens_and_text_equal_mlx_lm_stream_generate(loaded, length):
         model, tokenizer, mx.array(prompt), max_tokens=12, sampler=make_sampler(0.0),
         prefill_step_size=512,
     ))
-    mine, _ = ours(model, tokenizer, prompt)
+    mine, _ = ours(model, tokenizer, prompt, last_only=last_only)
     assert [s.token for s in mine] == [r.token for r in theirs]
     assert "".join(s.text for s in mine) == "".join(r.text for r in theirs)
     assert mine[-1].finish_reason == theirs[-1].finish_reason

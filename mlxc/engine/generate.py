@@ -2,10 +2,11 @@
 first token, which is what a prefix-cache hit is about.
 
 Two differences from mlx-lm, both measured (benchmarks/prefix_follow_up.py):
-- The last prompt tokens go through the model together with their logits, instead of a
-  state-only pass over all but one token followed by a one-token pass: a one-token pass reads
-  every weight once more (~50 ms for the default model in float32 on a CPU), which is a
-  fifth of a 40-token follow-up's prefill.
+- The last chunk of the prompt gives the logits of its last position only, in the same pass,
+  instead of a state-only pass over all but one token followed by a one-token pass: a
+  one-token pass reads every weight once more (~50 ms for the default model in float32 on a
+  CPU, a fifth of a 40-token follow-up's prefill). Models whose structure does not allow it
+  (checked at load by `supports_last_position_logits`) keep mlx-lm's way.
 - The first token is handed out as soon as it is sampled. mlx-lm queues the second token's
   step before it hands out the first, and on the CPU `mx.async_eval` runs most of a step
   before it returns (measured: 54 of 66 ms), so the first token waited for the second.
@@ -22,10 +23,6 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
-
-# The last prompt tokens are run with logits: enough to make a follow-up one pass, few enough
-# that computing the output layer for all of them costs less than one more pass.
-FINAL_CHUNK = 64
 
 
 @dataclass
@@ -46,6 +43,7 @@ def generate_tokens(
     logits_processors: list[Callable],
     max_tokens: int,
     prefill_step_size: int,
+    last_only: bool = False,
     on_prefill: Callable[[int, int], None] = lambda done, total: None,
 ) -> Iterator[Step]:
     """Prefill `prompt[reused:]` on top of `prompt_cache` (which holds `prompt[:reused]`) and
@@ -75,7 +73,7 @@ def generate_tokens(
     detokenizer = tokenizer.detokenizer
     eos = tokenizer.eos_token_ids
     with wired_limit(model, [generation_stream]), mx.stream(generation_stream):
-        y = _prefill(model, todo, prompt_cache, prefill_step_size, on_prefill, sample)
+        y = _prefill(model, todo, prompt_cache, prefill_step_size, last_only, on_prefill, sample)
         for n in range(max_tokens):
             token = y.item()  # the first is ready; later ones were queued a step ago
             if token in eos:
@@ -96,15 +94,15 @@ def generate_tokens(
 
 
 def _prefill(
-    model: Any, todo: Any, cache: list[Any], step_size: int,
+    model: Any, todo: Any, cache: list[Any], step_size: int, last_only: bool,
     on_prefill: Callable[[int, int], None], sample: Callable,
 ) -> Any:
-    """Run the prompt tokens through the model in chunks; the last chunk (at most
-    FINAL_CHUNK tokens) also gives the logits the first token is sampled from."""
+    """Run the prompt tokens through the model in chunks (state only); the last chunk also
+    gives the logits the first token is sampled from."""
     import mlx.core as mx
 
     total = todo.size
-    tail = min(total, FINAL_CHUNK)
+    tail = (total - 1) % step_size + 1 if last_only else 1
     done = 0
     on_prefill(0, total)
     while total - done > tail:
@@ -114,7 +112,54 @@ def _prefill(
         done += n
         on_prefill(done, total)
         mx.clear_cache()
-    y = sample(model(todo[done:][None], cache=cache), None)
+    rest = todo[done:][None]
+    logits = last_position_logits(model, rest, cache) if last_only else model(rest, cache=cache)
+    y = sample(logits, None)
     mx.eval(y)
     on_prefill(total, total)
     return y
+
+
+class _LastPosition:
+    """Stands in for a model's inner network: hands the output layer only the last position."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._inner(*args, **kwargs)[:, -1:, :]
+
+    def __getattr__(self, name: str) -> Any:  # embed_tokens etc., for tied output layers
+        return getattr(self._inner, name)
+
+
+def last_position_logits(model: Any, tokens: Any, cache: list[Any]) -> Any:
+    """`model(tokens)[:, -1:]` without computing the output layer for the other positions.
+
+    mlx-lm's models run `self.model(...)` and then the output layer; the inner network is
+    swapped for one that keeps the last position for the length of the call (engine thread
+    only, so nobody else sees the swap)."""
+    inner = model.model
+    object.__setattr__(model, "model", _LastPosition(inner))
+    try:
+        return model(tokens, cache=cache)
+    finally:
+        object.__delattr__(model, "model")
+
+
+def supports_last_position_logits(model: Any) -> bool:
+    """Whether `last_position_logits` gives this model's own last logits: it has an inner
+    `model` and both ways agree on a few tokens (checked once, at load)."""
+    import mlx.core as mx
+    import mlx.nn as nn
+    from mlx_lm.models.cache import make_prompt_cache
+
+    if not isinstance(getattr(model, "model", None), nn.Module):
+        return False
+    tokens = mx.array([[1, 2, 3, 4]])
+    try:
+        full = model(tokens, cache=make_prompt_cache(model))[:, -1:, :]
+        last = last_position_logits(model, tokens, make_prompt_cache(model))
+        return full.shape == last.shape and mx.allclose(full, last, rtol=1e-3, atol=1e-3).item()
+    except Exception:  # any surprise in the model's structure: mlx-lm's way, always correct
+        return False

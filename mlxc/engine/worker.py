@@ -51,6 +51,7 @@ class Engine:
         self.prompt_cache: Any = None
         self.context_length = 0
         self.dtype = ""
+        self.last_only = False  # the prompt's last chunk can give its last logits alone
         self.busy = False
 
     # -- public, any thread ------------------------------------------------------------
@@ -140,6 +141,9 @@ class Engine:
         self.model, self.tokenizer = load(str(self.ref.folder))
         self.dtype = effective_dtype_without_mlx(self.settings.dtype, self.ref.folder)
         apply_dtype(self.model, self.dtype)
+        from mlxc.engine.generate import supports_last_position_logits
+
+        self.last_only = supports_last_position_logits(self.model)
         args = getattr(self.model, "args", None)
         self.context_length = int(getattr(args, "max_position_embeddings", 0) or 0)
         from mlxc.engine.prefix_cache import PrefixCache
@@ -227,6 +231,7 @@ class Engine:
             logits_processors=processors,
             max_tokens=request.max_tokens,
             prefill_step_size=self.prefill_step_size,
+            last_only=self.last_only,
             on_prefill=on_prefill,
         ):
             first_token_at = first_token_at or time.perf_counter()
