@@ -103,21 +103,30 @@ def _prefill(
 
     total = todo.size
     tail = (total - 1) % step_size + 1 if last_only else 1
-    done = 0
     on_prefill(0, total)
-    while total - done > tail:
-        n = min(step_size, total - done - tail)
-        model(todo[done : done + n][None], cache=cache)
-        mx.eval([c.state for c in cache])
-        done += n
-        on_prefill(done, total)
-        mx.clear_cache()
+    done = prefill_states(model, todo[: total - tail], cache, step_size, on_prefill, total)
     rest = todo[done:][None]
     logits = last_position_logits(model, rest, cache) if last_only else model(rest, cache=cache)
     y = sample(logits, None)
     mx.eval(y)
     on_prefill(total, total)
     return y
+
+
+def prefill_states(
+    model: Any, tokens: Any, cache: list[Any], step_size: int,
+    on_chunk: Callable[[int, int], None] = lambda done, total: None, total: int = 0,
+) -> int:
+    """Feed `tokens` (an mx.array) to the model in chunks, keeping only the state (no logits
+    are computed); returns how many were fed."""
+    import mlx.core as mx
+
+    for start in range(0, tokens.size, step_size):
+        model(tokens[start : start + step_size][None], cache=cache)
+        mx.eval([c.state for c in cache])
+        on_chunk(min(start + step_size, tokens.size), total)
+        mx.clear_cache()
+    return tokens.size
 
 
 class _LastPosition:

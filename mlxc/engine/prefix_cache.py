@@ -155,9 +155,9 @@ class PrefixCache:
     def _prefill(self, cache: list[Any], tokens: list[int]) -> None:
         import mlx.core as mx
 
-        for i in range(0, len(tokens), self.step):  # the same chunks as generate_step's
-            self.model(mx.array(tokens[i : i + self.step])[None], cache=cache)
-            mx.eval([c.state for c in cache])
+        from mlxc.engine.generate import prefill_states
+
+        prefill_states(self.model, mx.array(tokens), cache, self.step)
 
     # -- keeping states --------------------------------------------------------------------
 
