@@ -1,13 +1,20 @@
 """Time to first token of a follow-up turn: cold, from the prefix cache in memory, from disk
 after a clean restart, and from disk after the process was killed with SIGKILL.
 
-The conversation: a ~500-token system prompt, a short question and its answer (turn 1), then
-a follow-up that adds ~40 tokens (turn 2). Each case runs in its own process on its own cache
-folder (response cache off, so every turn is generated); a restart case writes turn 1 in one
-process and times turn 2 in the next. Each process warms the model up before timing.
+The conversation: a ~500-token system prompt, a question and its answer (turn 1, up to
+--answer-tokens, 256 by default: a common client limit, which these questions reach), then a
+follow-up that adds ~40 tokens (turn 2, ~820 tokens in all). Each case runs in its own process
+on its own cache folder (response cache off, so every turn is generated); a restart case writes
+turn 1 in one process and times turn 2 in the next. Each process warms the model up first.
+
+The ratio depends on the shape: a prefill costs at least linear time in its tokens, so reusing
+all but n of N tokens cannot go far below n/N (printed as "floor"). --peer also times the same
+conversations on mlx-lm's own server in the same run (it runs the model as shipped: compare
+with --dtype keep).
 
     python benchmarks/prefix_follow_up.py            # the default model and dtype
     python benchmarks/prefix_follow_up.py --json --reps 3
+    python benchmarks/prefix_follow_up.py --dtype keep --peer --reps 1
 """
 
 from __future__ import annotations
@@ -33,12 +40,12 @@ RULES = [
     "Write comments that say why the code is as it is, never what each line already says.",
     "Keep functions short, name them after what they return, and avoid global state.",
 ]
-QUESTIONS = [
-    "What is the capital of France?",
-    "Which planet is the largest in the solar system?",
+QUESTIONS = [  # each answered at length by the default model (250-500+ tokens)
     "What does a compiler do?",
-    "Who wrote the play Hamlet?",
-    "What is the boiling point of water at sea level?",
+    "How does a hash table work?",
+    "What is a race condition?",
+    "How does garbage collection work?",
+    "What is recursion?",
 ]
 FOLLOW_UP = (
     "Thanks. Now explain that again for a ten year old child, in two short sentences, "
@@ -83,7 +90,8 @@ def timed(service, messages: list[dict], max_tokens: int):
 
 
 def turn1(system: str, i: int) -> list[dict]:
-    return [{"role": "system", "content": system}, {"role": "user", "content": QUESTIONS[i]}]
+    question = QUESTIONS[i % len(QUESTIONS)]
+    return [{"role": "system", "content": system}, {"role": "user", "content": question}]
 
 
 def turn2(system: str, i: int, answer: str) -> list[dict]:
@@ -117,6 +125,8 @@ def phase(args) -> None:
     out["prefix"] = service.prefix_stats()
     out["dtype"] = engine.dtype
     out["system_tokens"] = len(engine.tokenizer.encode(system))
+    out["system"] = system
+    out["folder"] = str(engine.ref.folder)
     print(json.dumps(out), flush=True)
     if args.hold:  # wait to be killed: nothing after the answers is needed for the state
         time.sleep(3600)
@@ -147,7 +157,8 @@ def main() -> None:
     parser.add_argument("--model", help="default: mlxc's default model (MLXC_MODEL)")
     parser.add_argument("--dtype", help="default: mlxc's default dtype (MLXC_DTYPE)")
     parser.add_argument("--reps", type=int, default=3, help="conversations timed per case")
-    parser.add_argument("--answer-tokens", type=int, default=24, help="turn 1 answer length")
+    parser.add_argument("--answer-tokens", type=int, default=256, help="turn 1 answer limit")
+    parser.add_argument("--peer", action="store_true", help="also time mlx_lm.server")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--phase", help=argparse.SUPPRESS)
     parser.add_argument("--cache-dir", help=argparse.SUPPRESS)
@@ -165,10 +176,19 @@ def main() -> None:
         restart = child(args, "disk", root / "restart", written["answers"])
         doomed = child(args, "write", root / "killed", kill=True)
         killed = child(args, "disk", root / "killed", doomed["answers"])
-    report(args, cold, {"memory": memory, "disk_restart": restart, "disk_sigkill": killed})
+    peer = None
+    if args.peer:
+        from mlx_lm_peer import follow_up_ttft
+
+        system = cold["system"]
+        peer = follow_up_ttft(
+            cold["folder"], args.reps, args.answer_tokens,
+            lambda i: turn1(system, i), lambda i, answer: turn2(system, i, answer),
+        )
+    report(args, cold, {"memory": memory, "disk_restart": restart, "disk_sigkill": killed}, peer)
 
 
-def report(args, cold: dict, cases: dict) -> None:
+def report(args, cold: dict, cases: dict, peer: dict | None) -> None:
     base = statistics.median(cold["ttft"])
     result = {
         "model": args.model or "default",
@@ -191,16 +211,33 @@ def report(args, cold: dict, cases: dict) -> None:
             ],
             "same_answer_as_cold": case["texts"] == cold["texts"],
         }
+    memory = result["cases"]["memory"]
+    floor = statistics.median(memory["new_tokens"]) / result["turn2_prompt_tokens"]
+    result["floor"] = round(floor, 4)
+    if peer is not None:
+        peer_cold = statistics.median(peer["cold"])
+        result["peer"] = {
+            "name": "mlx_lm.server (model as shipped)",
+            "cold_ttft_s": round(peer_cold, 4),
+            "memory_ttft_s": round(statistics.median(peer["memory"]), 4),
+            "memory_ratio": round(statistics.median(peer["memory"]) / peer_cold, 4),
+            "same_answer_as_cold": peer["texts"]["memory"] == peer["texts"]["cold"],
+        }
     if args.json:
         print(json.dumps(result))
         return
     print(f"{result['model']} ({result['dtype']}): system prompt {result['system_prompt_tokens']}"
           f" tokens, turn 2 {result['turn2_prompt_tokens']} tokens, median of {args.reps}")
-    print(f"  {'cold':<14} {base * 1000:8.1f} ms   1.000")
+    print(f"  {'cold':<14} {base * 1000:8.1f} ms   1.000   (floor: new/all tokens = "
+          f"{result['floor']:.3f})")
     for name, row in result["cases"].items():
         print(f"  {name:<14} {row['ttft_s'] * 1000:8.1f} ms   {row['ratio']:.3f}  "
               f"(target {row['target']}: {'met' if row['met'] else 'MISSED'}; "
               f"new tokens {row['new_tokens']}; same answer: {row['same_answer_as_cold']})")
+    if peer := result.get("peer"):
+        print(f"  peer, {peer['name']}: cold {peer['cold_ttft_s'] * 1000:.1f} ms, memory "
+              f"{peer['memory_ttft_s'] * 1000:.1f} ms, ratio {peer['memory_ratio']:.3f} "
+              f"(same answer: {peer['same_answer_as_cold']})")
 
 
 if __name__ == "__main__":
