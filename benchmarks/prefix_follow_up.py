@@ -67,7 +67,8 @@ def make_service(cache_dir: Path, model: str | None, dtype: str | None, prefix: 
     from mlxc.config import load_settings
     from mlxc.service import Service
 
-    overrides = {"cache_dir": cache_dir, "cache_policy": "off", "dtype": dtype, "model": model}
+    overrides = {"cache_dir": cache_dir, "cache_policy": "off", "dtype": dtype, "model": model,
+                 "next_turn_prefill": True}  # as `mlxc serve` runs
     settings = load_settings().with_overrides(**overrides)
     if not prefix:
         settings = settings.with_overrides(prefix_memory_bytes=0, prefix_disk_bytes=0)

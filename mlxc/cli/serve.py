@@ -108,7 +108,10 @@ def serve(
         raise InputError("--temperature must be between 0 and 2")
     if keepalive <= 0:
         raise InputError("--keepalive must be a positive number of seconds")
-    settings = settings_from(cache_dir, cache_policy, dtype, model)
+    # A server sits idle between a reply and the follow-up: a good time to prefill its opening.
+    settings = settings_from(cache_dir, cache_policy, dtype, model).with_overrides(
+        next_turn_prefill=True
+    )
     sock = _listen(host, port)  # before the model loads: a busy port fails at once
     console = Console(stderr=True, highlight=False)
     status = console.status("starting", spinner="dots")

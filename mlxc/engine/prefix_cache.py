@@ -32,6 +32,7 @@ from mlxc.engine.prefix_memory import (
     cache_length,
     prefix_view,
 )
+from mlxc.engine.turns import message_boundaries
 
 log = logging.getLogger("mlxc.prefix")
 DISK_ERRORS = (OSError, sqlite3.Error)  # a full or broken disk costs reuse, never an answer
@@ -161,25 +162,44 @@ class PrefixCache:
 
     # -- keeping states --------------------------------------------------------------------
 
-    def store(self, tokens: list[int], cache: list[Any], kind: str = "assistant") -> None:
+    def store(
+        self, tokens: list[int], cache: list[Any], kind: str = "assistant"
+    ) -> list[int] | None:
         """Keep the state for these tokens (memory, and written through to disk). `tokens`
-        may run past the state (a last sampled token never fed): the key is cut to match."""
+        may run past the state (a last sampled token never fed): the key is cut to match.
+        Returns the key kept, if any."""
         held = cache_length(cache)
         key = list(tokens[:held] if held is not None else tokens)
         if held is not None and held > len(key):
             if not self.trimmable:
-                return
+                return None
             trim_prompt_cache(cache, held - len(key))
-        if len(key) > MIN_REUSE:
-            if self.memory is not None:
-                self.memory.insert_cache(self.fingerprint, key, cache, cache_type=kind)
-            try:
-                if self.disk is not None and self.disk.save(key, cache, kind, state_nbytes(cache)):
-                    if self.trimmable:
-                        self.disk.drop_prefixes(key)
-                self._save_counts()
-            except DISK_ERRORS as exc:
-                log.warning("prefix cache: cannot write the disk tier (%s)", exc)
+        if len(key) <= MIN_REUSE:
+            return None
+        if self.memory is not None:
+            self.memory.insert_cache(self.fingerprint, key, cache, cache_type=kind)
+        try:
+            if self.disk is not None and self.disk.save(key, cache, kind, state_nbytes(cache)):
+                if self.trimmable:
+                    self.disk.drop_prefixes(key)
+            self._save_counts()
+        except DISK_ERRORS as exc:
+            log.warning("prefix cache: cannot write the disk tier (%s)", exc)
+        return key
+
+    def extend(self, key: list[int], more: list[int]) -> bool:
+        """Feed `more` tokens to the memory state stored for `key` and keep it as key + more.
+        Memory only: the disk keeps `key`'s state, written when it was made, so this costs no
+        second write and a kill loses nothing. False if the state is gone or untrimmable."""
+        if not (more and self.trimmable and self.memory is not None):
+            return False
+        try:
+            cache = self.memory.take(key).prompt_cache
+        except KeyError:  # evicted meanwhile
+            return False
+        self._prefill(cache, more)
+        self.memory.insert_cache(self.fingerprint, [*key, *more], cache, cache_type="assistant")
+        return True
 
     def warm(self, tokens: list[int], request: Any = None) -> int:
         """Prefill a whole prompt into the cache without generating; returns tokens cached."""
@@ -227,24 +247,3 @@ class PrefixCache:
         if self.disk is not None:
             self.disk.close()
 
-
-def message_boundaries(tokenizer: Any, request: Any, tokens: list[int]) -> list[tuple[int, str]]:
-    """Token positions where the system prompt and the whole conversation (before the answer's
-    header) end, when the chat template renders them as prefixes of `tokens`."""
-    from mlxc.engine.tools import template_messages  # as the engine renders them
-
-    messages = template_messages(request.messages or [])
-    cuts = [(1, "system")] if messages and messages[0]["role"] == "system" else []
-    cuts.append((len(messages), "user"))
-    found = []
-    for k, kind in cuts:
-        try:
-            text = tokenizer.apply_chat_template(
-                messages[:k], tools=request.tools, add_generation_prompt=False, tokenize=False
-            )
-            ids = tokenizer.encode(text, add_special_tokens=False)
-        except Exception:  # some templates refuse a partial conversation: no boundary then
-            continue
-        if 0 < len(ids) < len(tokens) and tokens[: len(ids)] == ids:
-            found.append((len(ids), kind))
-    return sorted(set(found))

@@ -8,6 +8,7 @@ on MLX. Anything else that must touch MLX (counting tokens, prefix warm-up) goes
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 import time
@@ -25,6 +26,7 @@ from mlxc.request import Answer, GenerationRequest, Usage
 from mlxc.stream import Delta, Failed, Finished, Generation
 
 DEFAULT_PREFILL_STEP = 512
+log = logging.getLogger("mlxc.prefix")
 
 
 class Engine:
@@ -52,6 +54,7 @@ class Engine:
         self.context_length = 0
         self.dtype = ""
         self.last_only = False  # the prompt's last chunk can give its last logits alone
+        self._next_turn: tuple | None = None  # what _prefill_next_turn extends, if idle
         self.busy = False
 
     # -- public, any thread ------------------------------------------------------------
@@ -179,10 +182,28 @@ class Engine:
         if generation.cancelled.is_set():
             generation.publish(Finished(Answer(text="", finish_reason="cancelled")))
             return
+        self._next_turn = None
         try:
             generation.publish(Finished(self._generate(request, generation)))
         except Exception as exc:
             generation.publish(Failed(exc))
+            return
+        if self._next_turn and self.settings.next_turn_prefill and self._jobs.empty():
+            self._prefill_next_turn(*self._next_turn)
+
+    def _prefill_next_turn(
+        self, request: GenerationRequest, kept: list[int], said: list[int], answer: str
+    ) -> None:
+        """While idle after an answer, feed the template's opening of the next user turn (and
+        the answer's last token, if the state stops short of it), so a follow-up prefills only
+        its own text. A guess: a different next turn trims it off again."""
+        from mlxc.engine.turns import next_turn_opening
+
+        try:
+            if opening := next_turn_opening(self.tokenizer, request, answer, said):
+                self.prompt_cache.extend(kept, said[len(kept) :] + opening)
+        except Exception as exc:  # an optimisation: never worth a dead engine
+            log.warning("prefix cache: cannot prefill the next turn's opening (%s)", exc)
 
     def _generate(self, request: GenerationRequest, generation: Generation) -> Answer:
         import mlx.core as mx
@@ -256,9 +277,13 @@ class Engine:
         first_token_at = first_token_at or end
         # Kept even when cancelled: the prompt's state is still good for the next request.
         # The state may stop short of the last token (see generate.py): the key is cut to it.
-        self.prompt_cache.store(tokens + generated, prompt_cache)
+        said = tokens + generated
+        kept = self.prompt_cache.store(said, prompt_cache)
+        text = "".join(text_parts)
+        if kept and finish != "cancelled" and not stops.tool_calls:  # a user's turn comes next
+            self._next_turn = (request, kept, said, text)
         return Answer(
-            text="".join(text_parts),
+            text=text,
             finish_reason=stops.finish_reason(finish),
             tool_calls=stops.tool_calls,
             usage=Usage(
