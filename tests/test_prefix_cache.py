@@ -149,23 +149,39 @@ def test_exact_repeat_prefills_only_the_last_token(lively, cold, tmp_path):
     assert again.text == first.text == cold(lively, messages)
 
 
-def test_an_idle_server_prefills_the_next_turns_opening(smollm_folder, cold, tmp_path):
-    # The real model: a random one's answers are not valid text, so they never re-tokenize
-    # to the same tokens and the template's opening cannot be placed after them.
-    question, n = "What is the capital of France?", 12
-    with service(smollm_folder, tmp_path, next_turn_prefill=True) as svc:
-        first = ask(svc, conversation(question), max_tokens=n)
-        svc.engine().call(lambda _engine: None).result()  # after the idle work
-        assert svc.prefix_stats()["memory_entries"] == 1  # extended in place, not copied
-        follow = conversation(question, first.text, "And of Italy?")
-        second = ask(svc, follow, max_tokens=n)
-        again = ask(svc, conversation(question), max_tokens=n)  # not the guessed next turn
+# The real model here: a random one's answers are not valid text, so they never re-tokenize to
+# the same tokens and the template's opening cannot be placed after them.
+def _answer_then_idle(svc: Service) -> tuple[Answer, list[dict], int]:
+    """Turn 1, the engine's idle work after it, and turn 2's messages; also the tokens said."""
+    first = ask(svc, conversation("What is the capital of France?"), max_tokens=12)
+    svc.engine().call(lambda _engine: None).result()
     assert first.finish_reason == "stop"
-    said = first.usage.prompt_tokens + first.usage.completion_tokens
+    follow = conversation("What is the capital of France?", first.text, "And of Italy?")
+    return first, follow, first.usage.prompt_tokens + first.usage.completion_tokens
+
+
+def test_an_idle_server_prefills_the_next_turns_opening(smollm_folder, cold, tmp_path):
+    with service(smollm_folder, tmp_path, next_turn_prefill=True) as svc:
+        first, follow, said = _answer_then_idle(svc)
+        assert svc.prefix_stats()["memory_entries"] == 1  # extended in place, not copied
+        second = ask(svc, follow, max_tokens=12)
+        first_turn = conversation("What is the capital of France?")
+        again = ask(svc, first_turn, max_tokens=12)
     # The template's `<|im_end|>`, newline, `<|im_start|>user`, newline came from the cache.
     assert second.usage.cached_tokens == said + 5
-    assert second.text == cold(smollm_folder, follow, max_tokens=n)
-    assert again.text == first.text == cold(smollm_folder, conversation(question), max_tokens=n)
+    assert second.text == cold(smollm_folder, follow, max_tokens=12)
+    # A request that is not the guessed next turn trims the guess off.
+    assert again.text == first.text == cold(smollm_folder, first_turn, max_tokens=12)
+
+
+def test_the_next_turns_opening_is_written_to_disk(smollm_folder, cold, tmp_path):
+    with service(smollm_folder, tmp_path, next_turn_prefill=True) as svc:
+        _first, follow, said = _answer_then_idle(svc)
+    with service(smollm_folder, tmp_path) as svc:  # after a restart
+        second = ask(svc, follow, max_tokens=12)
+        assert svc.prefix_stats()["disk_hits"] == 1
+    assert second.usage.cached_tokens == said + 5
+    assert second.text == cold(smollm_folder, follow, max_tokens=12)
 
 
 def test_next_turn_opening_is_what_the_template_puts_before_a_user_message(lively):

@@ -187,18 +187,20 @@ class PrefixCache:
             log.warning("prefix cache: cannot write the disk tier (%s)", exc)
         return key
 
-    def extend(self, key: list[int], more: list[int]) -> bool:
-        """Feed `more` tokens to the memory state stored for `key` and keep it as key + more.
-        Memory only: the disk keeps `key`'s state, written when it was made, so this costs no
-        second write and a kill loses nothing. False if the state is gone or untrimmable."""
-        if not (more and self.trimmable and self.memory is not None):
+    def extend(self, key: list[int], more: list[int], cache: list[Any]) -> bool:
+        """Feed `more` tokens to `cache`, the state just stored for `key`, and store it again as
+        key + more. On disk the new file replaces the old one only once it is complete, so a
+        kill meanwhile loses nothing. False if there is nothing to do or it cannot be undone
+        (an untrimmable cache could not drop the tokens if the guess is wrong)."""
+        if not (more and self.trimmable and (self.memory or self.disk)):
             return False
-        try:
-            cache = self.memory.take(key).prompt_cache
-        except KeyError:  # evicted meanwhile
-            return False
+        if self.memory is not None:
+            try:
+                self.memory.take(key)  # it becomes the longer entry
+            except KeyError:  # evicted meanwhile: the state is still good
+                pass
         self._prefill(cache, more)
-        self.memory.insert_cache(self.fingerprint, [*key, *more], cache, cache_type="assistant")
+        self.store([*key, *more], cache)
         return True
 
     def warm(self, tokens: list[int], request: Any = None) -> int:

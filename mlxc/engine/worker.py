@@ -188,11 +188,13 @@ class Engine:
         except Exception as exc:
             generation.publish(Failed(exc))
             return
-        if self._next_turn and self.settings.next_turn_prefill and self._jobs.empty():
-            self._prefill_next_turn(*self._next_turn)
+        turn, self._next_turn = self._next_turn, None  # holds a state: never past this job
+        if turn and self.settings.next_turn_prefill and self._jobs.empty():
+            self._prefill_next_turn(*turn)
 
     def _prefill_next_turn(
-        self, request: GenerationRequest, kept: list[int], said: list[int], answer: str
+        self, request: GenerationRequest, kept: list[int], said: list[int], answer: str,
+        state: list[Any],
     ) -> None:
         """While idle after an answer, feed the template's opening of the next user turn (and
         the answer's last token, if the state stops short of it), so a follow-up prefills only
@@ -201,7 +203,7 @@ class Engine:
 
         try:
             if opening := next_turn_opening(self.tokenizer, request, answer, said):
-                self.prompt_cache.extend(kept, said[len(kept) :] + opening)
+                self.prompt_cache.extend(kept, said[len(kept) :] + opening, state)
         except Exception as exc:  # an optimisation: never worth a dead engine
             log.warning("prefix cache: cannot prefill the next turn's opening (%s)", exc)
 
@@ -281,7 +283,7 @@ class Engine:
         kept = self.prompt_cache.store(said, prompt_cache)
         text = "".join(text_parts)
         if kept and finish != "cancelled" and not stops.tool_calls:  # a user's turn comes next
-            self._next_turn = (request, kept, said, text)
+            self._next_turn = (request, kept, said, text, prompt_cache)
         return Answer(
             text=text,
             finish_reason=stops.finish_reason(finish),
