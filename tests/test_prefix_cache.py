@@ -154,7 +154,7 @@ def test_exact_repeat_prefills_only_the_last_token(lively, cold, tmp_path):
 def _answer_then_idle(svc: Service) -> tuple[Answer, list[dict], int]:
     """Turn 1, the engine's idle work after it, and turn 2's messages; also the tokens said."""
     first = ask(svc, conversation("What is the capital of France?"), max_tokens=12)
-    svc.engine().call(lambda _engine: None).result()
+    svc.engine().wait_idle()
     assert first.finish_reason == "stop"
     follow = conversation("What is the capital of France?", first.text, "And of Italy?")
     return first, follow, first.usage.prompt_tokens + first.usage.completion_tokens
@@ -172,6 +172,17 @@ def test_an_idle_server_prefills_the_next_turns_opening(smollm_folder, cold, tmp
     assert second.text == cold(smollm_folder, follow, max_tokens=12)
     # A request that is not the guessed next turn trims the guess off.
     assert again.text == first.text == cold(smollm_folder, first_turn, max_tokens=12)
+
+
+def test_a_request_that_comes_at_once_goes_ahead_of_the_idle_work(smollm_folder, cold, tmp_path):
+    question = "What is the capital of France?"
+    with service(smollm_folder, tmp_path, next_turn_prefill=True) as svc:
+        first = ask(svc, conversation(question), max_tokens=12)
+        follow = conversation(question, first.text, "And of Italy?")
+        second = ask(svc, follow, max_tokens=12)  # within the grace: nothing was fed meanwhile
+    said = first.usage.prompt_tokens + first.usage.completion_tokens
+    assert second.usage.cached_tokens == said
+    assert second.text == cold(smollm_folder, follow, max_tokens=12)
 
 
 def test_the_next_turns_opening_is_written_to_disk(smollm_folder, cold, tmp_path):

@@ -27,6 +27,7 @@ from mlxc.stream import Delta, Failed, Finished, Generation
 
 DEFAULT_PREFILL_STEP = 512
 log = logging.getLogger("mlxc.prefix")
+IDLE_GRACE_SECONDS = 0.2  # longer than a client's back-to-back calls, shorter than reading
 
 
 class Engine:
@@ -46,6 +47,7 @@ class Engine:
         self._jobs: queue.Queue = queue.Queue()
         self._loaded = threading.Event()
         self._stopped = threading.Event()
+        self._idle = threading.Event()
         self._load_error: Exception | None = None
         self._thread = threading.Thread(target=self._run, name="mlxc-engine", daemon=True)
         self.model: Any = None
@@ -80,12 +82,14 @@ class Engine:
     def submit(self, request: GenerationRequest) -> Generation:
         """Queue a generation; its events arrive on the returned Generation."""
         generation = Generation()
+        self._idle.clear()
         self._jobs.put((request, generation))
         return generation
 
     def call(self, fn: Callable[[Engine], Any]) -> Future:
         """Run fn(engine) on the engine thread (for anything that touches MLX)."""
         future: Future = Future()
+        self._idle.clear()
         self._jobs.put((fn, future))
         return future
 
@@ -105,7 +109,7 @@ class Engine:
             self._load_error = exc if isinstance(exc, ModelError) else ModelError(str(exc))
         finally:
             self._loaded.set()
-        while (job := self._jobs.get()) is not None:
+        while (job := self._next_job()) is not None:
             work, sink = job
             self.busy = True
             try:
@@ -119,6 +123,7 @@ class Engine:
             self.prompt_cache.close()
         self.model = self.prompt_cache = None
         self._stopped.set()
+        self._idle.set()
         # Park rather than return: when a thread that ran MLX ends, MLX's thread-local
         # destructors take the GIL, which aborts the process ("terminate called without an
         # active exception") if the interpreter is finalizing at that moment. A parked daemon
@@ -182,21 +187,35 @@ class Engine:
         if generation.cancelled.is_set():
             generation.publish(Finished(Answer(text="", finish_reason="cancelled")))
             return
-        self._next_turn = None
         try:
             generation.publish(Finished(self._generate(request, generation)))
         except Exception as exc:
             generation.publish(Failed(exc))
             return
-        turn, self._next_turn = self._next_turn, None  # holds a state: never past this job
-        if turn and self.settings.next_turn_prefill and self._jobs.empty():
-            self._prefill_next_turn(*turn)
+
+    def _next_job(self) -> Any:
+        """The next job. An answer's idle work waits a moment first: a request that comes at
+        once (a client's next call, not a person reading) goes ahead of it and cancels it."""
+        turn, self._next_turn = self._next_turn, None  # it holds a state: never past a job
+        if turn is not None:
+            try:
+                return self._jobs.get(timeout=IDLE_GRACE_SECONDS)
+            except queue.Empty:
+                self._prefill_next_turn(*turn)
+        if self._jobs.empty():
+            self._idle.set()
+        return self._jobs.get()
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Block until the engine has nothing queued and its idle work is done (for tests and
+        benchmarks that need a settled cache); False on timeout."""
+        return self._idle.wait(timeout)
 
     def _prefill_next_turn(
         self, request: GenerationRequest, kept: list[int], said: list[int], answer: str,
         state: list[Any],
     ) -> None:
-        """While idle after an answer, feed the template's opening of the next user turn (and
+        """Once idle after an answer, feed the template's opening of the next user turn (and
         the answer's last token, if the state stops short of it), so a follow-up prefills only
         its own text. A guess: a different next turn trims it off again."""
         from mlxc.engine.turns import next_turn_opening
@@ -282,7 +301,8 @@ class Engine:
         said = tokens + generated
         kept = self.prompt_cache.store(said, prompt_cache)
         text = "".join(text_parts)
-        if kept and finish != "cancelled" and not stops.tool_calls:  # a user's turn comes next
+        next_turn = self.settings.next_turn_prefill and finish != "cancelled"
+        if kept and next_turn and not stops.tool_calls:  # a user's turn comes next, most likely
             self._next_turn = (request, kept, said, text, prompt_cache)
         return Answer(
             text=text,
