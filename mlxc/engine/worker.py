@@ -3,7 +3,8 @@
 Callers `submit` a request and get a `Generation` at once; the thread prefills, decodes and
 publishes each piece of text as it comes, so the event loop and the Rich display never wait
 on MLX. Anything else that must touch MLX (counting tokens, prefix warm-up) goes through
-`call`, which runs a function on the same thread.
+`call`, which runs a function on the same thread. When nothing waits, the thread may use the
+pause after an answer to prefill the next turn's opening (`mlxc serve` asks for that).
 """
 
 from __future__ import annotations
@@ -93,6 +94,11 @@ class Engine:
         self._jobs.put((fn, future))
         return future
 
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Block until the engine has nothing queued and its idle work is done (for tests and
+        benchmarks that need a settled cache); False on timeout."""
+        return self._idle.wait(timeout)
+
     def shutdown(self, wait: float | None = None) -> None:
         """Stop after the queued jobs; with `wait`, block up to that many seconds until the
         thread is done (its last prefix state written, so MLX is free for another engine)."""
@@ -129,6 +135,19 @@ class Engine:
         # active exception") if the interpreter is finalizing at that moment. A parked daemon
         # thread just disappears with the process.
         threading.Event().wait()
+
+    def _next_job(self) -> Any:
+        """The next job. An answer's idle work waits a moment first: a request that comes at
+        once (a client's next call, not a person reading) goes ahead of it and cancels it."""
+        turn, self._next_turn = self._next_turn, None  # it holds a state: never past a job
+        if turn is not None:
+            try:
+                return self._jobs.get(timeout=IDLE_GRACE_SECONDS)
+            except queue.Empty:
+                self._prefill_next_turn(*turn)
+        if self._jobs.empty():
+            self._idle.set()
+        return self._jobs.get()
 
     def _load(self) -> None:
         quiet_libraries()
@@ -191,25 +210,6 @@ class Engine:
             generation.publish(Finished(self._generate(request, generation)))
         except Exception as exc:
             generation.publish(Failed(exc))
-            return
-
-    def _next_job(self) -> Any:
-        """The next job. An answer's idle work waits a moment first: a request that comes at
-        once (a client's next call, not a person reading) goes ahead of it and cancels it."""
-        turn, self._next_turn = self._next_turn, None  # it holds a state: never past a job
-        if turn is not None:
-            try:
-                return self._jobs.get(timeout=IDLE_GRACE_SECONDS)
-            except queue.Empty:
-                self._prefill_next_turn(*turn)
-        if self._jobs.empty():
-            self._idle.set()
-        return self._jobs.get()
-
-    def wait_idle(self, timeout: float | None = None) -> bool:
-        """Block until the engine has nothing queued and its idle work is done (for tests and
-        benchmarks that need a settled cache); False on timeout."""
-        return self._idle.wait(timeout)
 
     def _prefill_next_turn(
         self, request: GenerationRequest, kept: list[int], said: list[int], answer: str,
