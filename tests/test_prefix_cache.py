@@ -355,6 +355,14 @@ def test_untrimmable_cache_reuses_states_at_message_boundaries(sliding, cold, tm
     assert third.text == cold(sliding, follow2, max_tokens=n)
 
 
+def test_untrimmable_cache_keeps_boundaries_in_memory_alone(sliding, cold, tmp_path):
+    with service(sliding, tmp_path, prefix_disk_bytes=0) as svc:  # the memory tier starts empty
+        ask(svc, conversation("What is the capital of France?"), max_tokens=6)
+        other = ask(svc, conversation("Name a fox."), max_tokens=6)  # end-of-system boundary
+    assert other.usage.cached_tokens > 100
+    assert other.text == cold(sliding, conversation("Name a fox."), max_tokens=6)
+
+
 def test_clear_empties_both_tiers(lively, tmp_path):
     with service(lively, tmp_path) as svc:
         ask(svc, conversation("Why?"))

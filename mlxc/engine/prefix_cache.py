@@ -85,6 +85,11 @@ class PrefixCache:
         self._unsaved: Counter = Counter()
         self.last_reused = 0  # prompt tokens the last fetch took from a tier (not prefilled)
 
+    @property
+    def keeps_states(self) -> bool:
+        # Not `self.memory or self.disk`: an empty memory tier has len() 0, so it is falsy.
+        return self.memory is not None or self.disk is not None
+
     # -- lookup ------------------------------------------------------------------------------
 
     def fetch(self, tokens: list[int], request: Any = None, count: bool = True):
@@ -94,7 +99,7 @@ class PrefixCache:
         self.last_reused = reused
         if count:
             self._count(tier, reused, len(tokens) - reused)
-        if not self.trimmable and request is not None and (self.memory or self.disk):
+        if not self.trimmable and request is not None and self.keeps_states:
             reused = self._checkpoint(cache, tokens, reused, request)
         return cache, tokens[reused:]
 
@@ -192,7 +197,7 @@ class PrefixCache:
         key + more. On disk the new file replaces the old one only once it is complete, so a
         kill meanwhile loses nothing. False if there is nothing to do or it cannot be undone
         (an untrimmable cache could not drop the tokens if the guess is wrong)."""
-        if not (more and self.trimmable and (self.memory or self.disk)):
+        if not (more and self.trimmable and self.keeps_states):
             return False
         if self.memory is not None:
             try:
