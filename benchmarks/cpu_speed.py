@@ -83,14 +83,14 @@ def run_setup(name: str, args: argparse.Namespace) -> dict:
 
 
 def measure(name: str, args: argparse.Namespace) -> dict:
-    from mlxc.engine.blas import load_optimised_blas
+    from mlxc.model.blas import load_optimised_blas
 
     blas = load_optimised_blas()  # first: before anything imports mlx.core
     import mlx.core as mx
     from mlx_lm import load, stream_generate
     from mlx_lm.sample_utils import make_sampler
 
-    from mlxc.engine.dtype import apply_dtype, choose_dtype, float32_bytes
+    from mlxc.model.dtype import apply_dtype, choose_dtype, float32_bytes
 
     started = time.perf_counter()
     model, tokenizer = load(args.model)

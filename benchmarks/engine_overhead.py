@@ -18,10 +18,10 @@ import time
 from pathlib import Path
 
 from mlxc.config import load_settings
-from mlxc.engine.models import resolve_model
 from mlxc.engine.stops import StopMatcher
 from mlxc.engine.tools import ToolCallFilter
 from mlxc.engine.worker import Engine
+from mlxc.model.refs import resolve_model
 from mlxc.request import Answer, GenerationRequest
 from mlxc.stream import Delta, Finished, Generation
 

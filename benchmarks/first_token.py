@@ -28,8 +28,8 @@ def main() -> None:
     args = parser.parse_args()
 
     from mlxc.config import load_settings
-    from mlxc.engine.blas import load_optimised_blas
-    from mlxc.engine.models import prepare_model, resolve_model
+    from mlxc.model.blas import load_optimised_blas
+    from mlxc.model.refs import prepare_model, resolve_model
 
     load_optimised_blas()
     settings = load_settings().with_overrides(model=args.model, dtype=args.dtype)
@@ -41,8 +41,8 @@ def main() -> None:
     from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
     from mlx_lm.sample_utils import make_sampler
 
-    from mlxc.engine.dtype import apply_dtype, effective_dtype_without_mlx
     from mlxc.engine.generate import generate_tokens, supports_last_position_logits
+    from mlxc.model.dtype import apply_dtype, effective_dtype_without_mlx
 
     model, tokenizer = load(str(ref.folder))
     dtype = effective_dtype_without_mlx(settings.dtype, ref.folder)

@@ -52,3 +52,10 @@ def continue_with(previous: list[dict], new: list[dict]) -> list[dict]:
         previous = [m for m in previous if m.get("role") != "system"]
         return [new[0], *previous, *new[1:]]
     return [*previous, *new]
+
+
+def build_messages(prompt: str | None, system: str | None, stdin_text: str | None) -> list[dict]:
+    """Piped text comes first, then the prompt argument (as in `llm`)."""
+    user = "\n\n".join(part for part in (stdin_text, prompt) if part and part.strip())
+    messages = [{"role": "system", "content": system}] if system else []
+    return messages + [{"role": "user", "content": user}]

@@ -5,8 +5,11 @@ from __future__ import annotations
 from pydantic import ValidationError
 
 from mlxc.config import ConfigError
-from mlxc.engine.models import ModelError
 from mlxc.store import StoreError
+
+
+class ModelError(RuntimeError):
+    """The model cannot be found, fetched, converted or loaded; the message says what to do."""
 
 
 class InputError(ValueError):

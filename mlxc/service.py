@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mlxc.config import Settings
-from mlxc.engine.models import ModelRef, model_fingerprint, prepare_model, resolve_model
+from mlxc.model.refs import ModelRef, model_fingerprint, prepare_model, resolve_model
 from mlxc.request import Answer, GenerationRequest
 from mlxc.store import ResponseStore, open_store
 from mlxc.stream import Delta, Event, Finished, Generation

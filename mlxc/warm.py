@@ -22,8 +22,8 @@ from typing import Any, Protocol
 
 from pydantic import ValidationError
 
-from mlxc.engine.models import ModelError
-from mlxc.errors import InputError, describe
+from mlxc.conversation import build_messages
+from mlxc.errors import InputError, ModelError, describe
 from mlxc.request import GenerationRequest
 
 # Fields an OpenAI request log carries that change nothing in the answer.
@@ -80,8 +80,6 @@ def load(source: str) -> list[Line]:
 
 def request_from(obj: dict[str, Any]) -> tuple[GenerationRequest, str | None]:
     """A line's fields -> (the request `mlxc ask` would build, the model it names)."""
-    from mlxc.cli.ask import build_messages  # the one definition of ask's messages
-
     fields = {k: v for k, v in obj.items() if k not in IGNORED}
     model, system = fields.pop("model", None), fields.pop("system", None)
     for name, value in (("model", model), ("system", system)):

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from tiny_model import make_tiny_model
 
-from mlxc.engine.gguf import GGUFConversionError, convert_gguf, fetch_default_gguf
+from mlxc.model.gguf import GGUFConversionError, convert_gguf, fetch_default_gguf
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from mlxc.engine import dtype as dtype_mod
-from mlxc.engine.dtype import choose_dtype
+from mlxc.model import dtype as dtype_mod
+from mlxc.model.dtype import choose_dtype
 
 ROOT = Path(__file__).resolve().parent.parent
 GB = 1024**3
@@ -27,7 +27,7 @@ linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Li
 PROBE = """
 import json, sys
 from dataclasses import asdict
-from mlxc.engine.blas import blas_info, load_optimised_blas
+from mlxc.model.blas import blas_info, load_optimised_blas
 first = load_optimised_blas()
 assert load_optimised_blas() is first and blas_info() is first
 out = asdict(first)
@@ -84,7 +84,7 @@ def test_blas_finds_system_openblas():
 
 @linux_only
 def test_blas_after_mlx_import_is_bundled():
-    code = "import mlx.core\nfrom mlxc.engine.blas import load_optimised_blas\n"
+    code = "import mlx.core\nfrom mlxc.model.blas import load_optimised_blas\n"
     code += "print(load_optimised_blas().note)"
     done = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT
@@ -143,7 +143,7 @@ def test_float32_size_from_headers_without_mlx(tiny_model, quantized_model):
     model, _ = load(str(tiny_model))
     expected = 4 * sum(v.size for _, v in tree_flatten(model.parameters()))
     code = (
-        "import sys\nfrom pathlib import Path\nfrom mlxc.engine import dtype\n"
+        "import sys\nfrom pathlib import Path\nfrom mlxc.model import dtype\n"
         f"print(dtype.float32_bytes(Path({str(quantized_model)!r})),"
         f" dtype.effective_dtype_without_mlx('auto', Path({str(quantized_model)!r})),"
         " any(m.startswith('mlx.') or m == 'mlx' for m in sys.modules))"

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 from tiny_model import rescaled_copy
 
-from mlxc.engine.blas import load_optimised_blas
+from mlxc.model.blas import load_optimised_blas
 
 load_optimised_blas()  # before MLX is imported, as the engine does
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from mlxc.engine.gguf import GGUFConversionError, convert_gguf
+from mlxc.model.gguf import GGUFConversionError, convert_gguf
 
 TEXT = (
     "The quick brown fox jumps over the lazy dog. Paris is the capital and largest city of "
@@ -135,7 +135,7 @@ def test_truncated_gguf_raises_and_leaves_no_folder(smollm_gguf, tmp_path):
 
 @pytest.mark.smollm
 def test_interrupted_conversion_leaves_no_folder(smollm_gguf, tmp_path, monkeypatch):
-    import mlxc.engine.gguf as gguf
+    import mlxc.model.gguf as gguf
 
     def ctrl_c(*_args, **_kwargs):
         raise KeyboardInterrupt

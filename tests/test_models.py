@@ -7,7 +7,7 @@ import json
 import pytest
 
 from mlxc.config import Settings
-from mlxc.engine.models import ModelError, model_fingerprint, resolve_model
+from mlxc.model.refs import ModelError, model_fingerprint, resolve_model
 
 
 def test_fingerprint_depends_on_the_dtype_and_the_files(tiny_model, tmp_path):

@@ -21,8 +21,8 @@ import pytest
 from tiny_model import rescaled_copy
 
 from mlxc.config import Settings
-from mlxc.engine.blas import load_optimised_blas
 from mlxc.engine.prefix_index import PrefixIndex
+from mlxc.model.blas import load_optimised_blas
 from mlxc.request import Answer, GenerationRequest
 from mlxc.service import Service
 
@@ -411,7 +411,7 @@ def test_ask_continue_reuses_the_conversation_and_cache_commands_see_it(mlxc_env
 @pytest.mark.smollm
 def test_smollm2_follow_up_from_memory_and_disk_equals_cold(tmp_path):
     from mlxc.config import load_settings
-    from mlxc.engine.models import ModelError, prepare_model, resolve_model
+    from mlxc.model.refs import ModelError, prepare_model, resolve_model
 
     base = load_settings()
     try:

@@ -293,7 +293,7 @@ def test_cached_tool_calls_replay_in_both_apis(server, oai, ant, env, tiny_model
     """A stored answer with a tool call (the tiny random model never makes one) comes back
     in each API's shape, plain and streamed: the formatting of the hit path."""
     from mlxc.config import load_settings
-    from mlxc.engine.models import model_fingerprint, resolve_model
+    from mlxc.model.refs import model_fingerprint, resolve_model
     from mlxc.request import Answer, GenerationRequest, Usage
     from mlxc.store import open_store
 

@@ -31,7 +31,7 @@ app.add_typer(cache.app, name="cache")
 
 def _version(value: bool) -> None:
     if value:
-        from mlxc.engine.blas import load_optimised_blas
+        from mlxc.model.blas import load_optimised_blas
 
         blas = load_optimised_blas()  # what a generating command would load
         where = f", {blas.path}" if blas.path else (f": {blas.note}" if blas.note else "")

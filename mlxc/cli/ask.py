@@ -33,13 +33,6 @@ EXAMPLES = """
 """
 
 
-def build_messages(prompt: str | None, system: str | None, stdin_text: str | None) -> list[dict]:
-    """Piped text comes first, then the prompt argument (as in `llm`)."""
-    user = "\n\n".join(part for part in (stdin_text, prompt) if part and part.strip())
-    messages = [{"role": "system", "content": system}] if system else []
-    return messages + [{"role": "user", "content": user}]
-
-
 def ask(
     prompt: Annotated[
         str | None, typer.Argument(help="The question; piped stdin joins it.")
@@ -73,7 +66,7 @@ def ask(
 
     A repeat (same model, messages and settings) comes from the disk cache in a blink."""
     from mlxc.cli.render import Display
-    from mlxc.conversation import continue_with, load_last, save_last
+    from mlxc.conversation import build_messages, continue_with, load_last, save_last
     from mlxc.errors import InputError
     from mlxc.request import GenerationRequest
     from mlxc.service import Service

@@ -18,11 +18,14 @@ from concurrent.futures import Future
 from typing import Any
 
 from mlxc.config import Settings
-from mlxc.engine.models import ModelError, ModelRef, model_fingerprint, prepare_model
-from mlxc.engine.quiet import quiet_libraries
 from mlxc.engine.stops import StopMatcher
 from mlxc.engine.tools import ToolCallFilter, template_messages
-from mlxc.errors import PromptTooLong  # noqa: F401  (re-exported for front ends)
+from mlxc.errors import (
+    ModelError,
+    PromptTooLong,  # noqa: F401  (re-exported for front ends)
+)
+from mlxc.model.quiet import quiet_libraries
+from mlxc.model.refs import ModelRef, model_fingerprint, prepare_model
 from mlxc.request import Answer, GenerationRequest, Usage
 from mlxc.stream import Delta, Failed, Finished, Generation
 
@@ -151,7 +154,7 @@ class Engine:
 
     def _load(self) -> None:
         quiet_libraries()
-        from mlxc.engine.blas import load_optimised_blas
+        from mlxc.model.blas import load_optimised_blas
 
         load_optimised_blas()  # must come before the first `import mlx.core`
         prepare_model(self.ref, self._progress)
@@ -163,7 +166,7 @@ class Engine:
                 f"MLX cannot be loaded on this machine ({exc}); cached answers still work, "
                 "new ones need `pip install mlx-lm` and mlx (mlx[cpu] on Linux)."
             ) from exc
-        from mlxc.engine.dtype import apply_dtype, effective_dtype_without_mlx
+        from mlxc.model.dtype import apply_dtype, effective_dtype_without_mlx
 
         self.model, self.tokenizer = load(str(self.ref.folder))
         self.dtype = effective_dtype_without_mlx(self.settings.dtype, self.ref.folder)

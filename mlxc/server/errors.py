@@ -16,8 +16,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from mlxc.config import ConfigError
-from mlxc.engine.models import ModelError
-from mlxc.errors import PromptTooLong, describe
+from mlxc.errors import ModelError, PromptTooLong, describe
 from mlxc.store import StoreError
 
 Body = TypeVar("Body", bound=BaseModel)

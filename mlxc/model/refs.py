@@ -11,15 +11,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mlxc.config import DEFAULT_MODEL, Settings
+from mlxc.errors import ModelError
 
 DEFAULT_MODEL_FOLDER = "SmolLM2-135M-Instruct"
 FINGERPRINT_FILE = ".mlxc-fingerprint.json"
 # Files whose content decides what a model generates: weights, config, tokenizer, template.
 _FINGERPRINTED = (".safetensors", ".json", ".jinja", ".model", ".txt")
-
-
-class ModelError(RuntimeError):
-    """The model cannot be found, fetched, converted or loaded; the message says what to do."""
 
 
 @dataclass(frozen=True)
@@ -113,7 +110,7 @@ def model_fingerprint(ref: ModelRef, settings: Settings) -> str | None:
     (a dequantized model can round differently). None if the model is not on disk yet."""
     if not ref.is_ready:
         return None
-    from mlxc.engine.dtype import effective_dtype_without_mlx
+    from mlxc.model.dtype import effective_dtype_without_mlx
 
     files = folder_fingerprint(ref.folder, settings.models_dir / "fingerprints")
     dtype = effective_dtype_without_mlx(settings.dtype, ref.folder)
@@ -126,12 +123,12 @@ def prepare_model(ref: ModelRef, progress: Callable[[str], None] | None = None) 
     if ref.is_ready:
         return ref.folder
     say = progress or (lambda _msg: None)
-    from mlxc.engine.blas import load_optimised_blas
-    from mlxc.engine.quiet import quiet_libraries
+    from mlxc.model.blas import load_optimised_blas
+    from mlxc.model.quiet import quiet_libraries
 
     quiet_libraries()  # conversion imports transformers, which talks about PyTorch otherwise
     load_optimised_blas()  # conversion imports MLX: the optimised BLAS must be loaded first
-    from mlxc.engine.gguf import GGUFConversionError, convert_gguf, fetch_default_gguf
+    from mlxc.model.gguf import GGUFConversionError, convert_gguf, fetch_default_gguf
 
     try:
         if ref.source == "default":
