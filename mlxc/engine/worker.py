@@ -231,9 +231,9 @@ class Engine:
 
     def _generate(self, request: GenerationRequest, generation: Generation) -> Answer:
         import mlx.core as mx
-        from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
         from mlxc.engine.generate import generate_tokens
+        from mlxc.engine.sampling import build_sampling
 
         tokens = self.encode(request)
         if self.context_length and len(tokens) + 1 > self.context_length:
@@ -251,16 +251,7 @@ class Engine:
 
         if request.seed is not None:
             mx.random.seed(request.seed)
-        sampler = make_sampler(
-            request.temperature, request.top_p, request.min_p, top_k=request.top_k
-        )
-        processors = make_logits_processors(
-            repetition_penalty=(
-                None if request.repetition_penalty == 1 else request.repetition_penalty
-            ),
-            presence_penalty=request.presence_penalty or None,
-            frequency_penalty=request.frequency_penalty or None,
-        )
+        sampling = build_sampling(request, self.tokenizer)
         stops = ToolCallFilter(StopMatcher(request.stop), self.tokenizer, request.tools)
         text_parts: list[str] = []
         generated: list[int] = []
@@ -272,8 +263,8 @@ class Engine:
             tokens,
             reused,
             prompt_cache,
-            sampler=sampler,
-            logits_processors=processors,
+            sampler=sampling.sampler,
+            logits_processors=sampling.processors,
             max_tokens=request.max_tokens,
             prefill_step_size=self.prefill_step_size,
             last_only=self.last_only,

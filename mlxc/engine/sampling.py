@@ -1,0 +1,45 @@
+"""How one sequence picks its tokens: its sampler, its logits processors (penalties; later
+grammar constraints) and what it records of each step (log-probabilities, when asked).
+
+One `SequenceSampling` per sequence, built on the engine thread when the sequence starts, so
+that sequences in one batch each keep their own settings. The engine calls `observe` with the
+token it sampled and that step's log-probabilities, and hands `take_logprobs()` out with the
+text it publishes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from mlxc.request import GenerationRequest
+
+
+@dataclass
+class SequenceSampling:
+    sampler: Callable[[Any], Any]
+    processors: list[Callable[[Any, Any], Any]] = field(default_factory=list)
+
+    def observe(self, token: int, logprobs: Any) -> None:
+        """One step's sampled token and its log-probability row (an mx.array over the
+        vocabulary, after processors). Engine thread."""
+
+    def take_logprobs(self) -> list[dict] | None:
+        """Log-probability entries recorded since the last call, or None if not asked."""
+        return None
+
+
+def build_sampling(request: GenerationRequest, tokenizer: Any) -> SequenceSampling:
+    """The sampler and processors a request asks for (mlx-lm's own samplers and penalties)."""
+    from mlx_lm.sample_utils import make_logits_processors, make_sampler
+
+    sampler = make_sampler(request.temperature, request.top_p, request.min_p, top_k=request.top_k)
+    processors = make_logits_processors(
+        repetition_penalty=(
+            None if request.repetition_penalty == 1 else request.repetition_penalty
+        ),
+        presence_penalty=request.presence_penalty or None,
+        frequency_penalty=request.frequency_penalty or None,
+    )
+    return SequenceSampling(sampler, processors)
