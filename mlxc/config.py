@@ -5,7 +5,9 @@ Imports nothing heavy: this module is on the cache-hit path.
 
 from __future__ import annotations
 
+import logging
 import os
+import stat
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -25,6 +27,27 @@ class ConfigError(ValueError):
 def _env(name: str, default: str | None = None) -> str | None:
     value = os.environ.get(f"MLXC_{name}")
     return value if value not in (None, "") else default
+
+
+def private_dir(path: Path) -> Path:
+    """`path` as a folder only its owner can enter (0700), whatever the umask: cached answers
+    and KV states hold private prompts. A folder that exists with wider rights is tightened,
+    with a note on stderr (once per folder)."""
+    path = Path(path)
+    missing = []
+    for folder in (path, *path.parents):
+        if folder.exists():
+            break
+        missing.append(folder)
+    for folder in reversed(missing):
+        folder.mkdir(mode=0o700, exist_ok=True)
+        os.chmod(folder, 0o700)  # mkdir's mode is masked by the umask
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & 0o077:
+        os.chmod(path, mode & 0o700 | 0o700)
+        logging.getLogger("mlxc.config").warning(
+            "mlxc: note: %s was open to other users (mode %o); now 0700", path, mode)
+    return path
 
 
 def parse_size(text: str | int) -> int:

@@ -8,17 +8,25 @@ shared by every process that opens it. Imports nothing heavy: this is the cache-
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sqlite3
+import stat
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 from mlxc.config import Settings
 
+log = logging.getLogger("mlxc.store")
+DB_FILES = ("cache.db", "cache.db-wal", "cache.db-shm")
 
 class StoreError(RuntimeError):
     """The store cannot be opened or written; the message says where and what to do."""
+
+
+class StoreDamaged(StoreError):
+    """SQLite cannot read the store's database; `mlxc cache clear` removes it."""
 
 
 @dataclass
@@ -31,6 +39,7 @@ class StoreStats:
     backend: str
     eviction_policy: str
     size_limit: int
+    refused_rows: int = 0  # rows this process read as misses: not JSON mlxc wrote
 
     @property
     def total_requests(self) -> int:
@@ -55,28 +64,49 @@ class ResponseStore(Protocol):
     def close(self) -> None: ...
 
 
+def damaged(directory: Path, exc: BaseException) -> StoreDamaged:
+    """The error for a store SQLite cannot read: what is wrong and the command that fixes it."""
+    return StoreDamaged(
+        f"the response cache {Path(directory) / 'cache.db'} is damaged ({exc}). "
+        "Remove it with `mlxc cache clear --responses-only` (the cached answers are lost; "
+        "the prefix cache and the models are kept)."
+    )
+
+
 class DiskStore:
     """diskcache on local disk. Thread-safe and process-safe; each write is one atomic
-    SQLite transaction, so a killed process leaves the cache readable."""
+    SQLite transaction, so a killed process leaves the cache readable. Rows are read as
+    JSON only (mlxc.jsondisk): a planted or damaged row is a counted miss, then dropped."""
 
     def __init__(self, directory: Path, size_limit: int, eviction_policy: str, ttl: float | None):
         import diskcache  # local: keeps `import mlxc.store` cheap for --help
+
+        from mlxc.config import private_dir
+        from mlxc.jsondisk import SafeJSONDisk
 
         self.directory = Path(directory)
         self.ttl = ttl
         self.eviction_policy = eviction_policy
         self.size_limit = size_limit
+        self.refused = 0
         try:
-            self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-            os.chmod(self.directory, 0o700)  # answers may hold private prompts
+            private_dir(self.directory)  # answers may hold private prompts
+            db = self.directory / "cache.db"
+            if db.exists() and not stat.S_ISREG(db.lstat().st_mode):  # a FIFO would hang
+                raise sqlite3.DatabaseError("cache.db is not a regular file")
             self._cache = diskcache.Cache(
                 str(self.directory),
-                disk=diskcache.JSONDisk,
+                disk=SafeJSONDisk,
                 disk_compress_level=6,
                 size_limit=size_limit,
                 eviction_policy=eviction_policy,
                 statistics=True,
             )
+            for name in DB_FILES:
+                if (self.directory / name).exists():
+                    os.chmod(self.directory / name, 0o600)
+        except sqlite3.DatabaseError as exc:
+            raise damaged(self.directory, exc) from exc
         except (OSError, sqlite3.Error) as exc:
             raise StoreError(
                 f"cannot open the response cache in {self.directory}: {exc}. "
@@ -84,18 +114,46 @@ class DiskStore:
             ) from exc
 
     def get(self, key: str) -> dict[str, Any] | None:
-        return self._cache.get(key)
+        try:
+            value = self._cache.get(key)
+        except sqlite3.DatabaseError as exc:
+            raise damaged(self.directory, exc) from exc
+        if value is None and (reason := self._cache.disk.take_refusal()):
+            self._drop(key, reason)
+        return value
+
+    def _drop(self, key: str, reason: str) -> None:
+        self.refused += 1
+        if self.refused == 1:  # once per process: a folder full of them must not flood
+            log.warning("mlxc: ignored and removed a response-cache row in %s: %s; further "
+                        "such rows are counted in `cache stats` (refused_rows)",
+                        self.directory, reason)
+        try:
+            self._cache.delete(key)
+        except (OSError, sqlite3.Error):
+            pass  # read-only folder: it stays a miss
 
     def contains(self, key: str) -> bool:
-        return key in self._cache
+        try:
+            return key in self._cache
+        except sqlite3.DatabaseError as exc:
+            raise damaged(self.directory, exc) from exc
 
     def set(self, key: str, value: dict[str, Any]) -> None:
         try:
             self._cache.set(key, value, expire=self.ttl)
+        except sqlite3.DatabaseError as exc:
+            raise damaged(self.directory, exc) from exc
         except (OSError, sqlite3.Error) as exc:
             raise StoreError(f"cannot write the response cache in {self.directory}: {exc}") from exc
 
     def stats(self) -> StoreStats:
+        try:
+            return self._stats()
+        except sqlite3.DatabaseError as exc:
+            raise damaged(self.directory, exc) from exc
+
+    def _stats(self) -> StoreStats:
         hits, misses = self._cache.stats()
         return StoreStats(
             hits=hits,
@@ -106,15 +164,34 @@ class DiskStore:
             backend="disk",
             eviction_policy=self.eviction_policy,
             size_limit=self.size_limit,
+            refused_rows=self.refused,
         )
 
     def clear(self) -> int:
-        removed = self._cache.clear()
-        self._cache.stats(reset=True)
+        try:
+            removed = self._cache.clear()
+            self._cache.stats(reset=True)
+        except sqlite3.DatabaseError as exc:
+            raise damaged(self.directory, exc) from exc
         return removed
 
     def close(self) -> None:
         self._cache.close()
+
+    @staticmethod
+    def destroy(directory: Path) -> None:
+        """Remove a store that cannot be opened: its database and diskcache's value folders
+        (two hex digits), nothing else. For `mlxc cache clear` on a damaged store."""
+        import shutil
+
+        directory = Path(directory)
+        for name in DB_FILES:
+            path = directory / name
+            if path.exists() or path.is_symlink():
+                path.unlink()
+        for sub in directory.glob("[0-9a-f][0-9a-f]"):
+            if sub.is_dir() and not sub.is_symlink():
+                shutil.rmtree(sub)
 
 
 class RedisStore:
@@ -129,6 +206,7 @@ class RedisStore:
 
         self.url = url
         self.ttl = ttl
+        self.refused = 0
         try:
             self._redis = redis.Redis.from_url(url, socket_connect_timeout=2)
             self._redis.ping()
@@ -139,8 +217,21 @@ class RedisStore:
 
     def get(self, key: str) -> dict[str, Any] | None:
         raw = self._redis.get(self.PREFIX + key)
-        self._redis.hincrby(self.STATS, "hits" if raw is not None else "misses", 1)
-        return json.loads(raw) if raw is not None else None
+        value = None
+        if raw is not None:
+            try:
+                value = json.loads(raw)
+            except (ValueError, RecursionError):
+                value = None
+            if not isinstance(value, dict):  # not what mlxc writes: a miss, and dropped
+                self._redis.delete(self.PREFIX + key)
+                self.refused += 1
+                if self.refused == 1:
+                    log.warning("mlxc: ignored and removed a non-JSON value under %s%s in "
+                                "Redis", self.PREFIX, key)
+                value = None
+        self._redis.hincrby(self.STATS, "hits" if value is not None else "misses", 1)
+        return value
 
     def contains(self, key: str) -> bool:
         return bool(self._redis.exists(self.PREFIX + key))
@@ -160,15 +251,20 @@ class RedisStore:
             pipe.strlen(k)
         policy = self._redis.config_get("maxmemory-policy").get("maxmemory-policy", "")
         limit = int(self._redis.config_get("maxmemory").get("maxmemory", 0))
+        def count(name: bytes) -> int:
+            value = counts.get(name, b"0")
+            return int(value) if value.isdigit() else 0
+
         return StoreStats(
-            hits=int(counts.get(b"hits", 0)),
-            misses=int(counts.get(b"misses", 0)),
+            hits=count(b"hits"),
+            misses=count(b"misses"),
             cached_items=len(keys),
             size_bytes=sum(pipe.execute()) if keys else 0,
             directory=self.url,
             backend="redis",
             eviction_policy=str(policy),
             size_limit=limit,
+            refused_rows=self.refused,
         )
 
     def clear(self) -> int:
@@ -186,6 +282,16 @@ def open_store(settings: Settings) -> ResponseStore:
     """The store the settings name: Redis when MLXC_REDIS_URL is set, else the disk cache."""
     if settings.redis_url:
         return RedisStore(settings.redis_url, settings.ttl_seconds)
+    from mlxc.config import private_dir
+
+    try:  # the top folder and the prefix cache's too: every command opens the store first
+        private_dir(settings.cache_dir)
+        private_dir(settings.prefix_dir)
+    except OSError as exc:
+        raise StoreError(
+            f"cannot create the cache folder {settings.cache_dir}: {exc}. "
+            "Choose a writable folder with --cache-dir or MLXC_CACHE_DIR."
+        ) from exc
     return DiskStore(
         settings.response_dir,
         settings.cache_size_limit,

@@ -121,29 +121,49 @@ def clear(
     Models are kept. A running server keeps the states it holds in memory."""
     from mlxc.engine.prefix_index import PrefixIndex
     from mlxc.errors import InputError
-    from mlxc.store import open_store
 
     if responses_only and prefix_only:
         raise InputError("--responses-only and --prefix-only exclude each other")
     settings = settings_from(cache_dir)
-    store = None if prefix_only else open_store(settings)
-    try:
-        places = [] if store is None else [f"all cached answers in {store.stats().directory}"]
-        if not responses_only:
-            places.append(f"all prefix states in {settings.prefix_dir}")
-        if not yes and not typer.confirm(f"Delete {' and '.join(places)}?"):
-            raise typer.Exit(1)
-        if store is not None:
-            typer.echo(f"removed {store.clear()} cached answers from {store.stats().directory}")
-    finally:
-        if store is not None:
-            store.close()
+    places = [] if prefix_only else [f"all cached answers in {_response_place(settings)}"]
+    if not responses_only:
+        places.append(f"all prefix states in {settings.prefix_dir}")
+    if not yes and not typer.confirm(f"Delete {' and '.join(places)}?"):
+        raise typer.Exit(1)
+    if not prefix_only:
+        _clear_responses(settings)
     if not responses_only:
         index = PrefixIndex(settings.prefix_dir)
         try:
             typer.echo(f"removed {index.clear()} prefix states from {settings.prefix_dir}")
         finally:
             index.close()
+
+
+def _response_place(settings) -> str:
+    return settings.redis_url or str(settings.response_dir)
+
+
+def _clear_responses(settings) -> None:
+    """Empty the response store; one SQLite cannot read is removed instead, so that clearing
+    always works (the fix that a damaged store's error message names)."""
+    from mlxc.store import DiskStore, StoreDamaged, open_store
+
+    try:
+        store = open_store(settings)
+    except StoreDamaged as exc:
+        broken: StoreDamaged | None = exc
+    else:
+        try:
+            typer.echo(f"removed {store.clear()} cached answers from {_response_place(settings)}")
+            return
+        except StoreDamaged as exc:
+            broken = exc
+        finally:
+            store.close()
+    DiskStore.destroy(settings.response_dir)
+    typer.echo(f"removed the damaged response cache in {settings.response_dir} "
+               f"(SQLite: {broken.__cause__})")
 
 
 WARM_EXAMPLES = """
