@@ -18,6 +18,9 @@ DEFAULT_MAX_TOKENS = 512
 MAX_TOKENS_LIMIT = 32768
 
 
+_KEYED_ONLY_WHEN_SET = {"logprobs": False, "top_logprobs": 0, "echo": False}
+
+
 class Message(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -47,11 +50,11 @@ class GenerationRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     messages: list[Message] | None = None
-    prompt: str | None = None  # raw text completion: no chat template
+    prompt: str | list[int] | None = None  # raw completion (text or token ids): no template
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     response_format: dict[str, Any] | None = None
-    max_tokens: int = Field(DEFAULT_MAX_TOKENS, ge=1, le=MAX_TOKENS_LIMIT)
+    max_tokens: int = Field(DEFAULT_MAX_TOKENS, ge=0, le=MAX_TOKENS_LIMIT)  # 0: echo only
     temperature: float = Field(0.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0)
@@ -61,6 +64,11 @@ class GenerationRequest(BaseModel):
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     seed: int | None = None
     stop: list[str] = Field(default_factory=list)
+    # Log-probabilities of the answer's tokens (and of the prompt's, with echo). Left out of
+    # the key at their defaults, so keys from before they existed stay the same.
+    logprobs: bool = False
+    top_logprobs: int = Field(0, ge=0, le=20)
+    echo: bool = False
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -78,8 +86,14 @@ class GenerationRequest(BaseModel):
                 raise ValueError("messages must not be empty")
             if not any((m.content or "").strip() or m.tool_calls for m in self.messages):
                 raise ValueError("the prompt is empty")
-        elif not self.prompt.strip():
+        elif not (self.prompt.strip() if isinstance(self.prompt, str) else self.prompt):
             raise ValueError("the prompt is empty")
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs")
+        if self.echo and self.prompt is None:
+            raise ValueError("echo needs a prompt (completions), not messages")
+        if self.max_tokens == 0 and not self.echo:
+            raise ValueError("max_tokens must be at least 1 (0 only with echo)")
         return self
 
     @property
@@ -93,6 +107,9 @@ class GenerationRequest(BaseModel):
             "model": model_fingerprint,
             **self.model_dump(mode="json"),
         }
+        for name, default in _KEYED_ONLY_WHEN_SET.items():
+            if payload[name] == default:
+                del payload[name]
         return json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
     def cache_key(self, model_fingerprint: str) -> str:
@@ -113,6 +130,9 @@ class Answer(BaseModel):
     finish_reason: Literal["stop", "length", "tool_calls", "cancelled"] = "stop"
     tool_calls: list[dict[str, Any]] = Field(default_factory=list)
     usage: Usage = Field(default_factory=Usage)
+    # Per token: {"id", "token", "bytes", "logprob", "top_logprobs": [...]} (see logprobs.py).
+    logprobs: list[dict[str, Any]] | None = None
+    prompt_logprobs: list[dict[str, Any]] | None = None  # with echo; the first has logprob None
     model: str = ""
     prefill_seconds: float = 0.0
     generation_seconds: float = 0.0

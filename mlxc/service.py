@@ -57,7 +57,12 @@ class Reply:
 
 
 def replay(answer: Answer) -> Iterator[Event]:
-    """A stored answer as a stream: the same text, in word-sized pieces, then the end."""
+    """A stored answer as a stream: the same text, in word-sized pieces, then the end (with
+    log-probabilities, in one piece: they belong to tokens, not to words)."""
+    if answer.logprobs is not None:
+        yield Delta(answer.text, answer.logprobs)
+        yield Finished(answer)
+        return
     for piece in _REPLAY_CHUNK.findall(answer.text):
         yield Delta(piece)
     yield Finished(answer)

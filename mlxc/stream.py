@@ -19,6 +19,7 @@ from mlxc.request import Answer
 @dataclass(frozen=True)
 class Delta:
     text: str
+    logprobs: list[dict] | None = None  # entries for the tokens behind this text, if asked
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ class Step:
     token: int
     text: str  # the new text this token completes (may be "" mid-character)
     finish_reason: str | None  # "stop" (an end token: not part of the answer) or "length"
+    logprobs: Any = None  # the normalised log-prob row it was sampled from (mx.array)
 
 
 def generate_tokens(
@@ -54,7 +55,7 @@ def generate_tokens(
     todo = mx.array(prompt[reused:])
     context = mx.array(prompt) if logits_processors else None
 
-    def sample(logits: Any, fed: Any) -> Any:
+    def sample(logits: Any, fed: Any) -> tuple[Any, Any]:
         nonlocal context
         logits = logits[:, -1, :]
         if logits_processors:
@@ -62,33 +63,36 @@ def generate_tokens(
                 context = mx.concatenate([context, fed])
             for processor in logits_processors:
                 logits = processor(context, logits)
-        return sampler(logits - mx.logsumexp(logits, keepdims=True))
+        logprobs = logits - mx.logsumexp(logits, keepdims=True)
+        return sampler(logprobs), logprobs
 
-    def step(token: Any) -> Any:
+    def step(token: Any) -> tuple[Any, Any]:
         """Queue the pass that feeds `token` and samples the one after it."""
-        following = sample(model(token[None], cache=prompt_cache), token)
-        mx.async_eval(following)
-        return following
+        following, logprobs = sample(model(token[None], cache=prompt_cache), token)
+        mx.async_eval(following, logprobs)
+        return following, logprobs
 
     detokenizer = tokenizer.detokenizer
     eos = tokenizer.eos_token_ids
     with wired_limit(model, [generation_stream]), mx.stream(generation_stream):
-        y = _prefill(model, todo, prompt_cache, prefill_step_size, last_only, on_prefill, sample)
+        y, row = _prefill(
+            model, todo, prompt_cache, prefill_step_size, last_only, on_prefill, sample
+        )
         for n in range(max_tokens):
-            token = y.item()  # the first is ready; later ones were queued a step ago
+            token, token_row = y.item(), row  # the first is ready; later ones were queued
             if token in eos:
                 detokenizer.finalize()
-                yield Step(token, detokenizer.last_segment, "stop")
+                yield Step(token, detokenizer.last_segment, "stop", token_row)
                 return
             last = n + 1 == max_tokens
             if n > 0 and not last:
-                y = step(y)  # pipelining: the next token computes while this one goes out
+                y, row = step(y)  # pipelining: the next token computes while this one goes out
             detokenizer.add_token(token)
             if last:
                 detokenizer.finalize()
-            yield Step(token, detokenizer.last_segment, "length" if last else None)
+            yield Step(token, detokenizer.last_segment, "length" if last else None, token_row)
             if n == 0 and not last:
-                y = step(y)  # after, not before: on the CPU, queuing a step runs most of it
+                y, row = step(y)  # after, not before: on the CPU, queuing a step runs most of it
             if n % 256 == 255:
                 mx.clear_cache()
 
@@ -107,10 +111,10 @@ def _prefill(
     done = prefill_states(model, todo[: total - tail], cache, step_size, on_prefill, total)
     rest = todo[done:][None]
     logits = last_position_logits(model, rest, cache) if last_only else model(rest, cache=cache)
-    y = sample(logits, None)
-    mx.eval(y)
+    y, logprobs = sample(logits, None)
+    mx.eval(y, logprobs)
     on_prefill(total, total)
-    return y
+    return y, logprobs
 
 
 def prefill_states(

@@ -1,10 +1,11 @@
-"""How one sequence picks its tokens: its sampler, its logits processors (penalties; later
-grammar constraints) and what it records of each step (log-probabilities, when asked).
+"""How one sequence picks its tokens: its sampler, its logits processors (penalties; grammar
+constraints) and what it records of each step (log-probabilities, when asked).
 
 One `SequenceSampling` per sequence, built on the engine thread when the sequence starts, so
-that sequences in one batch each keep their own settings. The engine calls `observe` with the
-token it sampled and that step's log-probabilities, and hands `take_logprobs()` out with the
-text it publishes.
+that sequences in one batch each keep their own settings. The engine calls `observe` with
+each token it sampled that belongs to the answer (not an end token) and that step's
+log-probabilities, hands `take_logprobs()` out with each piece of text it publishes
+(`Delta.logprobs`), and puts `logprobs` (all of them) into the final `Answer.logprobs`.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from mlxc.engine.logprobs import LogprobRecorder
 from mlxc.request import GenerationRequest
 
 
@@ -20,14 +22,22 @@ from mlxc.request import GenerationRequest
 class SequenceSampling:
     sampler: Callable[[Any], Any]
     processors: list[Callable[[Any, Any], Any]] = field(default_factory=list)
+    recorder: LogprobRecorder | None = None
 
     def observe(self, token: int, logprobs: Any) -> None:
         """One step's sampled token and its log-probability row (an mx.array over the
         vocabulary, after processors). Engine thread."""
+        if self.recorder is not None:
+            self.recorder.observe(token, logprobs)
 
     def take_logprobs(self) -> list[dict] | None:
         """Log-probability entries recorded since the last call, or None if not asked."""
-        return None
+        return None if self.recorder is None else self.recorder.take()
+
+    @property
+    def logprobs(self) -> list[dict] | None:
+        """Every entry recorded so far (for the final Answer), or None if not asked."""
+        return None if self.recorder is None else list(self.recorder.entries)
 
 
 def build_sampling(request: GenerationRequest, tokenizer: Any) -> SequenceSampling:
@@ -42,4 +52,5 @@ def build_sampling(request: GenerationRequest, tokenizer: Any) -> SequenceSampli
         presence_penalty=request.presence_penalty or None,
         frequency_penalty=request.frequency_penalty or None,
     )
-    return SequenceSampling(sampler, processors)
+    recorder = LogprobRecorder(tokenizer, request.top_logprobs) if request.logprobs else None
+    return SequenceSampling(sampler, processors, recorder)

@@ -194,6 +194,10 @@ class Engine:
 
     def encode(self, request: GenerationRequest) -> list[int]:
         """Prompt tokens: the chat template for messages, plain text for a raw prompt."""
+        if isinstance(request.prompt, list):  # token ids, as lm-eval sends them
+            if not all(0 <= t < len(self.tokenizer) for t in request.prompt):
+                raise ValueError(f"prompt token ids must be in [0, {len(self.tokenizer)})")
+            return list(request.prompt)
         if request.prompt is not None:
             return self.tokenizer.encode(request.prompt)
         messages = template_messages(request.messages)
@@ -242,6 +246,15 @@ class Engine:
                 f"{self.context_length}. Shorten it."
             )
         start = time.perf_counter()  # a state loaded from disk counts in the time to first token
+        echoed = None
+        if request.echo:
+            from mlxc.engine.scoring import prompt_logprobs
+
+            echoed = prompt_logprobs(self.model, self.tokenizer, tokens, request.top_logprobs)
+            if request.max_tokens == 0:  # a log-likelihood request: nothing to generate
+                return Answer(text="", finish_reason="length", prompt_logprobs=echoed,
+                              usage=Usage(prompt_tokens=len(tokens)), model=self.ref.name,
+                              prefill_seconds=time.perf_counter() - start)
         prompt_cache, todo = self.prompt_cache.fetch(tokens, request)
         reused = len(tokens) - len(todo)
         generation.prompt_tokens_total = len(todo)
@@ -273,10 +286,11 @@ class Engine:
             first_token_at = first_token_at or time.perf_counter()
             if response.finish_reason != "stop":
                 generated.append(response.token)
+                sampling.observe(response.token, response.logprobs)
             emit, stopped = stops.feed(response.text)
             if emit:
                 text_parts.append(emit)
-                generation.publish(Delta(emit))
+                generation.publish(Delta(emit, sampling.take_logprobs()))
             if stopped:
                 finish = "stop"
                 break
@@ -287,7 +301,7 @@ class Engine:
                 break
         if tail := stops.flush():
             text_parts.append(tail)
-            generation.publish(Delta(tail))
+            generation.publish(Delta(tail, sampling.take_logprobs()))
         end = time.perf_counter()
         first_token_at = first_token_at or end
         # Kept even when cancelled: the prompt's state is still good for the next request.
@@ -308,6 +322,8 @@ class Engine:
                 cached_tokens=self.prompt_cache.last_reused,
             ),
             model=self.ref.name,
+            logprobs=sampling.logprobs,
+            prompt_logprobs=echoed,
             prefill_seconds=first_token_at - start,
             generation_seconds=end - first_token_at,
         )

@@ -20,6 +20,7 @@ from mlxc.request import Answer
 from mlxc.server import sse
 from mlxc.server.errors import ApiError, as_api_error, check_api_key
 from mlxc.server.flow import Call, finish_reason, start, strip_billing_header
+from mlxc.server.logprobs_format import chat_logprobs, completion_logprobs
 from mlxc.server.state import get_state
 from mlxc.stream import Delta, Failed, Finished
 
@@ -65,10 +66,14 @@ class ChatBody(Sampling):
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     response_format: dict[str, Any] | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
 
 
 class CompletionBody(Sampling):
-    prompt: str | list[str]
+    prompt: str | list[str] | list[int] | list[list[int]]
+    logprobs: int | None = None  # how many alternatives per token (0: the token's own only)
+    echo: bool = False
 
 
 def _sampling(body: Sampling) -> dict[str, Any]:
@@ -126,6 +131,8 @@ async def chat_completions(request: Request) -> Response:
         tool_choice=body.tool_choice,
         response_format=body.response_format,
         max_tokens=body.max_completion_tokens or body.max_tokens,
+        logprobs=body.logprobs,
+        top_logprobs=body.top_logprobs,
         **_sampling(body),
     )
     call = await start(state, generation_request, request, body.stream)
@@ -142,7 +149,7 @@ async def chat_completions(request: Request) -> Response:
         "object": "chat.completion",
         "created": int(time.time()),
         "model": model,
-        "choices": [{"index": 0, "message": message, "logprobs": None,
+        "choices": [{"index": 0, "message": message, "logprobs": chat_logprobs(answer.logprobs),
                      "finish_reason": finish_reason(answer)}],
         "usage": _usage(call, answer),
     })
@@ -153,8 +160,9 @@ async def _chat_stream(call: Call, model: str, include_usage: bool) -> AsyncIter
             "created": int(time.time()), "model": model}
     extra = {"usage": None} if include_usage else {}
 
-    def chunk(delta: dict[str, Any], finish: str | None = None) -> str:
-        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+    def chunk(delta: dict[str, Any], finish: str | None = None, logprobs=None) -> str:
+        choice = {"index": 0, "delta": delta, "logprobs": chat_logprobs(logprobs),
+                  "finish_reason": finish}
         return sse.data({**head, "choices": [choice], **extra})
 
     yield chunk({"role": "assistant", "content": ""})
@@ -162,7 +170,7 @@ async def _chat_stream(call: Call, model: str, include_usage: bool) -> AsyncIter
         if event is None:
             yield sse.KEEPALIVE
         elif isinstance(event, Delta):
-            yield chunk({"content": event.text})
+            yield chunk({"content": event.text}, logprobs=event.logprobs)
         elif isinstance(event, Finished):
             answer = event.answer
             for i, tool_call in enumerate(answer.tool_calls):
@@ -181,35 +189,51 @@ async def completions(request: Request) -> Response:
     body = await state.parse(request, CompletionBody)
     model = state.check_model(body.model)
     prompt = body.prompt
-    if isinstance(prompt, list):
+    if isinstance(prompt, list) and not all(isinstance(t, int) for t in prompt):
         if len(prompt) != 1:
             raise ApiError(400, "give one prompt (batches are not supported)", param="prompt")
         prompt = prompt[0]
+    if body.echo and body.stream:
+        raise ApiError(400, "echo is not supported with stream", param="echo")
+    top = body.logprobs or 0
     generation_request = state.generation_request(
-        prompt=prompt, max_tokens=body.max_tokens, **_sampling(body)
+        prompt=prompt, max_tokens=body.max_tokens, logprobs=body.logprobs is not None,
+        top_logprobs=top, echo=body.echo or None, **_sampling(body)
     )
     call = await start(state, generation_request, request, body.stream)
     head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion",
             "created": int(time.time()), "model": model}
     if body.stream:
         usage = bool(body.stream_options and body.stream_options.include_usage)
-        return sse.EventStream(_completion_stream(call, head, usage))
+        return sse.EventStream(_completion_stream(call, head, usage, top))
     answer = await call.answer(request)
-    choice = {"index": 0, "text": answer.text, "logprobs": None,
+    text, entries = answer.text, answer.logprobs
+    if body.echo:
+        echoed = answer.prompt_logprobs or []
+        text = (prompt if isinstance(prompt, str) else "".join(e["token"] for e in echoed)) + text
+        entries = echoed + (entries or []) if body.logprobs is not None else None
+    choice = {"index": 0, "text": text, "logprobs": completion_logprobs(entries, top),
               "finish_reason": finish_reason(answer)}
     return JSONResponse({**head, "choices": [choice], "usage": _usage(call, answer)})
 
 
-async def _completion_stream(call: Call, head: dict, include_usage: bool) -> AsyncIterator[str]:
-    def chunk(text: str, finish: str | None = None) -> str:
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+async def _completion_stream(
+    call: Call, head: dict, include_usage: bool, top: int
+) -> AsyncIterator[str]:
+    offset = 0
+
+    def chunk(text: str, finish: str | None = None, logprobs=None) -> str:
+        nonlocal offset
+        shaped = completion_logprobs(logprobs, top, offset)
+        offset += len(text)
+        choice = {"index": 0, "text": text, "logprobs": shaped, "finish_reason": finish}
         return sse.data({**head, "choices": [choice]})
 
     async for event in call.events():
         if event is None:
             yield sse.KEEPALIVE
         elif isinstance(event, Delta):
-            yield chunk(event.text)
+            yield chunk(event.text, logprobs=event.logprobs)
         elif isinstance(event, Finished):
             yield chunk("", finish_reason(event.answer))
             if include_usage:
