@@ -94,6 +94,10 @@ class GenerationRequest(BaseModel):
             raise ValueError("echo needs a prompt (completions), not messages")
         if self.max_tokens == 0 and not self.echo:
             raise ValueError("max_tokens must be at least 1 (0 only with echo)")
+        if self.response_format or self.tool_choice not in (None, "auto", "none"):
+            from mlxc.engine.constraints import grammar_for  # llguidance: only when asked
+
+            grammar_for(self.response_format, self.tools, self.tool_choice)  # refuses here
         return self
 
     @property

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from mlxc.engine.constraints import grammar_for
 from mlxc.engine.logprobs import LogprobRecorder
 from mlxc.request import GenerationRequest
 
@@ -52,5 +53,10 @@ def build_sampling(request: GenerationRequest, tokenizer: Any) -> SequenceSampli
         presence_penalty=request.presence_penalty or None,
         frequency_penalty=request.frequency_penalty or None,
     )
+    grammar = grammar_for(request.response_format, request.tools, request.tool_choice)
+    if grammar is not None:  # last: penalties must not lift a token the grammar forbids
+        from mlxc.engine.grammar_mask import GrammarProcessor
+
+        processors.append(GrammarProcessor(grammar, tokenizer))
     recorder = LogprobRecorder(tokenizer, request.top_logprobs) if request.logprobs else None
     return SequenceSampling(sampler, processors, recorder)

@@ -9,8 +9,9 @@ import json
 import uuid
 from typing import Any
 
+from mlxc.engine.constraints import forced_tools, tool_name, tool_parameters
 from mlxc.engine.stops import StopMatcher
-from mlxc.request import Message
+from mlxc.request import GenerationRequest, Message
 
 
 def template_messages(messages: list[Message]) -> list[dict[str, Any]]:
@@ -33,6 +34,40 @@ def template_messages(messages: list[Message]) -> list[dict[str, Any]]:
             m["tool_calls"] = calls
         out.append(m)
     return out
+
+
+def prompt_messages(
+    request: GenerationRequest, tokenizer: Any
+) -> tuple[list[dict[str, Any]], list[dict] | None]:
+    """The messages and tools to render. A forced call with a template that knows no tools
+    (it would drop them) gets the tools described in the system message instead."""
+    messages = template_messages(request.messages)
+    forced = forced_tools(request.tools, request.tool_choice)
+    if not forced or "tools" in (getattr(tokenizer, "chat_template", None) or ""):
+        return messages, request.tools
+    described = [
+        {"name": tool_name(t), "description": (t.get("function") or t).get("description", ""),
+         "parameters": tool_parameters(t)}
+        for t in forced
+    ]
+    note = (
+        "You can call these tools:\n" + json.dumps(described, ensure_ascii=False) + "\nCall "
+        + ("it" if len(forced) == 1 else "one of them")
+        + ' now: answer with only a JSON object {"name": <tool name>, "arguments": <arguments>}.'
+    )
+    if messages and messages[0]["role"] == "system":
+        system = f"{messages[0].get('content') or ''}\n\n{note}"
+        return [{**messages[0], "content": system}, *messages[1:]], None
+    return [{"role": "system", "content": note}, *messages], None
+
+
+def answer_filter(request: GenerationRequest, tokenizer: Any) -> ToolCallFilter | ForcedCall:
+    """What cuts tool calls out of the answer: the model's own markup, or for a forced call
+    (whose whole answer the grammar makes one JSON call) the answer itself."""
+    stops = StopMatcher(request.stop)
+    if forced_tools(request.tools, request.tool_choice):
+        return ForcedCall(stops)
+    return ToolCallFilter(stops, tokenizer, request.tools)
 
 
 def _partial_marker(text: str, marker: str) -> int:
@@ -118,3 +153,36 @@ class ToolCallFilter:
                 "function": {"name": call["name"], "arguments": arguments},
             })
         return ""
+
+
+class ForcedCall:
+    """The filter for a forced call: the answer is `{"name": ..., "arguments": {...}}` (the
+    grammar sees to it), held back and turned into one call at the end. An answer cut short
+    (max_tokens) does not parse and is shown as text, with finish reason "length"."""
+
+    def __init__(self, stops: StopMatcher) -> None:
+        self.stops = stops
+        self.tool_calls: list[dict[str, Any]] = []
+        self._text = ""
+
+    def feed(self, segment: str) -> tuple[str, bool]:
+        emit, stopped = self.stops.feed(segment)
+        self._text += emit
+        return "", stopped
+
+    def flush(self) -> str:
+        text, self._text = self._text + self.stops.flush(), ""
+        try:
+            call = json.loads(text)
+            name, arguments = call["name"], call["arguments"]
+        except (ValueError, TypeError, KeyError):
+            return text
+        self.tool_calls.append({
+            "id": f"call_{uuid.uuid4().hex[:24]}",
+            "type": "function",
+            "function": {"name": name, "arguments": json.dumps(arguments, ensure_ascii=False)},
+        })
+        return ""
+
+    def finish_reason(self, finish: str) -> str:
+        return "tool_calls" if self.tool_calls and finish == "stop" else finish

@@ -18,8 +18,7 @@ from concurrent.futures import Future
 from typing import Any
 
 from mlxc.config import Settings
-from mlxc.engine.stops import StopMatcher
-from mlxc.engine.tools import ToolCallFilter, template_messages
+from mlxc.engine.tools import answer_filter, prompt_messages
 from mlxc.errors import (
     ModelError,
     PromptTooLong,  # noqa: F401  (re-exported for front ends)
@@ -200,9 +199,9 @@ class Engine:
             return list(request.prompt)
         if request.prompt is not None:
             return self.tokenizer.encode(request.prompt)
-        messages = template_messages(request.messages)
+        messages, tools = prompt_messages(request, self.tokenizer)
         text = self.tokenizer.apply_chat_template(
-            messages, tools=request.tools, add_generation_prompt=True, tokenize=False
+            messages, tools=tools, add_generation_prompt=True, tokenize=False
         )
         return self.tokenizer.encode(text, add_special_tokens=False)
 
@@ -265,7 +264,7 @@ class Engine:
         if request.seed is not None:
             mx.random.seed(request.seed)
         sampling = build_sampling(request, self.tokenizer)
-        stops = ToolCallFilter(StopMatcher(request.stop), self.tokenizer, request.tools)
+        stops = answer_filter(request, self.tokenizer)
         text_parts: list[str] = []
         generated: list[int] = []
         finish = "length"

@@ -62,6 +62,7 @@ class MessagesBody(_Body):
     stream: bool = False
     tools: list[Tool] | None = None
     tool_choice: dict[str, Any] | None = None
+    output_config: dict[str, Any] | None = None  # its `format`: a JSON schema for the answer
 
 
 def _text(content: str | list[dict[str, Any]]) -> str:
@@ -145,6 +146,7 @@ async def messages(request: Request) -> Response:
         messages=_messages(body),
         tools=_tools(body),
         tool_choice=body.tool_choice,
+        response_format=(body.output_config or {}).get("format"),
         max_tokens=body.max_tokens,
         temperature=body.temperature,
         top_p=body.top_p,

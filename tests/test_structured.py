@@ -1,0 +1,142 @@
+"""Structured outputs and forced tool calls: what cannot be honoured is refused (no model
+needed), and through a real `mlxc serve` on the tiny random model with the official openai
+and anthropic clients, answers parse and follow the schema — a random model is the hardest
+case for a grammar, it would never write JSON by itself."""
+
+from __future__ import annotations
+
+import json
+
+import anthropic
+import openai
+import pytest
+from live_server import served  # noqa: F401  (fixture)
+
+from mlxc.engine.constraints import ConstraintError, grammar_for
+
+# Every value is bounded, so even a random model's answer ends well within max_tokens.
+SCHEMA = {
+    "type": "object",
+    "properties": {"unit": {"enum": ["celsius", "fahrenheit"]}, "ok": {"type": "boolean"},
+                   "level": {"enum": [1, 2, 3]}},
+    "required": ["unit", "ok", "level"],
+    "additionalProperties": False,
+}
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Weather in a city",
+    "parameters": {"type": "object", "properties": {"unit": {"enum": ["c", "f"]},
+                                                    "days": {"enum": [1, 2, 3]}},
+                   "required": ["unit", "days"], "additionalProperties": False}}}
+TIME = {"type": "function", "function": {
+    "name": "get_time", "parameters": {"type": "object", "properties": {
+        "zone": {"enum": ["UTC", "CET"]}}, "required": ["zone"], "additionalProperties": False}}}
+
+
+def follows(value: dict, schema: dict) -> bool:
+    """Enough of JSON Schema for these: required keys, no others, enums and booleans."""
+    props = schema["properties"]
+    if set(value) != set(schema["required"]) or not set(value) <= set(props):
+        return False
+    for key, rule in props.items():
+        if "enum" in rule and value[key] not in rule["enum"]:
+            return False
+        if rule.get("type") == "boolean" and not isinstance(value[key], bool):
+            return False
+    return True
+
+
+@pytest.mark.parametrize(("response_format", "tools", "tool_choice", "says"), [
+    ({"type": "json_schema", "json_schema": {"schema": {"type": "strnig"}}}, None, None,
+     "cannot be used"),
+    ({"type": "json_schema", "json_schema": {"name": "x"}}, None, None, "needs a 'schema'"),
+    ({"type": "yaml"}, None, None, "not supported"),
+    (None, None, "required", "no tools"),
+    (None, [WEATHER], {"type": "function", "function": {"name": "nope"}}, "not in tools"),
+    ({"type": "json_object"}, [WEATHER], "required", "not both"),
+    (None, [WEATHER], "sometimes", "not understood"),
+])
+def test_what_cannot_be_honoured_is_refused(response_format, tools, tool_choice, says):
+    with pytest.raises(ConstraintError, match=says):
+        grammar_for(response_format, tools, tool_choice)
+
+
+def test_free_answers_need_no_grammar():
+    assert grammar_for(None, [WEATHER], "auto") is None
+    assert grammar_for({"type": "text"}, None, {"type": "auto"}) is None
+
+
+@pytest.fixture(scope="module")
+def urls(served):  # noqa: F811
+    return served[0]
+
+
+@pytest.fixture(scope="module")
+def client(urls) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{urls}/v1", api_key="none", max_retries=0)
+
+
+def test_json_schema_answers_parse_and_follow_the_schema(client):
+    for question in ("Weather in Paris?", "Weather in Oslo?", "Weather in Rome?"):
+        answer = client.chat.completions.create(
+            model="default", messages=[{"role": "user", "content": question}], max_tokens=80,
+            temperature=0, response_format={"type": "json_schema", "json_schema": {
+                "name": "weather", "schema": SCHEMA, "strict": True}},
+        )
+        assert follows(json.loads(answer.choices[0].message.content), SCHEMA)
+    sampled = client.chat.completions.create(
+        model="default", messages=[{"role": "user", "content": "Any JSON object"}],
+        max_tokens=60, temperature=1.0, seed=3, response_format={"type": "json_object"},
+    )
+    if sampled.choices[0].finish_reason == "stop":  # free strings may run past max_tokens
+        assert isinstance(json.loads(sampled.choices[0].message.content), dict)
+
+
+def test_forced_tool_calls_name_the_tool_and_follow_its_schema(client):
+    choices = [({"type": "function", "function": {"name": "get_time"}}, {"get_time"}),
+               ("required", {"get_weather", "get_time"})]
+    for tool_choice, names in choices:
+        answer = client.chat.completions.create(
+            model="default", messages=[{"role": "user", "content": "What now?"}],
+            max_tokens=80, temperature=0, tools=[WEATHER, TIME], tool_choice=tool_choice,
+        )
+        choice = answer.choices[0]
+        assert choice.finish_reason == "tool_calls" and len(choice.message.tool_calls) == 1
+        call = choice.message.tool_calls[0].function
+        assert call.name in names
+        schema = (WEATHER if call.name == "get_weather" else TIME)["function"]["parameters"]
+        assert follows(json.loads(call.arguments), schema)
+
+    stream = client.chat.completions.create(
+        model="default", messages=[{"role": "user", "content": "Weather?"}], max_tokens=80,
+        temperature=0, tools=[WEATHER], tool_choice="required", stream=True,
+    )
+    deltas = [chunk.choices[0].delta for chunk in stream if chunk.choices]
+    calls = [c for delta in deltas for c in delta.tool_calls or []]
+    assert [c.function.name for c in calls] == ["get_weather"]
+
+
+def test_anthropic_forced_tool_and_output_format(urls):
+    client = anthropic.Anthropic(base_url=urls, api_key="none", max_retries=0)
+    tool = {"name": "get_weather", "description": "Weather in a city",
+            "input_schema": WEATHER["function"]["parameters"]}
+    message = client.messages.create(
+        model="default", max_tokens=80, messages=[{"role": "user", "content": "Weather?"}],
+        tools=[tool], tool_choice={"type": "tool", "name": "get_weather"},
+    )
+    assert message.stop_reason == "tool_use"
+    (block,) = [b for b in message.content if b.type == "tool_use"]
+    assert block.name == "get_weather" and follows(block.input, tool["input_schema"])
+    message = client.messages.create(
+        model="default", max_tokens=80, messages=[{"role": "user", "content": "Weather?"}],
+        extra_body={"output_config": {"format": {"type": "json_schema", "schema": SCHEMA}}},
+    )
+    assert follows(json.loads(message.content[0].text), SCHEMA)
+
+
+def test_an_invalid_schema_is_a_400(client):
+    with pytest.raises(openai.BadRequestError, match="cannot be used"):
+        client.chat.completions.create(
+            model="default", messages=[{"role": "user", "content": "hi"}],
+            response_format={"type": "json_schema", "json_schema": {
+                "name": "x", "schema": {"type": "object", "properties": {"a": {"type": 3}}}}},
+        )
