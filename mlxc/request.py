@@ -132,6 +132,7 @@ class Answer(BaseModel):
 
     text: str
     finish_reason: Literal["stop", "length", "tool_calls", "cancelled"] = "stop"
+    stop_sequence: str | None = None  # which of the request's stop strings ended the text
     tool_calls: list[dict[str, Any]] = Field(default_factory=list)
     usage: Usage = Field(default_factory=Usage)
     # Per token: {"id", "token", "bytes", "logprob", "top_logprobs": [...]} (see logprobs.py).

@@ -49,6 +49,10 @@ class Generation:
         self.done = threading.Event()
         self.prompt_tokens_done = 0  # prefill progress, for keep-alives and progress bars
         self.prompt_tokens_total = 0
+        # The whole prompt and the part reused from the prefix cache, set before prefill so
+        # that a stream can report its usage up front (Anthropic's message_start).
+        self.prompt_tokens = 0
+        self.reused_tokens = 0
 
     def publish(self, event: Event) -> None:
         final = not isinstance(event, Delta)

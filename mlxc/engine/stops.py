@@ -10,15 +10,17 @@ class StopMatcher:
         self._hold = max((len(s) for s in self.stops), default=1) - 1
         self._pending = ""
         self.stopped = False
+        self.matched: str | None = None  # the stop string that ended the text, if one did
 
     def feed(self, segment: str) -> tuple[str, bool]:
         """Add text; return what is safe to show now, and whether a stop string was hit."""
         if self.stopped:
             return "", True
         self._pending += segment
-        hits = [i for s in self.stops if (i := self._pending.find(s)) >= 0]
+        hits = [(i, s) for s in self.stops if (i := self._pending.find(s)) >= 0]
         if hits:
-            emit, self._pending = self._pending[: min(hits)], ""
+            at, self.matched = min(hits, key=lambda hit: hit[0])
+            emit, self._pending = self._pending[:at], ""
             self.stopped = True
             return emit, True
         if self._hold == 0:

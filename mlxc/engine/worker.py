@@ -257,6 +257,7 @@ class Engine:
         prompt_cache, todo = self.prompt_cache.fetch(tokens, request)
         reused = len(tokens) - len(todo)
         generation.prompt_tokens_total = len(todo)
+        generation.prompt_tokens, generation.reused_tokens = len(tokens), reused
 
         def on_prefill(done: int, _total: int) -> None:
             generation.prompt_tokens_done = done
@@ -314,6 +315,7 @@ class Engine:
         return Answer(
             text=text,
             finish_reason=stops.finish_reason(finish),
+            stop_sequence=stops.stops.matched,
             tool_calls=stops.tool_calls,
             usage=Usage(
                 prompt_tokens=len(tokens),

@@ -18,7 +18,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mlxc import __version__
-from mlxc.server import anthropic, health, openai
+from mlxc.server import anthropic, health, models, openai
 from mlxc.server.errors import ApiError, as_api_error, error_response
 from mlxc.server.flow import ClientGone
 from mlxc.server.state import ServerOptions, ServerState
@@ -77,11 +77,12 @@ def create_app(service: Service, options: ServerOptions | None = None) -> FastAP
     app.state.mlxc = state
     app.include_router(openai.router)
     app.include_router(anthropic.router)
+    app.include_router(models.router)
     app.include_router(health.router)
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> Response:
-        return error_response(exc, request.url.path)
+        return error_response(exc, request)
 
     @app.exception_handler(ClientGone)
     async def _client_gone(_request: Request, _exc: ClientGone) -> Response:
@@ -89,11 +90,11 @@ def create_app(service: Service, options: ServerOptions | None = None) -> FastAP
 
     @app.exception_handler(HTTPException)
     async def _http_error(request: Request, exc: HTTPException) -> Response:
-        return error_response(ApiError(exc.status_code, str(exc.detail)), request.url.path)
+        return error_response(ApiError(exc.status_code, str(exc.detail)), request)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> Response:
-        return error_response(as_api_error(exc), request.url.path)
+        return error_response(as_api_error(exc), request)
 
     app.add_middleware(RequestLog, state=state)
     return app

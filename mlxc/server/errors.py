@@ -43,14 +43,22 @@ class ApiError(Exception):
         self.message = message
         self.param = param
         self.code = code
+        self.headers: dict[str, str] | None = None  # e.g. Retry-After on a full queue
 
 
-def is_anthropic(path: str) -> bool:
-    return path.startswith("/v1/messages")
+def is_anthropic(request: Request) -> bool:
+    """Anthropic's dialect: its routes, or (on shared routes such as /v1/models) its headers.
+    A route's own dialect, set by its router's dependency, comes first."""
+    dialect = getattr(request.state, "dialect", None)
+    if dialect is not None:
+        return dialect == "anthropic"
+    if request.url.path.startswith("/v1/messages"):
+        return True
+    return "anthropic-version" in request.headers or "x-api-key" in request.headers
 
 
-def error_body(error: ApiError, path: str) -> dict[str, Any]:
-    if is_anthropic(path):
+def error_body(error: ApiError, anthropic: bool) -> dict[str, Any]:
+    if anthropic:
         kind = _ANTHROPIC_TYPES.get(error.status, "api_error")
         return {"type": "error", "error": {"type": kind, "message": error.message}}
     kind = "server_error" if error.status >= 500 else "invalid_request_error"
@@ -61,8 +69,10 @@ def error_body(error: ApiError, path: str) -> dict[str, Any]:
     }
 
 
-def error_response(error: ApiError, path: str) -> JSONResponse:
-    return JSONResponse(error_body(error, path), status_code=error.status)
+def error_response(error: ApiError, request: Request) -> JSONResponse:
+    return JSONResponse(
+        error_body(error, is_anthropic(request)), status_code=error.status, headers=error.headers
+    )
 
 
 def as_api_error(exc: BaseException) -> ApiError:

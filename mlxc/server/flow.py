@@ -18,7 +18,7 @@ from starlette.requests import Request
 from mlxc.request import Answer, GenerationRequest
 from mlxc.server.errors import ApiError, as_api_error
 from mlxc.server.state import ServerState
-from mlxc.service import Reply, replay
+from mlxc.service import Reply
 from mlxc.stream import Delta, Event, Failed, Finished
 
 BILLING_HEADER = "x-anthropic-billing-header:"
@@ -47,11 +47,6 @@ def strip_billing_header(text: str) -> str:
 
 def without_billing_blocks(texts: Iterable[str]) -> list[str]:
     return [t for t in (strip_billing_header(t) for t in texts) if t]
-
-
-async def _replayed(answer: Answer) -> AsyncIterator[Event]:
-    for event in replay(answer):
-        yield event
 
 
 @dataclass
@@ -115,10 +110,7 @@ async def start(
     # A stream must say something every `keepalive` seconds; a plain request only needs to
     # notice a client that left.
     keepalive = state.options.keepalive if stream else min(state.options.keepalive, DISCONNECT_POLL)
-    if reply.answer is not None:
-        rest = _replayed(reply.answer)
-    else:
-        rest = reply.generation.aevents(keepalive)
+    rest = reply.aevents(keepalive)
     try:
         first = await anext(rest)
     except BaseException:

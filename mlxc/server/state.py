@@ -7,17 +7,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 from starlette.requests import Request
 
 from mlxc.request import GenerationRequest
-from mlxc.server.errors import ApiError, as_api_error, check_api_key, parse_body
+from mlxc.server.errors import ApiError, as_api_error
 from mlxc.server.metrics import Metrics
 from mlxc.service import Service
-
-Body = TypeVar("Body", bound=BaseModel)
 
 
 @dataclass(frozen=True)
@@ -67,11 +65,6 @@ class ServerState:
                 code="model_not_found",
             )
         return name
-
-    async def parse(self, request: Request, model: type[Body]) -> Body:
-        """API key, then a bounded body, then JSON, then the pydantic model."""
-        check_api_key(request, self.options.api_key)
-        return await parse_body(request, model, self.options.max_body_bytes)
 
     def generation_request(self, **fields: Any) -> GenerationRequest:
         """The canonical request: omitted fields take the defaults `mlxc ask` uses (so the

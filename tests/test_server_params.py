@@ -1,0 +1,51 @@
+"""Honour or refuse: parameters this server cannot honour are 400s in the API's own shape,
+never silently ignored; those that change nothing are accepted. Real openai client, the
+session's server from test_server_api.py."""
+
+# ruff: noqa: F811  (fixtures imported from test_server_api, passed back as arguments)
+
+from __future__ import annotations
+
+import openai
+import pytest
+from test_server_api import MODEL, oai, post, server  # noqa: F401
+
+HI = [{"role": "user", "content": "hi"}]
+
+
+@pytest.mark.parametrize("extra", [
+    {"n": 2}, {"ignore_eos": True}, {"logit_bias": {"1": 5}}, {"frobnicate": True},
+    {"functions": [{"name": "f"}]}, {"modalities": ["text", "audio"]}, {"verbosity": "high"},
+])
+def test_chat_refuses_what_it_cannot_honour(oai, extra):
+    with pytest.raises(openai.BadRequestError) as caught:
+        oai.chat.completions.create(model=MODEL, messages=HI, max_tokens=4, extra_body=extra)
+    error = caught.value.body
+    assert error["type"] == "invalid_request_error" and error["param"] == next(iter(extra))
+
+
+@pytest.mark.parametrize("extra", [{"n": 3}, {"best_of": 2}, {"suffix": "end"}])
+def test_completions_refuse_what_they_cannot_honour(oai, extra):
+    with pytest.raises(openai.BadRequestError):
+        oai.completions.create(model=MODEL, prompt="The quick", max_tokens=4, extra_body=extra)
+
+
+def test_fields_that_change_nothing_are_accepted(oai):
+    done = oai.chat.completions.create(
+        model=MODEL, messages=HI, max_tokens=4, n=1, user="me", metadata={"k": "v"},
+        store=False, service_tier="auto", reasoning_effort="low", parallel_tool_calls=False,
+        prompt_cache_key="conversation-1", safety_identifier="someone")
+    assert done.choices[0].finish_reason in ("stop", "length")
+
+
+def test_stream_options_include_usage_is_kept(oai):
+    chunks = list(oai.chat.completions.create(
+        model=MODEL, messages=HI, max_tokens=4, stream=True,
+        stream_options={"include_usage": True}))
+    assert chunks[-1].usage.total_tokens > 0 and all(c.usage is None for c in chunks[:-1])
+
+
+def test_errors_in_openai_shape_on_openai_routes(server):
+    refused = post(server, "/v1/completions", {"model": MODEL, "prompt": "x", "n": 2})
+    assert refused.status_code == 400
+    assert refused.json()["error"]["param"] == "n"
