@@ -251,7 +251,8 @@ class CompletionAdapter(Adapter[CompletionBody]):
         if body.echo:
             echoed = answer.prompt_logprobs or []
             prompt = _one_prompt(body)
-            text = (prompt if isinstance(prompt, str) else "".join(e["token"] for e in echoed)) + text
+            said = prompt if isinstance(prompt, str) else "".join(e["token"] for e in echoed)
+            text = said + text
             entries = echoed + (entries or []) if body.logprobs is not None else None
         choice = {"index": 0, "text": text,
                   "logprobs": completion_logprobs(entries, body.logprobs or 0),
