@@ -103,7 +103,9 @@ def post(server, path, body, headers=None, key=KEY, timeout=120) -> httpx.Respon
 
 
 def health(server) -> dict:
-    return httpx.get(f"{server}/health", timeout=10).json()
+    # with the key: without it, a keyed server's /health says only whether it is up
+    return httpx.get(f"{server}/health", timeout=10,
+                     headers={"Authorization": f"Bearer {KEY}"}).json()
 
 
 def chat(oai, question, max_tokens=8, **kwargs):

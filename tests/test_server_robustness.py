@@ -191,7 +191,7 @@ def test_health_and_metrics(server):
         assert isinstance(cache[field], int)
     assert cache["hit_rate"].endswith("%") and cache["hits"] > 0, body
     assert body["tokens_per_second"] > 0 and body["queue_depth"] == 0
-    metrics = httpx.get(f"{server}/metrics")
+    metrics = httpx.get(f"{server}/metrics", headers={"Authorization": f"Bearer {KEY}"})
     assert metrics.headers["content-type"].startswith("text/plain")
     text = metrics.text
     for name in ("mlxc_requests_total{", "mlxc_cache_total{result=\"hit\"}",

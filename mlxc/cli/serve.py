@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import socket
 import time
 from typing import Annotated
@@ -58,6 +59,18 @@ def _listen(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _connection_cap(wanted: int) -> int:
+    """At most `wanted`, and enough below the file-descriptor limit for the model's files,
+    the cache databases and the log."""
+    try:
+        import resource
+
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    except (ImportError, ValueError, OSError):
+        return wanted
+    return max(1, min(wanted, soft - 64)) if soft > 0 else wanted
+
+
 def serve(
     host: Annotated[str, typer.Option(help="Address to bind; loopback by default.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8081,
@@ -83,6 +96,24 @@ def serve(
         float, typer.Option(help="Seconds of silence before a stream sends a keep-alive.")
     ] = 10.0,
     max_body: Annotated[str, typer.Option(help="Largest request body accepted.")] = "4MB",
+    allowed_hosts: Annotated[
+        list[str] | None,
+        typer.Option("--allowed-hosts", help="Another Host name to answer to (repeatable; "
+                     "'*' for any), e.g. a LAN name. Loopback names and --host always work."),
+    ] = None,
+    cors: Annotated[
+        list[str] | None,
+        typer.Option(help="Allow browser pages from this origin (repeatable; '*' for any), "
+                     "e.g. http://localhost:3000. Off by default: web pages are refused."),
+    ] = None,
+    request_timeout: Annotated[
+        float, typer.Option(help="Seconds a client has to send a request's head, and then "
+                            "its body; a slower one gets 408 and is closed.")
+    ] = 30.0,
+    max_connections: Annotated[
+        int, typer.Option(help="Open connections at most; past it the oldest idle one is "
+                          "closed, or the new one refused with 503.")
+    ] = 512,
     cache_dir: CacheDirOption = None,
     cache_policy: CachePolicyOption = None,
     dtype: DtypeOption = None,
@@ -101,6 +132,8 @@ def serve(
     from mlxc.config import parse_size
     from mlxc.errors import InputError
     from mlxc.server.app import create_app
+    from mlxc.server.guard import GuardOptions, host_names
+    from mlxc.server.limits import Throttle, ThrottledLog, guarded_protocol
     from mlxc.server.state import ServerOptions
     from mlxc.service import Service
 
@@ -108,6 +141,10 @@ def serve(
         raise InputError("--temperature must be between 0 and 2")
     if keepalive <= 0:
         raise InputError("--keepalive must be a positive number of seconds")
+    if request_timeout <= 0:
+        raise InputError("--request-timeout must be a positive number of seconds")
+    if max_connections < 1:
+        raise InputError("--max-connections must be at least 1")
     # A server sits idle between a reply and the follow-up: a good time to prefill its opening.
     settings = settings_from(cache_dir, cache_policy, dtype, model).with_overrides(
         next_turn_prefill=True
@@ -138,7 +175,13 @@ def serve(
             aliases=tuple(alias or ()),
             log=log,
         )
-        app = create_app(service, options)
+        guard = GuardOptions(
+            hosts=host_names(host, [h for v in allowed_hosts or () for h in v.split(",")]),
+            cors=tuple(c for v in cors or () for c in v.split(",") if c.strip()),
+            body_timeout=request_timeout,
+            api_key=options.api_key,
+        )
+        app = create_app(service, options, guard)
         url = f"http://{host if ':' not in host else f'[{host}]'}:{port}"
         table = Table.grid(padding=(0, 2))
         table.add_row("[bold]model[/bold]", f"{app.state.mlxc.model_id} ({engine.dtype})")
@@ -150,6 +193,8 @@ def serve(
             f"{_human(stats.size_limit)} · policy {settings.cache_policy}",
         )
         table.add_row("[bold]API key[/bold]", "required" if api_key else "off")
+        table.add_row("[bold]browsers[/bold]",
+                      f"CORS for {', '.join(guard.cors)}" if guard.cors else "refused (--cors)")
         console.print(Panel(table, title="mlxc serve", title_align="left", expand=False))
         config = uvicorn.Config(
             app,
@@ -159,7 +204,11 @@ def serve(
             access_log=False,  # RequestLog writes one line per request instead
             lifespan="off",
             timeout_graceful_shutdown=3,  # open streams must not hold up Ctrl-C
+            timeout_keep_alive=5,  # idle keep-alive connections are closed
+            http=guarded_protocol(request_timeout, _connection_cap(max_connections),
+                                  Throttle(log)),
         )
+        logging.getLogger("uvicorn.error").addFilter(ThrottledLog())  # one line per cause
         uvicorn.Server(config).run(sockets=[sock])
     finally:
         sock.close()

@@ -8,6 +8,7 @@ thread) or on disk in the event loop (store calls run in the thread pool).
 
 from __future__ import annotations
 
+import logging
 import time
 
 from fastapi import FastAPI
@@ -21,17 +22,23 @@ from mlxc import __version__
 from mlxc.server import anthropic, health, models, openai
 from mlxc.server.errors import ApiError, as_api_error, error_response
 from mlxc.server.flow import ClientGone
+from mlxc.server.guard import Guard, GuardOptions
 from mlxc.server.state import ServerOptions, ServerState
 from mlxc.service import Service
+
+log = logging.getLogger("mlxc.server")
 
 
 class RequestLog:
     """Pure ASGI (so streams pass through untouched): adds `X-Mlxc-Cache` to every response,
-    counts the request in the metrics and logs one line when its last byte is sent."""
+    counts the request in the metrics and logs one line when its last byte is sent. An
+    unexpected exception is answered here in the API's shape (Starlette's outermost handler
+    would answer after this line was logged as 'gone'), and every 5xx line says why."""
 
     def __init__(self, app: ASGIApp, state: ServerState) -> None:
         self.app = app
         self.state = state
+        self.told: set[type] = set()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -51,24 +58,38 @@ class RequestLog:
             await send(message)
 
         self.state.metrics.request_started()
+        path = scope.get("path", "")
         try:
             await self.app(scope, receive, send_with_header)
+        except Exception as exc:  # what no handler answered: a bug, said once with its cause
+            error = as_api_error(exc)
+            info["error"] = f"{type(exc).__name__}: {exc}"
+            if type(exc) not in self.told:  # the traceback once per kind: no flood
+                self.told.add(type(exc))
+                log.error("%s %s failed", scope.get("method", ""), path, exc_info=exc)
+            if not status:
+                await error_response(error, Request(scope))(scope, receive, send_with_header)
         finally:
             seconds = time.perf_counter() - started
             cache = info.get("cache", "-")
-            path = scope.get("path", "")
             self.state.metrics.on_request(path, status or 499, cache, seconds)
-            if self.state.options.log is not None:
+            say = self.state.options.log
+            if say is not None:
                 tokens = info.get("tokens")
-                self.state.options.log(
+                why = f" ({info['error']})" if status >= 500 and info.get("error") else ""
+                say(
                     f"{scope.get('method', '')} {path} {status or 'gone'} {cache}"
                     + (f" {tokens} tok" if tokens is not None else "")
-                    + f" {seconds * 1000:.0f} ms"
+                    + f" {seconds * 1000:.0f} ms{why}"
                 )
 
 
-def create_app(service: Service, options: ServerOptions | None = None) -> FastAPI:
+def create_app(
+    service: Service, options: ServerOptions | None = None, guard: GuardOptions | None = None
+) -> FastAPI:
+    """The app; `guard` says which hosts and origins may call it (loopback only by default)."""
     state = ServerState(service, options or ServerOptions())
+    guard = guard or GuardOptions(api_key=state.options.api_key)
     # Bodies are parsed by hand (mlxc.server.errors.parse_body) so that each API gets its
     # own error shape; FastAPI's generated docs would not describe them, so they are off.
     app = FastAPI(
@@ -82,6 +103,8 @@ def create_app(service: Service, options: ServerOptions | None = None) -> FastAP
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> Response:
+        if exc.status >= 500:
+            request.state.error = exc.message  # for the request's log line
         return error_response(exc, request)
 
     @app.exception_handler(ClientGone)
@@ -92,9 +115,13 @@ def create_app(service: Service, options: ServerOptions | None = None) -> FastAP
     async def _http_error(request: Request, exc: HTTPException) -> Response:
         return error_response(ApiError(exc.status_code, str(exc.detail)), request)
 
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> Response:
-        return error_response(as_api_error(exc), request)
-
     app.add_middleware(RequestLog, state=state)
+    if guard.cors:
+        from starlette.middleware.cors import CORSMiddleware
+
+        app.add_middleware(
+            CORSMiddleware, allow_origins=list(guard.cors), allow_methods=["*"],
+            allow_headers=["*"], expose_headers=["X-Mlxc-Cache"], max_age=600,
+        )
+    app.add_middleware(Guard, options=guard, say=state.options.log or log.warning)
     return app

@@ -59,7 +59,8 @@ def is_anthropic(request: Request) -> bool:
 
 def error_body(error: ApiError, anthropic: bool) -> dict[str, Any]:
     if anthropic:
-        kind = _ANTHROPIC_TYPES.get(error.status, "api_error")
+        default = "invalid_request_error" if error.status < 500 else "api_error"
+        kind = _ANTHROPIC_TYPES.get(error.status, default)
         return {"type": "error", "error": {"type": kind, "message": error.message}}
     kind = "server_error" if error.status >= 500 else "invalid_request_error"
     if error.status == 401:

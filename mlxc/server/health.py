@@ -1,7 +1,8 @@
-"""GET /health (open even with --api-key: monitors and load balancers read it) and GET
-/metrics. Both answer in milliseconds during a long generation: they read counters, the
-engine's queue and the store's statistics (in a worker thread: SQLite may wait on a lock),
-never the model."""
+"""GET /health (open even with --api-key: monitors and load balancers read it; without the
+key it says only whether the model is up) and GET /metrics (behind the key: the guard).
+Both answer in milliseconds during a long generation: they read counters, the engine's
+queue and the store's statistics (in a worker thread: SQLite may wait on a lock), never the
+model."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 
 from mlxc import __version__
+from mlxc.server.guard import key_given
 from mlxc.server.state import ServerState, get_state
 
 router = APIRouter()
@@ -45,6 +47,9 @@ async def _store_stats(state: ServerState) -> dict[str, Any] | None:
 async def health(request: Request) -> Response:
     state = get_state(request)
     status, loaded, depth = _engine_status(state)
+    if not key_given(request.headers, state.options.api_key):  # no paths, no figures
+        body = {"status": status, "model_loaded": loaded, "version": __version__}
+        return JSONResponse(body, status_code=503 if status == "error" else 200)
     stats = await _store_stats(state)
     cache: dict[str, Any] = {"error": "the response store cannot be read"}
     if stats is not None:

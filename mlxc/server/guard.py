@@ -1,0 +1,184 @@
+"""What a web page in the user's browser must not be able to do to a local server, and the
+request body's deadline. Pure ASGI middleware, outermost, so refusals cost no parsing.
+
+- Host allow-list: loopback names, the address the server is bound to, and
+  `--allowed-hosts`. A DNS-rebinding page reaches 127.0.0.1 under its own name, so a
+  foreign Host is refused (`403`).
+- Origin: browsers send it on cross-site requests (and on every POST); one that is not this
+  server itself nor named by `--cors` is refused (`403`), so a page cannot use the API
+  with the user's network position. `--cors` also answers preflights (Starlette's CORS).
+- Content-Type: a body must be `application/json` (`415`). A cross-site form or
+  `fetch(..., {mode: "no-cors"})` can send `text/plain` without a preflight; JSON cannot.
+- `/metrics` needs the API key when one is set (`/health` then shows only the basics).
+- The whole body must arrive within `body_timeout` seconds of the head (`408`, and the
+  connection is closed): a half-sent body must not hold a connection forever.
+
+Each refusal is in the API's own error shape; the log says each cause once a minute.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import ipaddress
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from starlette.datastructures import Headers, MutableHeaders
+from starlette.requests import Request
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from mlxc.server.errors import ApiError, error_response
+from mlxc.server.limits import Throttle
+
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+WILDCARDS = ("", "0.0.0.0", "::")
+BODY_METHODS = ("POST", "PUT", "PATCH")
+
+
+@dataclass(frozen=True)
+class GuardOptions:
+    hosts: tuple[str, ...] = LOOPBACK_NAMES  # names the server answers to; "*": any
+    cors: tuple[str, ...] = ()  # origins allowed besides the server itself; "*": any
+    body_timeout: float = 30.0
+    api_key: str | None = None
+
+
+def host_names(bound: str, extra: Iterable[str] = ()) -> tuple[str, ...]:
+    """The Host names to answer to: loopback, the bound address (and, bound to every
+    interface, this machine's name), and the user's `--allowed-hosts`."""
+    import socket
+
+    names = [*LOOPBACK_NAMES, bound.strip("[]").lower()]
+    if bound in WILDCARDS:
+        names += [socket.gethostname().lower(), socket.getfqdn().lower()]
+    names += [h.strip().lower() for h in extra if h.strip()]
+    return tuple(dict.fromkeys(n for n in names if n not in WILDCARDS))
+
+
+def _hostname(netloc: str) -> str:
+    """'Example.COM:8081' -> 'example.com', '[::1]:80' -> '::1'."""
+    try:
+        name = urlsplit(f"//{netloc}").hostname or ""
+    except ValueError:
+        return "\0"  # unparseable: matches nothing
+    return name.rstrip(".")
+
+
+def _is_loopback(name: str) -> bool:
+    if name == "localhost" or name.endswith(".localhost"):  # RFC 6761: always loopback
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def key_given(headers: Headers, api_key: str | None) -> bool:
+    """The request carries the API key (Bearer or x-api-key), compared in constant time."""
+    if not api_key:
+        return True
+    given = headers.get("x-api-key", "")
+    auth = headers.get("authorization", "")
+    if auth[:7].lower() == "bearer ":
+        given = given or auth[7:].strip()
+    return hmac.compare_digest(given.encode(), api_key.encode())
+
+
+class Guard:
+    def __init__(self, app: ASGIApp, options: GuardOptions,
+                 say: Callable[[str], None]) -> None:
+        self.app = app
+        self.options = options
+        self.note = Throttle(say)
+        self.hosts = frozenset(options.hosts)
+        self.cors = frozenset(o.rstrip("/").lower() for o in options.cors)
+
+    def host_ok(self, host: str | None) -> bool:
+        if host is None or "*" in self.hosts:  # HTTP/1.0 clients send none; browsers do
+            return True
+        name = _hostname(host)
+        return name in self.hosts or _is_loopback(name)
+
+    def origin_ok(self, origin: str | None, host: str | None) -> bool:
+        if origin is None or "*" in self.cors:
+            return True
+        origin = origin.rstrip("/").lower()
+        if origin in self.cors:
+            return True
+        own = urlsplit(origin).netloc if "://" in origin else None
+        return own is not None and host is not None and own == host.lower()
+
+    def refusal(self, scope: Scope, headers: Headers) -> ApiError | None:
+        host, origin = headers.get("host"), headers.get("origin")
+        if not self.host_ok(host):
+            self.note("host", f"refused requests for Host {host!r}: not a name of this "
+                      "server (a DNS-rebinding page?); allow it with --allowed-hosts")
+            return ApiError(403, f"Host {host!r} is not allowed here; start the server "
+                            "with --allowed-hosts to allow it", code="host_not_allowed")
+        if not self.origin_ok(origin, host):
+            self.note("origin", f"refused browser requests from Origin {origin!r}; "
+                      "allow it with --cors")
+            return ApiError(403, f"cross-origin requests from {origin!r} are not allowed; "
+                            "start the server with --cors to allow them",
+                            code="origin_not_allowed")
+        if scope["method"] in BODY_METHODS:
+            kind = headers.get("content-type", "").split(";")[0].strip().lower()
+            if kind != "application/json":
+                self.note("type", f"refused bodies of type {kind or 'none'!r}")
+                return ApiError(415, f"the body must be application/json, not "
+                                f"{kind or 'untyped'}", code="unsupported_media_type")
+        if scope["path"] == "/metrics" and not key_given(headers, self.options.api_key):
+            return ApiError(401, "invalid or missing API key", code="invalid_api_key")
+        return None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = Headers(scope=scope)
+        if (error := self.refusal(scope, headers)) is not None:
+            await error_response(error, Request(scope))(scope, receive, _closing(send))
+            return
+        if scope["method"] not in BODY_METHODS:
+            await self.app(scope, receive, send)
+            return
+        await self.app(scope, *self._body_deadline(receive, send))
+
+    def _body_deadline(self, receive: Receive, send: Send) -> tuple[Receive, Send]:
+        """receive() with the body's deadline (not after it: waiting for a disconnect is
+        forever by design), and a send that closes the connection after a timeout."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.options.body_timeout
+        state = {"done": False, "late": False}
+
+        async def timed_receive() -> Message:
+            if state["done"]:
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(deadline - loop.time(), 0))
+            except asyncio.TimeoutError:
+                state["late"] = True
+                self.note("body", f"gave up on request bodies that took over "
+                          f"{self.options.body_timeout:g} s (--request-timeout)")
+                raise ApiError(408, "the request body did not arrive in time",
+                               code="timeout") from None
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                state["done"] = True
+            return message
+
+        async def send_closing_if_late(message: Message) -> None:
+            await (_closing(send) if state["late"] else send)(message)
+
+        return timed_receive, send_closing_if_late
+
+
+def _closing(send: Send) -> Send:
+    """A send that asks for the connection to be closed after this response."""
+    async def closing(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            MutableHeaders(scope=message)["connection"] = "close"
+        await send(message)
+
+    return closing
