@@ -19,7 +19,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mlxc import __version__
-from mlxc.server import anthropic, health, models, openai
+from mlxc.server import anthropic, health, models, openai, responses
 from mlxc.server.errors import ApiError, as_api_error, error_response
 from mlxc.server.flow import ClientGone
 from mlxc.server.guard import Guard, GuardOptions
@@ -99,6 +99,7 @@ def create_app(
     app.include_router(openai.router)
     app.include_router(anthropic.router)
     app.include_router(models.router)
+    app.include_router(responses.router)
     app.include_router(health.router)
 
     @app.exception_handler(ApiError)

@@ -67,6 +67,7 @@ class Turn(Generic[Body]):
     model: str  # the name to echo back: the client's own, aliases included
     request: GenerationRequest
     call: Call
+    state: ServerState
     id: str
     created: int = field(default_factory=lambda: int(time.time()))
     extra: dict[str, Any] = field(default_factory=dict)  # an adapter's own per-request data
@@ -153,7 +154,7 @@ class Adapter(Generic[Body]):
         generation_request = await self.prepare(state, body)
         stream = bool(getattr(body, "stream", False))
         call = await start(state, generation_request, request, stream)
-        turn = Turn(body, model, generation_request, call, self.new_id())
+        turn = Turn(body, model, generation_request, call, state, self.new_id())
         if stream:
             return sse.EventStream(self.writer(self, turn)())
         answer = await call.answer(request)

@@ -6,6 +6,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ from pydantic import ValidationError
 from starlette.requests import Request
 
 from mlxc.request import GenerationRequest
+from mlxc.server.conversations import Conversations
 from mlxc.server.errors import ApiError, as_api_error
 from mlxc.server.metrics import Metrics
 from mlxc.service import Service
@@ -35,6 +37,11 @@ class ServerState:
     options: ServerOptions
     metrics: Metrics = field(default_factory=Metrics)
     started: float = field(default_factory=time.time)
+
+    @cached_property
+    def conversations(self) -> Conversations:
+        """Stored Responses (previous_response_id), next to the response cache."""
+        return Conversations(self.service.settings.cache_dir / "conversations")
 
     @property
     def model_id(self) -> str:
