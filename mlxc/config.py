@@ -81,6 +81,7 @@ class Settings:
     redis_url: str | None = None
     prefix_memory_bytes: int | None = None  # None: a share of free memory
     prefix_disk_bytes: int = 4 << 30
+    prefix_block_tokens: int = 256  # KV block size of the prefix cache (tokens)
     next_turn_prefill: bool = False  # serve: prefill a follow-up's opening while idle
 
     @property
@@ -112,6 +113,8 @@ class Settings:
             )
         if self.dtype not in DTYPES:
             raise ConfigError(f"unknown dtype {self.dtype!r}: use one of {', '.join(DTYPES)}")
+        if not 16 <= self.prefix_block_tokens <= 4096:
+            raise ConfigError("the prefix block size must be 16 to 4096 tokens")
         if self.ttl_seconds is not None and self.ttl_seconds <= 0:
             raise ConfigError("the cache TTL must be a positive number of seconds")
         return self
@@ -139,4 +142,13 @@ def load_settings() -> Settings:
         redis_url=_env("REDIS_URL"),
         prefix_memory_bytes=parse_size(mem) if mem else None,
         prefix_disk_bytes=parse_size(_env("PREFIX_DISK", str(base.prefix_disk_bytes))),
+        prefix_block_tokens=_int_env("PREFIX_BLOCK", base.prefix_block_tokens),
     ).validated()
+
+
+def _int_env(name: str, default: int) -> int:
+    value = _env(name)
+    try:
+        return int(value) if value else default
+    except ValueError:
+        raise ConfigError(f"MLXC_{name}={value!r} is not a whole number") from None

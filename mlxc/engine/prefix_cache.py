@@ -3,11 +3,12 @@ so a follow-up turn or a shared system prompt prefills only the tokens it has no
 
 Engine thread only, except `stats()`, which reads plain Python numbers from any thread.
 
-- Memory tier (prefix_memory.py): mlx-lm's trie + LRU with a byte budget, without its deep
-  copy on every hit: a state the prompt extends is taken over, a diverging one is shared.
-- Disk tier (prefix_disk.py): every stored state is written through, so it survives restarts.
-- Caches that cannot be trimmed (sliding window, recurrent): states are also kept at message
-  boundaries (end of the system prompt, end of the conversation before the answer).
+- Trimmable caches (full attention: KVCache, QuantizedKVCache): fixed token blocks named by a
+  hash chain, the same blocks in memory and on disk, written by a writer thread
+  (prefix_block_cache.py). A turn writes only its new tokens; prefixes are shared.
+- Caches that cannot be trimmed (sliding window, recurrent): whole states, also kept at
+  message boundaries (end of the system prompt, end of the conversation before the answer)
+  (prefix_states.py).
 """
 
 from __future__ import annotations
@@ -15,27 +16,17 @@ from __future__ import annotations
 import copy
 import logging
 import os
-import sqlite3
 from collections import Counter
 from typing import Any
 
 from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
 
 from mlxc.config import Settings
-from mlxc.engine.prefix_disk import DiskTier, state_nbytes
 from mlxc.engine.prefix_index import COUNTERS, read_stats, summarize
-from mlxc.engine.prefix_memory import (
-    ALWAYS_TRIMMABLE,
-    Match,
-    MemoryTier,
-    best_match,
-    cache_length,
-    prefix_view,
-)
+from mlxc.engine.prefix_memory import ALWAYS_TRIMMABLE, cache_length
 from mlxc.engine.turns import message_boundaries
 
 log = logging.getLogger("mlxc.prefix")
-DISK_ERRORS = (OSError, sqlite3.Error)  # a full or broken disk costs reuse, never an answer
 MIN_REUSE = 8  # fewer shared tokens (a chat template's header) are not worth a lookup
 MEMORY_SHARE = 0.25  # of the memory available at start, when no budget is set
 
@@ -71,79 +62,59 @@ class PrefixCache:
         self.trimmable = all(name in ALWAYS_TRIMMABLE for name in self.classes)
         budget = settings.prefix_memory_bytes
         self.memory_limit = default_memory_budget() if budget is None else budget
-        self.memory = (
-            MemoryTier(self.memory_limit, self.fingerprint) if self.memory_limit > 0 else None
-        )
         self.disk_limit = settings.prefix_disk_bytes if fingerprint else 0
         self.directory = settings.prefix_dir
-        self.disk = (
-            DiskTier(self.directory, self.fingerprint, self.disk_limit, self.classes)
-            if self.disk_limit > 0 else None
-        )
-        base = self.disk.index.counters() if self.disk else read_stats(self.directory)
-        self.totals = Counter({name: base[name] for name in COUNTERS})
+        self.tiers: Any = None
+        if self.memory_limit > 0 or self.disk_limit > 0:
+            args = (model, self.fingerprint, self.classes, self.directory, self.memory_limit,
+                    self.disk_limit)
+            if self.trimmable:
+                from mlxc.engine.prefix_block_cache import BlockTiers
+
+                self.tiers = BlockTiers(*args, block_size=settings.prefix_block_tokens,
+                                        min_reuse=MIN_REUSE)
+            else:
+                from mlxc.engine.prefix_states import WholeStates
+
+                self.tiers = WholeStates(*args, min_reuse=MIN_REUSE)
+        self.totals = Counter({name: read_stats(self.directory)[name] for name in COUNTERS})
         self._unsaved: Counter = Counter()
+        self._written_seen = self._skipped_seen = 0
         self.last_reused = 0  # prompt tokens the last fetch took from a tier (not prefilled)
 
     @property
     def keeps_states(self) -> bool:
-        # Not `self.memory or self.disk`: an empty memory tier has len() 0, so it is falsy.
-        return self.memory is not None or self.disk is not None
+        return self.tiers is not None
 
     # -- lookup ------------------------------------------------------------------------------
 
     def fetch(self, tokens: list[int], request: Any = None, count: bool = True):
         """(state to extend, tokens still to prefill): the longest cached prefix from either
         tier, or a fresh state. At least one token is always left to feed."""
-        cache, reused, tier = self._reuse(tokens)
+        if self.tiers is not None:
+            cache, reused, per_tier = self.tiers.reuse(tokens)
+        else:
+            cache, reused, per_tier = make_prompt_cache(self.model), 0, {}
         self.last_reused = reused
         if count:
-            self._count(tier, reused, len(tokens) - reused)
+            self._count(per_tier, reused, len(tokens) - reused)
         if not self.trimmable and request is not None and self.keeps_states:
             reused = self._checkpoint(cache, tokens, reused, request)
         return cache, tokens[reused:]
 
-    def _reuse(self, tokens: list[int]) -> tuple[list[Any], int, str | None]:
-        if len(tokens) > MIN_REUSE:
-            mem = self.memory.best(tokens, self.trimmable) if self.memory else None
-            mem_reuse = mem.reuse if mem else 0
-            while self.disk is not None:  # a bad file is dropped, then the next best is tried
-                try:
-                    self.disk.refresh()
-                    found = best_match(self.disk.trie, self.fingerprint, tokens, self.trimmable)
-                    if found is None or found.reuse <= max(mem_reuse, MIN_REUSE - 1):
-                        break
-                    cache = self.disk.load(found.key)
-                except DISK_ERRORS as exc:
-                    log.warning("prefix cache: disk tier unreadable (%s)", exc)
-                    break
-                if cache is not None:
-                    trim_prompt_cache(cache, len(found.key) - found.reuse)
-                    return cache, found.reuse, "disk"
-            if mem is not None and mem_reuse >= MIN_REUSE:
-                return self._from_memory(mem), mem_reuse, "memory"
-        return make_prompt_cache(self.model), 0, None
-
-    def _from_memory(self, match: Match) -> list[Any]:
-        drop = len(match.key) - match.reuse
-        if self.trimmable and drop <= 1:  # the prompt extends this state: take it, no copy
-            cache = self.memory.take(match.key).prompt_cache
-            trim_prompt_cache(cache, drop)
-            return cache
-        entry = self.memory.peek(match.key)
-        if self.trimmable:  # diverges: share its first tokens, keep it for its own branch
-            return prefix_view(entry.prompt_cache, match.reuse)
-        if entry.cache_type == "assistant":  # an answer's state: its next turn takes it
-            return self.memory.take(match.key).prompt_cache
-        return copy.deepcopy(entry.prompt_cache)  # a boundary state stays for other prompts
-
-    def _count(self, tier: str | None, reused: int, prefilled: int) -> None:
-        hit = tier is not None
+    def _count(self, per_tier: dict[str, int], reused: int, prefilled: int) -> None:
+        hit = reused > 0
+        tier = "disk" if per_tier.get("disk") else "memory"
         counts = {
             "hits": int(hit), "misses": int(not hit), "tokens_reused": reused,
-            "tokens_prefilled": prefilled, "memory_hits": int(tier == "memory"),
-            "disk_hits": int(tier == "disk"),
+            "tokens_prefilled": prefilled, "memory_hits": int(hit and tier == "memory"),
+            "disk_hits": int(hit and tier == "disk"),
+            "memory_tokens_reused": per_tier.get("memory", 0),
+            "disk_tokens_reused": per_tier.get("disk", 0),
         }
+        self._add(counts)
+
+    def _add(self, counts: dict[str, int]) -> None:
         self.totals.update(counts)
         self._unsaved.update(counts)
 
@@ -172,6 +143,7 @@ class PrefixCache:
     ) -> list[int] | None:
         """Keep the state for these tokens (memory, and written through to disk). `tokens`
         may run past the state (a last sampled token never fed): the key is cut to match.
+        Blocks: only the new tokens' arrays are copied here; `cache` stays the caller's.
         Returns the key kept, if any."""
         held = cache_length(cache)
         key = list(tokens[:held] if held is not None else tokens)
@@ -179,31 +151,21 @@ class PrefixCache:
             if not self.trimmable:
                 return None
             trim_prompt_cache(cache, held - len(key))
-        if len(key) <= MIN_REUSE:
+        if len(key) <= MIN_REUSE or self.tiers is None:
             return None
-        if self.memory is not None:
-            self.memory.insert_cache(self.fingerprint, key, cache, cache_type=kind)
-        try:
-            if self.disk is not None and self.disk.save(key, cache, kind, state_nbytes(cache)):
-                if self.trimmable:
-                    self.disk.drop_prefixes(key)
-            self._save_counts()
-        except DISK_ERRORS as exc:
-            log.warning("prefix cache: cannot write the disk tier (%s)", exc)
+        if self.trimmable:
+            self.tiers.keep(key, cache)
+        else:
+            self._add({"bytes_written": self.tiers.keep(key, cache, kind)})
+        self._save_counts()
         return key
 
     def extend(self, key: list[int], more: list[int], cache: list[Any]) -> bool:
         """Feed `more` tokens to `cache`, the state just stored for `key`, and store it again as
-        key + more. On disk the new file replaces the old one only once it is complete, so a
-        kill meanwhile loses nothing. False if there is nothing to do or it cannot be undone
-        (an untrimmable cache could not drop the tokens if the guess is wrong)."""
+        key + more (blocks: only the new tail is written). False if there is nothing to do or it
+        cannot be undone (an untrimmable cache could not drop the tokens if the guess is wrong)."""
         if not (more and self.trimmable and self.keeps_states):
             return False
-        if self.memory is not None:
-            try:
-                self.memory.take(key)  # it becomes the longer entry
-            except KeyError:  # evicted meanwhile: the state is still good
-                pass
         self._prefill(cache, more)
         self.store([*key, *more], cache)
         return True
@@ -216,41 +178,50 @@ class PrefixCache:
         return len(tokens)
 
     def _save_counts(self) -> None:
-        if self.disk is not None and self._unsaved:
-            self.disk.index.add_counts(dict(self._unsaved))
-        self._unsaved.clear()
+        disk = getattr(self.tiers, "disk", None) if self.trimmable else None
+        if disk is not None:  # the writer thread's bytes, since the last save
+            written, skipped = disk.bytes_written, disk.writes_skipped
+            self._add({"bytes_written": written - self._written_seen,
+                       "writes_skipped": skipped - self._skipped_seen})
+            self._written_seen, self._skipped_seen = written, skipped
+        counts = {k: v for k, v in self._unsaved.items() if v}
+        if counts and self.tiers is not None and self.tiers.add_counts(counts):
+            self._unsaved.clear()
+
+    def flush(self) -> None:
+        """Wait until queued disk writes are done (tests and benchmarks; never in the request
+        path). Safe from any thread."""
+        if self.tiers is not None:
+            self.tiers.flush()
 
     # -- reporting and housekeeping ------------------------------------------------------------
 
     def stats(self) -> dict[str, Any]:
         """Plain numbers, safe to read from any thread (no MLX, no I/O)."""
-        disk, memory = self.disk, self.memory
-        figures = summarize(
-            dict(self.totals), disk.nbytes if disk else 0, disk.entries if disk else 0
-        )
+        tiers = self.tiers
+        disk = getattr(tiers, "disk", None)
+        if disk is not None and self.trimmable:
+            disk_bytes, disk_entries = disk.nbytes, disk.nblocks
+        elif disk is not None:
+            disk_bytes, disk_entries = disk.nbytes, disk.entries
+        else:
+            disk_bytes = disk_entries = 0
+        totals = dict(self.totals)
+        if disk is not None and self.trimmable:  # the writer's bytes not yet counted
+            totals["bytes_written"] += disk.bytes_written - self._written_seen
         return {
-            **figures,
-            "memory_bytes": memory.nbytes if memory else 0,
-            "memory_entries": len(memory) if memory else 0,
+            **summarize(totals, disk_bytes, disk_entries),
+            "memory_bytes": 0,
+            "memory_entries": 0,
+            **(tiers.figures() if tiers is not None else {}),
             "memory_limit": self.memory_limit,
             "disk_limit": self.disk_limit,
             "directory": str(self.directory),
             "trimmable": self.trimmable,
         }
 
-    def clear(self) -> None:
-        if self.memory is not None:
-            self.memory.trim_to(n_sequences=0)
-        if self.disk is not None:
-            self.disk.clear()
-        self.totals = Counter(dict.fromkeys(COUNTERS, 0))
-        self._unsaved.clear()
-
     def close(self) -> None:
-        try:
+        if self.tiers is not None:
+            self.tiers.flush()
             self._save_counts()
-        except DISK_ERRORS:
-            pass  # counters only
-        if self.disk is not None:
-            self.disk.close()
-
+            self.tiers.close()

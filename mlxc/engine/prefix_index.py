@@ -17,7 +17,11 @@ from pathlib import Path
 INDEX_FILE = "index.sqlite"
 STATE_SUFFIX = ".safetensors"
 log = logging.getLogger("mlxc.prefix")
-COUNTERS = ("hits", "misses", "memory_hits", "disk_hits", "tokens_reused", "tokens_prefilled")
+COUNTERS = (
+    "hits", "misses", "memory_hits", "disk_hits", "tokens_reused", "tokens_prefilled",
+    "memory_tokens_reused", "disk_tokens_reused", "bytes_written", "writes_skipped",
+)
+STATE_VERSION = 2  # whole states (untrimmable caches); 1: every model, before blocks
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS entries (
@@ -31,6 +35,18 @@ CREATE TABLE IF NOT EXISTS entries (
     used REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS entries_used ON entries (used);
+CREATE TABLE IF NOT EXISTS blocks (         -- KV blocks (prefix_block_index.py)
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    hash TEXT UNIQUE NOT NULL,              -- chain hash; also the file name under blocks/
+    root TEXT NOT NULL,                     -- the model's chain start
+    parent TEXT NOT NULL,
+    start INTEGER NOT NULL,
+    n_tokens INTEGER NOT NULL,
+    tokens BLOB NOT NULL,
+    nbytes INTEGER NOT NULL,                -- the file's size
+    used REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS blocks_used ON blocks (used);
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 """
 
@@ -75,6 +91,9 @@ class PrefixIndex:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
             db.executescript(_SCHEMA)
+            columns = [row[1] for row in db.execute("PRAGMA table_info(entries)")]
+            if "version" not in columns:  # an index from before blocks: its states are format 1
+                db.execute("ALTER TABLE entries ADD COLUMN version INTEGER NOT NULL DEFAULT 1")
         except sqlite3.DatabaseError:
             db.close()
             raise
@@ -105,9 +124,10 @@ class PrefixIndex:
             ) -> int:
         """Record a state whose file is already in place; returns its seq."""
         cursor = self._db.execute(
-            "INSERT OR REPLACE INTO entries (id, fingerprint, n_tokens, tokens, nbytes, kind, used)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (entry_id, fingerprint, len(tokens), pack_tokens(tokens), nbytes, kind, time.time()),
+            "INSERT OR REPLACE INTO entries (id, fingerprint, n_tokens, tokens, nbytes, kind, used,"
+            " version) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (entry_id, fingerprint, len(tokens), pack_tokens(tokens), nbytes, kind, time.time(),
+             STATE_VERSION),
         )
         return int(cursor.lastrowid)
 
@@ -135,10 +155,17 @@ class PrefixIndex:
         return removed
 
     def total_bytes(self) -> int:
-        return int(self._db.execute("SELECT COALESCE(SUM(nbytes), 0) FROM entries").fetchone()[0])
+        """Bytes on disk: whole states and blocks, every model (one budget for all)."""
+        return int(self._db.execute(
+            "SELECT (SELECT COALESCE(SUM(nbytes), 0) FROM entries)"
+            " + (SELECT COALESCE(SUM(nbytes), 0) FROM blocks)"
+        ).fetchone()[0])
 
     def count(self) -> int:
-        return int(self._db.execute("SELECT COUNT(*) FROM entries").fetchone()[0])
+        """Whole states and blocks on disk."""
+        return int(self._db.execute(
+            "SELECT (SELECT COUNT(*) FROM entries) + (SELECT COUNT(*) FROM blocks)"
+        ).fetchone()[0])
 
     def sweep(self, older_than: float = 600.0) -> None:
         """Remove rows whose file is gone, and files no row names (left by a kill between
@@ -175,13 +202,18 @@ class PrefixIndex:
     def clear(self) -> int:
         """Delete every state file and row, and reset the counters; returns entries removed."""
         ids = [row[0] for row in self._db.execute("SELECT id FROM entries")]
+        blocks = self._db.execute("SELECT COUNT(*) FROM blocks").fetchone()[0]
         self._db.execute("DELETE FROM entries")
+        self._db.execute("DELETE FROM blocks")
         self._db.execute("DELETE FROM counters")
         for entry_id in ids:
             self.path_of(entry_id).unlink(missing_ok=True)
         for path in self._state_files():
             path.unlink(missing_ok=True)
-        return len(ids)
+        for path in (self.directory / "blocks").glob("*"):
+            if path.is_file() or path.is_symlink():
+                path.unlink(missing_ok=True)
+        return len(ids) + blocks
 
     def close(self) -> None:
         self._db.close()

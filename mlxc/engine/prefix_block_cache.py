@@ -1,0 +1,200 @@
+"""The prefix cache for trimmable models, in blocks: memory and disk hold the same blocks,
+named by a hash chain (prefix_blocks.py), so a turn writes only its new tokens and one system
+prompt is stored once for every conversation that starts with it.
+
+Engine thread only, except `figures()`. The engine's cost per stored state: slicing and
+evaluating its new tokens (a copy out of the step-sized buffers); the files are written by the
+disk tier's writer thread.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+from mlx_lm.models.cache import make_prompt_cache
+
+from mlxc.engine.prefix_block_disk import DISK_ERRORS, BlockDisk
+from mlxc.engine.prefix_block_kv import (
+    assemble,
+    cut,
+    from_numpy,
+    kv_dtype,
+    layer_width,
+    nbytes,
+    to_buffers,
+)
+from mlxc.engine.prefix_blocks import Block, BlockTree, chain_hash, root_hash
+
+log = logging.getLogger("mlxc.prefix")
+BLOCK_SIZE = 256
+# The open (partial) block is rewritten as one longer block when its tokens are at most this
+# share of the new ones: few, larger files, while a turn still writes <= 1.5x its new tokens.
+REWRITE_SHARE = 0.5
+
+
+class BlockTiers:
+    """Memory and disk tiers of blocks for one model."""
+
+    def __init__(self, model: Any, fingerprint: str, classes: list[str], directory: Path,
+                 memory_limit: int, disk_limit: int, block_size: int = BLOCK_SIZE,
+                 fsync: bool = False, min_reuse: int = 8) -> None:
+        self.model = model
+        self.block_size = block_size
+        self.min_reuse = min_reuse
+        self.root = root_hash(fingerprint, kv_dtype(model), classes)
+        self.width = sum(layer_width(layer) for layer in make_prompt_cache(model))
+        self.tree = BlockTree(self.root, memory_limit)
+        self.disk = None
+        if disk_limit > 0:
+            try:
+                self.disk = BlockDisk(directory, self.root, disk_limit, self.tree, fsync)
+            except DISK_ERRORS as exc:
+                log.warning("prefix cache: disk tier unusable, memory only (%s)", exc)
+        self.last_turn_bytes = 0  # KV bytes the last stored state added (to write)
+        self.turns = 0
+        self.turn_bytes = 0
+
+    # -- lookup ----------------------------------------------------------------------------
+
+    def reuse(self, tokens: list[int]) -> tuple[list[Any], int, dict[str, int]]:
+        """(cache, tokens reused, tokens reused per tier) for the longest stored prefix of
+        `tokens`, leaving at least one token to feed."""
+        if self.disk is not None:
+            try:
+                self.disk.refresh()
+            except DISK_ERRORS as exc:
+                log.warning("prefix cache: disk tier unreadable (%s)", exc)
+        limit = len(tokens) - 1
+        pieces, used, n = [], [], 0
+        per_tier = {"memory": 0, "disk": 0}
+        for block, k in self.tree.walk(tokens) if limit >= self.min_reuse else ():
+            k = min(k, limit - n)
+            if k <= 0:
+                break
+            arrays, tier = block.arrays, "memory"
+            if arrays is None:
+                arrays, tier = self._load(block), "disk"
+                if arrays is None:
+                    break
+            pieces.append(arrays)
+            used.append(block)
+            per_tier[tier] += k
+            n += k
+            if k < len(block.tokens):
+                break
+        if n < self.min_reuse:
+            return make_prompt_cache(self.model), 0, {}
+        self.tree.touch(used)
+        if self.disk is not None:
+            self.disk.touch(used)
+        return assemble(make_prompt_cache(self.model), pieces, n), n, per_tier
+
+    def _load(self, block: Block) -> list[Any] | None:
+        if self.disk is None or not block.on_disk:
+            return None
+        found = self.disk.load(block)
+        if found is None:
+            return None
+        specs, arrays = found
+        shapes_ok = len(arrays) == self.width and all(
+            a.ndim == 4 and a.shape[2] == len(block.tokens) for a in arrays
+        )
+        if not shapes_ok:
+            log.warning("prefix cache: removing unusable block file %s (layout differs)",
+                        block.hash)
+            self.tree.forget_disk(block.hash)
+            self.disk.drop([block.hash])
+            return None
+        out = from_numpy(specs, arrays)
+        mx.eval(out)
+        self.tree.hold(block, out, nbytes(out))
+        return out
+
+    # -- keeping ---------------------------------------------------------------------------
+
+    def keep(self, key: list[int], cache: list[Any]) -> int:
+        """Store the blocks of `key` (the tokens `cache` holds) that are not stored yet;
+        returns the KV bytes added."""
+        n = len(key)
+        if sum(k for _, k in self.tree.walk(key)) >= n:
+            return 0  # every token is in a stored block already
+        chain = self.tree.chain_to(key)
+        pos = chain[-1].end if chain else 0
+        parent = chain[-1].hash if chain else self.root
+        boundary = pos - pos % self.block_size
+        superseded: list[Block] = []
+        if pos % self.block_size and (pos - boundary) <= REWRITE_SHARE * (n - pos):
+            superseded = [b for b in chain if b.start >= boundary]
+            pos, parent = boundary, superseded[0].parent
+        runs = []
+        while pos < n:
+            end = min(n, (pos // self.block_size + 1) * self.block_size)
+            runs.append((pos, end))
+            pos = end
+        pieces = [cut(cache, a, b) for a, b in runs]
+        mx.eval(pieces)
+        added = 0
+        for (a, b), arrays in zip(runs, pieces, strict=True):
+            block = self.tree.add(Block(chain_hash(parent, key[a:b]), parent, a, tuple(key[a:b])))
+            parent = block.hash
+            size = nbytes(arrays)
+            if block.arrays is None:
+                self.tree.hold(block, arrays, size)
+            if block.on_disk or block.pending:
+                continue
+            added += size
+            if self.disk is not None:
+                specs, views = to_buffers(arrays)
+                self.disk.write(block, arrays, specs, views)
+            elif block.arrays is None:  # no disk and no room in memory
+                self.tree.remove(block.hash)
+                break
+        self._supersede(superseded)
+        self.last_turn_bytes = added
+        self.turns += 1
+        self.turn_bytes += added
+        return added
+
+    def _supersede(self, blocks: list[Block]) -> None:
+        """Drop the old pieces of a block just rewritten whole, unless another sequence
+        continues from them."""
+        gone = []
+        for block in reversed(blocks):
+            if self.tree.has_children(block.hash):
+                break
+            self.tree.remove(block.hash)
+            gone.append(block.hash)
+        if gone and self.disk is not None:
+            self.disk.drop(gone)
+
+    # -- reporting -------------------------------------------------------------------------
+
+    def figures(self) -> dict[str, Any]:
+        counts = self.tree.counts()
+        disk = self.disk
+        return {
+            "block_size": self.block_size,
+            "memory_bytes": counts["memory_bytes"],
+            "memory_entries": counts["memory_blocks"],
+            "memory_blocks": counts["memory_blocks"],
+            "shared_blocks": counts["shared_blocks"],
+            "bytes_written_last_turn": self.last_turn_bytes,
+            "bytes_per_turn": self.turn_bytes / self.turns if self.turns else 0.0,
+            "writes_skipped_here": disk.writes_skipped if disk else 0,
+            "disk_blocks": disk.nblocks if disk else 0,
+        }
+
+    def add_counts(self, counts: dict[str, int]) -> bool:
+        """Counters to persist (through the writer, which owns the index's writes)."""
+        return self.disk is not None and self.disk.add_counts(counts)
+
+    def flush(self) -> None:
+        if self.disk is not None:
+            self.disk.flush()
+
+    def close(self) -> None:
+        if self.disk is not None:
+            self.disk.close()

@@ -1,0 +1,181 @@
+"""The blocks' disk tier: a writer thread that writes blocks through (the engine only hands it
+evaluated arrays), and reads for the engine when a chain's blocks are not in memory.
+
+The writer owns its SQLite connection and every write: reserve the row under the budget,
+write a temporary file, rename it into place. Its queue is bounded: when it is full, a block
+is not written (counted in `writes_skipped`) rather than holding up generation.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import sqlite3
+import threading
+from pathlib import Path
+from typing import Any
+
+from mlxc.engine.prefix_block_file import BadBlock, BlockHeader, arrays_of, read_block, write_block
+from mlxc.engine.prefix_block_index import BlockIndex, BlockRow, _unlink
+from mlxc.engine.prefix_blocks import Block, BlockTree, chain_hash
+
+log = logging.getLogger("mlxc.prefix")
+QUEUE_BLOCKS = 256  # blocks waiting for the disk at most (a few seconds of writing)
+DISK_ERRORS = (OSError, sqlite3.Error)
+
+
+class BlockDisk:
+    """Blocks of one model (one chain root) on disk, shared with other processes."""
+
+    def __init__(self, directory: Path, root: str, budget: int, tree: BlockTree,
+                 fsync: bool = False, queue_blocks: int = QUEUE_BLOCKS) -> None:
+        self.root, self.budget, self.tree, self.fsync = root, budget, tree, fsync
+        self.index = BlockIndex(directory)  # the engine thread's connection (reads)
+        self.index.sweep_old_states()
+        self.index.reconcile()
+        self.directory = Path(directory)
+        self._seq = 0
+        self.bytes_written = 0  # by this process
+        self.writes_skipped = 0
+        self.nbytes, self.nblocks = self.index.total_bytes(), self.index.count()
+        self._jobs: queue.Queue = queue.Queue(queue_blocks)
+        self._writer = threading.Thread(target=self._run, name="mlxc-prefix-writer", daemon=True)
+        self._writer.start()
+        self.refresh()
+
+    # -- engine thread -------------------------------------------------------------------------
+
+    def refresh(self) -> None:
+        """Learn blocks written since the last look, by this process or another."""
+        rows = self.index.rows_since(self.root, self._seq)
+        pending: dict[str, list[BlockRow]] = {}
+        for row in rows:
+            self._seq = max(self._seq, row.seq)
+            pending.setdefault(row.parent, []).append(row)
+        # Parents first: a row arrives in any order relative to its parent's.
+        frontier = [self.root, *(h for h in pending if h in self.tree.blocks)]
+        while frontier:
+            for row in pending.pop(frontier.pop(), []):
+                block = self.tree.add(Block(row.hash, row.parent, row.start, tuple(row.tokens)))
+                block.on_disk = True
+                frontier.append(row.hash)
+
+    def write(self, block: Block, arrays: list[Any], specs: list[dict], views: list) -> bool:
+        """Queue a block for the writer; False (and counted) if the queue is full."""
+        header = BlockHeader(block.hash, block.parent, self.root, block.start,
+                             list(block.tokens), specs)
+        block.pending = True
+        try:
+            self._jobs.put_nowait(("write", block, header, views, arrays))
+        except queue.Full:
+            block.pending = False
+            self.writes_skipped += 1
+            return False
+        return True
+
+    def touch(self, chain: list[Block]) -> None:
+        try:
+            self._jobs.put_nowait(("touch", [b.hash for b in chain if b.on_disk]))
+        except queue.Full:
+            pass  # recency only
+
+    def drop(self, hashes: list[str]) -> None:
+        try:
+            self._jobs.put_nowait(("drop", hashes))
+        except queue.Full:
+            pass  # superseded blocks age out by LRU instead
+
+    def add_counts(self, counts: dict[str, int]) -> bool:
+        try:
+            self._jobs.put_nowait(("counts", counts))
+        except queue.Full:
+            return False
+        return True
+
+    def load(self, block: Block) -> list | None:
+        """A block's arrays as numpy views (the caller makes MLX arrays), or None when its
+        file is gone or unusable (then it is forgotten, with a warning if it was bad)."""
+        path = self.index.block_path(block.hash)
+        try:
+            header, data, start = read_block(path)
+            if (header.hash, header.root, header.parent, tuple(header.tokens)) != (
+                block.hash, self.root, block.parent, block.tokens
+            ) or chain_hash(header.parent, header.tokens) != block.hash:
+                raise BadBlock("another block's or model's")
+            return [header.arrays, arrays_of(header, data, start)]
+        except FileNotFoundError:  # evicted by another process: not an error
+            pass
+        except (BadBlock, OSError) as exc:
+            log.warning("prefix cache: removing unusable block file %s (%s)", path.name, exc)
+            _unlink(path)
+        self.tree.forget_disk(block.hash)
+        self.drop([block.hash])
+        return None
+
+    def flush(self) -> None:
+        """Wait until every queued write is on disk (tests, benchmarks, shutdown)."""
+        self._jobs.join()
+
+    def close(self) -> None:
+        self._jobs.put(None)
+        self._writer.join(60)
+        self.index.close()
+
+    # -- writer thread -------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        index = BlockIndex(self.directory)
+        try:
+            while True:
+                job = self._jobs.get()
+                try:
+                    if job is None:
+                        return
+                    self._do(index, *job)
+                except DISK_ERRORS as exc:  # a full or broken disk costs reuse, never an answer
+                    log.warning("prefix cache: cannot write the disk tier (%s)", exc)
+                    if job[0] == "write":
+                        job[1].pending = False
+                        self.tree.forget_disk(job[1].hash)
+                except Exception:  # the writer must outlive any one bad job
+                    log.exception("prefix cache: writer failed on one job")
+                finally:
+                    self._jobs.task_done()
+        finally:
+            index.close()
+
+    def _do(self, index: BlockIndex, kind: str, *args: Any) -> None:
+        if kind == "write":
+            self._write(index, *args)
+        elif kind == "touch":
+            index.touch_blocks(args[0])
+        elif kind == "drop":
+            for h in args[0]:
+                index.remove_block(h)
+        elif kind == "counts":
+            index.add_counts(args[0])
+        self.nbytes, self.nblocks = index.total_bytes(), index.count()
+
+    def _write(self, index: BlockIndex, block: Block, header: BlockHeader, views: list,
+               _arrays: list) -> None:
+        from mlxc.engine.prefix_block_file import data_offset, encode_header
+
+        size = data_offset(len(encode_header(header))) + sum(v.nbytes for v in views)
+        dropped = index.reserve(self.root, block.hash, block.parent, block.start,
+                                list(block.tokens), size, self.budget)
+        if dropped is None:  # there already (another process), or larger than the budget
+            block.pending = False
+            block.on_disk = index.block_path(block.hash).exists()
+            self.tree.forget_disk(block.hash) if not block.on_disk else None
+            return
+        index.delete_files(dropped)
+        for kind, key in dropped:
+            if kind == "block":
+                self.tree.forget_disk(key)
+        try:
+            self.bytes_written += write_block(index.block_path(block.hash), header, views,
+                                              self.fsync)
+        except BaseException:
+            index.remove_block(block.hash)
+            raise
+        block.on_disk, block.pending = True, False

@@ -1,0 +1,160 @@
+"""One KV block on disk: a small JSON header (what the block is: its hash, its parent's, its
+tokens, its arrays' shapes) followed by the arrays' raw bytes. No MLX here (numpy only), so the
+writer thread never touches MLX and `cache stats` stays light.
+
+Files are written to a temporary name and renamed into place, so a reader (or a restart after a
+kill -9) sees a block whole or not at all. Reading opens without following symlinks and without
+blocking (a FIFO under a block's name must not hang the engine) and accepts regular files only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+MAGIC = b"MLXCKVB1"
+SUFFIX = ".kvb"
+HEADER_LIMIT = 1 << 22  # 256 tokens and a few hundred arrays fit in far less
+# MLX dtypes numpy has no name for travel as raw 16-bit words.
+_RAW = {"bfloat16": np.uint16}
+
+
+class BadBlock(ValueError):
+    """A file that is not a whole, matching block (truncated, foreign, not a regular file)."""
+
+
+@dataclass
+class BlockHeader:
+    hash: str
+    parent: str
+    root: str
+    start: int  # position of the block's first token in the sequence
+    tokens: list[int]
+    arrays: list[dict]  # {"dtype", "shape", "offset", "nbytes"} in layer order
+    quantized: bool = False
+
+    def to_json(self) -> dict:
+        return self.__dict__
+
+
+def np_dtype(name: str):
+    return _RAW.get(name) or np.dtype(name)
+
+
+def encode_header(header: BlockHeader) -> bytes:
+    return json.dumps(header.to_json(), separators=(",", ":")).encode()
+
+
+def write_block(path: Path, header: BlockHeader, buffers: list, fsync: bool) -> int:
+    """Write a block under a temporary name, then rename it to `path`; returns bytes written.
+    `buffers` are objects with the buffer protocol (memoryviews of evaluated MLX arrays)."""
+    meta = encode_header(header)
+    temp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        total = 0
+        with os.fdopen(fd, "wb", closefd=False) as f:
+            total += f.write(MAGIC + struct.pack("<Q", len(meta)) + meta)
+            for buffer in buffers:
+                total += f.write(buffer)
+        if fsync:
+            os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        temp.unlink(missing_ok=True)
+        raise
+    os.close(fd)
+    os.replace(temp, path)
+    return total
+
+
+def data_offset(meta_len: int) -> int:
+    return len(MAGIC) + 8 + meta_len
+
+
+def open_regular(path: Path) -> int:
+    """A read-only descriptor for a regular file at `path`, never following a symlink and never
+    waiting on a FIFO or device; BadBlock otherwise."""
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError as exc:
+        if isinstance(exc, FileNotFoundError):
+            raise
+        raise BadBlock(f"cannot open it ({exc.strerror})") from exc
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise BadBlock("not a regular file")
+    return fd
+
+
+def read_block(path: Path) -> tuple[BlockHeader, bytearray, int]:
+    """(header, the whole file, where the arrays start). FileNotFoundError if it is gone,
+    BadBlock if it is not a whole block file."""
+    fd = open_regular(path)
+    try:
+        size = os.fstat(fd).st_size
+        data = bytearray(size)
+        view, done = memoryview(data), 0
+        while done < size:
+            n = os.readv(fd, [view[done:]])
+            if n == 0:
+                break
+            done += n
+    finally:
+        os.close(fd)
+    if done != size or size < len(MAGIC) + 8 or data[: len(MAGIC)] != MAGIC:
+        raise BadBlock("not a block file")
+    (meta_len,) = struct.unpack_from("<Q", data, len(MAGIC))
+    if meta_len > min(HEADER_LIMIT, size):
+        raise BadBlock("bad header length")
+    start = data_offset(meta_len)
+    try:
+        header = BlockHeader(**json.loads(bytes(data[len(MAGIC) + 8 : start])))
+    except (ValueError, TypeError) as exc:
+        raise BadBlock(f"unreadable header ({exc})") from exc
+    need = sum(int(a["nbytes"]) for a in header.arrays)
+    if size != start + need:
+        raise BadBlock(f"{size} bytes, its header says {start + need}")
+    return header, data, start
+
+
+def read_header(path: Path) -> BlockHeader:
+    """Only the header (index rebuilds): no array bytes are read."""
+    fd = open_regular(path)
+    try:
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            head = f.read(len(MAGIC) + 8)
+            if len(head) != len(MAGIC) + 8 or head[: len(MAGIC)] != MAGIC:
+                raise BadBlock("not a block file")
+            (meta_len,) = struct.unpack_from("<Q", head, len(MAGIC))
+            if meta_len > HEADER_LIMIT:
+                raise BadBlock("bad header length")
+            header = BlockHeader(**json.loads(f.read(meta_len)))
+            size = os.fstat(fd).st_size
+    except (ValueError, TypeError) as exc:
+        raise BadBlock(f"unreadable header ({exc})") from exc
+    finally:
+        os.close(fd)
+    if size != data_offset(meta_len) + sum(int(a["nbytes"]) for a in header.arrays):
+        raise BadBlock("truncated")
+    return header
+
+
+def arrays_of(header: BlockHeader, data: bytearray, start: int) -> list[np.ndarray]:
+    """The block's arrays as numpy views of `data` (raw words for dtypes numpy lacks)."""
+    out = []
+    for spec in header.arrays:
+        offset = start + int(spec["offset"])
+        dtype = np_dtype(spec["dtype"])
+        count = int(np.prod(spec["shape"])) if spec["shape"] else 1
+        if count * np.dtype(dtype).itemsize != int(spec["nbytes"]):
+            raise BadBlock("array sizes disagree")
+        out.append(np.frombuffer(data, dtype, count, offset).reshape(spec["shape"]))
+    return out
