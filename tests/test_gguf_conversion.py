@@ -109,13 +109,13 @@ def test_non_gguf_raises_and_leaves_no_folder(tmp_path, content):
 def test_other_architecture_is_refused(tmp_path):
     import mlx.core as mx
 
-    path = tmp_path / "qwen.gguf"
+    path = tmp_path / "gemma.gguf"
     mx.save_gguf(
-        str(path), {"token_embd.weight": mx.zeros((4, 8))}, {"general.architecture": "qwen2"}
+        str(path), {"token_embd.weight": mx.zeros((4, 8))}, {"general.architecture": "gemma"}
     )
-    with pytest.raises(GGUFConversionError, match="'qwen2'.*llama"):
+    with pytest.raises(GGUFConversionError, match="'gemma'.*llama, qwen2, qwen3"):
         convert_gguf(path, tmp_path / "out")
-    _assert_nothing_left(tmp_path, "qwen.gguf")
+    _assert_nothing_left(tmp_path, "gemma.gguf")
 
 
 def test_missing_file_raises(tmp_path):

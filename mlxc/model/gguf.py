@@ -1,7 +1,7 @@
-"""Turn a llama-architecture GGUF file (as llama.cpp writes it) into an MLX model folder that
-`mlx_lm.load` reads: weights stay quantized exactly as `mx.load` returns them, config.json and
-the tokenizer are rebuilt from the GGUF metadata. MLX keeps Q4_0/Q4_1/Q8_0 packed; it hands
-other types (K-quants ...) back as float16, which works but takes ~4x the memory."""
+"""Turn a llama-, qwen2- or qwen3-architecture GGUF file (as llama.cpp writes it) into an MLX
+model folder that `mlx_lm.load` reads; config.json and the tokenizer are rebuilt from the GGUF
+metadata. Q4_0/Q4_1/Q8_0 files stay quantized exactly as `mx.load` returns them; K-quants and
+the other types are dequantized to float16 by the `gguf` package (gguf_tensors.py says why)."""
 
 from __future__ import annotations
 
@@ -32,7 +32,15 @@ _LAYER = {
     "ffn_down": "mlp.down_proj",
     "attn_norm": "input_layernorm",
     "ffn_norm": "post_attention_layernorm",
+    "attn_q_norm": "self_attn.q_norm",  # qwen3
+    "attn_k_norm": "self_attn.k_norm",
 }
+ARCHITECTURES = ("llama", "qwen2", "qwen3")
+# Qwen2's split regex (its tokenizer.json's): digits one by one, letters with one leading mark.
+QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 _TOP = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 
 
@@ -88,8 +96,19 @@ def _read(path: Path) -> tuple[dict, dict]:
         )
     import mlx.core as mx
 
+    from mlxc.model.gguf_tensors import (
+        UnsupportedQuantization,
+        needs_gguf_reader,
+        read_with_gguf,
+        tensor_types,
+    )
+
     try:
+        if needs_gguf_reader(tensor_types(path)):
+            return read_with_gguf(path)
         return mx.load(str(path), return_metadata=True)
+    except UnsupportedQuantization as exc:
+        raise GGUFConversionError(f"{path.name} cannot be imported: {exc}") from None
     except Exception as exc:  # MLX raises RuntimeError/ValueError with a C++ message
         raise GGUFConversionError(
             f"cannot read {path} ({exc}): the file is damaged or incomplete; download it again"
@@ -103,44 +122,45 @@ def _value(meta: dict, key: str, default=None):
 
 def _config(meta: dict, tensors: dict, name: str) -> dict:
     arch = _value(meta, "general.architecture")
-    if arch != "llama":
+    if arch not in ARCHITECTURES:
         raise GGUFConversionError(
-            f"{name} is a {arch!r} model; only llama-architecture GGUF files (such as SmolLM) "
-            "can be converted. Use an MLX model folder or a Hugging Face repo id instead"
+            f"{name} is a {arch!r} model; only {', '.join(ARCHITECTURES)} GGUF files can be "
+            "converted. Use an MLX model folder or a Hugging Face repo id instead"
         )
 
     def need(key: str):
-        value = _value(meta, f"llama.{key}")
+        value = _value(meta, f"{arch}.{key}")
         if value is None:
-            raise GGUFConversionError(f"{name} lacks the metadata llama.{key}; is it corrupt?")
+            raise GGUFConversionError(f"{name} lacks the metadata {arch}.{key}; is it corrupt?")
         return value
 
     hidden, heads = int(need("embedding_length")), int(need("attention.head_count"))
-    head_dim = int(_value(meta, "llama.attention.key_length", hidden // heads))
-    if int(_value(meta, "llama.rope.dimension_count", head_dim)) != head_dim:
+    head_dim = int(_value(meta, f"{arch}.attention.key_length", hidden // heads))
+    if int(_value(meta, f"{arch}.rope.dimension_count", head_dim)) != head_dim:
         raise GGUFConversionError(f"{name} rotates only part of each head: not supported")
     if "rope_freqs.weight" in tensors:
         raise GGUFConversionError(f"{name} uses Llama 3 rope frequency scaling: not supported")
     if "token_embd.weight" not in tensors:
         raise GGUFConversionError(f"{name} has no token embedding (token_embd); is it corrupt?")
     config = {
-        "model_type": "llama",
+        "model_type": arch,
         "hidden_size": hidden,
         "num_hidden_layers": int(need("block_count")),
         "intermediate_size": int(need("feed_forward_length")),
         "num_attention_heads": heads,
-        "num_key_value_heads": int(_value(meta, "llama.attention.head_count_kv", heads)),
+        "num_key_value_heads": int(_value(meta, f"{arch}.attention.head_count_kv", heads)),
         "head_dim": head_dim,
         "rms_norm_eps": float(need("attention.layer_norm_rms_epsilon")),
-        "rope_theta": float(_value(meta, "llama.rope.freq_base", 10000.0)),
-        # llama.cpp stores Q/K rows permuted for its interleaved rotary; MLX's traditional
-        # RoPE rotates the same pairs, so the weights need no un-permuting.
-        "rope_traditional": True,
-        "max_position_embeddings": int(_value(meta, "llama.context_length", 2048)),
+        "rope_theta": float(_value(meta, f"{arch}.rope.freq_base", 10000.0)),
+        # llama.cpp stores llama's Q/K rows permuted for its interleaved rotary; MLX's
+        # traditional RoPE rotates the same pairs, so the weights need no un-permuting.
+        # Qwen's are stored as trained, for the split-half ("neox") rotary: MLX's default.
+        "rope_traditional": arch == "llama",
+        "max_position_embeddings": int(_value(meta, f"{arch}.context_length", 2048)),
         "vocab_size": tensors["token_embd.weight"].shape[0],
         "tie_word_embeddings": "output.weight" not in tensors,
     }
-    if (scaling := _value(meta, "llama.rope.scaling.type", "none")) != "none":
+    if (scaling := _value(meta, f"{arch}.rope.scaling.type", "none")) != "none":
         raise GGUFConversionError(f"{name} uses {scaling!r} rope scaling: not supported")
     for key in ("bos", "eos"):
         if (token_id := _value(meta, f"tokenizer.ggml.{key}_token_id")) is not None:
@@ -159,7 +179,7 @@ def _rename(tensors: dict) -> dict:
         elif base in _TOP:
             out[f"{_TOP[base]}.{kind}"] = array
         else:
-            raise GGUFConversionError(f"unexpected tensor {name!r}: not a plain llama model")
+            raise GGUFConversionError(f"unexpected tensor {name!r}: not a plain llama/qwen model")
     return out
 
 
@@ -204,6 +224,11 @@ def _tokenizer(meta: dict, max_length: int | None):
     steps = [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
     if _value(meta, "tokenizer.ggml.pre") == "smollm":
         steps.insert(0, pre_tokenizers.Digits(individual_digits=True))
+    elif _value(meta, "tokenizer.ggml.pre") == "qwen2":
+        from tokenizers import Regex
+
+        steps = [pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"),
+                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
     tok.pre_tokenizer = pre_tokenizers.Sequence(steps)
     tok.decoder = decoders.ByteLevel()
     # Control tokens (<|im_start|> ...) must match whole and are skipped when decoding.
