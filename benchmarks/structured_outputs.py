@@ -19,8 +19,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import jsonschema
-
 from mlxc.config import load_settings
 from mlxc.engine.worker import Engine
 from mlxc.model.refs import resolve_model
@@ -113,6 +111,8 @@ def ask(engine: Engine, **fields) -> object:
 
 
 def check_schemas(engine: Engine, n: int, max_tokens: int) -> dict:
+    import jsonschema
+
     valid, failures, tokens = 0, [], 0
     for question, schema in schema_prompts(n):
         answer = ask(engine, messages=[{"role": "user", "content": question}],
@@ -130,6 +130,8 @@ def check_schemas(engine: Engine, n: int, max_tokens: int) -> dict:
 
 
 def check_tool_calls(engine: Engine, n: int, max_tokens: int) -> dict:
+    import jsonschema
+
     valid, failures = 0, []
     schemas = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
     for question, tool_choice, names in tool_prompts(n):
