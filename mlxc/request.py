@@ -12,6 +12,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from mlxc.shapes import check_text_part, check_tool_calls, check_tools
+
 # Bump when the key's shape or the stored answer's meaning changes: old entries then miss.
 SCHEMA_VERSION = 1
 DEFAULT_MAX_TOKENS = 512
@@ -39,9 +41,14 @@ class Message(BaseModel):
             for part in value:
                 if not isinstance(part, dict) or part.get("type") not in ("text", "input_text"):
                     raise ValueError("only text content parts are supported")
-                texts.append(str(part.get("text", "")))
+                texts.append(check_text_part(part, "content part"))
             return "".join(texts)
         return value
+
+    @field_validator("tool_calls")
+    @classmethod
+    def _tool_calls_shape(cls, value: Any) -> Any:
+        return check_tool_calls(value)
 
 
 class GenerationRequest(BaseModel):
@@ -62,13 +69,18 @@ class GenerationRequest(BaseModel):
     repetition_penalty: float = Field(1.0, gt=0.0)
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, le=2**64 - 1)  # what mx.random.seed takes
     stop: list[str] = Field(default_factory=list)
     # Log-probabilities of the answer's tokens (and of the prompt's, with echo). Left out of
     # the key at their defaults, so keys from before they existed stay the same.
     logprobs: bool = False
     top_logprobs: int = Field(0, ge=0, le=20)
     echo: bool = False
+
+    @field_validator("tools")
+    @classmethod
+    def _tools_shape(cls, value: Any) -> Any:
+        return check_tools(value)
 
     @field_validator("stop", mode="before")
     @classmethod

@@ -7,6 +7,7 @@ The hit path imports no MLX: the engine is created only on the first miss.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -16,7 +17,7 @@ from typing import Any
 from mlxc.config import Settings
 from mlxc.model.refs import ModelRef, model_fingerprint, prepare_model, resolve_model
 from mlxc.request import Answer, GenerationRequest
-from mlxc.store import ResponseStore, open_store
+from mlxc.store import ResponseStore, open_store, private_folders
 from mlxc.stream import Delta, Event, Finished, Generation
 
 # A replayed hit is re-chunked into a few words per event, as a live stream would be.
@@ -79,6 +80,8 @@ class Service:
         engine_options: dict[str, Any] | None = None,
     ) -> None:
         self.settings = settings
+        with contextlib.suppress(OSError):  # 0700 before the engine writes (harden);
+            private_folders(settings)  # an unwritable folder is reported by open_store
         self.ref: ModelRef = resolve_model(model or settings.model, settings)
         self.progress = progress or (lambda _msg: None)
         self._engine_options = engine_options or {}

@@ -278,15 +278,21 @@ class RedisStore:
         self._redis.close()
 
 
+def private_folders(settings: Settings) -> None:
+    """The cache folder and the prefix cache's, created (or tightened) 0700 before anything
+    is written into them."""
+    from mlxc.config import private_dir
+
+    private_dir(settings.cache_dir)
+    private_dir(settings.prefix_dir)
+
+
 def open_store(settings: Settings) -> ResponseStore:
     """The store the settings name: Redis when MLXC_REDIS_URL is set, else the disk cache."""
     if settings.redis_url:
         return RedisStore(settings.redis_url, settings.ttl_seconds)
-    from mlxc.config import private_dir
-
-    try:  # the top folder and the prefix cache's too: every command opens the store first
-        private_dir(settings.cache_dir)
-        private_dir(settings.prefix_dir)
+    try:
+        private_folders(settings)
     except OSError as exc:
         raise StoreError(
             f"cannot create the cache folder {settings.cache_dir}: {exc}. "

@@ -25,8 +25,8 @@ fi
 python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 if [ $dev = 1 ]; then
-  .venv/bin/python -m pip install -q -e ".[test]"
+  .venv/bin/python -m pip install -q -e ".[test,plot]"
 else
-  .venv/bin/python -m pip install -q -e .
+  .venv/bin/python -m pip install -q -e ".[plot]"  # `mlxc bench --plot` works at once
 fi
 echo "mlxc is installed in .venv: run .venv/bin/mlxc --help" >&2

@@ -8,15 +8,13 @@ from __future__ import annotations
 
 import os
 import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
-from live_server import free_port
+from hardening_server import mlxc_server
 from test_server_api import KEY, server  # noqa: F401
 
 TIMEOUT = 1.5  # --request-timeout of the guarded server
@@ -29,35 +27,10 @@ CHAT = {"model": "tiny-llama", "max_tokens": 2,
 @pytest.fixture(scope="module")
 def guarded(tmp_path_factory, tiny_model):
     """(url, pid, log path): a keyless server with short limits and one CORS origin."""
-    root = tmp_path_factory.mktemp("guarded")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLXC_")}
-    env.update(MLXC_MODEL=str(tiny_model), MLXC_CACHE_DIR=str(root / "cache"),
-               MLXC_MODELS_DIR=str(root / "models"))
-    port = free_port()
-    log_path = root / "server.log"
-    cmd = [sys.executable, "-m", "mlxc", "serve", "--port", str(port), "--cors", ORIGIN,
-           "--request-timeout", str(TIMEOUT), "--max-connections", str(CAP),
-           "--allowed-hosts", "mlxc.lan"]
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    try:
-        while True:
-            assert proc.poll() is None, log_path.read_text()
-            try:
-                if httpx.get(f"{url}/health", timeout=2).json().get("model_loaded"):
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, log_path.read_text()
-            time.sleep(0.2)
-        yield url, proc.pid, log_path
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-    assert "Traceback" not in log_path.read_text(), log_path.read_text()
+    with mlxc_server(tmp_path_factory.mktemp("guarded"), tiny_model, "--cors", ORIGIN,
+                     "--request-timeout", str(TIMEOUT), "--max-connections", str(CAP),
+                     "--allowed-hosts", "mlxc.lan") as running:
+        yield running
 
 
 def post(url: str, body: bytes, headers: dict, path="/v1/chat/completions") -> httpx.Response:

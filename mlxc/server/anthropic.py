@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from typing import Annotated, Any, ClassVar, Literal
 
 from fastapi import APIRouter, Depends
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -34,6 +34,7 @@ from mlxc.server.pipeline import (
     dialect,
 )
 from mlxc.server.state import ServerState
+from mlxc.shapes import check_anthropic_content
 from mlxc.stream import Delta
 
 router = APIRouter(dependencies=[Depends(dialect("anthropic")), Depends(authorized)])
@@ -56,6 +57,11 @@ class TextBlock(_Body):
 class InputMessage(_Body):
     role: Literal["user", "assistant", "system"]
     content: str | list[dict[str, Any]]
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _blocks_shape(cls, value: Any) -> Any:  # wrong types: a 400, not a 500 (harden)
+        return check_anthropic_content(value) if isinstance(value, list) else value
 
 
 class Tool(_Body):

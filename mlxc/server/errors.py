@@ -17,6 +17,7 @@ from starlette.responses import JSONResponse
 
 from mlxc.config import ConfigError
 from mlxc.errors import ModelError, PromptTooLong, describe
+from mlxc.server.depth import MAX_DEPTH, json_depth
 from mlxc.store import StoreError
 
 Body = TypeVar("Body", bound=BaseModel)
@@ -124,9 +125,12 @@ async def read_body(request: Request, limit: int) -> bytes:
 async def parse_body(request: Request, model: type[Body], limit: int) -> Body:
     """Body -> JSON object -> pydantic model; any problem is a 400 naming the field."""
     raw = await read_body(request, limit)
+    if (depth := json_depth(raw)) > MAX_DEPTH:
+        raise ApiError(400, f"the body nests {depth} levels deep; at most {MAX_DEPTH} are "
+                       "accepted", code="invalid_json")
     try:
         data = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise ApiError(400, f"the body is not valid JSON: {exc}", code="invalid_json") from None
     if not isinstance(data, dict):
         raise ApiError(400, "the body must be a JSON object", code="invalid_json")

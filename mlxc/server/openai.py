@@ -180,7 +180,7 @@ class ChatAdapter(Adapter[ChatBody]):
             tools=tools,
             tool_choice=body.tool_choice,
             response_format=body.response_format,
-            max_tokens=body.max_completion_tokens or body.max_tokens,
+            max_tokens=_first_given(body.max_completion_tokens, body.max_tokens),
             logprobs=body.logprobs,
             top_logprobs=body.top_logprobs,
             **body.sampling(),
@@ -285,3 +285,8 @@ async def chat_completions(request: Request, body: ChatRequest, state: State) ->
 @router.post("/v1/completions")
 async def completions(request: Request, body: CompletionRequest, state: State) -> Response:
     return await completion(state, body, request)
+
+
+def _first_given(*values: Any) -> Any:
+    """The first value that is not None: 0 is a value (refused or honoured), not absence."""
+    return next((v for v in values if v is not None), None)
