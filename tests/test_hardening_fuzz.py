@@ -4,7 +4,7 @@ is a 2xx or a 4xx in the route's own error shape, never a 5xx, and the server ke
 Bodies are built by Hypothesis from each route's real fields, each field either a plausible
 value or any JSON value at all, so that most requests get past the first check. The run is
 derandomized (the same examples in CI every time) and bounded: MLXC_FUZZ_EXAMPLES per route
-(default 60) and a time budget per route."""
+(default 60). A longer, exploring run: MLXC_FUZZ_RANDOM=1 MLXC_FUZZ_EXAMPLES=500."""
 
 from __future__ import annotations
 
@@ -20,7 +20,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 EXAMPLES = int(os.environ.get("MLXC_FUZZ_EXAMPLES", "60"))
-FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
+RANDOM = os.environ.get("MLXC_FUZZ_RANDOM") == "1"  # explore new examples (not for CI)
+FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=not RANDOM, database=None,
                 suppress_health_check=list(HealthCheck), print_blob=True)
 
 scalars = (st.none() | st.booleans() | st.integers(-(2**70), 2**70)
@@ -138,7 +139,28 @@ messages_body = body(
 count_body = body({"model": st.just("tiny-llama"),
                    "messages": st.lists(ant_message, min_size=1, max_size=3)}, **prompt_fields)
 
+item = (st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "system",
+                                                      "developer"]),
+                               "content": words | st.lists(st.fixed_dictionaries(
+                                   {"type": st.just("input_text"), "text": words}),
+                                   max_size=2)})
+        | st.fixed_dictionaries({"type": st.just("function_call_output"), "call_id": words,
+                                 "output": words}))
+text_format = st.sampled_from([{"type": "text"}, {"type": "json_object"}]) | st.builds(
+    lambda s: {"type": "json_schema", "name": "x", "schema": s}, schema)
+responses_body = body(
+    {"model": st.just("tiny-llama"), "max_output_tokens": st.integers(1, 3),
+     "input": words | st.lists(item, min_size=1, max_size=3)},
+    instructions=words, temperature=unit, top_p=unit, stream=st.booleans(),
+    store=st.booleans(), previous_response_id=words, parallel_tool_calls=st.booleans(),
+    text=st.fixed_dictionaries({"format": text_format}),
+    tools=st.lists(st.fixed_dictionaries({"type": st.just("function"), "name": words,
+                                          "parameters": schema}), max_size=2),
+    tool_choice=st.sampled_from(["auto", "none", "required",
+                                 {"type": "function", "name": "f"}]))
+
 ROUTES = {
+    "/v1/responses": responses_body,
     "/v1/chat/completions": chat_body,
     "/v1/completions": completion_body,
     "/v1/messages": messages_body,
@@ -188,8 +210,10 @@ def test_fuzzed_bodies_get_2xx_or_4xx(fuzzed, path):
 
 
 @FUZZ
-@given(st.text(max_size=40), st.sampled_from(["/v1/models/", "/v1/", "/", "/health/"]))
+@given(st.text(max_size=40), st.sampled_from(["/v1/models/", "/v1/", "/", "/health/",
+                                                 "/v1/responses/"]))
 def test_fuzzed_paths_and_names_never_5xx(fuzzed, name, prefix):
     client, _ = fuzzed
-    response = client.get(prefix + quote(name, safe=""))
-    assert response.status_code < 500, response.text
+    for method in ("GET", "DELETE"):
+        response = client.request(method, prefix + quote(name, safe=""))
+        assert response.status_code < 500, response.text
