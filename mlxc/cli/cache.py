@@ -83,11 +83,17 @@ def stats(cache_dir: CacheDirOption = None, as_json: JsonOption = False) -> None
                 ("hits", f"{prefix['hits']} ({prefix['memory_hits']} memory, "
                  f"{prefix['disk_hits']} disk)"),
                 ("misses", prefix["misses"]),
-                ("tokens reused", prefix["tokens_reused"]),
+                ("tokens reused", f"{prefix['tokens_reused']} "
+                 f"({prefix['memory_tokens_reused']} memory, "
+                 f"{prefix['disk_tokens_reused']} disk)"),
                 ("prefill saved", f"{prefix['prefill_saved_fraction']:.1%} of prompt tokens"),
-                ("disk states", prefix["disk_entries"]),
+                ("disk blocks", f"{prefix['disk_blocks']} "
+                 f"({prefix['shared_blocks']} where conversations branch)"),
+                ("disk states", prefix["disk_entries"] - prefix["disk_blocks"]),
                 ("disk size",
                  f"{_human(prefix['disk_bytes'])} of {_human(prefix['disk_limit'])}"),
+                ("bytes written", f"{_human(prefix['bytes_written'])} "
+                 f"({prefix['writes_skipped']} writes skipped, queue full)"),
                 ("where", prefix["directory"]),
             ],
         )

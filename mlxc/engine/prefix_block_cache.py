@@ -183,7 +183,6 @@ class BlockTiers:
             "shared_blocks": counts["shared_blocks"],
             "bytes_written_last_turn": self.last_turn_bytes,
             "bytes_per_turn": self.turn_bytes / self.turns if self.turns else 0.0,
-            "writes_skipped_here": disk.writes_skipped if disk else 0,
             "disk_blocks": disk.nblocks if disk else 0,
         }
 

@@ -37,7 +37,7 @@ class BlockDisk:
         self._seq = 0
         self.bytes_written = 0  # by this process
         self.writes_skipped = 0
-        self.nbytes, self.nblocks = self.index.total_bytes(), self.index.count()
+        self.nbytes, self.nblocks = self.index.total_bytes(), self.index.block_count()
         self._jobs: queue.Queue = queue.Queue(queue_blocks)
         self._writer = threading.Thread(target=self._run, name="mlxc-prefix-writer", daemon=True)
         self._writer.start()
@@ -154,7 +154,7 @@ class BlockDisk:
                 index.remove_block(h)
         elif kind == "counts":
             index.add_counts(args[0])
-        self.nbytes, self.nblocks = index.total_bytes(), index.count()
+        self.nbytes, self.nblocks = index.total_bytes(), index.block_count()
 
     def _write(self, index: BlockIndex, block: Block, header: BlockHeader, views: list,
                _arrays: list) -> None:
@@ -168,7 +168,6 @@ class BlockDisk:
             block.on_disk = index.block_path(block.hash).exists()
             self.tree.forget_disk(block.hash) if not block.on_disk else None
             return
-        index.delete_files(dropped)
         for kind, key in dropped:
             if kind == "block":
                 self.tree.forget_disk(key)

@@ -57,9 +57,9 @@ class BlockIndex(PrefixIndex):
 
     def reserve(self, root: str, h: str, parent: str, start: int, tokens: list[int],
                 nbytes: int, budget: int) -> list[tuple[str, str]] | None:
-        """Record a block about to be written, first dropping least recently used rows (blocks
-        or whole states, any model) until it fits the budget. None if it is there already or
-        cannot fit; else the (kind, id) of the rows dropped, whose files the caller deletes."""
+        """Record a block about to be written, first dropping least recently used rows and files
+        (blocks or whole states, any model) until it fits the budget. None if it is there
+        already or cannot fit; else the (kind, id) of what was dropped."""
         if nbytes > budget:
             return None
         db = self._db
@@ -83,6 +83,9 @@ class BlockIndex(PrefixIndex):
                 for kind, key in dropped:
                     table, column = ("blocks", "hash") if kind == "block" else ("entries", "id")
                     db.execute(f"DELETE FROM {table} WHERE {column} = ?", (key,))
+                # Files go before the commit: no other writer sees the room before it is made
+                # (a kill here leaves rows without files, swept at the next start).
+                self.delete_files(dropped)
             db.execute(
                 "INSERT INTO blocks (hash, root, parent, start, n_tokens, tokens, nbytes, used)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -108,8 +111,9 @@ class BlockIndex(PrefixIndex):
         )
 
     def remove_block(self, h: str) -> None:
-        self._db.execute("DELETE FROM blocks WHERE hash = ?", (h,))
+        # The file first: room is never counted free while its bytes are still on disk.
         _unlink(self.block_path(h))
+        self._db.execute("DELETE FROM blocks WHERE hash = ?", (h,))
 
     def block_count(self) -> int:
         return int(self._db.execute("SELECT COUNT(*) FROM blocks").fetchone()[0])

@@ -209,10 +209,13 @@ class PrefixCache:
         totals = dict(self.totals)
         if disk is not None and self.trimmable:  # the writer's bytes not yet counted
             totals["bytes_written"] += disk.bytes_written - self._written_seen
+            totals["writes_skipped"] += disk.writes_skipped - self._skipped_seen
         return {
             **summarize(totals, disk_bytes, disk_entries),
             "memory_bytes": 0,
             "memory_entries": 0,
+            "disk_blocks": 0,
+            "shared_blocks": 0,
             **(tiers.figures() if tiers is not None else {}),
             "memory_limit": self.memory_limit,
             "disk_limit": self.disk_limit,

@@ -236,9 +236,19 @@ def summarize(counters: dict[str, int], disk_bytes: int, disk_entries: int) -> d
 def read_stats(directory: Path) -> dict:
     """Persisted figures for a folder, without creating it; zeros if there is no index yet."""
     if not (Path(directory) / INDEX_FILE).exists():
-        return summarize(dict.fromkeys(COUNTERS, 0), 0, 0)
+        return {**summarize(dict.fromkeys(COUNTERS, 0), 0, 0), "disk_blocks": 0,
+                "shared_blocks": 0}
     index = PrefixIndex(directory)
     try:
-        return summarize(index.counters(), index.total_bytes(), index.count())
+        db = index._db
+        blocks = int(db.execute("SELECT COUNT(*) FROM blocks").fetchone()[0])
+        # Blocks that more than one stored sequence continues from, and their ancestors'
+        # count is not kept here: this counts the branch points (a lower bound).
+        shared = int(db.execute(
+            "SELECT COUNT(*) FROM (SELECT parent FROM blocks GROUP BY parent "
+            "HAVING COUNT(*) > 1) WHERE parent IN (SELECT hash FROM blocks)"
+        ).fetchone()[0])
+        figures = summarize(index.counters(), index.total_bytes(), index.count())
+        return {**figures, "disk_blocks": blocks, "shared_blocks": shared}
     finally:
         index.close()
