@@ -140,3 +140,31 @@ def test_an_invalid_schema_is_a_400(client):
             response_format={"type": "json_schema", "json_schema": {
                 "name": "x", "schema": {"type": "object", "properties": {"a": {"type": 3}}}}},
         )
+
+
+@pytest.mark.parametrize("watched", [True, False])
+def test_the_grammar_advances_from_the_sampler_or_from_the_tokens(tiny_model, watched):
+    """`watch` reads each new token from the sampler (engine fast path); without it the
+    processor reads them from `tokens` (any engine that feeds it the sequence so far)."""
+    import mlx.core as mx
+    from mlx_lm import load
+    from mlx_lm.sample_utils import make_sampler
+
+    from mlxc.engine.grammar_mask import GrammarProcessor
+
+    _, tokenizer = load(str(tiny_model))
+    grammar = grammar_for({"type": "json_schema", "json_schema": {"schema": SCHEMA}}, None, None)
+    processor = GrammarProcessor(grammar, tokenizer)
+    sample = make_sampler(0.0)
+    sample = processor.watch(sample) if watched else sample
+    mx.random.seed(0)
+    tokens = mx.array(tokenizer.encode("Weather?"))
+    out = []
+    for _ in range(80):
+        logits = processor(tokens, mx.random.normal((1, len(tokenizer))))
+        token = sample(logits - mx.logsumexp(logits, keepdims=True))
+        if token.item() in tokenizer.eos_token_ids:
+            break
+        out.append(token.item())
+        tokens = mx.concatenate([tokens, token])
+    assert follows(json.loads(tokenizer.decode(out)), SCHEMA)

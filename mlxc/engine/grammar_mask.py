@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -43,6 +44,18 @@ class GrammarProcessor:
         self._vocab = len(tokenizer)
         self._mask = np.zeros((self._vocab + 31) // 32, dtype=np.int32)
         self._seen: int | None = None  # tokens of the sequence already fed to the matcher
+        self._sampled: Any = None  # the token array the sampler gave last (see `watch`)
+
+    def watch(self, sampler: Callable[[Any], Any]) -> Callable[[Any], Any]:
+        """The sampler, noting what it samples: the next call reads the new token from there
+        (already evaluated when the engine has read it) instead of from `tokens`, whose
+        slice would cost a round trip to the GPU (~0.2 ms a token measured on an H200)."""
+
+        def sample(logprobs: Any) -> Any:
+            self._sampled = sampler(logprobs)
+            return self._sampled
+
+        return sample
 
     def __call__(self, tokens: Any, logits: Any) -> Any:
         import mlx.core as mx
@@ -51,7 +64,11 @@ class GrammarProcessor:
         if self._seen is None:  # the first call: everything so far is the prompt
             self._seen = size
         elif size > self._seen:
-            for token in tokens.reshape(-1)[self._seen :].tolist():
+            if size == self._seen + 1 and self._sampled is not None:
+                new = [self._sampled.item()]
+            else:
+                new = tokens.reshape(-1)[self._seen :].tolist()
+            for token in new:
                 if not self._matcher.consume_token(token):
                     raise RuntimeError(f"the grammar refused token {token}: "
                                        f"{self._matcher.get_error()}")

@@ -57,6 +57,8 @@ def build_sampling(request: GenerationRequest, tokenizer: Any) -> SequenceSampli
     if grammar is not None:  # last: penalties must not lift a token the grammar forbids
         from mlxc.engine.grammar_mask import GrammarProcessor
 
-        processors.append(GrammarProcessor(grammar, tokenizer))
+        grammar_processor = GrammarProcessor(grammar, tokenizer)
+        processors.append(grammar_processor)
+        sampler = grammar_processor.watch(sampler)
     recorder = LogprobRecorder(tokenizer, request.top_logprobs) if request.logprobs else None
     return SequenceSampling(sampler, processors, recorder)
