@@ -165,3 +165,22 @@ def test_unknown_response_is_404(server):
     got = httpx.get(f"{server}/v1/responses/resp_nothing",
                     headers={"Authorization": f"Bearer {KEY}"})
     assert got.status_code == 404 and got.json()["error"]["code"] == "not_found"
+
+
+def test_namespaced_tools_are_offered_and_named_back(server, env, tiny_model):
+    """Codex groups tools in a `namespace`; its functions reach the model, and a call to
+    one comes back with its namespace."""
+    spawn = {"type": "function", "name": "spawn_agent", "description": "Start a helper",
+             "parameters": {"type": "object", "properties": {}}}
+    chat_tool = {"type": "function", "function": {k: spawn[k] for k in
+                                                  ("name", "description", "parameters")}}
+    call = {"id": "call_spawn", "type": "function",
+            "function": {"name": "spawn_agent", "arguments": "{}"}}
+    question = [{"role": "user", "content": "Spawn a helper"}]
+    _store_answer(env, tiny_model, question, [chat_tool], [call], 20)
+    body = {"model": MODEL, "input": "Spawn a helper", "max_output_tokens": 20, "tools": [
+        {"type": "namespace", "name": "multi_agent_v1", "description": "Sub-agents",
+         "tools": [spawn]}]}
+    done = post(server, "/v1/responses", body).json()
+    assert done["output"][0]["name"] == "spawn_agent"
+    assert done["output"][0]["namespace"] == "multi_agent_v1"

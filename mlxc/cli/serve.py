@@ -120,7 +120,8 @@ def serve(
 ) -> None:
     """Serve the model over OpenAI's and Anthropic's HTTP APIs.
 
-    Routes: /v1/chat/completions, /v1/completions, /v1/messages, /v1/models, /health, /metrics.
+    Routes: /v1/chat/completions, /v1/completions, /v1/responses, /v1/messages,
+    /v1/messages/count_tokens, /v1/models, /health, /metrics.
 
     Answers share the cache with `mlxc ask`; responses carry X-Mlxc-Cache: hit|miss|bypass."""
     import uvicorn

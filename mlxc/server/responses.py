@@ -96,7 +96,8 @@ def response_object(turn: Turn[ResponsesBody], answer: Answer | None,
     output, usage, incomplete = [], None, None
     if answer is not None:
         calls = tool_calls(turn, answer)
-        output = items.output_items(answer, calls, turn.id.removeprefix("resp_"))
+        output = items.output_items(answer, calls, turn.id.removeprefix("resp_"),
+                                    items.namespaces(body.tools))
         cached = turn.call.cached_tokens(answer)
         prompt, completion = answer.usage.prompt_tokens, answer.usage.completion_tokens
         usage = {"input_tokens": prompt, "input_tokens_details": {"cached_tokens": cached},

@@ -76,19 +76,40 @@ def system_message(instructions: str | None) -> list[dict[str, Any]]:
     return [{"role": "system", "content": text}] if text else []
 
 
+def _functions(tools: list[dict[str, Any]] | None) -> list[tuple[str | None, dict]]:
+    """(namespace, function tool) for each function, namespaces opened (Codex groups its
+    sub-agent tools in one); any other kind of tool (hosted: web search, files...) is
+    refused: the model could not use it."""
+    out = []
+    for i, tool in enumerate(tools or []):
+        kind = tool.get("type")
+        if kind == "function":
+            out.append((None, tool))
+        elif kind == "namespace":
+            inner = tool.get("tools") or []
+            if any(t.get("type") != "function" for t in inner):
+                raise refuse(f"tools.{i}", "namespaces of other than function tools are "
+                             "not supported")
+            out.extend((tool.get("name"), t) for t in inner)
+        else:
+            raise refuse(f"tools.{i}", f"tools of type {kind!r} are not supported (function "
+                         "tools are; Codex: set web_search = \"disabled\")")
+    return out
+
+
 def chat_tools(tools: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
     """Responses' flat function tools -> the chat shape the canonical request keeps."""
-    if not tools:
-        return None
     out = []
-    for i, tool in enumerate(tools):
-        if tool.get("type") != "function":
-            raise refuse(f"tools.{i}", f"tools of type {tool.get('type')!r} are not supported "
-                         "(function tools are)")
+    for _, tool in _functions(tools):
         function = {k: tool[k] for k in ("name", "description", "parameters", "strict")
                     if tool.get(k) is not None}
         out.append({"type": "function", "function": function})
-    return out
+    return out or None
+
+
+def namespaces(tools: list[dict[str, Any]] | None) -> dict[str, str]:
+    """Function name -> its namespace, for the calls the model makes."""
+    return {t.get("name"): ns for ns, t in _functions(tools) if ns}
 
 
 def chat_tool_choice(choice: str | dict[str, Any] | None) -> str | dict[str, Any] | None:
@@ -119,16 +140,20 @@ def output_text(text: str) -> dict[str, Any]:
     return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
 
 
-def function_call_item(base: str, i: int, call: dict[str, Any], status: str = "completed"):
+def function_call_item(base: str, i: int, call: dict[str, Any], status: str = "completed",
+                       spaces: dict[str, str] | None = None) -> dict[str, Any]:
     """One tool call as an item; its ids derive from the response's, so that the stream's
     `added` and `done` events and the final response name the same item."""
     function = call.get("function", {})
     arguments = function.get("arguments") or ""
     if not isinstance(arguments, str):
         arguments = json.dumps(arguments, ensure_ascii=False)
-    return {"id": f"fc_{base}_{i}", "type": "function_call", "status": status,
+    item = {"id": f"fc_{base}_{i}", "type": "function_call", "status": status,
             "call_id": call.get("id") or f"call_{base}_{i}", "name": function.get("name"),
             "arguments": arguments if status == "completed" else ""}
+    if namespace := (spaces or {}).get(item["name"]):
+        item["namespace"] = namespace
+    return item
 
 
 def says_text(answer: Answer, tool_calls: list[dict[str, Any]]) -> bool:
@@ -136,8 +161,10 @@ def says_text(answer: Answer, tool_calls: list[dict[str, Any]]) -> bool:
     return bool(answer.text) or not tool_calls
 
 
-def output_items(answer: Answer, tool_calls: list[dict[str, Any]], base: str) -> list[dict]:
+def output_items(answer: Answer, tool_calls: list[dict[str, Any]], base: str,
+                 spaces: dict[str, str] | None = None) -> list[dict]:
     """The answer's items: a message, then one function_call per tool call."""
     items = [message_item(base, answer.text)] if says_text(answer, tool_calls) else []
-    items.extend(function_call_item(base, i, call) for i, call in enumerate(tool_calls))
+    items.extend(function_call_item(base, i, call, spaces=spaces)
+                 for i, call in enumerate(tool_calls))
     return items

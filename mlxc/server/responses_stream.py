@@ -69,9 +69,10 @@ class ResponsesWriter(EventWriter):
             yield self.event("response.output_item.done", output_index=0,
                              item=items.message_item(self.base, answer.text))
             index = 1
+        spaces = items.namespaces(self.turn.body.tools)
         for i, call in enumerate(calls):
-            done = items.function_call_item(self.base, i, call)
-            started = items.function_call_item(self.base, i, call, status="in_progress")
+            done = items.function_call_item(self.base, i, call, spaces=spaces)
+            started = items.function_call_item(self.base, i, call, "in_progress", spaces)
             yield self.event("response.output_item.added", output_index=index, item=started)
             yield self.event("response.function_call_arguments.delta", item_id=done["id"],
                              output_index=index, delta=done["arguments"])
