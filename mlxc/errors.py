@@ -20,6 +20,14 @@ class PromptTooLong(InputError):
     """The prompt does not fit the model's context window."""
 
 
+class EngineBusy(RuntimeError):
+    """The engine's queue is full: the client should retry after `retry_after` seconds."""
+
+    def __init__(self, message: str, retry_after: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 USER_ERRORS: tuple[type[Exception], ...] = (
     ConfigError,
     ModelError,

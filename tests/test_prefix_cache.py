@@ -191,7 +191,8 @@ def test_a_request_that_comes_at_once_goes_ahead_of_the_idle_work(smollm_folder,
         follow = conversation(question, first.text, "And of Italy?")
         second = ask(svc, follow, max_tokens=12)  # within the grace: nothing was fed meanwhile
     said = first.usage.prompt_tokens + first.usage.completion_tokens
-    assert second.usage.cached_tokens == said
+    # The end token the answer stopped at is in the state too (the batch feeds it).
+    assert second.usage.cached_tokens == said + (first.finish_reason == "stop")
     assert second.text == cold(smollm_folder, follow, max_tokens=12)
 
 
@@ -360,8 +361,8 @@ def test_untrimmable_cache_reuses_states_at_message_boundaries(sliding, cold, tm
         second = ask(svc, follow, max_tokens=n)  # from the state after turn 1's answer
         again = ask(svc, conversation(question), max_tokens=n)  # end-of-conversation boundary
         other = ask(svc, conversation("Name a fox."), max_tokens=n)  # end-of-system boundary
-    # The answer's last token (cut by max_tokens) was never fed: it is prefilled with turn 2.
-    assert second.usage.cached_tokens == first.usage.prompt_tokens + n - 1
+    # The batch feeds every token it hands out, the last one (cut by max_tokens) too.
+    assert second.usage.cached_tokens == first.usage.prompt_tokens + n
     assert second.text == cold(sliding, follow, max_tokens=n)
     assert 0 < first.usage.prompt_tokens - again.usage.cached_tokens <= 10  # the answer header
     assert again.text == first.text == cold(sliding, conversation(question), max_tokens=n)

@@ -16,6 +16,7 @@ from mlxc.cli.options import (
     ModelOption,
     settings_from,
 )
+from mlxc.engine.worker import DEFAULT_MAX_BATCH, DEFAULT_MAX_QUEUE  # no MLX at import
 
 EXAMPLES = """
 [bold]Examples[/bold]
@@ -114,6 +115,13 @@ def serve(
         int, typer.Option(help="Open connections at most; past it the oldest idle one is "
                           "closed, or the new one refused with 503.")
     ] = 512,
+    max_batch: Annotated[
+        int, typer.Option(help="Sequences decoded together; 1 gives exactly the lone answers.")
+    ] = DEFAULT_MAX_BATCH,
+    max_queue: Annotated[
+        int, typer.Option(help="Requests that may wait for a place in the batch; past that, "
+                          "503 with Retry-After.")
+    ] = DEFAULT_MAX_QUEUE,
     cache_dir: CacheDirOption = None,
     cache_policy: CachePolicyOption = None,
     dtype: DtypeOption = None,
@@ -146,6 +154,8 @@ def serve(
         raise InputError("--request-timeout must be a positive number of seconds")
     if max_connections < 1:
         raise InputError("--max-connections must be at least 1")
+    if max_batch < 1 or max_queue < 0:
+        raise InputError("--max-batch must be at least 1 and --max-queue at least 0")
     # A server sits idle between a reply and the follow-up: a good time to prefill its opening.
     settings = settings_from(cache_dir, cache_policy, dtype, model).with_overrides(
         next_turn_prefill=True
@@ -153,13 +163,18 @@ def serve(
     sock = _listen(host, port)  # before the model loads: a busy port fails at once
     console = Console(stderr=True, highlight=False)
     status = console.status("starting", spinner="dots")
-    service = Service(settings, progress=status.update)
+    service = Service(
+        settings, progress=status.update,
+        engine_options={"max_batch": max_batch, "max_queue": max_queue},
+    )
     try:
         if console.is_terminal:
             status.start()
         try:
             engine = service.engine()  # fetch/convert once, then load on the engine thread
             engine.wait_loaded()
+            status.update("warming up (compiling kernels)")
+            engine.call(lambda e: e.warm_up()).result()  # the first client does not pay it
             stats = service.store.stats()
             _ = service.fingerprint  # hashed now, not on the first request
         finally:
@@ -196,6 +211,7 @@ def serve(
         table.add_row("[bold]API key[/bold]", "required" if api_key else "off")
         table.add_row("[bold]browsers[/bold]",
                       f"CORS for {', '.join(guard.cors)}" if guard.cors else "refused (--cors)")
+        table.add_row("[bold]batch[/bold]", f"up to {max_batch} together, {max_queue} waiting")
         console.print(Panel(table, title="mlxc serve", title_align="left", expand=False))
         config = uvicorn.Config(
             app,

@@ -48,36 +48,38 @@ def generate_tokens(
     on_prefill: Callable[[int, int], None] = lambda done, total: None,
 ) -> Iterator[Step]:
     """Prefill `prompt[reused:]` on top of `prompt_cache` (which holds `prompt[:reused]`) and
-    decode up to `max_tokens` tokens, ending early at an end token."""
+    decode up to `max_tokens` tokens, ending early at an end token. A lone sequence's loop
+    (benchmarks, tests); the engine runs `Prefill` and then mlx-lm's BatchGenerator."""
     import mlx.core as mx
     from mlx_lm.generate import generation_stream, wired_limit
 
-    todo = mx.array(prompt[reused:])
-    context = mx.array(prompt) if logits_processors else None
-
-    def sample(logits: Any, fed: Any) -> tuple[Any, Any]:
-        nonlocal context
-        logits = logits[:, -1, :]
-        if logits_processors:
-            if fed is not None:
-                context = mx.concatenate([context, fed])
-            for processor in logits_processors:
-                logits = processor(context, logits)
-        logprobs = logits - mx.logsumexp(logits, keepdims=True)
-        return sampler(logprobs), logprobs
+    prefill = Prefill(
+        model, prompt, reused, prompt_cache, sampler, logits_processors, prefill_step_size,
+        last_only,
+    )
+    context = prefill.context
 
     def step(token: Any) -> tuple[Any, Any]:
         """Queue the pass that feeds `token` and samples the one after it."""
-        following, logprobs = sample(model(token[None], cache=prompt_cache), token)
+        nonlocal context
+        logits = model(token[None], cache=prompt_cache)[:, -1, :]
+        if logits_processors:
+            context = mx.concatenate([context, token])
+            for processor in logits_processors:
+                logits = processor(context, logits)
+        logprobs = logits - mx.logsumexp(logits, keepdims=True)
+        following = sampler(logprobs)
         mx.async_eval(following, logprobs)
-        return following, logprobs
+        return following, logprobs[0]
 
     detokenizer = tokenizer.detokenizer
     eos = tokenizer.eos_token_ids
     with wired_limit(model, [generation_stream]), mx.stream(generation_stream):
-        y, row = _prefill(
-            model, todo, prompt_cache, prefill_step_size, last_only, on_prefill, sample
-        )
+        on_prefill(0, prefill.total)
+        while (first := prefill.advance()) is None:
+            on_prefill(prefill.done, prefill.total)
+        on_prefill(prefill.total, prefill.total)
+        y, row = first
         for n in range(max_tokens):
             token, token_row = y.item(), row  # the first is ready; later ones were queued
             if token in eos:
@@ -97,24 +99,53 @@ def generate_tokens(
                 mx.clear_cache()
 
 
-def _prefill(
-    model: Any, todo: Any, cache: list[Any], step_size: int, last_only: bool,
-    on_prefill: Callable[[int, int], None], sample: Callable,
-) -> Any:
-    """Run the prompt tokens through the model in chunks (state only); the last chunk also
-    gives the logits the first token is sampled from."""
-    import mlx.core as mx
+class Prefill:
+    """One sequence's prompt, fed a chunk at a time (state only) so that the engine can run
+    decode steps of other sequences in between; the last chunk also samples the first token
+    (with the sequence's own processors, which see the whole prompt)."""
 
-    total = todo.size
-    tail = (total - 1) % step_size + 1 if last_only else 1
-    on_prefill(0, total)
-    done = prefill_states(model, todo[: total - tail], cache, step_size, on_prefill, total)
-    rest = todo[done:][None]
-    logits = last_position_logits(model, rest, cache) if last_only else model(rest, cache=cache)
-    y, logprobs = sample(logits, None)
-    mx.eval(y, logprobs)
-    on_prefill(total, total)
-    return y, logprobs
+    def __init__(
+        self, model: Any, prompt: list[int], reused: int, cache: list[Any], sampler: Callable,
+        processors: list[Callable], step_size: int, last_only: bool,
+    ) -> None:
+        import mlx.core as mx
+
+        self.model, self.cache, self.sampler = model, cache, sampler
+        self.processors, self.step_size = list(processors), step_size
+        self.todo = mx.array(prompt[reused:])
+        self.total = self.todo.size
+        self.context = mx.array(prompt) if self.processors else None
+        self.last_only = last_only
+        # What the last pass feeds: the tail of the last chunk (one token in mlx-lm's way).
+        self._tail = (self.total - 1) % step_size + 1 if last_only else 1
+        self.done = 0
+
+    def advance(self) -> tuple[Any, Any] | None:
+        """Feed the next chunk; once the prompt is in, (first token, its log-probabilities
+        row), both evaluated."""
+        import mlx.core as mx
+
+        stop = self.total - self._tail
+        if self.done < stop:
+            end = min(self.done + self.step_size, stop)
+            self.model(self.todo[self.done : end][None], cache=self.cache)
+            mx.eval([c.state for c in self.cache])
+            mx.clear_cache()
+            self.done = end
+            return None
+        rest = self.todo[self.done :][None]
+        if self.last_only:
+            logits = last_position_logits(self.model, rest, self.cache)
+        else:
+            logits = self.model(rest, cache=self.cache)
+        logits = logits[:, -1, :]
+        for processor in self.processors:
+            logits = processor(self.context, logits)
+        logprobs = logits - mx.logsumexp(logits, keepdims=True)
+        y = self.sampler(logprobs)
+        mx.eval(y, logprobs)
+        self.done = self.total
+        return y, logprobs[0]
 
 
 def prefill_states(

@@ -45,7 +45,16 @@ def build_sampling(request: GenerationRequest, tokenizer: Any) -> SequenceSampli
     """The sampler and processors a request asks for (mlx-lm's own samplers and penalties)."""
     from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
-    sampler = make_sampler(request.temperature, request.top_p, request.min_p, top_k=request.top_k)
+    if request.seed is not None and request.temperature > 0:  # its own key: holds in a batch
+        from mlxc.engine.seeds import keyed_sampler
+
+        sampler = keyed_sampler(
+            request.seed, request.temperature, request.top_p, request.min_p, request.top_k
+        )
+    else:
+        sampler = make_sampler(
+            request.temperature, request.top_p, request.min_p, top_k=request.top_k
+        )
     processors = make_logits_processors(
         repetition_penalty=(
             None if request.repetition_penalty == 1 else request.repetition_penalty

@@ -1,10 +1,11 @@
 """The engine: ONE thread owns the model, because MLX must not be driven from two threads.
 
-Callers `submit` a request and get a `Generation` at once; the thread prefills, decodes and
-publishes each piece of text as it comes, so the event loop and the Rich display never wait
-on MLX. Anything else that must touch MLX (counting tokens, prefix warm-up) goes through
-`call`, which runs a function on the same thread. When nothing waits, the thread may use the
-pause after an answer to prefill the next turn's opening (`mlxc serve` asks for that).
+Callers `submit` a request and get a `Generation` at once; the thread runs every admitted
+request in one continuous batch (scheduler.py), publishing each piece of text as it comes, so
+the event loop and the Rich display never wait on MLX. Anything else that must touch MLX
+(counting tokens, prefix warm-up) goes through `call`, which runs a function on the same
+thread between decode steps. When nothing waits, the thread may use the pause after an answer
+to prefill the next turn's opening (`mlxc serve` asks for that).
 """
 
 from __future__ import annotations
@@ -20,21 +21,25 @@ from typing import Any
 from mlxc.config import Settings
 from mlxc.engine.tools import answer_filter, prompt_messages
 from mlxc.errors import (
+    EngineBusy,
     ModelError,
     PromptTooLong,  # noqa: F401  (re-exported for front ends)
 )
 from mlxc.model.quiet import quiet_libraries
 from mlxc.model.refs import ModelRef, model_fingerprint, prepare_model
 from mlxc.request import Answer, GenerationRequest, Usage
-from mlxc.stream import Delta, Failed, Finished, Generation
+from mlxc.stream import Failed, Generation
 
 DEFAULT_PREFILL_STEP = 512
+DEFAULT_MAX_BATCH = 8  # sequences decoded together (see `mlxc serve --max-batch`)
+DEFAULT_MAX_QUEUE = 64  # requests waiting for a place in the batch before 503s
+RETRY_AFTER_SECONDS = 2
 log = logging.getLogger("mlxc.prefix")
 IDLE_GRACE_SECONDS = 0.2  # longer than a client's back-to-back calls, shorter than reading
 
 
 class Engine:
-    """Loads a model on its own thread and runs generations one after another."""
+    """Loads a model on its own thread and runs generations together in one batch."""
 
     def __init__(
         self,
@@ -42,10 +47,14 @@ class Engine:
         settings: Settings,
         progress: Callable[[str], None] | None = None,
         prefill_step_size: int = DEFAULT_PREFILL_STEP,
+        max_batch: int = DEFAULT_MAX_BATCH,
+        max_queue: int = DEFAULT_MAX_QUEUE,
     ) -> None:
         self.ref = ref
         self.settings = settings
         self.prefill_step_size = prefill_step_size
+        self.max_batch = max(1, max_batch)
+        self.max_queue = max(0, max_queue)
         self._progress = progress or (lambda _msg: None)
         self._jobs: queue.Queue = queue.Queue()
         self._loaded = threading.Event()
@@ -59,8 +68,8 @@ class Engine:
         self.context_length = 0
         self.dtype = ""
         self.last_only = False  # the prompt's last chunk can give its last logits alone
-        self._next_turn: tuple | None = None  # what _prefill_next_turn extends, if idle
-        self.busy = False
+        self.scheduler: Any = None  # made on the engine thread once the model is loaded
+        self._stopping = False
 
     # -- public, any thread ------------------------------------------------------------
 
@@ -79,11 +88,48 @@ class Engine:
         return self._loaded.is_set() and self._load_error is None
 
     @property
+    def waiting(self) -> int:
+        """Requests not yet admitted to the batch."""
+        scheduler = self.scheduler
+        return self._jobs.qsize() + (len(scheduler.waiting) if scheduler else 0)
+
+    @property
+    def running(self) -> int:
+        """Sequences being prefilled or decoded."""
+        scheduler = self.scheduler
+        return scheduler.active if scheduler else 0
+
+    @property
     def queue_depth(self) -> int:
-        return self._jobs.qsize() + (1 if self.busy else 0)
+        return self.waiting + self.running
+
+    @property
+    def busy(self) -> bool:
+        return self.queue_depth > 0
+
+    def figures(self) -> dict[str, Any]:
+        """Batch figures for /health and /metrics (plain numbers, any thread)."""
+        scheduler = self.scheduler
+        figures = scheduler.figures if scheduler else None
+        return {
+            "running": self.running,
+            "waiting": self.waiting,
+            "max_batch": self.max_batch,
+            "max_queue": self.max_queue,
+            "batch_sizes": dict(figures.batch_sizes) if figures else {},
+            "generated_tokens": figures.generated_tokens if figures else 0,
+            "tokens_per_second": round(figures.tokens_per_second(), 2) if figures else 0.0,
+        }
 
     def submit(self, request: GenerationRequest) -> Generation:
-        """Queue a generation; its events arrive on the returned Generation."""
+        """Queue a generation; its events arrive on the returned Generation. Raises
+        EngineBusy when `max_queue` requests already wait for a place in the batch."""
+        if self.waiting >= self.max_queue + max(0, self.max_batch - self.running):
+            raise EngineBusy(
+                f"the server is busy: {self.running} sequences running and {self.waiting} "
+                "waiting; retry shortly",
+                retry_after=RETRY_AFTER_SECONDS,
+            )
         generation = Generation()
         self._idle.clear()
         self._jobs.put((request, generation))
@@ -117,16 +163,14 @@ class Engine:
             self._load_error = exc if isinstance(exc, ModelError) else ModelError(str(exc))
         finally:
             self._loaded.set()
-        while (job := self._next_job()) is not None:
-            work, sink = job
-            self.busy = True
+        while self._serve_jobs():
+            if self.scheduler is None:  # the model did not load: jobs were answered
+                continue
             try:
-                if isinstance(sink, Future):
-                    self._run_call(work, sink)
-                else:
-                    self._run_generation(work, sink)
-            finally:
-                self.busy = False
+                self.scheduler.tick()
+            except Exception as exc:  # fail what runs, keep serving: never a dead thread
+                log.exception("engine step failed")
+                self.scheduler.cancel_all(exc)
         if self.prompt_cache is not None:
             self.prompt_cache.close()
         self.model = self.prompt_cache = None
@@ -138,15 +182,41 @@ class Engine:
         # thread just disappears with the process.
         threading.Event().wait()
 
+    def _serve_jobs(self) -> bool:
+        """Take the queued jobs (waiting for one when the batch is empty); False to stop."""
+        scheduler = self.scheduler
+        block = scheduler is None or not scheduler.busy
+        if block and self._stopping:
+            return False
+        while True:
+            try:
+                job = self._jobs.get_nowait() if not block else self._next_job()
+            except queue.Empty:
+                return True
+            block = False
+            if job is None:
+                self._stopping = True
+                continue
+            work, sink = job
+            if scheduler is not None:
+                scheduler.next_turns.clear()  # their states may be taken: never past a job
+            if isinstance(sink, Future):
+                self._run_call(work, sink)
+            elif self._load_error is not None:
+                sink.publish(Failed(self._load_error))
+            else:
+                scheduler.add(work, sink)
+
     def _next_job(self) -> Any:
-        """The next job. An answer's idle work waits a moment first: a request that comes at
-        once (a client's next call, not a person reading) goes ahead of it and cancels it."""
-        turn, self._next_turn = self._next_turn, None  # it holds a state: never past a job
-        if turn is not None:
+        """The next job, once the batch is empty. An answer's idle work waits a moment first:
+        a request that comes at once (a client's next call, not a person reading) goes ahead
+        of it and cancels it."""
+        turns = self.scheduler.next_turns if self.scheduler else []
+        while turns:
             try:
                 return self._jobs.get(timeout=IDLE_GRACE_SECONDS)
             except queue.Empty:
-                self._prefill_next_turn(*turn)
+                self._prefill_next_turn(turns.pop())
         if self._jobs.empty():
             self._idle.set()
         return self._jobs.get()
@@ -181,6 +251,9 @@ class Engine:
             self.model, self.tokenizer, model_fingerprint(self.ref, self.settings),
             self.settings, self.prefill_step_size,
         )
+        from mlxc.engine.scheduler import Scheduler
+
+        self.scheduler = Scheduler(self, self.max_batch, self._start_sequence)
 
     def _run_call(self, fn: Callable[[Engine], Any], future: Future) -> None:
         if self._load_error is not None:
@@ -190,6 +263,32 @@ class Engine:
             future.set_result(fn(self))
         except Exception as exc:
             future.set_exception(exc)
+
+    def warm_up(self) -> None:
+        """Run the model once through every path a request takes (prefill, a lone first
+        token, a batched decode of two sequences), so that the kernels a backend compiles on
+        first use (CUDA: ~20 s) are ready before the first client. No cache is touched."""
+        import mlx.core as mx
+        from mlx_lm.generate import BatchGenerator
+        from mlx_lm.models.cache import make_prompt_cache
+        from mlx_lm.sample_utils import greedy_sampler
+
+        from mlxc.engine.generate import Prefill
+
+        tokens = self.tokenizer.encode("Warm up: the quick brown fox jumps over the lazy dog.")
+        for n in (len(tokens), 3):
+            prefill = Prefill(
+                self.model, tokens[:n], 0, make_prompt_cache(self.model), greedy_sampler, [],
+                self.prefill_step_size, self.last_only,
+            )
+            while prefill.advance() is None:
+                pass
+        batch = BatchGenerator(self.model, max_tokens=4, prefill_step_size=self.prefill_step_size)
+        batch.insert([tokens, tokens[:5]])
+        while batch.next_generated():
+            pass
+        batch.close()
+        mx.clear_cache()
 
     def encode(self, request: GenerationRequest) -> list[int]:
         """Prompt tokens: the chat template for messages, plain text for a raw prompt."""
@@ -205,38 +304,26 @@ class Engine:
         )
         return self.tokenizer.encode(text, add_special_tokens=False)
 
-    def _run_generation(self, request: GenerationRequest, generation: Generation) -> None:
-        if self._load_error is not None:
-            generation.publish(Failed(self._load_error))
-            return
-        if generation.cancelled.is_set():
-            generation.publish(Finished(Answer(text="", finish_reason="cancelled")))
-            return
-        try:
-            generation.publish(Finished(self._generate(request, generation)))
-        except Exception as exc:
-            generation.publish(Failed(exc))
-
-    def _prefill_next_turn(
-        self, request: GenerationRequest, kept: list[int], said: list[int], answer: str,
-        state: list[Any],
-    ) -> None:
+    def _prefill_next_turn(self, turn: Any) -> None:
         """Once idle after an answer, feed the template's opening of the next user turn (and
-        the answer's last token, if the state stops short of it), so a follow-up prefills only
-        its own text. A guess: a different next turn trims it off again."""
+        the answer's last tokens, if the state stops short of them), so a follow-up prefills
+        only its own text. A guess: a different next turn trims it off again."""
         from mlxc.engine.turns import next_turn_opening
 
         try:
-            if opening := next_turn_opening(self.tokenizer, request, answer, said):
-                self.prompt_cache.extend(kept, said[len(kept) :] + opening, state)
+            opening = next_turn_opening(self.tokenizer, turn.request, turn.text, turn.said)
+            full = turn.said + opening
+            if opening and full[: len(turn.kept)] == turn.kept and len(full) > len(turn.kept):
+                self.prompt_cache.extend(turn.kept, full[len(turn.kept) :], turn.cache)
         except Exception as exc:  # an optimisation: never worth a dead engine
             log.warning("prefix cache: cannot prefill the next turn's opening (%s)", exc)
 
-    def _generate(self, request: GenerationRequest, generation: Generation) -> Answer:
-        import mlx.core as mx
-
-        from mlxc.engine.generate import generate_tokens
+    def _start_sequence(self, request: GenerationRequest, generation: Generation) -> Any:
+        """A request's sequence: prompt encoded, prefix state fetched, sampler built; or the
+        whole Answer of a request that generates nothing (echo with max_tokens 0)."""
+        from mlxc.engine.generate import Prefill
         from mlxc.engine.sampling import build_sampling
+        from mlxc.engine.sequence import Sequence
 
         tokens = self.encode(request)
         if self.context_length and len(tokens) + 1 > self.context_length:
@@ -244,7 +331,7 @@ class Engine:
                 f"the prompt is {len(tokens)} tokens; {self.ref.name} takes at most "
                 f"{self.context_length}. Shorten it."
             )
-        start = time.perf_counter()  # a state loaded from disk counts in the time to first token
+        started = time.perf_counter()  # a state loaded from disk counts in the time to first token
         echoed = None
         if request.echo:
             from mlxc.engine.scoring import prompt_logprobs
@@ -253,78 +340,27 @@ class Engine:
             if request.max_tokens == 0:  # a log-likelihood request: nothing to generate
                 return Answer(text="", finish_reason="length", prompt_logprobs=echoed,
                               usage=Usage(prompt_tokens=len(tokens)), model=self.ref.name,
-                              prefill_seconds=time.perf_counter() - start)
-        prompt_cache, todo = self.prompt_cache.fetch(tokens, request)
+                              prefill_seconds=time.perf_counter() - started)
+        cache, todo = self.prompt_cache.fetch(tokens, request)
         reused = len(tokens) - len(todo)
         generation.prompt_tokens_total = len(todo)
         generation.prompt_tokens, generation.reused_tokens = len(tokens), reused
-
-        def on_prefill(done: int, _total: int) -> None:
-            generation.prompt_tokens_done = done
-
-        if request.seed is not None:
-            mx.random.seed(request.seed)
         sampling = build_sampling(request, self.tokenizer)
-        stops = answer_filter(request, self.tokenizer)
-        text_parts: list[str] = []
-        generated: list[int] = []
-        finish = "length"
-        first_token_at = None
-        for response in generate_tokens(
-            self.model,
-            self.tokenizer,
-            tokens,
-            reused,
-            prompt_cache,
-            sampler=sampling.sampler,
-            logits_processors=sampling.processors,
-            max_tokens=request.max_tokens,
-            prefill_step_size=self.prefill_step_size,
-            last_only=self.last_only,
-            on_prefill=on_prefill,
-        ):
-            first_token_at = first_token_at or time.perf_counter()
-            if response.finish_reason != "stop":
-                generated.append(response.token)
-                sampling.observe(response.token, response.logprobs)
-            emit, stopped = stops.feed(response.text)
-            if emit:
-                text_parts.append(emit)
-                generation.publish(Delta(emit, sampling.take_logprobs()))
-            if stopped:
-                finish = "stop"
-                break
-            if response.finish_reason is not None:
-                finish = response.finish_reason
-            if generation.cancelled.is_set():
-                finish = "cancelled"
-                break
-        if tail := stops.flush():
-            text_parts.append(tail)
-            generation.publish(Delta(tail, sampling.take_logprobs()))
-        end = time.perf_counter()
-        first_token_at = first_token_at or end
-        # Kept even when cancelled: the prompt's state is still good for the next request.
-        # The state may stop short of the last token (see generate.py): the key is cut to it.
-        said = tokens + generated
-        kept = self.prompt_cache.store(said, prompt_cache)
-        text = "".join(text_parts)
-        next_turn = self.settings.next_turn_prefill and finish != "cancelled"
-        if kept and next_turn and not stops.tool_calls:  # a user's turn comes next, most likely
-            self._next_turn = (request, kept, said, text, prompt_cache)
-        return Answer(
-            text=text,
-            finish_reason=stops.finish_reason(finish),
-            stop_sequence=stops.stops.matched,
-            tool_calls=stops.tool_calls,
-            usage=Usage(
-                prompt_tokens=len(tokens),
-                completion_tokens=len(generated),
-                cached_tokens=self.prompt_cache.last_reused,
+        return Sequence(
+            request=request,
+            generation=generation,
+            prompt=tokens,
+            reused=reused,
+            cached=self.prompt_cache.last_reused,
+            sampling=sampling,
+            stops=answer_filter(request, self.tokenizer),
+            detokenizer=self.tokenizer.detokenizer,
+            eos=set(self.tokenizer.eos_token_ids),
+            prefill=Prefill(
+                self.model, tokens, reused, cache, sampling.sampler, sampling.processors,
+                self.prefill_step_size, self.last_only,
             ),
-            model=self.ref.name,
-            logprobs=sampling.logprobs,
+            cache=cache,
+            started=started,
             prompt_logprobs=echoed,
-            prefill_seconds=first_token_at - start,
-            generation_seconds=end - first_token_at,
         )

@@ -16,7 +16,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from mlxc.config import ConfigError
-from mlxc.errors import ModelError, PromptTooLong, describe
+from mlxc.errors import EngineBusy, ModelError, PromptTooLong, describe
 from mlxc.server.depth import MAX_DEPTH, json_depth
 from mlxc.store import StoreError
 
@@ -37,14 +37,15 @@ class ApiError(Exception):
     """An HTTP error with a message for the client; never carries a traceback."""
 
     def __init__(
-        self, status: int, message: str, param: str | None = None, code: str | None = None
+        self, status: int, message: str, param: str | None = None, code: str | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.param = param
         self.code = code
-        self.headers: dict[str, str] | None = None  # e.g. Retry-After on a full queue
+        self.headers = headers  # e.g. Retry-After on a 503
 
 
 def is_anthropic(request: Request) -> bool:
@@ -85,6 +86,10 @@ def as_api_error(exc: BaseException) -> ApiError:
         errors = exc.errors()
         param = ".".join(str(p) for p in errors[0]["loc"]) if errors else None
         return ApiError(400, describe(exc), param=param or None, code="invalid_value")
+    if isinstance(exc, EngineBusy):  # a full queue: clients' retry logic reads Retry-After
+        return ApiError(
+            503, str(exc), code="overloaded", headers={"Retry-After": str(exc.retry_after)}
+        )
     if isinstance(exc, PromptTooLong):
         return ApiError(400, str(exc), param="messages", code="context_length_exceeded")
     if isinstance(exc, (ModelError, StoreError)):

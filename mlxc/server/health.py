@@ -21,6 +21,13 @@ from mlxc.server.state import ServerState, get_state
 router = APIRouter()
 
 
+def _batch_figures(state: ServerState) -> dict[str, Any]:
+    """Running and waiting sequences, decode steps by batch size, engine tokens/s."""
+    if not state.service.engine_started:
+        return {"running": 0, "waiting": 0, "batch_sizes": {}, "tokens_per_second": 0.0}
+    return state.service.engine().figures()
+
+
 def _engine_status(state: ServerState) -> tuple[str, bool, int]:
     """(status, model_loaded, queue depth); never waits for the engine."""
     service = state.service
@@ -76,6 +83,7 @@ async def health(request: Request) -> Response:
         "cache": cache,
         "prefix_cache": prefix,
         "queue_depth": depth,
+        "batch": _batch_figures(state),
         "requests_in_flight": served.pop("in_flight"),
         "tokens_per_second": served.pop("tokens_per_second"),
         "server": served,
@@ -89,9 +97,15 @@ async def health(request: Request) -> Response:
 async def metrics(request: Request) -> Response:
     state = get_state(request)
     _status, loaded, depth = _engine_status(state)
+    batch = _batch_figures(state)
     gauges: dict[str, tuple[str, float]] = {
         "mlxc_model_loaded": ("1 once the model is loaded.", float(loaded)),
         "mlxc_queue_depth": ("Generations running or waiting for the engine.", depth),
+        "mlxc_running_sequences": ("Sequences prefilling or decoding.", batch["running"]),
+        "mlxc_waiting_requests": ("Requests waiting for a place in the batch.",
+                                  batch["waiting"]),
+        "mlxc_engine_tokens_per_second": ("Tokens/s of all sequences, last 10 s.",
+                                          batch["tokens_per_second"]),
     }
     if (stats := await _store_stats(state)) is not None:
         gauges["mlxc_cache_items"] = ("Answers in the response cache.", stats["cached_items"])
@@ -101,5 +115,6 @@ async def metrics(request: Request) -> Response:
         gauges["mlxc_cache_store_misses"] = ("Misses counted by the store (all processes).",
                                              stats["misses"])
     return PlainTextResponse(
-        state.metrics.render(gauges), media_type="text/plain; version=0.0.4; charset=utf-8"
+        state.metrics.render(gauges, batch["batch_sizes"]),
+        media_type="text/plain; version=0.0.4; charset=utf-8",
     )

@@ -92,8 +92,11 @@ class Metrics:
                 "in_flight": self.in_flight,
             }
 
-    def render(self, gauges: dict[str, tuple[str, float]]) -> str:
-        """Prometheus text format 0.0.4; `gauges` adds name -> (help, value) readings."""
+    def render(
+        self, gauges: dict[str, tuple[str, float]], batch_sizes: dict[int, int] | None = None
+    ) -> str:
+        """Prometheus text format 0.0.4; `gauges` adds name -> (help, value) readings,
+        `batch_sizes` the engine's decode steps by batch size."""
         out: list[str] = []
 
         def head(name: str, kind: str, text: str) -> None:
@@ -139,4 +142,14 @@ class Metrics:
         for name, (text, value) in gauges.items():
             head(name, "gauge", text)
             out.append(f"{name} {value:g}")
+        if batch_sizes is not None:
+            head("mlxc_batch_size", "histogram", "Sequences decoded together, per decode step.")
+            count = total = 0
+            for size in range(1, max(batch_sizes, default=0) + 1):
+                count += batch_sizes.get(size, 0)
+                total += size * batch_sizes.get(size, 0)
+                out.append(f'mlxc_batch_size_bucket{{le="{size}"}} {count}')
+            out.append(f'mlxc_batch_size_bucket{{le="+Inf"}} {count}')
+            out.append(f"mlxc_batch_size_sum {total}")
+            out.append(f"mlxc_batch_size_count {count}")
         return "\n".join(out) + "\n"

@@ -1,0 +1,226 @@
+"""Continuous batching on the engine thread: requests join and leave a running batch between
+decode steps.
+
+Each `tick` does at most three things, in this order:
+1. admit waiting requests while the batch has room (prompt encoded, prefix state fetched);
+2. feed one prompt chunk of the sequence being prefilled, so a long prompt never stalls the
+   running streams for its whole prefill; its last chunk samples the first token, which is
+   published at once (the lone request's time to first token, prefix shortcuts included);
+3. one decode step of every running sequence, by mlx-lm's `BatchGenerator`, which queues
+   step n+1 before it reads the tokens of step n (pipelined on both backends).
+
+Prefill runs on the sequence's own state, alone, exactly as a lone request's would; only
+decode steps are batched (see the README's "Batching" section for what that changes).
+Engine thread only; `figures()` may be read from any thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from mlxc.engine.sequence import Sequence
+from mlxc.errors import PromptTooLong
+from mlxc.request import Answer, GenerationRequest
+from mlxc.stream import Failed, Finished, Generation
+
+log = logging.getLogger("mlxc.engine")
+Starter = Callable[[GenerationRequest, Generation], Sequence | Answer]
+RATE_WINDOW = 10.0  # seconds of decode the tokens/s figure looks back on
+
+
+@dataclass
+class NextTurn:
+    """A finished conversation's state, kept to prefill its next turn's opening when idle."""
+
+    request: GenerationRequest
+    kept: list[int]  # the key its state was stored under
+    said: list[int]  # prompt + answer tokens
+    text: str
+    cache: list[Any]
+
+
+@dataclass
+class Figures:
+    """What /health and /metrics show; plain numbers, updated on the engine thread."""
+
+    batch_sizes: Counter = field(default_factory=Counter)  # decode steps by batch size
+    generated_tokens: int = 0
+    recent: deque = field(default_factory=lambda: deque(maxlen=256))  # (time, tokens)
+
+    def tokens_per_second(self) -> float:
+        now = time.monotonic()
+        recent = [(t, n) for t, n in list(self.recent) if now - t <= RATE_WINDOW]
+        if len(recent) < 2:
+            return 0.0
+        span = recent[-1][0] - recent[0][0]
+        return sum(n for _, n in recent[1:]) / span if span > 0 else 0.0
+
+
+class Scheduler:
+    def __init__(self, engine: Any, max_batch: int, start: Starter) -> None:
+        self.engine = engine
+        self.max_batch = max_batch
+        self._start = start
+        self.batch = self._new_batch()
+        self.waiting: deque[tuple[GenerationRequest, Generation]] = deque()
+        self.prefilling: Sequence | None = None
+        self.running: dict[int, Sequence] = {}
+        self.next_turns: list[NextTurn] = []
+        self.figures = Figures()
+
+    def _new_batch(self) -> Any:
+        from mlx_lm.generate import BatchGenerator
+
+        eos = sorted(self.engine.tokenizer.eos_token_ids)
+        return BatchGenerator(
+            self.engine.model,
+            stop_tokens=[[t] for t in eos],
+            completion_batch_size=self.max_batch,
+            prefill_batch_size=1,
+            prefill_step_size=self.engine.prefill_step_size,
+        )
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.waiting or self.prefilling or self.running)
+
+    @property
+    def active(self) -> int:
+        """Sequences being prefilled or decoded."""
+        return len(self.running) + (self.prefilling is not None)
+
+    def add(self, request: GenerationRequest, generation: Generation) -> None:
+        self.waiting.append((request, generation))
+
+    def tick(self) -> None:
+        import mlx.core as mx
+        from mlx_lm.generate import generation_stream
+
+        with mx.stream(generation_stream):
+            self._admit()
+            if self.prefilling is not None:
+                self._prefill()
+            if self.running:
+                self._decode()
+
+    # -- the three steps ---------------------------------------------------------------
+
+    def _admit(self) -> None:
+        while self.prefilling is None and self.waiting and len(self.running) < self.max_batch:
+            request, generation = self.waiting.popleft()
+            if generation.cancelled.is_set():
+                generation.publish(Finished(Answer(text="", finish_reason="cancelled")))
+                continue
+            self.next_turns.clear()  # a fetch may take over their states
+            try:
+                started = self._start(request, generation)
+            except Exception as exc:  # a prompt too long, a template that refuses it
+                if not isinstance(exc, PromptTooLong):
+                    log.debug("cannot start a sequence", exc_info=True)
+                generation.publish(Failed(exc))
+                continue
+            if isinstance(started, Answer):  # nothing to generate (echo, max_tokens 0)
+                generation.publish(Finished(started))
+            else:
+                self.prefilling = started
+
+    def _prefill(self) -> None:
+        seq = self.prefilling
+        if seq.generation.cancelled.is_set():
+            self.prefilling = None
+            seq.finish = "cancelled"
+            self._finish(seq, seq.cache, seq.prompt[: seq.reused + seq.prefill.done])
+            return
+        first = seq.prefill.advance()
+        seq.generation.prompt_tokens_done = seq.prefill.done
+        if first is None:
+            return
+        self.prefilling = None
+        token, logprobs = first[0].item(), first[1]
+        if seq.take(token, logprobs):  # done at once: the state holds the prompt only
+            self._finish(seq, seq.cache, seq.prompt)
+            return
+        greedy = _is_greedy(seq.sampling.sampler)
+        (seq.uid,) = self.batch.insert(
+            [[token]],  # fed by the first decode step, together with the batch
+            max_tokens=[seq.remaining],
+            caches=[seq.cache],
+            all_tokens=[list(seq.prompt)],  # what penalties look back on
+            samplers=[None if greedy else seq.sampling.sampler],  # None: one batched argmax
+            logits_processors=[seq.sampling.processors],
+        )
+        seq.cache = []  # the batch holds (a copy of) it now
+        self.running[seq.uid] = seq
+
+    def _decode(self) -> None:
+        _, responses = self.batch.next()
+        if responses:
+            self.figures.batch_sizes[len(responses)] += 1
+            self.figures.generated_tokens += len(responses)
+            self.figures.recent.append((time.monotonic(), len(responses)))
+        leaving = []
+        for r in responses:
+            seq = self.running.get(r.uid)
+            if seq is None or not seq.take(r.token, r.logprobs, r.finish_reason):
+                continue
+            if r.finish_reason is not None:  # the batch let it go and handed its state out
+                del self.running[r.uid]
+                self._finish(seq, r.prompt_cache, r.all_tokens)
+            else:
+                leaving.append(r.uid)
+        for uid, seq in self.running.items():  # cancelled while joining: no token yet
+            if uid not in leaving and seq.generation.cancelled.is_set():
+                seq.finish = "cancelled"
+                leaving.append(uid)
+        if leaving:
+            states = self.batch.remove(leaving, return_prompt_caches=True)
+            for uid in leaving:
+                seq = self.running.pop(uid)
+                cache, tokens = states.get(uid, (None, None))
+                self._finish(seq, cache, tokens)
+
+    # -- leaving --------------------------------------------------------------------------
+
+    def _finish(self, seq: Sequence, cache: list[Any] | None, held: list[int] | None) -> None:
+        """Store the sequence's state (kept even when cancelled: its prompt is still good for
+        the next request), then publish its answer."""
+        engine = self.engine
+        kept = None
+        if cache and held:
+            try:
+                kept = engine.prompt_cache.store(list(held), cache)
+            except Exception as exc:  # an optimisation: never worth an answer
+                log.warning("prefix cache: cannot store a state (%s)", exc)
+        try:
+            answer = seq.answer(engine.ref.name)
+        except Exception as exc:
+            seq.generation.publish(Failed(exc))
+            return
+        wanted = engine.settings.next_turn_prefill and seq.finish != "cancelled"
+        if kept and wanted and not seq.stops.tool_calls:  # a user's turn comes next, most likely
+            self.next_turns.append(NextTurn(seq.request, kept, seq.said, answer.text, cache))
+            del self.next_turns[:-4]  # the most recent few conversations
+        seq.generation.publish(Finished(answer))
+
+    def cancel_all(self, error: Exception) -> None:
+        """Fail every sequence (a step failed: its batch cannot be trusted)."""
+        for seq in [*self.running.values(), self.prefilling]:
+            if seq is not None:
+                seq.generation.publish(Failed(error))
+        for _, generation in self.waiting:
+            generation.publish(Failed(error))
+        self.running.clear()
+        self.waiting.clear()
+        self.prefilling = None
+        self.batch = self._new_batch()  # whatever state the failed step left is dropped
+
+
+def _is_greedy(sampler: Any) -> bool:
+    from mlx_lm.sample_utils import greedy_sampler
+
+    return sampler is greedy_sampler
