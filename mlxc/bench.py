@@ -4,7 +4,8 @@ Scenarios, in order, each on requests no earlier scenario sent (so a miss is a m
   miss        distinct requests, answered by the model (response cache cold)
   hit         the same requests again, answered from the response cache
   follow-up   a second turn on each miss: the prefix (KV) cache should spare its prefill
-  concurrent  N clients at once, each with its own requests
+  concurrent  N clients at once, each with its own requests (one scenario per level of
+              `--concurrency 1,2,4,8`: "concurrent 4" etc.; aggregate tokens/s per level)
 and, in-process only, a reference run of the follow-ups on an engine without a prefix cache:
 their time to first token without reuse, and whether reuse changed a greedy answer.
 
@@ -163,7 +164,7 @@ class Plan:
 
     requests: list[GenerationRequest]
     count: int = 4
-    concurrency: int = 4
+    concurrency: list[int] = field(default_factory=lambda: [4])  # clients at once, per level
     max_tokens: int = 64
     # A tag that keeps this run's prompts out of any cache that outlives it (a server's).
     tag: str = ""
@@ -185,9 +186,16 @@ def _relabel(request: GenerationRequest, label: str, max_tokens: int) -> Generat
     return request.model_copy(update={"messages": messages, "max_tokens": max_tokens})
 
 
-def default_plan(count: int, concurrency: int, max_tokens: int, tagged: bool) -> Plan:
+def default_plan(
+    count: int, concurrency: int | list[int], max_tokens: int, tagged: bool
+) -> Plan:
     requests = [GenerationRequest(messages=[{"role": "user", "content": p}]) for p in PROMPTS]
-    return Plan(requests, count, concurrency, max_tokens, uuid.uuid4().hex[:6] if tagged else "")
+    levels = [concurrency] if isinstance(concurrency, int) else list(concurrency)
+    return Plan(requests, count, levels, max_tokens, uuid.uuid4().hex[:6] if tagged else "")
+
+
+def concurrency_scenario(level: int, levels: list[int]) -> str:
+    return "concurrent" if len(levels) == 1 else f"concurrent {level}"
 
 
 def follow_up(request: GenerationRequest, answer: str) -> GenerationRequest:
@@ -220,8 +228,10 @@ def run(client: Client, plan: Plan, listener: Listener,
     result.identical["hit"] = _same(misses, hits)
     turns = [follow_up(r, s.text) for r, s in zip(cold, misses, strict=True)]
     follow = _serial(client, "follow-up", turns, result, listener)
-    _concurrent(client, [plan.fresh() for _ in range(max(plan.count, plan.concurrency))],
-                plan.concurrency, result, listener)
+    for level in plan.concurrency:  # the same number of requests at every level
+        requests = [plan.fresh() for _ in range(max(plan.count, *plan.concurrency))]
+        name = concurrency_scenario(level, plan.concurrency)
+        _concurrent(client, requests, level, result, listener, name)
     if reference is not None:
         client.close()  # one engine at a time: MLX is driven from one thread
         other = reference()
@@ -251,9 +261,9 @@ def _serial(client: Client, name: str, requests: list[GenerationRequest], result
 
 
 def _concurrent(client: Client, requests: list[GenerationRequest], clients: int,
-                result: Result, listener: Listener) -> None:
+                result: Result, listener: Listener, name: str = "concurrent") -> None:
     """`clients` threads, each sending its share of the requests one after another."""
-    listener.scenario("concurrent", len(requests))
+    listener.scenario(name, len(requests))
     samples: list[Sample] = []
     errors: list[BaseException] = []
     lock = threading.Lock()
@@ -261,7 +271,7 @@ def _concurrent(client: Client, requests: list[GenerationRequest], clients: int,
     def worker(share: list[GenerationRequest]) -> None:
         for request in share:
             try:
-                sample = replace(client.run(request), scenario="concurrent")
+                sample = replace(client.run(request), scenario=name)
             except BaseException as exc:  # reported on the main thread
                 errors.append(exc)
                 return
@@ -279,8 +289,8 @@ def _concurrent(client: Client, requests: list[GenerationRequest], clients: int,
             thread.join(0.2)  # short waits keep Ctrl-C responsive
     if errors:
         raise errors[0]
-    result.walls["concurrent"] = time.perf_counter() - started
-    result.samples["concurrent"] = samples
+    result.walls[name] = time.perf_counter() - started
+    result.samples[name] = samples
 
 
 def prefixless(settings: Any) -> Any:

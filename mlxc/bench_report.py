@@ -128,6 +128,13 @@ def _findings(summary: dict[str, Any]) -> list[str]:
             line += (f"; TTFT ×{speed['follow_up_ttft_prefix']:.1f} faster than without the "
                      "prefix cache")
         lines.append(line)
+    levels = {n: f for n, f in sc.items() if n.startswith("concurrent ")}
+    if levels:
+        one = next(iter(levels.values()))["tokens_per_second"]
+        lines.append("aggregate tokens/s by clients at once: " + " · ".join(
+            f"{n.split()[1]} → {f['tokens_per_second']:.1f}"
+            + (f" (×{f['tokens_per_second'] / one:.1f})" if one else "")
+            for n, f in levels.items()))
     same = summary["identical"]
     if same:
         lines.append("identical greedy outputs: " + " · ".join(
@@ -150,7 +157,8 @@ def plot(result: Result, path: Path, title: str) -> None:
         ax.boxplot(data, vert=False, widths=0.5, showfliers=False)
         for i, (name, values) in enumerate(zip(names, data, strict=True), 1):
             jitter = [i + 0.15 * math.sin(j * 2.4) for j in range(len(values))]
-            ax.scatter(values, jitter, s=14, alpha=0.75, color=COLOURS.get(name, "tab:purple"))
+            colour = COLOURS.get(name.split()[0], "tab:purple")
+            ax.scatter(values, jitter, s=14, alpha=0.75, color=colour)
         ax.set_xscale("log")
         ax.set_xlabel(f"{label} (ms, log scale)")
         ax.grid(axis="x", which="both", alpha=0.3)

@@ -1,15 +1,24 @@
 #!/usr/bin/env bash
-# Set up mlxc in ./.venv on a fresh machine. Usage: scripts/install.sh [--dev]
-#   --dev  also the test tools and a local Redis server (for the Redis store's tests)
+# Set up mlxc in ./.venv on a fresh machine. Usage: scripts/install.sh [--dev] [--cuda]
+#   --dev   also the test tools and a local Redis server (for the Redis store's tests)
+#   --cuda  Linux with an NVIDIA GPU (CUDA 13 driver): MLX's CUDA build, mlx[cuda13], in place
+#           of the CPU one (both ship mlx/lib/libmlx.so, so the CPU one is removed first)
 # On Linux it also installs an optimised BLAS (OpenBLAS), which makes MLX's CPU backend
 # ~30x faster at float matmuls; on a Mac MLX uses Metal and needs nothing more.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-dev=0; [ "${1:-}" = "--dev" ] && dev=1
+dev=0; cuda=0
+for arg in "$@"; do
+  case "$arg" in
+    --dev) dev=1 ;;
+    --cuda) cuda=1 ;;
+    *) echo "usage: scripts/install.sh [--dev] [--cuda]" >&2; exit 2 ;;
+  esac
+done
 
 apt_packages=()
 if [ "$(uname -s)" = "Linux" ] && command -v apt-get >/dev/null 2>&1; then
-  ls /usr/lib/*/libopenblas*.so* >/dev/null 2>&1 || apt_packages+=(libopenblas0-pthread)
+  [ $cuda = 1 ] || ls /usr/lib/*/libopenblas*.so* >/dev/null 2>&1 || apt_packages+=(libopenblas0-pthread)
   [ $dev = 1 ] && ! command -v redis-server >/dev/null 2>&1 && apt_packages+=(redis-server)
 fi
 if [ ${#apt_packages[@]} -gt 0 ]; then
@@ -28,5 +37,11 @@ if [ $dev = 1 ]; then
   .venv/bin/python -m pip install -q -e ".[test,plot]"
 else
   .venv/bin/python -m pip install -q -e ".[plot]"  # `mlxc bench --plot` works at once
+fi
+if [ $cuda = 1 ]; then
+  version=$(.venv/bin/python -c 'from importlib.metadata import version; print(version("mlx"))')
+  .venv/bin/python -m pip uninstall -q -y mlx-cpu
+  .venv/bin/python -m pip install -q "mlx[cuda13]==$version"
+  .venv/bin/mlxc --version >&2  # says "backend: ... cuda · device: <your GPU>"
 fi
 echo "mlxc is installed in .venv: run .venv/bin/mlxc --help" >&2

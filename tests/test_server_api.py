@@ -44,7 +44,10 @@ def _start_server(tmp_path_factory, tiny_model) -> None:
                MLXC_MODELS_DIR=str(root / "models"))
     port = _free_port()
     cmd = [sys.executable, "-m", "mlxc", "serve", "--port", str(port), "--api-key", KEY,
-           "--keepalive", "0.2", "--alias", "gpt-4o-mini", "--alias", "claude-*"]
+           "--keepalive", "0.2", "--alias", "gpt-4o-mini", "--alias", "claude-*",
+           # one sequence at a time: a long generation makes the others wait in the queue
+           # (keep-alives, single flight); batching is tested in test_server_admission.py
+           "--max-batch", "1"]
     log_path = root / "server.log"
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,

@@ -30,6 +30,8 @@ EXAMPLES = """
   mlxc bench --url http://127.0.0.1:8080 --model my-model   # e.g. mlx_lm.server
 
   mlxc bench --prompts prompts.jsonl -c 8      # your prompts, 8 clients at once
+
+  mlxc bench -c 1,2,4,8 -n 8 --no-reference    # batching: tokens/s, TTFT and ITL per level
 """
 
 
@@ -46,8 +48,10 @@ def bench(
     ] = 4,
     max_tokens: Annotated[int, typer.Option(min=1, help="Most tokens per answer.")] = 64,
     concurrency: Annotated[
-        int, typer.Option("--concurrency", "-c", min=1, help="Clients at once, last scenario.")
-    ] = 4,
+        str, typer.Option("--concurrency", "-c",
+                          help="Clients at once in the last scenario; a list (1,2,4,8) runs "
+                          "one scenario per level and reports aggregate tokens/s of each.")
+    ] = "4",
     prompts: Annotated[
         Path | None,
         typer.Option(help="JSONL requests to use (as for `mlxc cache warm`) instead of the "
@@ -88,6 +92,7 @@ def bench(
     from mlxc import bench_report as report
     from mlxc.cli.bench_view import BenchDisplay, load_prompts, meta_for
 
+    levels = _levels(concurrency)
     _writable(json_file, "--json")
     _writable(plot_file, "--plot")
     if plot_file is not None:
@@ -99,7 +104,7 @@ def bench(
         if cache_dir is None and not url:  # throwaway caches; Redis is not used either
             settings = dataclasses.replace(settings, cache_dir=Path(scratch), redis_url=None)
         tagged = bool(url or cache_dir)  # a cache that outlives this run may hold our prompts
-        plan = core.default_plan(requests, concurrency, max_tokens, tagged)
+        plan = core.default_plan(requests, levels, max_tokens, tagged)
         if base is not None:
             plan.requests = base
         display = BenchDisplay(console)
@@ -133,6 +138,18 @@ def bench(
     if plot_file is not None:
         report.plot(result, plot_file, title)
         console.print(f"wrote {plot_file}")
+
+
+def _levels(text: str) -> list[int]:
+    from mlxc.errors import InputError
+
+    try:
+        levels = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        levels = []
+    if not levels or min(levels) < 1:
+        raise InputError(f"--concurrency {text!r}: give client counts, e.g. 4 or 1,2,4,8")
+    return list(dict.fromkeys(levels))
 
 
 def _need_matplotlib() -> None:

@@ -5,7 +5,9 @@ Each `tick` does at most three things, in this order:
 1. admit waiting requests while the batch has room (prompt encoded, prefix state fetched);
 2. feed one prompt chunk of the sequence being prefilled, so a long prompt never stalls the
    running streams for its whole prefill; its last chunk samples the first token, which is
-   published at once (the lone request's time to first token, prefix shortcuts included);
+   published at once (the lone request's time to first token, prefix shortcuts included).
+   While others decode, a chunk waits until they have had as much time since the last chunk
+   as it took (DECODE_SHARE), so running streams keep about half their speed meanwhile;
 3. one decode step of every running sequence, by mlx-lm's `BatchGenerator`, which queues
    step n+1 before it reads the tokens of step n (pipelined on both backends).
 
@@ -31,6 +33,8 @@ from mlxc.stream import Failed, Finished, Generation
 log = logging.getLogger("mlxc.engine")
 Starter = Callable[[GenerationRequest, Generation], Sequence | Answer]
 RATE_WINDOW = 10.0  # seconds of decode the tokens/s figure looks back on
+# Of the engine's time while a prompt prefills beside running streams, the share they keep.
+DECODE_SHARE = 0.5
 
 
 @dataclass
@@ -72,6 +76,7 @@ class Scheduler:
         self.running: dict[int, Sequence] = {}
         self.next_turns: list[NextTurn] = []
         self.figures = Figures()
+        self._decode_owed = 0.0  # decode seconds due before the next prompt chunk
 
     def _new_batch(self) -> Any:
         from mlx_lm.generate import BatchGenerator
@@ -103,10 +108,15 @@ class Scheduler:
 
         with mx.stream(generation_stream):
             self._admit()
-            if self.prefilling is not None:
+            if self.prefilling is not None and (self._decode_owed <= 0 or not self.running):
+                started = time.perf_counter()
                 self._prefill()
+                spent = time.perf_counter() - started
+                self._decode_owed = spent * DECODE_SHARE / (1 - DECODE_SHARE)
             if self.running:
+                started = time.perf_counter()
                 self._decode()
+                self._decode_owed -= time.perf_counter() - started
 
     # -- the three steps ---------------------------------------------------------------
 

@@ -1,0 +1,212 @@
+"""Continuous batching, measured in-process on mlxc's engine (CPU or GPU), greedy, no caches.
+
+    python benchmarks/concurrency.py [--model PATH] [--tokens 64] [--levels 1,2,4,8]
+                                     [--fidelity 50] [--max-batch 8] [--json]
+
+Reports, each measured in this one run:
+- warm-up: seconds `Engine.warm_up` takes (kernel compilation on CUDA), then the first
+  request's TTFT and end-to-end time (target: <= 1 s after `mlxc serve` reports ready);
+- lone decode: mlxc tokens/s ÷ raw `mlx_lm.stream_generate` (alternating rounds; >= 0.97);
+- 4 concurrent ÷ sequential sum: wall of 4 different requests sent at once over the sum of
+  the same 4 sent one after another (<= 0.5 CPU, <= 0.35 H200);
+- aggregate tokens/s at each level of clients at once, and its ratio to one stream (8: >= 4x);
+- prefill interference: a running stream's decode speed while another request prefills
+  ~2,000 tokens, as a share of its solo speed (aim >= 50%);
+- fidelity: how many of N greedy answers made in batches differ from the same request alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from mlxc.config import load_settings
+from mlxc.engine.worker import Engine
+from mlxc.model.refs import resolve_model
+from mlxc.request import GenerationRequest
+from mlxc.stream import Delta
+
+TOPICS = ["a lighthouse keeper", "a city under the sea", "the first computer", "a red fox",
+          "a mountain village", "the moon landing", "a jazz musician", "an old library",
+          "a desert caravan", "a robot gardener"]
+
+
+def prompt(i: int, words: int = 0) -> GenerationRequest:
+    text = f"Request {i}: write a long story about {TOPICS[i % len(TOPICS)]}."
+    if words:
+        text += " Context: " + " ".join(f"word{k % 97}" for k in range(words))
+    return GenerationRequest(messages=[{"role": "user", "content": text}])
+
+
+def timed(engine: Engine, request: GenerationRequest) -> dict:
+    """One request: TTFT, end-to-end seconds, tokens, its delta times and its text."""
+    started = time.perf_counter()
+    times, answer = [], None
+    generation = engine.submit(request)
+    for event in generation.events():
+        if isinstance(event, Delta):
+            times.append(time.perf_counter())
+    answer = generation.result()
+    end = time.perf_counter()
+    return {"ttft": (times[0] if times else end) - started, "e2e": end - started,
+            "tokens": answer.usage.completion_tokens, "times": times, "text": answer.text}
+
+
+def together(engine: Engine, requests: list[GenerationRequest]) -> tuple[float, list[dict]]:
+    """Send all at once (one thread each); (wall seconds, per-request figures)."""
+    out: list[dict | None] = [None] * len(requests)
+
+    def run(i: int) -> None:
+        out[i] = timed(engine, requests[i])
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(requests))]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return time.perf_counter() - started, out  # type: ignore[return-value]
+
+
+def raw_decode_tps(engine: Engine, request: GenerationRequest, n: int) -> float:
+    import mlx.core as mx
+    from mlx_lm import stream_generate
+
+    *_, last = stream_generate(engine.model, engine.tokenizer, mx.array(engine.encode(request)),
+                               max_tokens=n, prefill_step_size=engine.prefill_step_size)
+    return last.generation_tps
+
+
+def gaps(times: list[float]) -> list[float]:
+    return [b - a for a, b in zip(times, times[1:], strict=False)]
+
+
+def decode_tps(figures: dict) -> float:
+    times = figures["times"]
+    return (len(times) - 1) / (times[-1] - times[0]) if len(times) > 2 else 0.0
+
+
+def interference(engine: Engine, tokens: int, long_words: int) -> dict:
+    """A stream's decode speed solo, and while another request prefills a long prompt."""
+    stream = prompt(0).model_copy(update={"max_tokens": tokens * 4})
+    solo = timed(engine, stream)
+    solo_gap = statistics.median(gaps(solo["times"]))
+    long = prompt(1, long_words).model_copy(update={"max_tokens": 1})
+    n_long = len(engine.encode(long))
+    generation = engine.submit(stream)
+    times: list[float] = []
+    window: dict[str, float] = {}
+
+    def follow() -> None:
+        for event in generation.events():
+            if isinstance(event, Delta):
+                times.append(time.perf_counter())
+
+    follower = threading.Thread(target=follow)
+    follower.start()
+    while len(times) < 8:
+        time.sleep(0.001)
+    window["start"] = time.perf_counter()
+    long_figures = timed(engine, long)
+    window["end"] = time.perf_counter()
+    follower.join()
+    during = [t for t in times if window["start"] <= t <= window["end"]]
+    span = window["end"] - window["start"]
+    kept = (len(during) / span) * solo_gap if span > 0 else 0.0
+    return {"prefill_tokens": n_long, "prefill_seconds": round(long_figures["ttft"], 3),
+            "solo_tokens_per_second": round(1 / solo_gap, 1),
+            "during_prefill_tokens_per_second": round(len(during) / span, 1),
+            "kept_share": round(kept, 3)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", help="model (default: mlxc's default)")
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--levels", default="1,2,4,8")
+    parser.add_argument("--fidelity", type=int, default=50, help="prompts for the check")
+    parser.add_argument("--max-batch", type=int, default=8)
+    parser.add_argument("--long-words", type=int, default=1000, help="~2 tokens each")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    levels = [int(x) for x in args.levels.split(",")]
+    settings = load_settings().with_overrides(
+        cache_dir=Path(tempfile.mkdtemp(prefix="mlxc-concurrency-")), model=args.model,
+        prefix_memory_bytes=0, prefix_disk_bytes=0,  # no reuse: every prompt is prefilled
+    )
+    out: dict = {}
+    started = time.perf_counter()
+    engine = Engine(resolve_model(settings.model, settings), settings,
+                    max_batch=args.max_batch, max_queue=1024).start()
+    engine.wait_loaded()
+    out["load_seconds"] = round(time.perf_counter() - started, 2)
+    started = time.perf_counter()
+    engine.call(lambda e: e.warm_up()).result()
+    out["warm_up_seconds"] = round(time.perf_counter() - started, 2)
+    first = timed(engine, prompt(99).model_copy(update={"max_tokens": 16}))
+    out["first_request"] = {"ttft": round(first["ttft"], 3), "e2e": round(first["e2e"], 3),
+                            "tokens": first["tokens"]}
+    out["dtype"], out["model"] = engine.dtype, str(engine.ref.folder)
+    import mlx.core as mx
+
+    out["device"] = str(mx.default_device())
+
+    lone = prompt(0).model_copy(update={"max_tokens": args.tokens})
+    ours, raw = [], []
+    for _ in range(args.rounds):
+        raw.append(engine.call(lambda e: raw_decode_tps(e, lone, args.tokens)).result())
+        ours.append(decode_tps(timed(engine, lone)))
+    out["lone_decode"] = {"mlxc": round(statistics.median(ours), 1),
+                          "mlx_lm": round(statistics.median(raw), 1),
+                          "ratio": round(statistics.median(ours) / statistics.median(raw), 3)}
+
+    four = [prompt(i).model_copy(update={"max_tokens": args.tokens}) for i in range(4)]
+    sequential = [timed(engine, r) for r in four]
+    wall, _ = together(engine, four)
+    seq_sum = sum(f["e2e"] for f in sequential)
+    out["four_concurrent"] = {"wall": round(wall, 3), "sequential_sum": round(seq_sum, 3),
+                              "ratio": round(wall / seq_sum, 3)}
+
+    out["levels"] = {}
+    for level in levels:
+        requests = [prompt(10 + i).model_copy(update={"max_tokens": args.tokens})
+                    for i in range(level)]
+        wall, figures = together(engine, requests)
+        ttfts = sorted(f["ttft"] for f in figures)
+        itl = sorted(g for f in figures for g in gaps(f["times"]))
+        out["levels"][level] = {
+            "aggregate_tokens_per_second": round(sum(f["tokens"] for f in figures) / wall, 1),
+            "ttft_p50_ms": round(1000 * statistics.median(ttfts), 1),
+            "ttft_max_ms": round(1000 * ttfts[-1], 1),
+            "itl_p50_ms": round(1000 * statistics.median(itl), 2) if itl else None,
+            "itl_p99_ms": round(1000 * itl[int(0.99 * (len(itl) - 1))], 2) if itl else None,
+        }
+    one = out["levels"].get(1, {}).get("aggregate_tokens_per_second")
+    if one:
+        for figures in out["levels"].values():
+            figures["vs_one_stream"] = round(figures["aggregate_tokens_per_second"] / one, 2)
+
+    out["prefill_interference"] = interference(engine, args.tokens, args.long_words)
+
+    if args.fidelity:
+        requests = [prompt(100 + i).model_copy(update={"max_tokens": args.tokens})
+                    for i in range(args.fidelity)]
+        alone = [engine.submit(r).result().text for r in requests]
+        generations = [engine.submit(r) for r in requests]
+        batched = [g.result().text for g in generations]
+        differ = [i for i, (a, b) in enumerate(zip(alone, batched, strict=True)) if a != b]
+        out["fidelity"] = {"prompts": len(requests), "differ": len(differ),
+                           "max_batch": args.max_batch}
+    out["batch_sizes"] = engine.figures()["batch_sizes"]
+    engine.shutdown(wait=30)
+    print(json.dumps(out, indent=None if args.json else 2))
+
+
+if __name__ == "__main__":
+    main()
