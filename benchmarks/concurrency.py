@@ -12,7 +12,8 @@ Reports, each measured in this one run:
 - aggregate tokens/s at each level of clients at once, and its ratio to one stream (8: >= 4x);
 - prefill interference: a running stream's decode speed while another request prefills
   ~2,000 tokens, as a share of its solo speed (aim >= 50%);
-- fidelity: how many of N greedy answers made in batches differ from the same request alone.
+- fidelity: how many of N greedy answers made in batches differ from the same request alone,
+  and how many of the first 10 lone answers equal `mlx_lm.stream_generate`'s.
 """
 
 from __future__ import annotations
@@ -84,6 +85,16 @@ def raw_decode_tps(engine: Engine, request: GenerationRequest, n: int) -> float:
 
 def gaps(times: list[float]) -> list[float]:
     return [b - a for a, b in zip(times, times[1:], strict=False)]
+
+
+def mlx_lm_text(engine: Engine, request: GenerationRequest) -> str:
+    import mlx.core as mx
+    from mlx_lm import stream_generate
+
+    return "".join(r.text for r in stream_generate(
+        engine.model, engine.tokenizer, mx.array(engine.encode(request)),
+        max_tokens=request.max_tokens, prefill_step_size=engine.prefill_step_size,
+    ))
 
 
 def decode_tps(figures: dict) -> float:
@@ -198,6 +209,9 @@ def main() -> None:
         requests = [prompt(100 + i).model_copy(update={"max_tokens": args.tokens})
                     for i in range(args.fidelity)]
         alone = [engine.submit(r).result().text for r in requests]
+        theirs = [engine.call(lambda e, r=r: mlx_lm_text(e, r)).result() for r in requests[:10]]
+        same = sum(a == b for a, b in zip(alone, theirs, strict=False))
+        out["lone_equals_mlx_lm"] = f"{same}/{len(theirs)}"
         generations = [engine.submit(r) for r in requests]
         batched = [g.result().text for g in generations]
         differ = [i for i, (a, b) in enumerate(zip(alone, batched, strict=True)) if a != b]
