@@ -15,7 +15,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from mlxc.engine.prefix_block_file import BadBlock, BlockHeader, arrays_of, read_block, write_block
+from mlxc.engine.prefix_block_file import BadBlock, BlockHeader, arrays_of, read_block, write_temp
 from mlxc.engine.prefix_block_index import BlockIndex, BlockRow, _unlink
 from mlxc.engine.prefix_blocks import Block, BlockTree, chain_hash
 
@@ -50,8 +50,12 @@ class BlockDisk:
         rows = self.index.rows_since(self.root, self._seq)
         pending: dict[str, list[BlockRow]] = {}
         for row in rows:
-            self._seq = max(self._seq, row.seq)
-            pending.setdefault(row.parent, []).append(row)
+            if not row.writing:
+                pending.setdefault(row.parent, []).append(row)
+        # Next time, read again from the first block still being written.
+        writing = [row.seq for row in rows if row.writing]
+        if rows:
+            self._seq = min(writing) - 1 if writing else rows[-1].seq
         # Parents first: a row arrives in any order relative to its parent's.
         frontier = [self.root, *(h for h in pending if h in self.tree.blocks)]
         while frontier:
@@ -172,9 +176,11 @@ class BlockDisk:
             if kind == "block":
                 self.tree.forget_disk(key)
         try:
-            self.bytes_written += write_block(index.block_path(block.hash), header, views,
-                                              self.fsync)
+            temp, size = write_temp(index.block_path(block.hash), header, views, self.fsync)
         except BaseException:
             index.remove_block(block.hash)
             raise
-        block.on_disk, block.pending = True, False
+        self.bytes_written += size
+        block.on_disk, block.pending = index.place(block.hash, temp), False
+        if not block.on_disk:  # evicted by another writer meanwhile
+            self.tree.forget_disk(block.hash)

@@ -51,9 +51,10 @@ def encode_header(header: BlockHeader) -> bytes:
     return json.dumps(header.to_json(), separators=(",", ":")).encode()
 
 
-def write_block(path: Path, header: BlockHeader, buffers: list, fsync: bool) -> int:
-    """Write a block under a temporary name, then rename it to `path`; returns bytes written.
-    `buffers` are objects with the buffer protocol (memoryviews of evaluated MLX arrays)."""
+def write_temp(path: Path, header: BlockHeader, buffers: list, fsync: bool) -> tuple[Path, int]:
+    """Write a block under a temporary name next to `path` (the caller renames it into place);
+    returns that name and the bytes written. `buffers` have the buffer protocol (memoryviews
+    of evaluated MLX arrays)."""
     meta = encode_header(header)
     temp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
@@ -70,8 +71,7 @@ def write_block(path: Path, header: BlockHeader, buffers: list, fsync: bool) -> 
         temp.unlink(missing_ok=True)
         raise
     os.close(fd)
-    os.replace(temp, path)
-    return total
+    return temp, total
 
 
 def data_offset(meta_len: int) -> int:

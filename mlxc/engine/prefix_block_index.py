@@ -23,6 +23,7 @@ from mlxc.engine.prefix_index import PrefixIndex, pack_tokens, unpack_tokens
 log = logging.getLogger("mlxc.prefix")
 BLOCKS_DIR = "blocks"
 TEMP_AGE = 600.0  # a temporary file this old belongs to no live writer
+WRITE_TIMEOUT = 120.0  # a reserved block not in place after this long: its writer died
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,7 @@ class BlockRow:
     start: int
     tokens: list[int]
     nbytes: int
+    writing: bool = False
 
 
 class BlockIndex(PrefixIndex):
@@ -48,12 +50,16 @@ class BlockIndex(PrefixIndex):
         return self.blocks / (h + SUFFIX)
 
     def rows_since(self, root: str, seq: int) -> list[BlockRow]:  # type: ignore[override]
+        """Blocks of one model recorded after `seq`, including those still being written
+        (`writing`: not readable yet)."""
         cursor = self._db.execute(
-            "SELECT hash, seq, parent, start, tokens, nbytes FROM blocks "
+            "SELECT hash, seq, parent, start, tokens, nbytes, writing, used FROM blocks "
             "WHERE root = ? AND seq > ? ORDER BY seq",
             (root, seq),
         )
-        return [BlockRow(h, s, p, st, unpack_tokens(t), n) for h, s, p, st, t, n in cursor]
+        stale = time.time() - WRITE_TIMEOUT
+        return [BlockRow(h, s, p, st, unpack_tokens(t), n, bool(w) and u > stale)
+                for h, s, p, st, t, n, w, u in cursor]
 
     def reserve(self, root: str, h: str, parent: str, start: int, tokens: list[int],
                 nbytes: int, budget: int) -> list[tuple[str, str]] | None:
@@ -71,10 +77,12 @@ class BlockIndex(PrefixIndex):
             total = self.total_bytes()
             dropped: list[tuple[str, str]] = []
             if total + nbytes > budget:
+                # Not a block another writer is still writing (unless it died long ago).
                 for kind, key, size, _used, _start in db.execute(
-                    "SELECT 'block', hash, nbytes, used, start FROM blocks UNION ALL "
+                    "SELECT 'block', hash, nbytes, used, start FROM blocks "
+                    "WHERE writing = 0 OR used < ? UNION ALL "
                     "SELECT 'state', id, nbytes, used, n_tokens FROM entries "
-                    "ORDER BY used, start DESC"
+                    "ORDER BY used, start DESC", (time.time() - WRITE_TIMEOUT,)
                 ).fetchall():
                     if total + nbytes <= budget:
                         break
@@ -96,6 +104,25 @@ class BlockIndex(PrefixIndex):
             db.execute("ROLLBACK")
             raise
         return dropped
+
+    def place(self, h: str, temp: Path) -> bool:
+        """Rename a written block into place, if its row is still there (not evicted while it
+        was written); under the write lock, so no eviction runs in between."""
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            if db.execute("SELECT 1 FROM blocks WHERE hash = ?", (h,)).fetchone() is None:
+                temp.unlink(missing_ok=True)
+                db.execute("COMMIT")
+                return False
+            os.replace(temp, self.block_path(h))
+            db.execute("UPDATE blocks SET writing = 0 WHERE hash = ?", (h,))
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            temp.unlink(missing_ok=True)
+            raise
+        return True
 
     def delete_files(self, dropped: list[tuple[str, str]]) -> None:
         for kind, key in dropped:
@@ -134,6 +161,8 @@ class BlockIndex(PrefixIndex):
         for h, used in rows.items():
             if h not in names and used < cutoff:
                 self._db.execute("DELETE FROM blocks WHERE hash = ?", (h,))
+            elif h in names:  # a kill between the rename and the flag's update
+                self._db.execute("UPDATE blocks SET writing = 0 WHERE hash = ?", (h,))
         for h in names - rows.keys():
             path = self.block_path(h)
             try:
@@ -148,7 +177,7 @@ class BlockIndex(PrefixIndex):
                 continue
             self._db.execute(
                 "INSERT OR IGNORE INTO blocks (hash, root, parent, start, n_tokens, tokens, "
-                "nbytes, used) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                "nbytes, used, writing) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0)",
                 (h, header.root, header.parent, header.start, len(header.tokens),
                  pack_tokens(header.tokens), path.stat().st_size, 0.0),
             )

@@ -44,7 +44,8 @@ CREATE TABLE IF NOT EXISTS blocks (         -- KV blocks (prefix_block_index.py)
     n_tokens INTEGER NOT NULL,
     tokens BLOB NOT NULL,
     nbytes INTEGER NOT NULL,                -- the file's size
-    used REAL NOT NULL
+    used REAL NOT NULL,
+    writing INTEGER NOT NULL DEFAULT 1      -- reserved, its file not yet in place
 );
 CREATE INDEX IF NOT EXISTS blocks_used ON blocks (used);
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
@@ -94,6 +95,9 @@ class PrefixIndex:
             columns = [row[1] for row in db.execute("PRAGMA table_info(entries)")]
             if "version" not in columns:  # an index from before blocks: its states are format 1
                 db.execute("ALTER TABLE entries ADD COLUMN version INTEGER NOT NULL DEFAULT 1")
+            columns = [row[1] for row in db.execute("PRAGMA table_info(blocks)")]
+            if "writing" not in columns:  # blocks written before the flag: all in place
+                db.execute("ALTER TABLE blocks ADD COLUMN writing INTEGER NOT NULL DEFAULT 0")
         except sqlite3.DatabaseError:
             db.close()
             raise
