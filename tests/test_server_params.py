@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import openai
 import pytest
-from test_server_api import MODEL, oai, post, server  # noqa: F401
+from test_server_api import KEY, MODEL, env, oai, post, server  # noqa: F401
 
 HI = [{"role": "user", "content": "hi"}]
 
@@ -49,3 +49,32 @@ def test_errors_in_openai_shape_on_openai_routes(server):
     refused = post(server, "/v1/completions", {"model": MODEL, "prompt": "x", "n": 2})
     assert refused.status_code == 400
     assert refused.json()["error"]["param"] == "n"
+
+
+def test_one_tool_call_at_most_when_parallel_calls_are_off(server, oai, env, tiny_model):
+    """parallel_tool_calls=false (OpenAI) and disable_parallel_tool_use (Anthropic) are
+    honoured: of a stored answer with two calls, one comes back."""
+    import anthropic
+    from test_server_responses import _store_answer
+
+    tool = {"type": "function", "function": {"name": "get_weather", "description": "Weather",
+                                             "parameters": {"type": "object", "properties": {}}}}
+    calls = [{"id": f"call_{i}", "type": "function",
+              "function": {"name": "get_weather", "arguments": "{}"}} for i in range(2)]
+    question = [{"role": "user", "content": "Weather twice?"}]
+    _store_answer(env, tiny_model, question, [tool], calls, 20)
+    both = oai.chat.completions.create(model=MODEL, messages=question, max_tokens=20,
+                                       tools=[tool])
+    assert len(both.choices[0].message.tool_calls) == 2
+    one = oai.chat.completions.create(model=MODEL, messages=question, max_tokens=20,
+                                      tools=[tool], parallel_tool_calls=False)
+    assert len(one.choices[0].message.tool_calls) == 1
+
+    choice = {"type": "auto", "disable_parallel_tool_use": True}
+    _store_answer(env, tiny_model, question, [tool], calls, 20, tool_choice=choice)
+    ant = anthropic.Anthropic(base_url=server, api_key=KEY, max_retries=0)
+    message = ant.messages.create(
+        model=MODEL, messages=question, max_tokens=20, tool_choice=choice,
+        tools=[{"name": "get_weather", "description": "Weather",
+                "input_schema": {"type": "object", "properties": {}}}])
+    assert [b.type for b in message.content] == ["tool_use"]

@@ -86,7 +86,7 @@ def test_store_false_keeps_nothing(oai):
         oai.responses.retrieve(response.id)
 
 
-def _store_answer(env, tiny_model, messages, tools, answer_calls, max_tokens):
+def _store_answer(env, tiny_model, messages, tools, answer_calls, max_tokens, **fields):
     """Put a tool-calling answer in the response cache (the tiny random model never makes
     one): what the server then replays is the formatting under test."""
     from mlxc.config import load_settings
@@ -96,7 +96,7 @@ def _store_answer(env, tiny_model, messages, tools, answer_calls, max_tokens):
 
     settings = load_settings().with_overrides(cache_dir=env["MLXC_CACHE_DIR"],
                                               models_dir=env["MLXC_MODELS_DIR"])
-    request = GenerationRequest(messages=messages, max_tokens=max_tokens, tools=tools)
+    request = GenerationRequest(messages=messages, max_tokens=max_tokens, tools=tools, **fields)
     answer = Answer(text="", finish_reason="tool_calls", tool_calls=answer_calls,
                     usage=Usage(prompt_tokens=20, completion_tokens=9), model=MODEL)
     store = open_store(settings)
@@ -184,3 +184,24 @@ def test_namespaced_tools_are_offered_and_named_back(server, env, tiny_model):
     done = post(server, "/v1/responses", body).json()
     assert done["output"][0]["name"] == "spawn_agent"
     assert done["output"][0]["namespace"] == "multi_agent_v1"
+
+
+SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"},
+                                           "level": {"enum": [1, 2, 3]}},
+          "required": ["ok", "level"], "additionalProperties": False}
+
+
+def test_text_format_and_forced_tool_choice_are_honoured(oai):
+    """Responses' flat `text.format` and `tool_choice` reach the grammar as chat's do: even
+    the tiny random model answers in the schema, or with a call to the named function."""
+    _, shaped = create(oai, input="Give me a status", max_output_tokens=40,
+                       text={"format": {"type": "json_schema", "name": "status",
+                                        "schema": SCHEMA, "strict": True}})
+    value = json.loads(shaped.output_text)
+    assert set(value) == {"ok", "level"} and value["level"] in (1, 2, 3)
+    tool = {**TOOL, "parameters": {"type": "object", "properties": {"city": {"enum": ["Oslo"]}},
+                                   "required": ["city"], "additionalProperties": False}}
+    _, forced = create(oai, input="Anything", tools=[tool], max_output_tokens=120,
+                       tool_choice={"type": "function", "name": "get_weather"})
+    call = next(item for item in forced.output if item.type == "function_call")
+    assert call.name == "get_weather" and json.loads(call.arguments) == {"city": "Oslo"}

@@ -22,7 +22,7 @@ from mlxc.request import Answer, GenerationRequest
 from mlxc.server import sse
 from mlxc.server.errors import ApiError, as_api_error
 from mlxc.server.flow import without_billing_blocks
-from mlxc.server.params import ANTHROPIC_IGNORED, check_anthropic
+from mlxc.server.params import ANTHROPIC_IGNORED, check_anthropic, tool_calls_for
 from mlxc.server.pipeline import (
     Adapter,
     EventWriter,
@@ -171,9 +171,9 @@ def _opening_usage(turn: Turn) -> dict[str, int]:
             "cache_read_input_tokens": cached, "output_tokens": 0}
 
 
-def _tool_blocks(answer: Answer) -> list[dict[str, Any]]:
+def _tool_blocks(turn: Turn, answer: Answer) -> list[dict[str, Any]]:
     blocks = []
-    for call in answer.tool_calls:
+    for call in tool_calls_for(turn, answer):
         function = call.get("function", {})
         try:
             arguments = json.loads(function.get("arguments") or "{}")
@@ -229,7 +229,7 @@ class MessagesWriter(EventWriter):
         if self.text_open:
             yield sse.event("content_block_stop", {"type": "content_block_stop", "index": 0})
             index = 1
-        for block in _tool_blocks(answer):
+        for block in _tool_blocks(self.turn, answer):
             partial = json.dumps(block["input"], ensure_ascii=False)
             yield sse.event("content_block_start", {"type": "content_block_start",
                             "index": index, "content_block": {**block, "input": {}}})
@@ -263,7 +263,7 @@ class MessagesAdapter(Adapter[MessagesBody]):
         text = [{"type": "text", "text": answer.text}] if said else []
         return {
             "id": turn.id, "type": "message", "role": "assistant", "model": turn.model,
-            "content": text + _tool_blocks(answer),
+            "content": text + _tool_blocks(turn, answer),
             "stop_reason": _stop_reason(answer),
             "stop_sequence": answer.stop_sequence, "usage": _usage(turn, answer),
         }

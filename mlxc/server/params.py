@@ -54,8 +54,12 @@ def check_openai_sampling(body: Any) -> None:
 
 
 def tool_calls_for(turn: Turn, answer: Any) -> list[dict[str, Any]]:
-    """The answer's tool calls, honouring `parallel_tool_calls: false` (at most one call)."""
-    if getattr(turn.body, "parallel_tool_calls", None) is False:
+    """The answer's tool calls, honouring OpenAI's `parallel_tool_calls: false` and
+    Anthropic's `tool_choice.disable_parallel_tool_use` (at most one call)."""
+    choice = getattr(turn.body, "tool_choice", None)
+    if getattr(turn.body, "parallel_tool_calls", None) is False or (
+        isinstance(choice, dict) and choice.get("disable_parallel_tool_use")
+    ):
         return answer.tool_calls[:1]
     return answer.tool_calls
 

@@ -9,6 +9,7 @@ it; the instructions are not carried over, as OpenAI documents."""
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Annotated, Any, ClassVar
 
@@ -35,6 +36,7 @@ from mlxc.server.pipeline import (
 from mlxc.server.responses_stream import ResponsesWriter
 from mlxc.server.state import ServerState
 
+log = logging.getLogger("mlxc.server")
 router = APIRouter(dependencies=[Depends(dialect("openai")), Depends(authorized)])
 
 
@@ -164,7 +166,10 @@ class ResponsesAdapter(Adapter[ResponsesBody]):
             messages = messages[1:]
         messages.append(items.answer_message(answer, tool_calls(turn, answer)))
         value = {"response": response_object(turn, answer), "messages": messages}
-        await run_in_threadpool(turn.state.conversations.set, turn.id, value)
+        try:
+            await run_in_threadpool(turn.state.conversations.set, turn.id, value)
+        except Exception as exc:  # the answer still goes out; only a follow-up will miss it
+            log.warning("responses: cannot store %s (%s)", turn.id, exc)
 
 
 responses_adapter = ResponsesAdapter()
