@@ -50,7 +50,7 @@ def test_foreign_host_is_refused_and_own_names_are_served(guarded):
     r = post(url, GOOD, {**JSON, "Host": "evil.example"}, path="/v1/messages")
     assert r.status_code == 403 and r.json()["type"] == "error"  # Anthropic's shape
     for host in (f"localhost:{port}", f"127.0.0.1:{port}", "LOCALHOST", "mlxc.lan",
-                 f"[::1]:{port}", "app.localhost"):
+                 f"[::1]:{port}", "app.localhost", "192.168.1.5:8081"):
         assert post(url, GOOD, {**JSON, "Host": host}).status_code == 200, host
 
 

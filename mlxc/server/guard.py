@@ -1,9 +1,9 @@
 """What a web page in the user's browser must not be able to do to a local server, and the
 request body's deadline. Pure ASGI middleware, outermost, so refusals cost no parsing.
 
-- Host allow-list: loopback names, the address the server is bound to, and
-  `--allowed-hosts`. A DNS-rebinding page reaches 127.0.0.1 under its own name, so a
-  foreign Host is refused (`403`).
+- Host allow-list: loopback names, IP addresses, this machine's name when bound to every
+  interface, and `--allowed-hosts`. A DNS-rebinding page reaches 127.0.0.1 under its own
+  name, so a foreign name is refused (`403`).
 - Origin: browsers send it on cross-site requests (and on every POST); one that is not this
   server itself nor named by `--cors` is refused (`403`), so a page cannot use the API
   with the user's network position. `--cors` also answers preflights (Starlette's CORS).
@@ -66,13 +66,16 @@ def _hostname(netloc: str) -> str:
     return name.rstrip(".")
 
 
-def _is_loopback(name: str) -> bool:
+def _is_safe_literal(name: str) -> bool:
+    """Loopback names, and any IP address: DNS rebinding needs a *name* that the attacker's
+    DNS points at us; a browser sends an IP as Host only to a page of that very IP."""
     if name == "localhost" or name.endswith(".localhost"):  # RFC 6761: always loopback
         return True
     try:
-        return ipaddress.ip_address(name).is_loopback
+        ipaddress.ip_address(name)
     except ValueError:
         return False
+    return True
 
 
 def key_given(headers: Headers, api_key: str | None) -> bool:
@@ -99,7 +102,7 @@ class Guard:
         if host is None or "*" in self.hosts:  # HTTP/1.0 clients send none; browsers do
             return True
         name = _hostname(host)
-        return name in self.hosts or _is_loopback(name)
+        return name in self.hosts or _is_safe_literal(name)
 
     def origin_ok(self, origin: str | None, host: str | None) -> bool:
         if origin is None or "*" in self.cors:

@@ -26,7 +26,7 @@ def _part_text(content: Any, where: str) -> str:
     texts = []
     for part in content or []:
         kind = part.get("type") if isinstance(part, dict) else None
-        if kind in _TEXT_PARTS:
+        if str(kind) in _TEXT_PARTS:  # str(): a list is no key (harden)
             texts.append(str(part.get("text", "")))
         elif kind == "refusal":
             texts.append(str(part.get("refusal", "")))
@@ -45,7 +45,7 @@ def input_messages(items: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
         where = f"input.{i}"
         kind = item.get("type", "message")
         if kind == "message":
-            role = _ROLES.get(item.get("role", ""))
+            role = _ROLES.get(str(item.get("role", "")))  # str(): a list is no key
             if role is None:
                 raise ApiError(400, f"{where}: unknown role {item.get('role')!r}", param=where)
             out.append({"role": role, "content": _part_text(item.get("content"), where)})
