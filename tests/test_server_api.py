@@ -215,7 +215,8 @@ def test_messages_plain_and_streamed(ant):
     text = "".join(e.delta.text for e in events if e.type == "content_block_delta")
     assert text == message.content[0].text  # a hit: same request in string and block form
     delta = events[-2]
-    assert delta.usage.cache_read_input_tokens == message.usage.input_tokens
+    prompt = message.usage.input_tokens + message.usage.cache_read_input_tokens
+    assert delta.usage.cache_read_input_tokens == prompt  # a hit: the whole prompt is cached
 
 
 def test_anthropic_stream_has_ping_and_named_events(server):
