@@ -127,6 +127,10 @@ def phase(args) -> None:
         out["prompt_tokens"].append(second.usage.prompt_tokens)
         out["texts"].append(second.text)
     engine.wait_idle()  # its idle work done, as a server's would be
+    # Blocks reach the disk on a writer thread, milliseconds after the answer: a kill within
+    # them loses that turn's new blocks (never anything before). The kill case waits for them.
+    if getattr(engine, "prompt_cache", None) is not None and hasattr(engine.prompt_cache, "flush"):
+        engine.prompt_cache.flush()
     out["prefix"] = service.prefix_stats()
     out["dtype"] = engine.dtype
     out["system_tokens"] = len(engine.tokenizer.encode(system))
