@@ -130,6 +130,10 @@ class BlockTiers:
             superseded = [b for b in chain if b.start >= boundary]
             pos, parent = boundary, superseded[0].parent
         runs = []
+        shared = self._shared_head(parent, key, pos) if not superseded else 0
+        if shared:  # diverges inside a stored block: its shared head becomes a block of its
+            runs.append((pos, pos + shared))  # own, which later conversations share whole
+            pos += shared
         while pos < n:
             end = min(n, (pos // self.block_size + 1) * self.block_size)
             runs.append((pos, end))
@@ -157,6 +161,15 @@ class BlockTiers:
         self.turns += 1
         self.turn_bytes += added
         return added
+
+    def _shared_head(self, parent: str, key: list[int], pos: int) -> int:
+        """Tokens of `key` from `pos` that a stored child of `parent` shares, when it goes on
+        differently (0 if none, or too few to be worth a file)."""
+        best = 0
+        for block, used in self.tree.walk_from(parent, key, pos):
+            if used < len(block.tokens):
+                best = max(best, used)
+        return best if best >= self.min_reuse and pos + best < len(key) else 0
 
     def _supersede(self, blocks: list[Block]) -> None:
         """Drop the old pieces of a block just rewritten whole, unless another sequence

@@ -85,9 +85,12 @@ class BlockTree:
     def walk(self, tokens: list[int]) -> list[tuple[Block, int]]:
         """The longest chain of available blocks that `tokens` starts with, as (block, tokens
         of it used); only the last may be used in part (a prompt that diverges inside it)."""
+        return self.walk_from(self.root, tokens, 0)
+
+    def walk_from(self, parent: str, tokens: list[int], pos: int) -> list[tuple[Block, int]]:
+        """`walk` from a block known to hold tokens[:pos]."""
         out: list[tuple[Block, int]] = []
         with self.lock:
-            parent, pos = self.root, 0
             while pos < len(tokens):
                 kids = self._children(parent)
                 options = [self.blocks[h] for h in (kids or {}).get(tokens[pos], ())]
