@@ -169,6 +169,8 @@ def main() -> None:
     parser.add_argument("--answer-tokens", type=int, default=256, help="turn 1 answer limit")
     parser.add_argument("--peer", action="store_true", help="also time mlx_lm.server")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--memory-only", action="store_true",
+                        help="time only the memory case (and cold): fewer processes")
     parser.add_argument("--phase", help=argparse.SUPPRESS)
     parser.add_argument("--cache-dir", help=argparse.SUPPRESS)
     parser.add_argument("--answers", help=argparse.SUPPRESS)
@@ -180,11 +182,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="mlxc-prefix-bench-") as tmp:
         root = Path(tmp)
         cold = child(args, "cold", root / "cold")
-        memory = child(args, "memory", root / "memory")
-        written = child(args, "write", root / "restart")
-        restart = child(args, "disk", root / "restart", written["answers"])
-        doomed = child(args, "write", root / "killed", kill=True)
-        killed = child(args, "disk", root / "killed", doomed["answers"])
+        cases = {"memory": child(args, "memory", root / "memory")}
+        if not args.memory_only:
+            written = child(args, "write", root / "restart")
+            cases["disk_restart"] = child(args, "disk", root / "restart", written["answers"])
+            doomed = child(args, "write", root / "killed", kill=True)
+            cases["disk_sigkill"] = child(args, "disk", root / "killed", doomed["answers"])
     peer = None
     if args.peer:
         from mlx_lm_peer import follow_up_ttft
@@ -194,7 +197,7 @@ def main() -> None:
             cold["folder"], args.reps, args.answer_tokens,
             lambda i: turn1(system, i), lambda i, answer: turn2(system, i, answer),
         )
-    report(args, cold, {"memory": memory, "disk_restart": restart, "disk_sigkill": killed}, peer)
+    report(args, cold, cases, peer)
 
 
 def report(args, cold: dict, cases: dict, peer: dict | None) -> None:
