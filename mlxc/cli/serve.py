@@ -213,6 +213,7 @@ def serve(
                       f"CORS for {', '.join(guard.cors)}" if guard.cors else "refused (--cors)")
         table.add_row("[bold]batch[/bold]", f"up to {max_batch} together, {max_queue} waiting")
         console.print(Panel(table, title="mlxc serve", title_align="left", expand=False))
+        cap = _connection_cap(max_connections)
         config = uvicorn.Config(
             app,
             host=host,
@@ -222,10 +223,13 @@ def serve(
             lifespan="off",
             timeout_graceful_shutdown=3,  # open streams must not hold up Ctrl-C
             timeout_keep_alive=5,  # idle keep-alive connections are closed
-            http=guarded_protocol(request_timeout, _connection_cap(max_connections),
-                                  Throttle(log)),
+            http=guarded_protocol(request_timeout, cap, Throttle(log)),
+            # asyncio accepts up to `backlog` sockets before any protocol sees one: kept
+            # small, a flood cannot push the open files past the cap by thousands.
+            backlog=max(16, min(128, cap // 4)),
         )
-        logging.getLogger("uvicorn.error").addFilter(ThrottledLog())  # one line per cause
+        for name in ("uvicorn.error", "asyncio"):  # one line per cause and minute
+            logging.getLogger(name).addFilter(ThrottledLog())
         uvicorn.Server(config).run(sockets=[sock])
     finally:
         sock.close()
