@@ -42,6 +42,8 @@ def chat_body(request: GenerationRequest, model: str | None = None) -> dict[str,
     fills in no default of its own and keys it exactly as this process would."""
     body = request.model_dump(mode="json", exclude_none=True)
     body.pop("prompt", None)
+    if not body.get("echo"):
+        body.pop("echo", None)  # a completions parameter: chat refuses it (messages can't echo)
     body["messages"] = [m.model_dump(mode="json", exclude_none=True) for m in request.messages]
     if model:
         body["model"] = model

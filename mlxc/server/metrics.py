@@ -17,6 +17,8 @@ ROUTES = (
     "/v1/chat/completions",
     "/v1/completions",
     "/v1/messages",
+    "/v1/messages/count_tokens",
+    "/v1/responses",
     "/v1/models",
     "/health",
     "/metrics",
