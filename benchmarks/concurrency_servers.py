@@ -96,8 +96,8 @@ def running(cmd: list[str], env: dict[str, str], probe: str):
         proc.wait(timeout=30)
 
 
-def chat(url: str, text: str, tokens: int) -> dict:
-    body = {"model": "default", "messages": [{"role": "user", "content": text}],
+def chat(url: str, text: str, tokens: int, model: str = "default") -> dict:
+    body = {"model": model, "messages": [{"role": "user", "content": text}],
             "max_tokens": tokens, "temperature": 0.0, "stream": True}
     headers = {"Cache-Control": "no-cache, no-store"}
     started, first, parts = time.perf_counter(), None, []
@@ -114,7 +114,7 @@ def chat(url: str, text: str, tokens: int) -> dict:
     return {"e2e": end - started, "ttft": (first or end) - started, "text": "".join(parts)}
 
 
-def concurrently(url: str, prompts: list[str], tokens: int,
+def concurrently(url: str, prompts: list[str], tokens: int, model: str,
                  health_ms: list[float] | None) -> tuple[float, list[dict]]:
     """All prompts at once; (wall seconds, answers). With `health_ms`, /health is polled
     every 50 ms meanwhile and each answer's time appended."""
@@ -129,7 +129,7 @@ def concurrently(url: str, prompts: list[str], tokens: int,
             time.sleep(0.05)
 
     def run(i: int) -> None:
-        out[i] = chat(url, prompts[i], tokens)
+        out[i] = chat(url, prompts[i], tokens, model)
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
     poller = threading.Thread(target=poll)
@@ -147,14 +147,15 @@ def concurrently(url: str, prompts: list[str], tokens: int,
     return wall, out
 
 
-def measure(url: str, clients: int, tokens: int, rounds: int, health: bool) -> dict:
-    chat(url, "Say hello.", 4)  # first-call costs are no round's
+def measure(url: str, clients: int, tokens: int, rounds: int, health: bool,
+            model: str = "default") -> dict:
+    chat(url, "Say hello.", 4, model)  # first-call costs are no round's
     ratios, health_ms, same = [], [], 0
     for r in range(rounds):
         prompts = [f"({r}.{i}) Write a short story about {TOPICS[i % len(TOPICS)]}."
                    for i in range(clients)]
-        sequential = [chat(url, p, tokens) for p in prompts]
-        wall, out = concurrently(url, prompts, tokens, health_ms if health else None)
+        sequential = [chat(url, p, tokens, model) for p in prompts]
+        wall, out = concurrently(url, prompts, tokens, model, health_ms if health else None)
         ratios.append(wall / sum(s["e2e"] for s in sequential))
         same += sum(a["text"] == b["text"] for a, b in zip(sequential, out, strict=True))
     result = {"ratio": round(statistics.median(ratios), 3), "ratios": [round(x, 3) for x in ratios],
@@ -190,9 +191,12 @@ def main() -> None:
     env = _env(MLXC_CACHE_DIR=str(scratch / "cache"), MLXC_MODELS_DIR=str(scratch / "models"))
     with running(mlxc_cmd, env, "/health") as url:
         out["mlxc"] = measure(url, args.clients, args.tokens, args.rounds, health=True)
+    print(json.dumps({"mlxc": out["mlxc"]}), file=sys.stderr)
     with running([sys.executable, "-c", LAUNCH_MLX_LM, "--model", str(f32), "--log-level",
                   "WARNING"], _env(), "/v1/models") as url:
-        out["mlx_lm"] = measure(url, args.clients, args.tokens, args.rounds, health=False)
+        # mlx_lm.server loads whatever `model` names: its own folder is the loaded one.
+        out["mlx_lm"] = measure(url, args.clients, args.tokens, args.rounds, health=False,
+                                model=str(f32))
     print(json.dumps(out, indent=None if args.json else 2))
 
 

@@ -16,7 +16,7 @@ from mlxc.cli.options import (
     ModelOption,
     settings_from,
 )
-from mlxc.engine.worker import DEFAULT_MAX_BATCH, DEFAULT_MAX_QUEUE  # no MLX at import
+from mlxc.engine.worker import DEFAULT_MAX_QUEUE  # no MLX at import
 
 EXAMPLES = """
 [bold]Examples[/bold]
@@ -116,8 +116,10 @@ def serve(
                           "closed, or the new one refused with 503.")
     ] = 512,
     max_batch: Annotated[
-        int, typer.Option(help="Sequences decoded together; 1 gives exactly the lone answers.")
-    ] = DEFAULT_MAX_BATCH,
+        int | None, typer.Option(help="Sequences decoded together (default: 4 on CUDA, 8 "
+                                 "elsewhere); 1 gives exactly mlx-lm's lone answers.",
+                                 show_default=False)
+    ] = None,
     max_queue: Annotated[
         int, typer.Option(help="Requests that may wait for a place in the batch; past that, "
                           "503 with Retry-After.")
@@ -154,7 +156,7 @@ def serve(
         raise InputError("--request-timeout must be a positive number of seconds")
     if max_connections < 1:
         raise InputError("--max-connections must be at least 1")
-    if max_batch < 1 or max_queue < 0:
+    if (max_batch is not None and max_batch < 1) or max_queue < 0:
         raise InputError("--max-batch must be at least 1 and --max-queue at least 0")
     # A server sits idle between a reply and the follow-up: a good time to prefill its opening.
     settings = settings_from(cache_dir, cache_policy, dtype, model).with_overrides(
@@ -211,7 +213,9 @@ def serve(
         table.add_row("[bold]API key[/bold]", "required" if api_key else "off")
         table.add_row("[bold]browsers[/bold]",
                       f"CORS for {', '.join(guard.cors)}" if guard.cors else "refused (--cors)")
-        table.add_row("[bold]batch[/bold]", f"up to {max_batch} together, {max_queue} waiting")
+        table.add_row(
+            "[bold]batch[/bold]", f"up to {engine.max_batch} together, {max_queue} waiting"
+        )
         console.print(Panel(table, title="mlxc serve", title_align="left", expand=False))
         cap = _connection_cap(max_connections)
         config = uvicorn.Config(

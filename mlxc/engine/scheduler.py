@@ -8,8 +8,10 @@ Each `tick` does at most three things, in this order:
    published at once (the lone request's time to first token, prefix shortcuts included).
    While others decode, a chunk waits until they have had as much time since the last chunk
    as it took (DECODE_SHARE), so running streams keep about half their speed meanwhile;
-3. one decode step of every running sequence, by mlx-lm's `BatchGenerator`, which queues
-   step n+1 before it reads the tokens of step n (pipelined on both backends).
+3. one decode step: of the sequence that runs alone (lone.py: mlx-lm's own loop, at raw
+   speed), or of every running sequence together, by mlx-lm's `BatchGenerator`. Both queue
+   step n+1 before they read the tokens of step n (pipelined on both backends). A lone
+   sequence moves into the batch when a second one is ready to decode.
 
 Prefill runs on the sequence's own state, alone, exactly as a lone request's would; only
 decode steps are batched (see the README's "Batching" section for what that changes).
@@ -25,6 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from mlxc.engine.lone import LoneDecoder
 from mlxc.engine.sequence import Sequence
 from mlxc.errors import PromptTooLong
 from mlxc.request import Answer, GenerationRequest
@@ -73,7 +76,8 @@ class Scheduler:
         self.batch = self._new_batch()
         self.waiting: deque[tuple[GenerationRequest, Generation]] = deque()
         self.prefilling: Sequence | None = None
-        self.running: dict[int, Sequence] = {}
+        self.running: dict[int, Sequence] = {}  # in the batch, by its uid there
+        self.lone: LoneDecoder | None = None  # the sequence that decodes alone, if one does
         self.next_turns: list[NextTurn] = []
         self.figures = Figures()
         self._decode_owed = 0.0  # decode seconds due before the next prompt chunk
@@ -92,12 +96,16 @@ class Scheduler:
 
     @property
     def busy(self) -> bool:
-        return bool(self.waiting or self.prefilling or self.running)
+        return bool(self.waiting or self.prefilling or self.running or self.lone)
+
+    @property
+    def decoding(self) -> int:
+        return len(self.running) + (self.lone is not None)
 
     @property
     def active(self) -> int:
         """Sequences being prefilled or decoded."""
-        return len(self.running) + (self.prefilling is not None)
+        return self.decoding + (self.prefilling is not None)
 
     def add(self, request: GenerationRequest, generation: Generation) -> None:
         self.waiting.append((request, generation))
@@ -108,20 +116,20 @@ class Scheduler:
 
         with mx.stream(generation_stream):
             self._admit()
-            if self.prefilling is not None and (self._decode_owed <= 0 or not self.running):
+            if self.prefilling is not None and (self._decode_owed <= 0 or not self.decoding):
                 started = time.perf_counter()
                 self._prefill()
                 spent = time.perf_counter() - started
                 self._decode_owed = spent * DECODE_SHARE / (1 - DECODE_SHARE)
-            if self.running:
+            if self.decoding:
                 started = time.perf_counter()
-                self._decode()
+                self._decode_lone() if self.lone is not None else self._decode()
                 self._decode_owed -= time.perf_counter() - started
 
     # -- the three steps ---------------------------------------------------------------
 
     def _admit(self) -> None:
-        while self.prefilling is None and self.waiting and len(self.running) < self.max_batch:
+        while self.prefilling is None and self.waiting and self.decoding < self.max_batch:
             request, generation = self.waiting.popleft()
             if generation.cancelled.is_set():
                 generation.publish(Finished(Answer(text="", finish_reason="cancelled")))
@@ -154,18 +162,43 @@ class Scheduler:
         token, logprobs = first[0].item(), first[1]
         if seq.take(token, logprobs):  # done at once: the state holds the prompt only
             self._finish(seq, seq.cache, seq.prompt)
-            return
+        elif not self.running and self.lone is None and not self.waiting:
+            self.lone = LoneDecoder(self.engine.model, seq, first[0])
+        else:
+            if self.lone is not None:  # it is not alone any more: both decode in the batch
+                self._hand_over()
+            self._join(seq, token)
+
+    def _hand_over(self) -> None:
+        lone, self.lone = self.lone, None
+        token, done = lone.handover()
+        if done:
+            self._finish(lone.seq, lone.cache, lone.held[:-1])
+        else:
+            self._join(lone.seq, token)
+
+    def _join(self, seq: Sequence, token: int) -> None:
+        """Into the batch, with the token it sampled last (its cache holds the ones before)."""
         greedy = _is_greedy(seq.sampling.sampler)
         (seq.uid,) = self.batch.insert(
-            [[token]],  # fed by the first decode step, together with the batch
+            [[token]],  # fed by its first decode step in the batch
             max_tokens=[seq.remaining],
             caches=[seq.cache],
-            all_tokens=[list(seq.prompt)],  # what penalties look back on
+            all_tokens=[seq.prompt + seq.taken[:-1]],  # what penalties look back on
             samplers=[None if greedy else seq.sampling.sampler],  # None: one batched argmax
             logits_processors=[seq.sampling.processors],
         )
         seq.cache = []  # the batch holds (a copy of) it now
         self.running[seq.uid] = seq
+
+    def _decode_lone(self) -> None:
+        lone = self.lone
+        self.figures.batch_sizes[1] += 1
+        self.figures.generated_tokens += 1
+        self.figures.recent.append((time.monotonic(), 1))
+        if lone.step():  # done (cancelled too): the cache holds the token just read
+            self.lone = None
+            self._finish(lone.seq, lone.cache, lone.held)
 
     def _decode(self) -> None:
         _, responses = self.batch.next()
@@ -219,7 +252,9 @@ class Scheduler:
 
     def cancel_all(self, error: Exception) -> None:
         """Fail every sequence (a step failed: its batch cannot be trusted)."""
-        for seq in [*self.running.values(), self.prefilling]:
+        lone = self.lone.seq if self.lone is not None else None
+        self.lone = None
+        for seq in [*self.running.values(), self.prefilling, lone]:
             if seq is not None:
                 seq.generation.publish(Failed(error))
         for _, generation in self.waiting:

@@ -35,6 +35,7 @@ class Sequence:
     started: float = field(default_factory=time.perf_counter)
     uid: int | None = None  # its id in the BatchGenerator, once decoding there
     generated: list[int] = field(default_factory=list)  # answer tokens (no end token)
+    taken: list[int] = field(default_factory=list)  # every sampled token, an end token too
     parts: list[str] = field(default_factory=list)  # the text published so far
     first_token_at: float | None = None
     finish: str | None = None  # set once the sequence is done: stop, length, cancelled
@@ -53,6 +54,7 @@ class Sequence:
         """One sampled token: publish its text; True when the sequence is done (an end token,
         a stop string, max_tokens, or every listener gone)."""
         self.first_token_at = self.first_token_at or time.perf_counter()
+        self.taken.append(token)
         end_token = token in self.eos
         if end_token:
             self.detokenizer.finalize()

@@ -31,11 +31,25 @@ from mlxc.request import Answer, GenerationRequest, Usage
 from mlxc.stream import Failed, Generation
 
 DEFAULT_PREFILL_STEP = 512
-DEFAULT_MAX_BATCH = 8  # sequences decoded together (see `mlxc serve --max-batch`)
+# Sequences decoded together (`mlxc serve --max-batch`). On CUDA (MLX 0.32.4, H200, 3B 4-bit;
+# benchmarks/batch_steps.py) a batch of 4 decodes 276 tokens/s and one of 8 only 159: the
+# quantized matmul slows down past 4 rows there. Elsewhere mlx-lm's batching scales further.
+DEFAULT_MAX_BATCH = {"cuda": 4}
+DEFAULT_MAX_BATCH_ELSEWHERE = 8
 DEFAULT_MAX_QUEUE = 64  # requests waiting for a place in the batch before 503s
 RETRY_AFTER_SECONDS = 2
 log = logging.getLogger("mlxc.prefix")
 IDLE_GRACE_SECONDS = 0.2  # longer than a client's back-to-back calls, shorter than reading
+
+
+def default_max_batch() -> int:
+    """The measured default for this machine's backend (decided without importing MLX)."""
+    import sys
+
+    from mlxc.model.dtype import gpu_backend
+
+    cuda = gpu_backend() and sys.platform != "darwin"
+    return DEFAULT_MAX_BATCH["cuda"] if cuda else DEFAULT_MAX_BATCH_ELSEWHERE
 
 
 class Engine:
@@ -47,13 +61,13 @@ class Engine:
         settings: Settings,
         progress: Callable[[str], None] | None = None,
         prefill_step_size: int = DEFAULT_PREFILL_STEP,
-        max_batch: int = DEFAULT_MAX_BATCH,
+        max_batch: int | None = None,
         max_queue: int = DEFAULT_MAX_QUEUE,
     ) -> None:
         self.ref = ref
         self.settings = settings
         self.prefill_step_size = prefill_step_size
-        self.max_batch = max(1, max_batch)
+        self.max_batch = max(1, max_batch or default_max_batch())
         self.max_queue = max(0, max_queue)
         self._progress = progress or (lambda _msg: None)
         self._jobs: queue.Queue = queue.Queue()
