@@ -52,8 +52,9 @@ def test_a_shared_system_prompt_is_stored_once(lively, cold, tmp_path):
     assert second.usage.cached_tokens >= 256  # the system prompt's blocks
     assert second.text == cold(lively, chat("Name a fox."))
     assert two["shared_blocks"] >= 4
-    # The second conversation adds its own tokens (and the block it diverges in), not a state.
-    assert two["disk_bytes"] - one["disk_bytes"] <= 0.35 * state
+    # The second conversation adds its own tokens, continuing from the head of the block it
+    # diverges in (nothing of the first is written again), not a state.
+    assert two["disk_bytes"] - one["disk_bytes"] <= 0.2 * state
 
 
 def _turns(svc, tokens: list[int], sizes: list[int]) -> list[tuple[int, int, int]]:
@@ -144,8 +145,9 @@ def test_a_kill_9_during_writes_leaves_whole_blocks(lively, cold, tmp_path):
         read_header(path)
     prompt = f"0 {TEXT}"[:200] + " Paris?"  # the first prompt the killed process stored
     with service(lively, tmp_path, prefix_block_tokens=32) as svc:
-        assert not list(blocks.glob(".tmp-*"))  # swept at start
         answer = ask(svc, prompt=prompt)
+        flush(svc)  # its own writes done: any temporary file left is the killed one's
+        assert not list(blocks.glob(".tmp-*"))  # swept at start
     assert answer.usage.cached_tokens >= 32
     assert answer.text == cold(lively, prompt=prompt)
 

@@ -49,9 +49,9 @@ class BlockDisk:
         """Learn blocks written since the last look, by this process or another."""
         rows = self.index.rows_since(self.root, self._seq)
         pending: dict[str, list[BlockRow]] = {}
-        for row in rows:
+        for row in rows:  # grouped by the block they continue (in full or from its head)
             if not row.writing:
-                pending.setdefault(row.parent, []).append(row)
+                pending.setdefault(row.parent.partition("@")[0], []).append(row)
         # Next time, read again from the first block still being written.
         writing = [row.seq for row in rows if row.writing]
         if rows:

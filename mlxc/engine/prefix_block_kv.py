@@ -75,18 +75,20 @@ def layer_width(layer: Any) -> int:
     return 6 if type(layer).__name__ == "QuantizedKVCache" else 2
 
 
-def assemble(fresh: list[Any], pieces: list[list[Any]], n: int) -> list[Any]:
-    """Fill `fresh` (make_prompt_cache's layers) with the first n tokens of the blocks'
-    arrays joined along the sequence; returns it."""
+def assemble(fresh: list[Any], pieces: list[list[Any]], lengths: list[int]) -> list[Any]:
+    """Fill `fresh` (make_prompt_cache's layers) with the blocks' arrays, the first
+    lengths[j] tokens of block j, joined along the sequence; returns it."""
     width = [layer_width(layer) for layer in fresh]
+    n = sum(lengths)
     index = 0
     for layer, w in zip(fresh, width, strict=True):
         parts = []
         for i in range(index, index + w):
-            arrays = [block[i] for block in pieces]
+            arrays = [
+                block[i] if block[i].shape[2] == k else block[i][..., :k, :]
+                for block, k in zip(pieces, lengths, strict=True)
+            ]
             joined = arrays[0] if len(arrays) == 1 else mx.concatenate(arrays, axis=2)
-            if joined.shape[2] != n:
-                joined = joined[..., :n, :]
             parts.append(joined)
         index += w
         if w == 6:

@@ -8,7 +8,8 @@ block's own tokens: equal names mean equal KV, stored once, whoever made it.
 Blocks are aligned on `block_size` positions (a run never crosses a multiple of it), so two
 conversations with one system prompt share its blocks. A state's trailing partial block is kept
 too; a later turn appends a further run after it, or rewrites it as a longer one when that costs
-little (see prefix_block_cache.py).
+little (see prefix_block_cache.py). A sequence that diverges inside a block continues from the
+block's first k tokens: its next block's parent is named "<block>@k", so nothing is rewritten.
 
 No MLX here: blocks carry their arrays as opaque objects. Thread-safe (one lock): the engine
 walks and fills the tree, the disk writer marks what reached the disk.
@@ -49,6 +50,8 @@ class Block:
     pending: bool = False  # queued for the disk writer
     shared: bool = False  # a prefix of more than one stored sequence
     children: dict[int, list[str]] = field(default_factory=dict)  # by first token
+    # Blocks that continue from this block's first k tokens: k -> children by first token.
+    heads: dict[int, dict[int, list[str]]] = field(default_factory=dict)
 
     @property
     def end(self) -> int:
@@ -74,29 +77,32 @@ class BlockTree:
         self.memory_bytes = 0
         self.shared = 0
 
-    def _children(self, parent: str) -> dict[int, list[str]] | None:
+    def _children(self, parent: str, make: bool = False) -> dict[int, list[str]] | None:
         if parent == self.root:
             return self._roots
-        block = self.blocks.get(parent)
-        return block.children if block is not None else None
+        base, _, head = parent.partition("@")
+        block = self.blocks.get(base)
+        if block is None:
+            return None
+        if not head:
+            return block.children
+        return block.heads.setdefault(int(head), {}) if make else block.heads.get(int(head))
 
     # -- finding -------------------------------------------------------------------------------
 
-    def walk(self, tokens: list[int]) -> list[tuple[Block, int]]:
-        """The longest chain of available blocks that `tokens` starts with, as (block, tokens
-        of it used); only the last may be used in part (a prompt that diverges inside it)."""
-        return self.walk_from(self.root, tokens, 0)
-
-    def walk_from(self, parent: str, tokens: list[int], pos: int) -> list[tuple[Block, int]]:
-        """`walk` from a block known to hold tokens[:pos]."""
+    def walk(self, tokens: list[int], available: bool = True) -> list[tuple[Block, int]]:
+        """The longest chain of (available) blocks that `tokens` starts with, as (block, tokens
+        of it used): a block used in part is followed by blocks that continue from its head,
+        if any; else it is the last."""
         out: list[tuple[Block, int]] = []
+        parent, pos = self.root, 0
         with self.lock:
             while pos < len(tokens):
                 kids = self._children(parent)
                 options = [self.blocks[h] for h in (kids or {}).get(tokens[pos], ())]
                 best, best_len, whole = None, 0, False
                 for block in options:
-                    if not block.available:
+                    if available and not block.available:
                         continue
                     n = _common(block.tokens, tokens, pos)
                     full = n == len(block.tokens)
@@ -105,27 +111,9 @@ class BlockTree:
                 if best is None:
                     break
                 out.append((best, best_len))
-                if not whole:
+                parent, pos = best.hash if whole else f"{best.hash}@{best_len}", pos + best_len
+                if not whole and not self._children(parent):
                     break
-                parent, pos = best.hash, pos + best_len
-        return out
-
-    def chain_to(self, tokens: list[int]) -> list[Block]:
-        """Blocks (available or not) that exactly cover a prefix of `tokens`, root first."""
-        out: list[Block] = []
-        with self.lock:
-            parent, pos = self.root, 0
-            while pos < len(tokens):
-                found = None
-                for h in (self._children(parent) or {}).get(tokens[pos], ()):
-                    block = self.blocks[h]
-                    if _common(block.tokens, tokens, pos) == len(block.tokens):
-                        if found is None or len(block.tokens) > len(found.tokens):
-                            found = block
-                if found is None:
-                    break
-                out.append(found)
-                parent, pos = found.hash, found.end
         return out
 
     # -- changing ------------------------------------------------------------------------------
@@ -136,17 +124,18 @@ class BlockTree:
             known = self.blocks.get(block.hash)
             if known is not None:
                 return known
-            kids = self._children(block.parent)
+            kids = self._children(block.parent, make=True)
             if kids is None:
                 raise KeyError("parent unknown")
             siblings = kids.setdefault(block.tokens[0], [])
             siblings.append(block.hash)
             self.blocks[block.hash] = block
-            if sum(map(len, kids.values())) > 1:
+            if "@" in block.parent or sum(map(len, kids.values())) > 1:  # a branch
                 self._mark_shared(block.parent)
             return block
 
     def _mark_shared(self, h: str) -> None:
+        h = h.partition("@")[0]  # a block's head is shared: the block is, as far as it goes
         while h != self.root:
             block = self.blocks.get(h)
             if block is None or block.shared:
@@ -169,6 +158,9 @@ class BlockTree:
                     siblings.remove(h)
                 if not siblings:
                     kids.pop(block.tokens[0], None)
+                base, _, head = block.parent.partition("@")
+                if head and not kids and base in self.blocks:
+                    self.blocks[base].heads.pop(int(head), None)
             stack = [block]
             while stack:
                 b = stack.pop()
@@ -176,14 +168,15 @@ class BlockTree:
                 self._drop_memory(b)
                 self.shared -= b.shared
                 gone.append(b)
-                stack.extend(self.blocks[c] for hs in b.children.values() for c in hs
-                             if c in self.blocks)
+                groups = [b.children, *b.heads.values()]
+                stack.extend(self.blocks[c] for kids in groups for hs in kids.values()
+                             for c in hs if c in self.blocks)
         return gone
 
     def has_children(self, h: str) -> bool:
         with self.lock:
             block = self.blocks.get(h)
-            return bool(block and block.children)
+            return bool(block and (block.children or block.heads))
 
     # -- the memory tier -----------------------------------------------------------------------
 
