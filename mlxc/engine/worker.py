@@ -279,30 +279,10 @@ class Engine:
             future.set_exception(exc)
 
     def warm_up(self) -> None:
-        """Run the model once through every path a request takes (prefill, a lone first
-        token, a batched decode of two sequences), so that the kernels a backend compiles on
-        first use (CUDA: ~20 s) are ready before the first client. No cache is touched."""
-        import mlx.core as mx
-        from mlx_lm.generate import BatchGenerator
-        from mlx_lm.models.cache import make_prompt_cache
-        from mlx_lm.sample_utils import greedy_sampler
+        """Compile what the first client would otherwise wait for (engine thread)."""
+        from mlxc.engine.warmup import warm_up
 
-        from mlxc.engine.generate import Prefill
-
-        tokens = self.tokenizer.encode("Warm up: the quick brown fox jumps over the lazy dog.")
-        for n in (len(tokens), 3):
-            prefill = Prefill(
-                self.model, tokens[:n], 0, make_prompt_cache(self.model), greedy_sampler, [],
-                self.prefill_step_size, self.last_only,
-            )
-            while prefill.advance() is None:
-                pass
-        batch = BatchGenerator(self.model, max_tokens=4, prefill_step_size=self.prefill_step_size)
-        batch.insert([tokens, tokens[:5]])
-        while batch.next_generated():
-            pass
-        batch.close()
-        mx.clear_cache()
+        warm_up(self)
 
     def encode(self, request: GenerationRequest) -> list[int]:
         """Prompt tokens: the chat template for messages, plain text for a raw prompt."""

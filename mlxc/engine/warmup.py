@@ -1,0 +1,46 @@
+"""Kernel warm-up before a server reports ready: MLX's CUDA backend compiles each kernel on
+its first use (~20 s for a first generation on an H200), so `mlxc serve` runs the model once
+through every path a request takes, and the first client finds them compiled.
+
+The paths: prefill of two lengths with the last-position shortcut; a lone decode (lone.py's
+ops) greedy, and sampled with a seeded key and a penalty; batched decodes from `max_batch`
+sequences down to one, one of them joining a running batch. No cache is touched.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def warm_up(engine: Any) -> None:
+    import mlx.core as mx
+    from mlx_lm.generate import BatchGenerator
+    from mlx_lm.models.cache import make_prompt_cache
+    from mlx_lm.sample_utils import greedy_sampler, make_logits_processors
+
+    from mlxc.engine.generate import generate_tokens
+    from mlxc.engine.seeds import keyed_sampler
+
+    model, step = engine.model, engine.prefill_step_size
+    tokens = engine.tokenizer.encode("Warm up: the quick brown fox jumps over the lazy dog.")
+    penalty = make_logits_processors(repetition_penalty=1.1)
+    for n, sampler, processors in (
+        (len(tokens), greedy_sampler, []), (5, keyed_sampler(0, 0.7, 0.9), penalty),
+    ):
+        for _ in generate_tokens(
+            model, engine.tokenizer, tokens[:n], 0, make_prompt_cache(model), sampler=sampler,
+            logits_processors=processors, max_tokens=4, prefill_step_size=step,
+            last_only=engine.last_only,
+        ):
+            pass
+    batch = BatchGenerator(model, prefill_step_size=step, completion_batch_size=engine.max_batch)
+    batch.insert([tokens], max_tokens=[3])
+    batch.next_generated()
+    others = engine.max_batch - 1
+    if others:  # they join the running batch, then leave one by one
+        batch.insert([tokens[: 5 + i] for i in range(others)],
+                     max_tokens=[2 + i for i in range(others)])
+    while batch.next_generated():
+        pass
+    batch.close()
+    mx.clear_cache()
