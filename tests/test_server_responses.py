@@ -205,3 +205,11 @@ def test_text_format_and_forced_tool_choice_are_honoured(oai):
                        tool_choice={"type": "function", "name": "get_weather"})
     call = next(item for item in forced.output if item.type == "function_call")
     assert call.name == "get_weather" and json.loads(call.arguments) == {"city": "Oslo"}
+
+
+def test_input_tokens_count_equals_the_prompt_of_a_create(oai):
+    kwargs = {"instructions": "Count me.", "input": "How long is this prompt?"}
+    counted = oai.responses.input_tokens.count(model=MODEL, **kwargs)
+    assert counted.object == "response.input_tokens"
+    made = oai.responses.create(model=MODEL, max_output_tokens=4, **kwargs)
+    assert counted.input_tokens == made.usage.input_tokens > 0

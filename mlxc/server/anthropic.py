@@ -14,14 +14,13 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from fastapi import APIRouter, Depends
 from pydantic import BaseModel, ConfigDict, Field, field_validator
-from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from mlxc.request import Answer, GenerationRequest
 from mlxc.server import sse
-from mlxc.server.errors import ApiError, as_api_error
-from mlxc.server.flow import without_billing_blocks
+from mlxc.server.errors import ApiError
+from mlxc.server.flow import count_prompt_tokens, without_billing_blocks
 from mlxc.server.params import ANTHROPIC_IGNORED, check_anthropic, tool_calls_for
 from mlxc.server.pipeline import (
     Adapter,
@@ -279,22 +278,8 @@ async def messages(request: Request, body: MessagesRequest, state: State) -> Res
     return await messages_adapter(state, body, request)
 
 
-def count_prompt_tokens(state: ServerState, request: GenerationRequest) -> int:
-    """The prompt's length in tokens, made exactly as a generation makes it (engine.encode:
-    the same chat template, tools and tokenizer). Runs on the calling thread, not the engine
-    thread, so a count never waits behind a long generation: the tokenizer and the template
-    only read shared state."""
-    engine = state.service.engine()
-    engine.wait_loaded()
-    return len(engine.encode(request))
-
-
 @router.post("/v1/messages/count_tokens")
 async def count_tokens(body: PromptRequest, state: State) -> Response:
     state.check_model(body.model)
     generation_request = _prompt_request(state, body)
-    try:
-        tokens = await run_in_threadpool(count_prompt_tokens, state, generation_request)
-    except Exception as exc:
-        raise as_api_error(exc) from None
-    return JSONResponse({"input_tokens": tokens})
+    return JSONResponse({"input_tokens": await count_prompt_tokens(state, generation_request)})

@@ -122,6 +122,23 @@ async def start(
     return Call(reply, first, rest, request.state)
 
 
+def _count(state: ServerState, request: GenerationRequest) -> int:
+    engine = state.service.engine()
+    engine.wait_loaded()
+    return len(engine.encode(request))
+
+
+async def count_prompt_tokens(state: ServerState, request: GenerationRequest) -> int:
+    """The prompt's length in tokens, made exactly as a generation makes it (engine.encode:
+    the same chat template, tools and tokenizer). Runs in a worker thread, not on the engine
+    thread, so a count never waits behind a long generation: the tokenizer and the template
+    only read shared state."""
+    try:
+        return await run_in_threadpool(_count, state, request)
+    except Exception as exc:
+        raise as_api_error(exc) from None
+
+
 def finish_reason(answer: Answer) -> str:
     # "cancelled" only reaches a client whose peers all left; to it the answer just ended.
     return "stop" if answer.finish_reason == "cancelled" else answer.finish_reason

@@ -22,6 +22,7 @@ from starlette.responses import JSONResponse, Response
 from mlxc.request import Answer, GenerationRequest
 from mlxc.server import responses_items as items
 from mlxc.server.errors import ApiError
+from mlxc.server.flow import count_prompt_tokens
 from mlxc.server.params import RESPONSES_IGNORED, tool_calls_for
 from mlxc.server.pipeline import (
     Adapter,
@@ -179,6 +180,15 @@ ResponsesRequest = Annotated[ResponsesBody, Depends(body_of(ResponsesBody))]
 @router.post("/v1/responses")
 async def create_response(request: Request, body: ResponsesRequest, state: State) -> Response:
     return await responses_adapter(state, body, request)
+
+
+@router.post("/v1/responses/input_tokens")
+async def count_input_tokens(body: ResponsesRequest, state: State) -> Response:
+    """The prompt a create with this body would make, counted exactly (see count_tokens)."""
+    state.check_model(body.model)
+    generation_request = await responses_adapter.prepare(state, body)
+    tokens = await count_prompt_tokens(state, generation_request)
+    return JSONResponse({"object": "response.input_tokens", "input_tokens": tokens})
 
 
 async def _stored(state: ServerState, response_id: str) -> dict[str, Any]:
