@@ -2,9 +2,11 @@
 its first use (~20 s for a first generation on an H200), so `mlxc serve` runs the model once
 through every path a request takes, and the first client finds them compiled.
 
-The paths: prefill of two lengths with the last-position shortcut; a lone decode (lone.py's
-ops) greedy, and sampled with a seeded key and a penalty; batched decodes from `max_batch`
-sequences down to one, one of them joining a running batch. No cache is touched.
+The paths: prefill with the last-position shortcut, at lengths that reach each kind of
+matmul kernel (on a GPU up to a whole prefill chunk: a fresh H200 still spent 17 s compiling in
+the first request after a warm-up that prefilled only 14 tokens); a lone decode (lone.py's ops)
+greedy, and sampled with a seeded key and a penalty; batched decodes from `max_batch` sequences
+down to one, one of them joining a running batch. No cache is touched.
 """
 
 from __future__ import annotations
@@ -20,13 +22,17 @@ def warm_up(engine: Any) -> None:
 
     from mlxc.engine.generate import generate_tokens
     from mlxc.engine.seeds import keyed_sampler
+    from mlxc.model.dtype import gpu_backend
 
     model, step = engine.model, engine.prefill_step_size
-    tokens = engine.tokenizer.encode("Warm up: the quick brown fox jumps over the lazy dog.")
+    text = "Warm up: the quick brown fox jumps over the lazy dog. "
+    tokens = engine.tokenizer.encode(text * (1 + (step + 8) // 10))
     penalty = make_logits_processors(repetition_penalty=1.1)
-    for n, sampler, processors in (
-        (len(tokens), greedy_sampler, []), (5, keyed_sampler(0, 0.7, 0.9), penalty),
-    ):
+    # The CPU backend compiles nothing: short prompts are enough there (and start faster).
+    lengths = [14, 40, 130, step + 7] if gpu_backend() else [14]
+    runs = [(n, greedy_sampler, []) for n in lengths]
+    runs.append((5, keyed_sampler(0, 0.7, 0.9), penalty))
+    for n, sampler, processors in runs:
         for _ in generate_tokens(
             model, engine.tokenizer, tokens[:n], 0, make_prompt_cache(model), sampler=sampler,
             logits_processors=processors, max_tokens=4, prefill_step_size=step,
@@ -34,6 +40,7 @@ def warm_up(engine: Any) -> None:
         ):
             pass
     batch = BatchGenerator(model, prefill_step_size=step, completion_batch_size=engine.max_batch)
+    tokens = tokens[:14]
     batch.insert([tokens], max_tokens=[3])
     batch.next_generated()
     others = engine.max_batch - 1
