@@ -52,16 +52,24 @@ def _fn(name: str, description: str, properties: dict, required: list[str]) -> d
             "additionalProperties": False}}}
 
 
+def _text(description: str) -> dict:
+    return {"type": "string", "description": description}
+
+
+# Described as real tools are (OpenAI's and Anthropic's examples describe every parameter).
 TOOLS = [
     _fn("get_weather", "Current weather in a city",
-        {"city": {"type": "string"}, "unit": {"enum": ["celsius", "fahrenheit"]}},
+        {"city": _text("The city, e.g. Paris"), "unit": {"enum": ["celsius", "fahrenheit"]}},
         ["city", "unit"]),
-    _fn("search_web", "Search the web", {"query": {"type": "string"},
-                                         "max_results": {"type": "integer"}}, ["query"]),
-    _fn("send_email", "Send an email", {"to": {"type": "string"}, "subject": {"type": "string"},
-                                        "body": {"type": "string"}}, ["to", "subject", "body"]),
-    _fn("calculate", "Evaluate an arithmetic expression", {"expression": {"type": "string"}},
-        ["expression"]),
+    _fn("search_web", "Search the web",
+        {"query": _text("What to search for, in a few words"),
+         "max_results": {"type": "integer", "description": "How many results, e.g. 5"}},
+        ["query"]),
+    _fn("send_email", "Send an email",
+        {"to": _text("The recipient's name"), "subject": _text("A short subject line"),
+         "body": _text("The message, one sentence")}, ["to", "subject", "body"]),
+    _fn("calculate", "Evaluate an arithmetic expression",
+        {"expression": _text("The expression, e.g. 2 * 3")}, ["expression"]),
 ]
 TOOL_QUESTIONS = [
     ("What's the weather in {city}?", "get_weather"),
@@ -129,14 +137,15 @@ def check_schemas(engine: Engine, n: int, max_tokens: int) -> dict:
             "failures": failures[:5]}
 
 
-def check_tool_calls(engine: Engine, n: int, max_tokens: int) -> dict:
+def check_tool_calls(engine: Engine, n: int, max_tokens: int, penalty: float) -> dict:
     import jsonschema
 
     valid, failures = 0, []
     schemas = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
     for question, tool_choice, names in tool_prompts(n):
         answer = ask(engine, messages=[{"role": "user", "content": question}], tools=TOOLS,
-                     tool_choice=tool_choice, max_tokens=max_tokens)
+                     tool_choice=tool_choice, max_tokens=max_tokens,
+                     repetition_penalty=penalty)
         try:
             (call,) = answer.tool_calls
             name = call["function"]["name"]
@@ -147,7 +156,7 @@ def check_tool_calls(engine: Engine, n: int, max_tokens: int) -> dict:
         except (ValueError, AssertionError, jsonschema.ValidationError) as exc:
             failures.append({"question": question, "answer": answer.text[:200],
                              "calls": answer.tool_calls, "error": str(exc)[:120]})
-    return {"valid": valid, "of": n, "failures": failures[:5]}
+    return {"valid": valid, "of": n, "repetition_penalty": penalty, "failures": failures[:5]}
 
 
 def speed(engine: Engine, tokens: int, rounds: int) -> dict:
@@ -189,6 +198,8 @@ def main() -> None:
     parser.add_argument("--speed-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--only", choices=["schemas", "tools", "speed"])
+    parser.add_argument("--repetition-penalty", type=float, default=1.0,
+                        help="for the forced tool calls (1.0: none)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
@@ -204,7 +215,8 @@ def main() -> None:
     if args.only in (None, "schemas"):
         figures["json_schema"] = check_schemas(engine, args.prompts, args.max_tokens)
     if args.only in (None, "tools"):
-        figures["forced_tool_calls"] = check_tool_calls(engine, args.prompts, args.max_tokens)
+        figures["forced_tool_calls"] = check_tool_calls(
+            engine, args.prompts, args.max_tokens, args.repetition_penalty)
     engine.shutdown(wait=30)
     print(json.dumps(figures, indent=None if args.json else 2))
 
