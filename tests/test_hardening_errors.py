@@ -48,3 +48,53 @@ def test_an_unexpected_error_is_a_logged_500_not_a_gone_499(tmp_path, tiny_model
     assert 'status="500"' in metrics.text and 'status="499"' not in metrics.text
     tracebacks = [r for r in caplog.records if r.exc_info]
     assert len(tracebacks) == 1  # once per kind of exception: a loop of them cannot flood
+
+
+def test_a_client_that_stops_reading_is_let_go(tmp_path, tiny_model):
+    """A reply the client never reads: once the socket's buffers are full, uvicorn's send
+    waits for the client forever (here: a send that never returns after the head). The
+    guard gives up after --request-timeout, and the request ends as 'stopped reading'."""
+    from starlette.responses import StreamingResponse
+
+    from mlxc.server.guard import GuardOptions
+
+    lines: list[str] = []
+    service = Service(Settings(model=str(tiny_model), cache_dir=tmp_path / "cache",
+                               models_dir=tmp_path / "models"))
+    app = create_app(service, ServerOptions(log=lines.append), GuardOptions(body_timeout=0.5))
+
+    async def endless():
+        while True:
+            yield b"data: more\n\n"
+            await asyncio.sleep(0)
+
+    app.add_api_route("/v1/endless", lambda: StreamingResponse(endless()), methods=["GET"])
+
+    async def run() -> float:
+        sent: list[dict] = []
+
+        async def receive() -> dict:
+            await asyncio.sleep(3600)  # the client neither sends nor hangs up
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict) -> None:
+            sent.append(message)
+            if message["type"] == "http.response.body":
+                await asyncio.sleep(3600)  # the socket is full: the client reads nothing
+
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+                 "method": "GET", "path": "/v1/endless", "raw_path": b"/v1/endless",
+                 "query_string": b"", "headers": [(b"host", b"127.0.0.1")],
+                 "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 8081), "scheme": "http"}
+        started = asyncio.get_running_loop().time()
+        await asyncio.wait_for(app(scope, receive, send), 10)
+        assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 200
+        return asyncio.get_running_loop().time() - started
+
+    try:
+        seconds = asyncio.run(run())
+    finally:
+        service.close()
+    assert seconds < 5
+    assert [line for line in lines if "GET /v1/endless 200" in line
+            and "the client stopped reading" in line]

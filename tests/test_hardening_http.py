@@ -186,3 +186,4 @@ def test_official_client_still_works_through_the_guard(guarded):
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=60)
     reply = client.chat.completions.create(**CHAT)
     assert reply.choices[0].finish_reason in ("stop", "length")
+

@@ -22,7 +22,7 @@ from mlxc import __version__
 from mlxc.server import anthropic, health, models, openai, responses
 from mlxc.server.errors import ApiError, as_api_error, error_response
 from mlxc.server.flow import ClientGone
-from mlxc.server.guard import Guard, GuardOptions
+from mlxc.server.guard import ClientTooSlow, Guard, GuardOptions
 from mlxc.server.state import ServerOptions, ServerState
 from mlxc.service import Service
 
@@ -61,6 +61,8 @@ class RequestLog:
         path = scope.get("path", "")
         try:
             await self.app(scope, receive, send_with_header)
+        except ClientTooSlow:
+            info["error"] = "the client stopped reading; closed"
         except Exception as exc:  # what no handler answered: a bug, said once with its cause
             error = as_api_error(exc)
             info["error"] = f"{type(exc).__name__}: {exc}"
@@ -76,7 +78,7 @@ class RequestLog:
             say = self.state.options.log
             if say is not None:
                 tokens = info.get("tokens")
-                why = f" ({info['error']})" if status >= 500 and info.get("error") else ""
+                why = f" ({info['error']})" if info.get("error") else ""
                 say(
                     f"{scope.get('method', '')} {path} {status or 'gone'} {cache}"
                     + (f" {tokens} tok" if tokens is not None else "")

@@ -11,7 +11,8 @@ request body's deadline. Pure ASGI middleware, outermost, so refusals cost no pa
   `fetch(..., {mode: "no-cors"})` can send `text/plain` without a preflight; JSON cannot.
 - `/metrics` needs the API key when one is set (`/health` then shows only the basics).
 - The whole body must arrive within `body_timeout` seconds of the head (`408`, and the
-  connection is closed): a half-sent body must not hold a connection forever.
+  connection is closed), and each piece of the reply must be taken by the client within as
+  long: a half-sent body or an unread stream must not hold a connection forever.
 
 Each refusal is in the API's own error shape; the log says each cause once a minute.
 """
@@ -35,6 +36,10 @@ from mlxc.server.limits import Throttle
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 WILDCARDS = ("", "0.0.0.0", "::")
 BODY_METHODS = ("POST", "PUT", "PATCH")
+
+
+class ClientTooSlow(Exception):
+    """The client stopped reading the reply: the request ends, the connection is closed."""
 
 
 @dataclass(frozen=True)
@@ -144,10 +149,24 @@ class Guard:
         if (error := self.refusal(scope, headers)) is not None:
             await error_response(error, Request(scope))(scope, receive, _closing(send))
             return
+        send = self._write_deadline(send)
         if scope["method"] not in BODY_METHODS:
             await self.app(scope, receive, send)
             return
         await self.app(scope, *self._body_deadline(receive, send))
+
+    def _write_deadline(self, send: Send) -> Send:
+        """A send that gives up when the client has read nothing for `body_timeout` seconds
+        (a reply it never reads would hold its connection, and its generation, forever)."""
+        async def timed_send(message: Message) -> None:
+            try:
+                await asyncio.wait_for(send(message), self.options.body_timeout)
+            except asyncio.TimeoutError:
+                self.note("read", f"closed connections whose client read nothing for "
+                          f"{self.options.body_timeout:g} s (--request-timeout)")
+                raise ClientTooSlow from None
+
+        return timed_send
 
     def _body_deadline(self, receive: Receive, send: Send) -> tuple[Receive, Send]:
         """receive() with the body's deadline (not after it: waiting for a disconnect is
