@@ -48,6 +48,7 @@ CREATE TABLE IF NOT EXISTS blocks (         -- KV blocks (prefix_block_index.py)
     writing INTEGER NOT NULL DEFAULT 1      -- reserved, its file not yet in place
 );
 CREATE INDEX IF NOT EXISTS blocks_used ON blocks (used);
+CREATE INDEX IF NOT EXISTS blocks_new ON blocks (root, seq);  -- each lookup asks what is new
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 """
 
