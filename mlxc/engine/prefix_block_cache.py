@@ -26,7 +26,7 @@ from mlxc.engine.prefix_block_kv import (
     nbytes,
     to_buffers,
 )
-from mlxc.engine.prefix_blocks import Block, BlockTree, chain_hash, root_hash
+from mlxc.engine.prefix_blocks import Block, BlockTree, chain_hash, root_hash, token_array
 
 log = logging.getLogger("mlxc.prefix")
 BLOCK_SIZE = 256
@@ -146,7 +146,8 @@ class BlockTiers:
         mx.eval(pieces)
         added = 0
         for (a, b), arrays in zip(runs, pieces, strict=True):
-            block = self.tree.add(Block(chain_hash(parent, key[a:b]), parent, a, tuple(key[a:b])))
+            tokens = token_array(key[a:b])
+            block = self.tree.add(Block(chain_hash(parent, tokens), parent, a, tokens))
             parent = block.hash
             size = nbytes(arrays)
             if block.arrays is None:

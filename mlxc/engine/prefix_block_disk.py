@@ -17,7 +17,7 @@ from typing import Any
 
 from mlxc.engine.prefix_block_file import BadBlock, BlockHeader, arrays_of, read_block, write_temp
 from mlxc.engine.prefix_block_index import BlockIndex, BlockRow, _unlink
-from mlxc.engine.prefix_blocks import Block, BlockTree, chain_hash
+from mlxc.engine.prefix_blocks import Block, BlockTree, chain_hash, token_array
 
 log = logging.getLogger("mlxc.prefix")
 QUEUE_BLOCKS = 256  # blocks waiting for the disk at most (a few seconds of writing)
@@ -60,14 +60,15 @@ class BlockDisk:
         frontier = [self.root, *(h for h in pending if h in self.tree.blocks)]
         while frontier:
             for row in pending.pop(frontier.pop(), []):
-                block = self.tree.add(Block(row.hash, row.parent, row.start, tuple(row.tokens)))
+                tokens = token_array(row.tokens)
+                block = self.tree.add(Block(row.hash, row.parent, row.start, tokens))
                 block.on_disk = True
                 frontier.append(row.hash)
 
     def write(self, block: Block, arrays: list[Any], specs: list[dict], views: list) -> bool:
         """Queue a block for the writer; False (and counted) if the queue is full."""
         header = BlockHeader(block.hash, block.parent, self.root, block.start,
-                             list(block.tokens), specs)
+                             block.tokens.tolist(), specs)
         block.pending = True
         try:
             self._jobs.put_nowait(("write", block, header, views, arrays))
@@ -102,7 +103,7 @@ class BlockDisk:
         path = self.index.block_path(block.hash)
         try:
             header, data, start = read_block(path)
-            if (header.hash, header.root, header.parent, tuple(header.tokens)) != (
+            if (header.hash, header.root, header.parent, token_array(header.tokens)) != (
                 block.hash, self.root, block.parent, block.tokens
             ) or chain_hash(header.parent, header.tokens) != block.hash:
                 raise BadBlock("another block's or model's")

@@ -14,11 +14,12 @@ import logging
 import os
 import sqlite3
 import time
+from array import array
 from dataclasses import dataclass
 from pathlib import Path
 
 from mlxc.engine.prefix_block_file import SUFFIX, BadBlock, read_header
-from mlxc.engine.prefix_index import PrefixIndex, pack_tokens, unpack_tokens
+from mlxc.engine.prefix_index import PrefixIndex, pack_tokens
 
 log = logging.getLogger("mlxc.prefix")
 BLOCKS_DIR = "blocks"
@@ -32,7 +33,7 @@ class BlockRow:
     seq: int
     parent: str
     start: int
-    tokens: list[int]
+    tokens: array
     nbytes: int
     writing: bool = False
 
@@ -58,7 +59,7 @@ class BlockIndex(PrefixIndex):
             (root, seq),
         )
         stale = time.time() - WRITE_TIMEOUT
-        return [BlockRow(h, s, p, st, unpack_tokens(t), n, bool(w) and u > stale)
+        return [BlockRow(h, s, p, st, _tokens(t), n, bool(w) and u > stale)
                 for h, s, p, st, t, n, w, u in cursor]
 
     def reserve(self, root: str, h: str, parent: str, start: int, tokens: list[int],
@@ -190,6 +191,12 @@ class BlockIndex(PrefixIndex):
         if old:
             log.warning("prefix cache: removed %d whole-state files of an earlier version",
                         len(old))
+
+
+def _tokens(blob: bytes) -> array:
+    values = array("i")
+    values.frombytes(blob)
+    return values
 
 
 def _sweep_temp(entry: os.DirEntry) -> None:

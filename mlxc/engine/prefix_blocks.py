@@ -38,12 +38,18 @@ def root_hash(fingerprint: str, kv_dtype: str, layout: list[str]) -> str:
     ).hexdigest()[:40]
 
 
-@dataclass(eq=False)
+def token_array(tokens) -> array:
+    """Token ids as a C array: compact, compared in C, and not tracked by the garbage collector
+    (10,000 blocks of tuples made every collection walk millions of ints)."""
+    return tokens if isinstance(tokens, array) else array("i", tokens)
+
+
+@dataclass(eq=False, slots=True)
 class Block:
     hash: str
     parent: str
     start: int
-    tokens: tuple[int, ...]
+    tokens: array  # token_array
     arrays: Any = None  # the KV (per layer leaves) while the memory tier holds it
     nbytes: int = 0  # of the arrays
     on_disk: bool = False
@@ -96,6 +102,7 @@ class BlockTree:
         if any; else it is the last."""
         out: list[tuple[Block, int]] = []
         parent, pos = self.root, 0
+        tokens = token_array(tokens)
         with self.lock:
             while pos < len(tokens):
                 kids = self._children(parent)
@@ -235,9 +242,9 @@ class BlockTree:
             }
 
 
-def _common(block_tokens: tuple[int, ...], tokens: list[int], pos: int) -> int:
+def _common(block_tokens: array, tokens: array, pos: int) -> int:
     n = min(len(block_tokens), len(tokens) - pos)
-    if tuple(tokens[pos : pos + n]) == block_tokens[:n]:
+    if tokens[pos : pos + n] == block_tokens[:n]:
         return n
     i = 0
     while i < n and block_tokens[i] == tokens[pos + i]:
