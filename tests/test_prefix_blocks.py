@@ -24,7 +24,7 @@ from test_prefix_cache import SYSTEM, TEXT, ask, conversation, flush, service, s
 from mlxc.engine.prefix_block_file import read_header
 from mlxc.engine.prefix_index import PrefixIndex
 
-lively, cold = base.lively, base.cold  # the same fixtures (a model, cold answers)
+lively, cold, sliding = base.lively, base.cold, base.sliding  # the same fixtures
 BLOCK = {"prefix_block_tokens": 64}
 LONG_SYSTEM = SYSTEM * 2  # ~300 tokens: four whole blocks and a partial one
 
@@ -242,3 +242,26 @@ def test_whole_states_of_an_earlier_version_are_swept(lively, tmp_path, caplog):
             ask(svc, chat("Why?"), max_tokens=2)
     assert "1 whole-state files of an earlier version" in caplog.text
     assert not index.path_of("a" * 40).exists()
+
+
+def test_a_fifo_under_a_whole_states_name_never_blocks(sliding, cold, tmp_path, caplog):
+    """Untrimmable models keep whole states: the same guard on their files."""
+    question = "What is the capital of France?"
+    with service(sliding, tmp_path) as svc:
+        first = ask(svc, conversation(question), max_tokens=6)
+    for path in (tmp_path / "prefix").glob("*.safetensors"):
+        path.unlink()
+        os.mkfifo(path)
+    follow = conversation(question, first.text, "And MLX?")
+    result = {}
+    with caplog.at_level(logging.WARNING, logger="mlxc.prefix"):
+        with service(sliding, tmp_path) as svc:
+            def run():
+                result["a"] = ask(svc, follow, max_tokens=6)
+
+            worker = threading.Thread(target=run)
+            worker.start()
+            worker.join(60)
+            assert not worker.is_alive(), "the engine hung on a FIFO"
+    assert result["a"].text == cold(sliding, follow, max_tokens=6)
+    assert "removing unusable state file" in caplog.text

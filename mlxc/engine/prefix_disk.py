@@ -18,6 +18,7 @@ from typing import Any
 
 from mlx_lm.models.cache import PromptTrie, load_prompt_cache, save_prompt_cache
 
+from mlxc.engine.prefix_block_file import open_regular
 from mlxc.engine.prefix_index import IndexRow, PrefixIndex
 
 log = logging.getLogger("mlxc.prefix")
@@ -104,6 +105,7 @@ class DiskTier:
             self.index.remove(row_id)
             return None
         try:
+            os.close(open_regular(path))  # never a FIFO (open() would wait), symlink or folder
             meta = read_header(path)
             self._check_metadata(meta, key)
             cache = load_prompt_cache(str(path))
@@ -112,7 +114,7 @@ class DiskTier:
                 if hasattr(layer, "offset") and layer.offset != len(key):
                     raise ValueError(f"holds {layer.offset} tokens, the index says {len(key)}")
         except Exception as exc:  # any unreadable file is skipped, never a crash
-            if path.exists():
+            if path.exists() or path.is_symlink():
                 log.warning("prefix cache: removing unusable state file %s (%s)", path.name, exc)
             self._forget(key)
             self.index.remove(row_id)
@@ -162,18 +164,6 @@ class DiskTier:
                 self._forget(row.tokens)
         self._update_totals()
         return True
-
-    def drop_prefixes(self, key: list[int]) -> None:
-        """A trimmable state for `key` also serves every prefix of it: delete their files."""
-        try:
-            popped = self.trie.pop_prefixes(self.fingerprint, key)
-        except KeyError:  # not in this process's trie: nothing known to drop
-            return
-        for _length, row_id in popped:
-            self._rows.pop(row_id, None)
-            self.index.remove(row_id)
-        if popped:
-            self._update_totals()
 
     def clear(self) -> None:
         self.index.clear()

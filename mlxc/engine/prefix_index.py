@@ -142,7 +142,10 @@ class PrefixIndex:
     def remove(self, entry_id: str) -> None:
         """Forget an entry and delete its file (missing files are fine)."""
         self._db.execute("DELETE FROM entries WHERE id = ?", (entry_id,))
-        self.path_of(entry_id).unlink(missing_ok=True)
+        try:
+            self.path_of(entry_id).unlink(missing_ok=True)
+        except OSError as exc:  # a folder under a state's name: left alone, never read
+            log.warning("prefix cache: cannot remove %s (%s)", entry_id, exc)
 
     def evict_to(self, budget: int) -> list[str]:
         """Drop least recently used entries (any model) until the total fits the budget."""

@@ -10,7 +10,6 @@ Engine thread only.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,26 +41,6 @@ def best_match(trie: PromptTrie, model: Any, tokens: list[int], trimmable: bool)
     found = trie.search(model, tokens[:-1])  # untrimmable: only an exact prefix will do
     key = found.exact if found.exact is not None else found.shorter
     return Match(key, len(key)) if key is not None else None
-
-
-def prefix_view(cache: list[Any], n: int) -> list[Any]:
-    """The state of the first n tokens, sharing the arrays (MLX copies when one is written)."""
-    out = []
-    for layer in cache:
-        if type(layer).__name__ in ALWAYS_TRIMMABLE:
-            view = copy.copy(layer)
-            view.keys = _head(layer.keys, n)
-            view.values = _head(layer.values, n)
-            view.offset = n
-        else:
-            view = copy.deepcopy(layer)
-            view.trim(view.offset - n)
-        out.append(view)
-    return out
-
-
-def _head(x: Any, n: int) -> Any:
-    return tuple(_head(a, n) for a in x) if isinstance(x, tuple) else x[..., :n, :]
 
 
 def cache_length(cache: list[Any]) -> int | None:
