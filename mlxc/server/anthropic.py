@@ -248,7 +248,6 @@ class MessagesWriter(EventWriter):
 
 
 class MessagesAdapter(Adapter[MessagesBody]):
-    dialect: ClassVar[str] = "anthropic"
     id_prefix: ClassVar[str] = "msg_"
     writer = MessagesWriter
 

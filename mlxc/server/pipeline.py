@@ -7,9 +7,10 @@
          or adapter.writer(): the events as the API's stream
 
 An adapter holds everything that differs between APIs: the body model, the mapping to a
-GenerationRequest, the answer's body, the stream's events and the error shape (its
-`dialect`). Adding a field to an API is a change in its adapter only: read it in `prepare`,
-write it in `render` and in its EventWriter.
+GenerationRequest, the answer's body and the stream's events (errors in a stream included);
+its router's `dialect` dependency gives plain errors the API's shape. Adding a field to an
+API is a change in its adapter only: read it in `prepare`, write it in `render` and in its
+EventWriter (struct's logprobs on chat and completions are the example).
 """
 
 from __future__ import annotations
@@ -132,7 +133,6 @@ class Adapter(Generic[Body]):
     """One API dialect. Subclasses set `body_model`, `id_prefix`, `writer` and implement
     `prepare` and `render`."""
 
-    dialect: ClassVar[str] = "openai"
     id_prefix: ClassVar[str] = ""
     writer: ClassVar[type[EventWriter]] = EventWriter
 
