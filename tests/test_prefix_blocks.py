@@ -265,3 +265,19 @@ def test_a_fifo_under_a_whole_states_name_never_blocks(sliding, cold, tmp_path, 
             assert not worker.is_alive(), "the engine hung on a FIFO"
     assert result["a"].text == cold(sliding, follow, max_tokens=6)
     assert "removing unusable state file" in caplog.text
+
+
+def test_a_full_write_queue_skips_blocks_and_counts_them(lively, cold, tmp_path):
+    with service(lively, tmp_path, **BLOCK) as svc:
+        def shrink(engine):
+            engine.prompt_cache.tiers.disk.queue_bytes = 1  # nothing fits: every write skipped
+
+        svc.engine().call(shrink).result()
+        first = ask(svc, chat("Why?"))
+        flush(svc)
+        stats = svc.prefix_stats()
+        again = ask(svc, chat("Why?"))  # still served from the memory tier
+    assert stats["writes_skipped"] >= 5 and stats["bytes_written"] == 0
+    assert state_files(tmp_path) == []
+    assert again.usage.cached_tokens > 256
+    assert again.text == first.text == cold(lively, chat("Why?"))

@@ -20,7 +20,8 @@ from mlxc.engine.prefix_block_index import BlockIndex, BlockRow, _unlink
 from mlxc.engine.prefix_blocks import Block, BlockTree, chain_hash, token_array
 
 log = logging.getLogger("mlxc.prefix")
-QUEUE_BLOCKS = 256  # blocks waiting for the disk at most (a few seconds of writing)
+QUEUE_BLOCKS = 256  # jobs waiting for the writer at most
+QUEUE_BYTES = 1 << 30  # KV waiting for the disk at most (held in memory until written)
 DISK_ERRORS = (OSError, sqlite3.Error)
 
 
@@ -28,7 +29,8 @@ class BlockDisk:
     """Blocks of one model (one chain root) on disk, shared with other processes."""
 
     def __init__(self, directory: Path, root: str, budget: int, tree: BlockTree,
-                 fsync: bool = False, queue_blocks: int = QUEUE_BLOCKS) -> None:
+                 fsync: bool = False, queue_blocks: int = QUEUE_BLOCKS,
+                 queue_bytes: int = QUEUE_BYTES) -> None:
         self.root, self.budget, self.tree, self.fsync = root, budget, tree, fsync
         self.index = BlockIndex(directory)  # the engine thread's connection (reads)
         self.index.sweep_old_states()
@@ -39,6 +41,8 @@ class BlockDisk:
         self.writes_skipped = 0
         self.nbytes, self.nblocks = self.index.total_bytes(), self.index.block_count()
         self._jobs: queue.Queue = queue.Queue(queue_blocks)
+        self.queue_bytes, self._queued = queue_bytes, 0  # bytes of blocks not yet written
+        self._queued_lock = threading.Lock()
         self._writer = threading.Thread(target=self._run, name="mlxc-prefix-writer", daemon=True)
         self._writer.start()
         self.refresh()
@@ -69,10 +73,20 @@ class BlockDisk:
         """Queue a block for the writer; False (and counted) if the queue is full."""
         header = BlockHeader(block.hash, block.parent, self.root, block.start,
                              block.tokens.tolist(), specs)
+        size = sum(v.nbytes for v in views)
+        with self._queued_lock:
+            room = self._queued + size <= self.queue_bytes
+            if room:
+                self._queued += size
         block.pending = True
         try:
+            if not room:
+                raise queue.Full
             self._jobs.put_nowait(("write", block, header, views, arrays))
         except queue.Full:
+            if room:
+                with self._queued_lock:
+                    self._queued -= size
             block.pending = False
             self.writes_skipped += 1
             return False
@@ -163,6 +177,14 @@ class BlockDisk:
 
     def _write(self, index: BlockIndex, block: Block, header: BlockHeader, views: list,
                _arrays: list) -> None:
+        try:
+            self._write_now(index, block, header, views)
+        finally:
+            with self._queued_lock:
+                self._queued -= sum(v.nbytes for v in views)
+
+    def _write_now(self, index: BlockIndex, block: Block, header: BlockHeader,
+                   views: list) -> None:
         from mlxc.engine.prefix_block_file import data_offset, encode_header
 
         size = data_offset(len(encode_header(header))) + sum(v.nbytes for v in views)
