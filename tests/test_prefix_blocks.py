@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -281,3 +282,58 @@ def test_a_full_write_queue_skips_blocks_and_counts_them(lively, cold, tmp_path)
     assert state_files(tmp_path) == []
     assert again.usage.cached_tokens > 256
     assert again.text == first.text == cold(lively, chat("Why?"))
+
+
+# -- damaged files (the tiny models' default 256-token blocks) ------------------------------
+
+
+def first_block(cache: Path) -> Path:
+    return next(p for p in state_files(cache) if read_header(p).start == 0)
+
+
+def _damage(path: Path, how: str, foreign: Path) -> None:
+    if how == "garbage":
+        path.write_bytes(b"\x00not a safetensors file" * 50)
+    elif how == "truncated":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    elif how == "index":  # the index itself, not the state: every state goes with it
+        prefix = next(p for p in path.parents if p.name == "prefix")
+        (prefix / "index.sqlite").write_bytes(b"\x00not a database" * 300)
+    else:  # another model's state under this entry's name
+        shutil.copyfile(foreign, path)
+
+
+@pytest.mark.parametrize("how", ["garbage", "truncated", "foreign", "index"])
+def test_a_bad_state_file_is_removed_with_a_warning(
+    lively, tiny_model, cold, tmp_path, how, caplog
+):
+    messages = conversation("Name a fox.")
+    with service(tiny_model, tmp_path / "other") as svc:
+        ask(svc, messages)
+    with service(lively, tmp_path / "c") as svc:
+        first = ask(svc, messages)
+    path = first_block(tmp_path / "c")  # without it, no later block is reachable
+    _damage(path, how, first_block(tmp_path / "other"))
+    follow = conversation("Name a fox.", first.text, "Another?")
+    with caplog.at_level(logging.WARNING, logger="mlxc.prefix"):
+        with service(lively, tmp_path / "c") as svc:
+            second = ask(svc, follow)
+    assert second.text == cold(lively, follow)
+    if how == "index":  # the index is rebuilt from the block files: nothing is lost
+        assert "rebuilding" in caplog.text and second.usage.cached_tokens > 100
+        return
+    assert second.usage.cached_tokens == 0
+    assert "removing unusable" in caplog.text
+    read_header(path)  # written again, whole, by the follow-up
+
+
+def test_another_model_never_reuses_a_state(lively, tiny_model, tmp_path):
+    messages = conversation("What is MLX?")
+    with service(tiny_model, tmp_path) as svc:
+        ask(svc, messages)
+    theirs = state_files(tmp_path)[0]
+    with service(lively, tmp_path) as svc:
+        mine = ask(svc, messages)
+        assert svc.prefix_stats()["misses"] >= 1
+    assert mine.usage.cached_tokens == 0
+    assert theirs.exists()  # still there for its own model
