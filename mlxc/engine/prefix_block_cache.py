@@ -134,6 +134,7 @@ class BlockTiers:
         superseded: list[Block] = []
         opened = [(b, k) for b, k in path if b.start >= boundary]
         if (pos % self.block_size and (pos - boundary) <= REWRITE_SHARE * (n - pos)
+                and opened and opened[0][0].start == boundary  # (blocks of another size: no)
                 and all(k == len(b.tokens) for b, k in opened)):
             superseded = [b for b, _ in opened]  # this sequence's own open block: rewritten
             pos, parent = boundary, superseded[0].parent
