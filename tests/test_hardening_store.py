@@ -11,6 +11,7 @@ import shutil
 import sqlite3
 import stat
 import time
+from pathlib import Path
 
 import pytest
 from conftest import run_mlxc
@@ -167,3 +168,22 @@ def test_a_non_json_redis_value_is_a_miss(redis_url):  # noqa: F811
     assert store.stats().refused_rows == 3
     store.clear()
     store.close()
+
+
+def test_clear_removes_stored_responses_even_a_damaged_store(mlxc_env):
+    """`previous_response_id` turns are cached answers too: `cache clear` removes them, and a
+    store SQLite cannot read does not stop it."""
+    from mlxc.server.conversations import Conversations
+
+    folder = Path(mlxc_env["MLXC_CACHE_DIR"]) / "conversations"
+    stored = Conversations(folder)
+    stored.set("resp_1", {"body": {"id": "resp_1"}})
+    stored.close()
+    result = run_mlxc("cache", "clear", "-y", "--responses-only", env=mlxc_env)
+    assert result.returncode == 0, result.stderr
+    assert "removed 1 stored responses" in result.stdout
+    assert Conversations(folder).get("resp_1") is None
+    (folder / "cache.db").write_bytes(b"not a database" * 100)
+    result = run_mlxc("cache", "clear", "-y", "--responses-only", env=mlxc_env)
+    assert result.returncode == 0, result.stderr
+    assert not (folder / "cache.db").exists()

@@ -138,6 +138,7 @@ def clear(
         raise typer.Exit(1)
     if not prefix_only:
         _clear_responses(settings)
+        _clear_stored_conversations(settings)
     if not responses_only:
         index = PrefixIndex(settings.prefix_dir)
         try:
@@ -148,6 +149,18 @@ def clear(
 
 def _response_place(settings) -> str:
     return settings.redis_url or str(settings.response_dir)
+
+
+def _clear_stored_conversations(settings) -> None:
+    """Responses API turns kept for `previous_response_id` are cached answers too."""
+    from mlxc.server.conversations import Conversations
+
+    stored = Conversations(settings.cache_dir / "conversations")
+    try:
+        if removed := stored.clear():
+            typer.echo(f"removed {removed} stored responses (previous_response_id)")
+    finally:
+        stored.close()
 
 
 def _clear_responses(settings) -> None:

@@ -46,6 +46,22 @@ class Conversations:
     def delete(self, response_id: str) -> bool:
         return bool(self._open().delete(response_id))
 
+    def clear(self) -> int:
+        """Remove every stored response; a store SQLite cannot read is removed whole (the
+        same promise as the response cache: clearing always works). Returns how many."""
+        import shutil
+        import sqlite3
+
+        if not (self.directory / "cache.db").exists():
+            return 0
+        try:
+            return int(self._open().clear())
+        except sqlite3.DatabaseError:
+            self.close()
+            self._cache = None
+            shutil.rmtree(self.directory, ignore_errors=True)
+            return 0
+
     def close(self) -> None:
         if self._cache is not None:
             self._cache.close()
