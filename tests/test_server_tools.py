@@ -69,3 +69,51 @@ def test_template_messages_turn_argument_strings_into_objects():
     assert shaped[1]["content"] == ""
     assert shaped[1]["tool_calls"][0]["function"]["arguments"] == {"city": "Paris"}
     assert messages[1].tool_calls[0]["function"]["arguments"] == '{"city": "Paris"}'
+
+
+# A template that renders no `tools` (as SmolLM2's): tools are described in the prompt instead.
+PLAIN = SimpleNamespace(chat_template="{% for m in messages %}{{ m.content }}{% endfor %}")
+
+
+def offered(tool_choice=None):
+    from mlxc.engine.tools import answer_filter, prompt_messages
+    from mlxc.request import GenerationRequest
+
+    request = GenerationRequest(
+        messages=[{"role": "user", "content": "Weather in Paris?"}], tools=TOOLS,
+        tool_choice=tool_choice,
+    )
+    return prompt_messages(request, PLAIN), answer_filter(request, PLAIN)
+
+
+def test_auto_tools_with_a_template_that_knows_none_are_described_not_dropped():
+    (messages, tools), _ = offered()
+    assert tools is None and messages[0]["role"] == "system"
+    assert "get_weather" in messages[0]["content"] and "otherwise answer" in messages[0]["content"]
+    (messages, tools), _ = offered("none")
+    assert messages == [{"role": "user", "content": "Weather in Paris?"}] and tools == TOOLS
+
+
+def feed_all(f, pieces):
+    shown = [f.feed(p)[0] for p in pieces]
+    return shown, shown and "".join(shown) + f.flush()
+
+
+def test_an_answer_that_is_one_json_call_becomes_a_call():
+    _, f = offered()
+    shown, text = feed_all(f, [' {"name": "get_', 'weather", "arguments": {"city": "Paris"}}'])
+    assert text == "" and f.finish_reason("stop") == "tool_calls"
+    assert f.tool_calls[0]["function"] == {"name": "get_weather", "arguments": '{"city": "Paris"}'}
+    _, f = offered()
+    _, text = feed_all(f, ['```json\n{"name": "get_weather", "arguments": {}}\n```'])
+    assert text == "" and len(f.tool_calls) == 1
+
+
+def test_a_text_answer_streams_at_once_and_a_foreign_call_stays_text():
+    _, f = offered()
+    shown, text = feed_all(f, ["It is", " sunny."])
+    assert shown == ["It is", " sunny."] and text == "It is sunny." and f.tool_calls == []
+    _, f = offered()
+    _, text = feed_all(f, ['{"name": "rm_rf", "arguments": {}}'])
+    assert text == '{"name": "rm_rf", "arguments": {}}' and f.tool_calls == []
+    assert f.finish_reason("stop") == "stop"

@@ -36,37 +36,65 @@ def template_messages(messages: list[Message]) -> list[dict[str, Any]]:
     return out
 
 
+def template_knows_tools(tokenizer: Any) -> bool:
+    """Whether the chat template renders a `tools` list (else it would drop them unseen)."""
+    return "tools" in (getattr(tokenizer, "chat_template", None) or "")
+
+
+def described_tools(request: GenerationRequest, tokenizer: Any) -> list[dict] | None:
+    """The tools to describe in the system message: those on offer when the template knows
+    none (a forced call, or `auto`), never for `tool_choice: none`."""
+    if not request.tools or template_knows_tools(tokenizer):
+        return None
+    forced = forced_tools(request.tools, request.tool_choice)
+    if forced:
+        return forced
+    none = request.tool_choice == "none" or (
+        isinstance(request.tool_choice, dict) and request.tool_choice.get("type") == "none"
+    )
+    return None if none else request.tools
+
+
 def prompt_messages(
     request: GenerationRequest, tokenizer: Any
 ) -> tuple[list[dict[str, Any]], list[dict] | None]:
-    """The messages and tools to render. A forced call with a template that knows no tools
-    (it would drop them) gets the tools described in the system message instead."""
+    """The messages and tools to render. With a template that knows no tools (it would drop
+    them, and the client would believe they were offered), the tools are described in the
+    system message instead, with the JSON shape a call takes."""
     messages = template_messages(request.messages)
-    forced = forced_tools(request.tools, request.tool_choice)
-    if not forced or "tools" in (getattr(tokenizer, "chat_template", None) or ""):
+    offered = described_tools(request, tokenizer)
+    if offered is None:
         return messages, request.tools
     described = [
         {"name": tool_name(t), "description": (t.get("function") or t).get("description", ""),
          "parameters": tool_parameters(t)}
-        for t in forced
+        for t in offered
     ]
-    note = (
-        "You can call these tools:\n" + json.dumps(described, ensure_ascii=False) + "\nCall "
-        + ("it" if len(forced) == 1 else "one of them")
-        + ' now: answer with only a JSON object {"name": <tool name>, "arguments": <arguments>}.'
-    )
+    shape = 'a JSON object {"name": <tool name>, "arguments": <arguments>}'
+    if forced_tools(request.tools, request.tool_choice):
+        ask = ("it" if len(offered) == 1 else "one of them") + f" now: answer with only {shape}."
+    else:
+        ask = f"one when it helps: answer with only {shape} and nothing else; otherwise answer."
+    note = "You can call these tools:\n" + json.dumps(described, ensure_ascii=False) + "\nCall "
+    note += ask
     if messages and messages[0]["role"] == "system":
         system = f"{messages[0].get('content') or ''}\n\n{note}"
         return [{**messages[0], "content": system}, *messages[1:]], None
     return [{"role": "system", "content": note}, *messages], None
 
 
-def answer_filter(request: GenerationRequest, tokenizer: Any) -> ToolCallFilter | ForcedCall:
-    """What cuts tool calls out of the answer: the model's own markup, or for a forced call
-    (whose whole answer the grammar makes one JSON call) the answer itself."""
+def answer_filter(
+    request: GenerationRequest, tokenizer: Any
+) -> ToolCallFilter | ForcedCall | OptionalCall:
+    """What cuts tool calls out of the answer: the model's own markup; for a forced call
+    (whose whole answer the grammar makes one JSON call) the answer itself; for tools
+    described in the prompt, an answer that is one such JSON call."""
     stops = StopMatcher(request.stop)
     if forced_tools(request.tools, request.tool_choice):
         return ForcedCall(stops)
+    offered = described_tools(request, tokenizer)
+    if offered:
+        return OptionalCall(stops, {tool_name(t) for t in offered})
     return ToolCallFilter(stops, tokenizer, request.tools)
 
 
@@ -172,17 +200,62 @@ class ForcedCall:
 
     def flush(self) -> str:
         text, self._text = self._text + self.stops.flush(), ""
-        try:
-            call = json.loads(text)
-            name, arguments = call["name"], call["arguments"]
-        except (ValueError, TypeError, KeyError):
-            return text
-        self.tool_calls.append({
-            "id": f"call_{uuid.uuid4().hex[:24]}",
-            "type": "function",
-            "function": {"name": name, "arguments": json.dumps(arguments, ensure_ascii=False)},
-        })
-        return ""
+        if call := _as_call(text):
+            self.tool_calls.append(call)
+            return ""
+        return text
 
     def finish_reason(self, finish: str) -> str:
         return "tool_calls" if self.tool_calls and finish == "stop" else finish
+
+
+def _as_call(text: str, names: set[str] | None = None) -> dict[str, Any] | None:
+    """`{"name": ..., "arguments": {...}}` (a ```json fence around it allowed) as a call."""
+    body = text.strip()
+    if body.startswith("```"):
+        body = body.strip("`").removeprefix("json").strip()
+    try:
+        call = json.loads(body)
+        name, arguments = call["name"], call["arguments"]
+    except (ValueError, TypeError, KeyError):
+        return None
+    if not isinstance(name, str) or (names is not None and name not in names):
+        return None
+    return {
+        "id": f"call_{uuid.uuid4().hex[:24]}",
+        "type": "function",
+        "function": {"name": name, "arguments": json.dumps(arguments, ensure_ascii=False)},
+    }
+
+
+class OptionalCall(ForcedCall):
+    """The filter for tools described in the prompt (`auto` with a template that knows no
+    tools): an answer that opens like a JSON object is held back and becomes a call if the
+    whole of it is one `{"name", "arguments"}` for a tool on offer; any other answer streams
+    as text (held text is shown as written, never lost)."""
+
+    def __init__(self, stops: StopMatcher, names: set[str]) -> None:
+        super().__init__(stops)
+        self.names = names
+        self._held: str | None = ""  # None once the answer is known to be text
+
+    def feed(self, segment: str) -> tuple[str, bool]:
+        emit, stopped = self.stops.feed(segment)
+        if self._held is None:
+            return emit, stopped
+        self._held += emit
+        start = self._held.lstrip()
+        if not start or start.startswith(("{", "```")) or "```".startswith(start):
+            return "", stopped
+        text, self._held = self._held, None
+        return text, stopped
+
+    def flush(self) -> str:
+        tail = self.stops.flush()
+        if self._held is None:
+            return tail
+        text, self._held = self._held + tail, None
+        if call := _as_call(text, self.names):
+            self.tool_calls.append(call)
+            return ""
+        return text
