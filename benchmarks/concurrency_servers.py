@@ -150,15 +150,19 @@ def concurrently(url: str, prompts: list[str], tokens: int, model: str,
 def measure(url: str, clients: int, tokens: int, rounds: int, health: bool,
             model: str = "default") -> dict:
     chat(url, "Say hello.", 4, model)  # first-call costs are no round's
-    ratios, health_ms, same = [], [], 0
+    ratios, walls, sums, health_ms, same = [], [], [], [], 0
     for r in range(rounds):
         prompts = [f"({r}.{i}) Write a short story about {TOPICS[i % len(TOPICS)]}."
                    for i in range(clients)]
         sequential = [chat(url, p, tokens, model) for p in prompts]
         wall, out = concurrently(url, prompts, tokens, model, health_ms if health else None)
         ratios.append(wall / sum(s["e2e"] for s in sequential))
+        walls.append(wall)
+        sums.append(sum(s["e2e"] for s in sequential))
         same += sum(a["text"] == b["text"] for a, b in zip(sequential, out, strict=True))
     result = {"ratio": round(statistics.median(ratios), 3), "ratios": [round(x, 3) for x in ratios],
+              "wall_seconds": [round(x, 2) for x in walls],
+              "sequential_sum_seconds": [round(x, 2) for x in sums],
               "same_text_as_sequential": f"{same}/{clients * rounds}"}
     if health_ms:
         result["health_max_ms"] = round(max(health_ms), 1)

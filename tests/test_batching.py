@@ -4,6 +4,7 @@ sequence stores and reuses its own prefix state, seeds and penalties hold per se
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import pytest
@@ -82,6 +83,24 @@ def test_a_lone_request_decodes_exactly_as_mlx_lm(engine):
         assert engine.submit(request).result().text == engine.call(
             lambda e, r=request: theirs(e, r)).result()
     assert engine.figures()["running"] == 0
+
+
+def test_a_lone_sequence_moves_into_the_batch_when_another_comes(engine):
+    first, second = chat(PROMPTS[2], max_tokens=300), chat(PROMPTS[3], max_tokens=30)
+    alone = [engine.submit(r).result().text for r in (first, second)]
+    running = engine.submit(first)
+    seen = threading.Event()
+    watcher = threading.Thread(
+        target=lambda: [seen.set() for e in running.events() if isinstance(e, Delta)]
+    )
+    watcher.start()
+    assert seen.wait(30)  # it decodes alone now
+    before = dict(engine.figures()["batch_sizes"])
+    joined = engine.submit(second)
+    assert [running.result().text, joined.result().text] == alone
+    watcher.join(30)
+    after = engine.figures()["batch_sizes"]
+    assert after.get(2, 0) > before.get(2, 0)  # they decoded together
 
 
 def test_cancelling_one_stream_leaves_the_others_running(engine):

@@ -7,7 +7,9 @@ Each `tick` does at most three things, in this order:
    running streams for its whole prefill; its last chunk samples the first token, which is
    published at once (the lone request's time to first token, prefix shortcuts included).
    While others decode, a chunk waits until they have had as much time since the last chunk
-   as it took (DECODE_SHARE), so running streams keep about half their speed meanwhile;
+   as it took (DECODE_SHARE), so running streams keep about half their speed meanwhile.
+   Requests that come together while nothing decodes (a burst) are all prefilled first and
+   then join the batch in one step, as mlx-lm's server does;
 3. one decode step: of the sequence that runs alone (lone.py: mlx-lm's own loop, at raw
    speed), or of every running sequence together, by mlx-lm's `BatchGenerator`. Both queue
    step n+1 before they read the tokens of step n (pipelined on both backends). A lone
@@ -78,6 +80,7 @@ class Scheduler:
         self.prefilling: Sequence | None = None
         self.running: dict[int, Sequence] = {}  # in the batch, by its uid there
         self.lone: LoneDecoder | None = None  # the sequence that decodes alone, if one does
+        self.ready: list[Sequence] = []  # prefilled in a burst, waiting to join together
         self.next_turns: list[NextTurn] = []
         self.figures = Figures()
         self._decode_owed = 0.0  # decode seconds due before the next prompt chunk
@@ -90,17 +93,17 @@ class Scheduler:
             self.engine.model,
             stop_tokens=[[t] for t in eos],
             completion_batch_size=self.max_batch,
-            prefill_batch_size=1,
+            prefill_batch_size=self.max_batch,  # those that join in one step, together
             prefill_step_size=self.engine.prefill_step_size,
         )
 
     @property
     def busy(self) -> bool:
-        return bool(self.waiting or self.prefilling or self.running or self.lone)
+        return bool(self.waiting or self.prefilling or self.running or self.lone or self.ready)
 
     @property
     def decoding(self) -> int:
-        return len(self.running) + (self.lone is not None)
+        return len(self.running) + (self.lone is not None) + len(self.ready)
 
     @property
     def active(self) -> int:
@@ -116,12 +119,15 @@ class Scheduler:
 
         with mx.stream(generation_stream):
             self._admit()
-            if self.prefilling is not None and (self._decode_owed <= 0 or not self.decoding):
+            if self.ready and not self.waiting and self.prefilling is None:
+                self._release()  # the rest of a burst failed or was cancelled
+            decoding = self.lone is not None or self.running
+            if self.prefilling is not None and (self._decode_owed <= 0 or not decoding):
                 started = time.perf_counter()
                 self._prefill()
                 spent = time.perf_counter() - started
                 self._decode_owed = spent * DECODE_SHARE / (1 - DECODE_SHARE)
-            if self.decoding:
+            if self.lone is not None or self.running:
                 started = time.perf_counter()
                 self._decode_lone() if self.lone is not None else self._decode()
                 self._decode_owed -= time.perf_counter() - started
@@ -162,34 +168,45 @@ class Scheduler:
         token, logprobs = first[0].item(), first[1]
         if seq.take(token, logprobs):  # done at once: the state holds the prompt only
             self._finish(seq, seq.cache, seq.prompt)
-        elif not self.running and self.lone is None and not self.waiting:
-            self.lone = LoneDecoder(self.engine.model, seq, first[0])
-        else:
-            if self.lone is not None:  # it is not alone any more: both decode in the batch
-                self._hand_over()
-            self._join(seq, token)
+            return
+        self.ready.append(seq)
+        if self.decoding < self.max_batch and self.waiting and not (self.running or self.lone):
+            return  # a burst: prefill the others too, then they all join in one step
+        self._release()
 
-    def _hand_over(self) -> None:
-        lone, self.lone = self.lone, None
-        token, done = lone.handover()
-        if done:
-            self._finish(lone.seq, lone.cache, lone.held[:-1])
-        else:
-            self._join(lone.seq, token)
+    def _release(self) -> None:
+        """Start the sequences whose prompts are in: one alone decodes on its own, more join
+        the batch together (one first step for all of them)."""
+        ready, self.ready = self.ready, []
+        if len(ready) == 1 and not self.running and self.lone is None:
+            import mlx.core as mx
 
-    def _join(self, seq: Sequence, token: int) -> None:
-        """Into the batch, with the token it sampled last (its cache holds the ones before)."""
-        greedy = _is_greedy(seq.sampling.sampler)
-        (seq.uid,) = self.batch.insert(
-            [[token]],  # fed by its first decode step in the batch
-            max_tokens=[seq.remaining],
-            caches=[seq.cache],
-            all_tokens=[seq.prompt + seq.taken[:-1]],  # what penalties look back on
-            samplers=[None if greedy else seq.sampling.sampler],  # None: one batched argmax
-            logits_processors=[seq.sampling.processors],
+            self.lone = LoneDecoder(self.engine.model, ready[0], mx.array(ready[0].taken[-1:]))
+            return
+        if self.lone is not None:  # it is not alone any more: all decode in the batch
+            lone, self.lone = self.lone, None
+            token, done = lone.handover()
+            if done:
+                self._finish(lone.seq, lone.cache, lone.held[:-1])
+            else:
+                ready.insert(0, lone.seq)
+        self._join(ready)
+
+    def _join(self, seqs: list[Sequence]) -> None:
+        """Into the batch, each with the token it sampled last (its cache holds the ones
+        before, which penalties look back on); greedy ones share one batched argmax."""
+        uids = self.batch.insert(
+            [seq.taken[-1:] for seq in seqs],  # fed by their first decode step in the batch
+            max_tokens=[seq.remaining for seq in seqs],
+            caches=[seq.cache for seq in seqs],
+            all_tokens=[seq.prompt + seq.taken[:-1] for seq in seqs],
+            samplers=[None if _is_greedy(seq.sampling.sampler) else seq.sampling.sampler
+                      for seq in seqs],
+            logits_processors=[seq.sampling.processors for seq in seqs],
         )
-        seq.cache = []  # the batch holds (a copy of) it now
-        self.running[seq.uid] = seq
+        for uid, seq in zip(uids, seqs, strict=True):
+            seq.uid, seq.cache = uid, []  # the batch holds (a copy of) its cache now
+            self.running[uid] = seq
 
     def _decode_lone(self) -> None:
         lone = self.lone
@@ -254,12 +271,13 @@ class Scheduler:
         """Fail every sequence (a step failed: its batch cannot be trusted)."""
         lone = self.lone.seq if self.lone is not None else None
         self.lone = None
-        for seq in [*self.running.values(), self.prefilling, lone]:
+        for seq in [*self.running.values(), self.prefilling, lone, *self.ready]:
             if seq is not None:
                 seq.generation.publish(Failed(error))
         for _, generation in self.waiting:
             generation.publish(Failed(error))
         self.running.clear()
+        self.ready.clear()
         self.waiting.clear()
         self.prefilling = None
         self.batch = self._new_batch()  # whatever state the failed step left is dropped
