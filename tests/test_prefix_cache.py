@@ -107,7 +107,8 @@ def conversation(user: str, *turns: str) -> list[dict]:
 def state_files(cache: Path) -> list[Path]:
     """Whole states (untrimmable models) and blocks (the rest) on disk."""
     prefix = cache / "prefix"
-    return sorted([*prefix.glob("*.safetensors"), *prefix.glob("blocks/*.kvb")])
+    found = [*prefix.glob("*.safetensors"), *prefix.glob("blocks/*.kvb")]
+    return sorted(p for p in found if not p.name.startswith(".tmp-"))  # not a writer's temp
 
 
 def flush(svc: Service) -> None:

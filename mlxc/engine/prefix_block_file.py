@@ -138,6 +138,8 @@ def read_header(path: Path) -> BlockHeader:
                 raise BadBlock("bad header length")
             header = BlockHeader(**json.loads(f.read(meta_len)))
             size = os.fstat(fd).st_size
+    except BadBlock:
+        raise
     except (ValueError, TypeError) as exc:
         raise BadBlock(f"unreadable header ({exc})") from exc
     finally:
