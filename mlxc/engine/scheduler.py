@@ -8,8 +8,8 @@ Each `tick` does at most three things, in this order:
    published at once (the lone request's time to first token, prefix shortcuts included).
    While others decode, a chunk waits until they have had as much time since the last chunk
    as it took (DECODE_SHARE), so running streams keep about half their speed meanwhile.
-   Requests that come together while nothing decodes (a burst) are all prefilled first and
-   then join the batch in one step, as mlx-lm's server does;
+   Requests that come together while nothing decodes (a burst) are prefilled together by
+   the batch, in one pass per chunk, and then decode together, as mlx-lm's server does;
 3. one decode step: of the sequence that runs alone (lone.py: mlx-lm's own loop, at raw
    speed), or of every running sequence together, by mlx-lm's `BatchGenerator`. Both queue
    step n+1 before they read the tokens of step n (pipelined on both backends). A lone
@@ -135,23 +135,54 @@ class Scheduler:
     # -- the three steps ---------------------------------------------------------------
 
     def _admit(self) -> None:
+        if self.prefilling is None and not self.decoding and len(self.waiting) > 1:
+            self._admit_burst()
         while self.prefilling is None and self.waiting and self.decoding < self.max_batch:
-            request, generation = self.waiting.popleft()
-            if generation.cancelled.is_set():
-                generation.publish(Finished(Answer(text="", finish_reason="cancelled")))
-                continue
-            self.next_turns.clear()  # a fetch may take over their states
-            try:
-                started = self._start(request, generation)
-            except Exception as exc:  # a prompt too long, a template that refuses it
-                if not isinstance(exc, PromptTooLong):
-                    log.debug("cannot start a sequence", exc_info=True)
-                generation.publish(Failed(exc))
-                continue
-            if isinstance(started, Answer):  # nothing to generate (echo, max_tokens 0)
-                generation.publish(Finished(started))
-            else:
-                self.prefilling = started
+            self.prefilling = self._start_next()
+
+    def _admit_burst(self) -> None:
+        """Several requests and nothing decoding: the batch prefills their prompts together
+        (one pass for all: on this 2-core CPU 4 prompts of 42 tokens took 0.6 s together and
+        1.0 s one by one), then they decode together."""
+        seqs: list[Sequence] = []
+        while self.waiting and len(seqs) < self.max_batch:
+            if (seq := self._start_next()) is not None:
+                seqs.append(seq)
+        if len(seqs) == 1:
+            self.prefilling = seqs[0]  # the rest failed or left: the lone way
+        elif seqs:
+            uids = self.batch.insert(
+                [seq.prompt[seq.reused :] for seq in seqs],
+                max_tokens=[seq.remaining for seq in seqs],
+                caches=[seq.cache for seq in seqs],
+                all_tokens=[seq.prompt[: seq.reused] for seq in seqs],
+                samplers=[None if _is_greedy(seq.sampling.sampler) else seq.sampling.sampler
+                          for seq in seqs],
+                logits_processors=[seq.sampling.processors for seq in seqs],
+            )
+            for uid, seq in zip(uids, seqs, strict=True):
+                seq.uid, seq.cache = uid, []  # the batch holds (a copy of) its cache now
+                self.running[uid] = seq
+
+    def _start_next(self) -> Sequence | None:
+        """The next waiting request as a sequence; None if it needs none (cancelled, failed,
+        or answered at once)."""
+        request, generation = self.waiting.popleft()
+        if generation.cancelled.is_set():
+            generation.publish(Finished(Answer(text="", finish_reason="cancelled")))
+            return None
+        self.next_turns.clear()  # a fetch may take over their states
+        try:
+            started = self._start(request, generation)
+        except Exception as exc:  # a prompt too long, a template that refuses it
+            if not isinstance(exc, PromptTooLong):
+                log.debug("cannot start a sequence", exc_info=True)
+            generation.publish(Failed(exc))
+            return None
+        if isinstance(started, Answer):  # nothing to generate (echo, max_tokens 0)
+            generation.publish(Finished(started))
+            return None
+        return started
 
     def _prefill(self) -> None:
         seq = self.prefilling
@@ -218,7 +249,10 @@ class Scheduler:
             self._finish(lone.seq, lone.cache, lone.held)
 
     def _decode(self) -> None:
-        _, responses = self.batch.next()
+        progress, responses = self.batch.next()
+        for r in progress:  # prompts the batch prefills (a burst)
+            if (seq := self.running.get(r.uid)) is not None:
+                seq.generation.prompt_tokens_done = r.progress[0]
         if responses:
             self.figures.batch_sizes[len(responses)] += 1
             self.figures.generated_tokens += len(responses)
@@ -242,6 +276,8 @@ class Scheduler:
             for uid in leaving:
                 seq = self.running.pop(uid)
                 cache, tokens = states.get(uid, (None, None))
+                if not seq.taken:  # left while the batch prefilled it: a padded state, not kept
+                    cache = None
                 self._finish(seq, cache, tokens)
 
     # -- leaving --------------------------------------------------------------------------
