@@ -10,6 +10,9 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 import pytest
@@ -21,37 +24,68 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def served(tmp_path_factory, tiny_model):
-    """(url, env): the server, and an environment whose `mlxc` shares its cache folder."""
-    root = tmp_path_factory.mktemp("served")
+@dataclass
+class Running:
+    proc: subprocess.Popen
+    url: str
+    log: Path
+    env: dict[str, str]
+
+
+def start_server(root: Path, model: Path, *args: str) -> Running:
+    """`python -m mlxc serve` on the model with its own cache folder, once it has loaded."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLXC_")}
-    env.update(MLXC_MODEL=str(tiny_model), MLXC_CACHE_DIR=str(root / "cache"),
+    env.update(MLXC_MODEL=str(model), MLXC_CACHE_DIR=str(root / "cache"),
                MLXC_MODELS_DIR=str(root / "models"))
     port = free_port()
     log_path = root / "server.log"
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "mlxc", "serve", "--port", str(port)],
+            [sys.executable, "-m", "mlxc", "serve", "--port", str(port), *args],
             env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         )
-    url = f"http://127.0.0.1:{port}"
+    running = Running(proc, f"http://127.0.0.1:{port}", log_path, env)
     deadline = time.monotonic() + 120
+    while True:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            stop_server(running, check=False)
+            raise AssertionError(log_path.read_text())
+        try:  # /health says model_loaded also to a caller without the key
+            if httpx.get(f"{running.url}/health", timeout=2).json().get("model_loaded"):
+                return running
+        except (httpx.HTTPError, ValueError):
+            pass
+        time.sleep(0.2)
+
+
+def stop_server(running: Running, check: bool = True) -> None:
+    """Stop it; with `check`, its log must hold no traceback."""
+    if running.proc.poll() is None:
+        running.proc.terminate()
+        running.proc.wait(timeout=30)
+    if check:
+        text = running.log.read_text()
+        assert "Traceback" not in text, text
+
+
+@contextmanager
+def mlxc_server(root: Path, model: Path, *args: str):
+    """Yields (url, pid, log path) of a server started with `args`; checks its log at exit."""
+    running = start_server(root, model, *args)
     try:
-        while True:
-            assert proc.poll() is None, log_path.read_text()
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, log_path.read_text()
-            time.sleep(0.2)
-        yield url, env
+        yield running.url, running.proc.pid, running.log
     finally:
-        proc.terminate()
-        proc.wait(timeout=20)
-    assert "Traceback" not in log_path.read_text(), log_path.read_text()
+        stop_server(running)
+
+
+@pytest.fixture(scope="session")
+def served(tmp_path_factory, tiny_model):
+    """(url, env): the server, and an environment whose `mlxc` shares its cache folder."""
+    running = start_server(tmp_path_factory.mktemp("served"), tiny_model)
+    try:
+        yield running.url, running.env
+    finally:
+        stop_server(running)
 
 
 @pytest.fixture(scope="session")

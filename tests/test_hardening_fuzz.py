@@ -16,9 +16,9 @@ from urllib.parse import quote
 
 import httpx
 import pytest
-from hardening_server import mlxc_server
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from live_server import mlxc_server
 
 EXAMPLES = int(os.environ.get("MLXC_FUZZ_EXAMPLES", "60"))
 RANDOM = os.environ.get("MLXC_FUZZ_RANDOM") == "1"  # explore new examples (not for CI)

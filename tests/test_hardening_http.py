@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from hardening_server import mlxc_server
+from live_server import mlxc_server
 from test_server_api import KEY, server  # noqa: F401
 
 TIMEOUT = 1.5  # --request-timeout of the guarded server

@@ -8,7 +8,7 @@ import time
 
 import httpx
 import pytest
-from hardening_server import mlxc_server
+from live_server import mlxc_server
 
 MODEL = "tiny-llama"
 USER = [{"role": "user", "content": "hi"}]

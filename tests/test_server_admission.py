@@ -3,50 +3,21 @@ real openai and anthropic clients; /health and /metrics show the batch."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import time
 
 import anthropic
 import httpx
 import openai
 import pytest
-from live_server import free_port
+from live_server import mlxc_server
 
 
 @pytest.fixture(scope="module")
 def tight_server(tmp_path_factory, tiny_model):
     """`mlxc serve --max-batch 1 --max-queue 0`: one sequence at a time, nobody waits."""
     root = tmp_path_factory.mktemp("tight")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLXC_")}
-    env.update(MLXC_MODEL=str(tiny_model), MLXC_CACHE_DIR=str(root / "cache"),
-               MLXC_MODELS_DIR=str(root / "models"))
-    port = free_port()
-    log_path = root / "server.log"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "mlxc", "serve", "--port", str(port), "--max-batch", "1",
-             "--max-queue", "0"],
-            env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-        )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    try:
-        while True:
-            assert proc.poll() is None, log_path.read_text()
-            try:
-                if httpx.get(f"{url}/health", timeout=2).json().get("model_loaded"):
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, log_path.read_text()
-            time.sleep(0.2)
+    with mlxc_server(root, tiny_model, "--max-batch", "1", "--max-queue", "0") as (url, _, _):
         yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=20)
-    assert "Traceback" not in log_path.read_text(), log_path.read_text()
 
 
 def test_a_full_server_answers_503_with_retry_after_in_each_shape(tight_server):

@@ -9,65 +9,37 @@ question with newlines; raw completions of "The quick brown fox" give words.)"""
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
-import time
 
 import anthropic
 import httpx
 import openai
 import pytest
 from conftest import run_mlxc
+from live_server import start_server, stop_server
 
 KEY = "test-key-123"
 MODEL = "tiny-llama"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # One server for the session, though two files use it: a fixture imported into another test
 # module gets a second definition there (and would start a second server), so the process
 # is kept here and stopped when the session ends.
 _SHARED: dict = {}
+SERVER_ARGS = (
+    "--api-key", KEY, "--keepalive", "0.2", "--alias", "gpt-4o-mini", "--alias", "claude-*",
+    # one sequence at a time: a long generation makes the others wait in the queue
+    # (keep-alives, single flight); batching is tested in test_server_admission.py
+    "--max-batch", "1",
+)
 
 
 def _start_server(tmp_path_factory, tiny_model) -> None:
-    root = tmp_path_factory.mktemp("serve")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLXC_")}
-    env.update(MLXC_MODEL=str(tiny_model), MLXC_CACHE_DIR=str(root / "cache"),
-               MLXC_MODELS_DIR=str(root / "models"))
-    port = _free_port()
-    cmd = [sys.executable, "-m", "mlxc", "serve", "--port", str(port), "--api-key", KEY,
-           "--keepalive", "0.2", "--alias", "gpt-4o-mini", "--alias", "claude-*",
-           # one sequence at a time: a long generation makes the others wait in the queue
-           # (keep-alives, single flight); batching is tested in test_server_admission.py
-           "--max-batch", "1"]
-    log_path = root / "server.log"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL)
-    _SHARED.update(env=env, proc=proc, log=log_path, url=f"http://127.0.0.1:{port}")
-    deadline = time.monotonic() + 120
-    while True:
-        assert proc.poll() is None, log_path.read_text()
-        try:
-            if httpx.get(f"{_SHARED['url']}/health", timeout=2).json().get("model_loaded"):
-                return
-        except httpx.HTTPError:
-            pass
-        assert time.monotonic() < deadline, log_path.read_text()
-        time.sleep(0.2)
+    running = start_server(tmp_path_factory.mktemp("serve"), tiny_model, *SERVER_ARGS)
+    _SHARED.update(running=running, env=running.env, log=running.log, url=running.url)
 
 
 def _stop_server() -> None:
-    _SHARED["proc"].terminate()
-    _SHARED["proc"].wait(timeout=30)
+    stop_server(_SHARED["running"], check=False)
 
 
 @pytest.fixture(scope="session")
