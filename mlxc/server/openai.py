@@ -136,7 +136,21 @@ def error_chunk(error: ApiError) -> str:
                                "param": error.param, "code": error.code}})
 
 
-class ChatWriter(EventWriter):
+class OpenAIWriter(EventWriter):
+    """What both OpenAI streams end with: the usage chunk (if asked), errors, `[DONE]`."""
+
+    def usage_tail(self, answer: Answer) -> Iterable[str]:
+        if self.turn.body.include_usage:
+            yield sse.data({**self.head, "choices": [], "usage": usage(self.turn, answer)})
+
+    def failed(self, error: ApiError) -> Iterable[str]:
+        yield error_chunk(error)
+
+    def closing(self) -> Iterable[str]:
+        yield sse.DONE
+
+
+class ChatWriter(OpenAIWriter):
     def opening(self) -> Iterable[str]:
         turn = self.turn
         self.head = {"id": turn.id, "object": "chat.completion.chunk",
@@ -156,14 +170,7 @@ class ChatWriter(EventWriter):
         for i, call in enumerate(tool_calls_for(self.turn, answer)):
             yield self.chunk({"tool_calls": [{"index": i, **call}]})
         yield self.chunk({}, finish_reason(answer))
-        if self.turn.body.include_usage:
-            yield sse.data({**self.head, "choices": [], "usage": usage(self.turn, answer)})
-
-    def failed(self, error: ApiError) -> Iterable[str]:
-        yield error_chunk(error)
-
-    def closing(self) -> Iterable[str]:
-        yield sse.DONE
+        yield from self.usage_tail(answer)
 
 
 class ChatAdapter(Adapter[ChatBody]):
@@ -201,7 +208,7 @@ class ChatAdapter(Adapter[ChatBody]):
         }
 
 
-class CompletionWriter(EventWriter):
+class CompletionWriter(OpenAIWriter):
     def opening(self) -> Iterable[str]:
         turn = self.turn
         self.head = {"id": turn.id, "object": "text_completion", "created": turn.created,
@@ -221,14 +228,7 @@ class CompletionWriter(EventWriter):
 
     def finish(self, answer: Answer) -> Iterable[str]:
         yield self.chunk("", finish_reason(answer))
-        if self.turn.body.include_usage:
-            yield sse.data({**self.head, "choices": [], "usage": usage(self.turn, answer)})
-
-    def failed(self, error: ApiError) -> Iterable[str]:
-        yield error_chunk(error)
-
-    def closing(self) -> Iterable[str]:
-        yield sse.DONE
+        yield from self.usage_tail(answer)
 
 
 class CompletionAdapter(Adapter[CompletionBody]):
