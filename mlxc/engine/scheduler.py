@@ -151,18 +151,8 @@ class Scheduler:
         if len(seqs) == 1:
             self.prefilling = seqs[0]  # the rest failed or left: the lone way
         elif seqs:
-            uids = self.batch.insert(
-                [seq.prompt[seq.reused :] for seq in seqs],
-                max_tokens=[seq.remaining for seq in seqs],
-                caches=[seq.cache for seq in seqs],
-                all_tokens=[seq.prompt[: seq.reused] for seq in seqs],
-                samplers=[None if _is_greedy(seq.sampling.sampler) else seq.sampling.sampler
-                          for seq in seqs],
-                logits_processors=[seq.sampling.processors for seq in seqs],
-            )
-            for uid, seq in zip(uids, seqs, strict=True):
-                seq.uid, seq.cache = uid, []  # the batch holds (a copy of) its cache now
-                self.running[uid] = seq
+            self._insert(seqs, [seq.prompt[seq.reused :] for seq in seqs],
+                         [seq.prompt[: seq.reused] for seq in seqs])
 
     def _start_next(self) -> Sequence | None:
         """The next waiting request as a sequence; None if it needs none (cancelled, failed,
@@ -226,11 +216,17 @@ class Scheduler:
     def _join(self, seqs: list[Sequence]) -> None:
         """Into the batch, each with the token it sampled last (its cache holds the ones
         before, which penalties look back on); greedy ones share one batched argmax."""
+        self._insert(seqs, [seq.taken[-1:] for seq in seqs],  # fed by their first step there
+                     [seq.prompt + seq.taken[:-1] for seq in seqs])
+
+    def _insert(self, seqs: list[Sequence], inputs: list[list[int]], before: list[list[int]]):
+        """Hand sequences to the batch: `inputs` still to feed on top of each cache, which
+        holds `before` (what penalties look back on)."""
         uids = self.batch.insert(
-            [seq.taken[-1:] for seq in seqs],  # fed by their first decode step in the batch
+            inputs,
             max_tokens=[seq.remaining for seq in seqs],
             caches=[seq.cache for seq in seqs],
-            all_tokens=[seq.prompt + seq.taken[:-1] for seq in seqs],
+            all_tokens=before,
             samplers=[None if _is_greedy(seq.sampling.sampler) else seq.sampling.sampler
                       for seq in seqs],
             logits_processors=[seq.sampling.processors for seq in seqs],
