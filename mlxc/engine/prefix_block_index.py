@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sqlite3
 import time
 from array import array
 from dataclasses import dataclass
@@ -224,7 +223,3 @@ def _unlink(path: Path) -> None:
         pass
     except OSError as exc:  # a folder under a block's name: left alone, never read
         log.warning("prefix cache: cannot remove %s (%s)", path.name, exc)
-
-
-def is_sqlite_error(exc: BaseException) -> bool:
-    return isinstance(exc, sqlite3.Error)
