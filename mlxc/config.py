@@ -82,6 +82,7 @@ class Settings:
     prefix_memory_bytes: int | None = None  # None: a share of free memory
     prefix_disk_bytes: int = 4 << 30
     prefix_block_tokens: int = 256  # KV block size of the prefix cache (tokens)
+    prefix_disk_bits: int = 0  # 8: the prefix cache's disk blocks as 8-bit K/V (0: as computed)
     next_turn_prefill: bool = False  # serve: prefill a follow-up's opening while idle
 
     @property
@@ -115,6 +116,8 @@ class Settings:
             raise ConfigError(f"unknown dtype {self.dtype!r}: use one of {', '.join(DTYPES)}")
         if not 16 <= self.prefix_block_tokens <= 4096:
             raise ConfigError("the prefix block size must be 16 to 4096 tokens")
+        if self.prefix_disk_bits not in (0, 8):
+            raise ConfigError("the prefix cache's disk bits must be 0 (off) or 8")
         if self.ttl_seconds is not None and self.ttl_seconds <= 0:
             raise ConfigError("the cache TTL must be a positive number of seconds")
         return self
@@ -143,6 +146,7 @@ def load_settings() -> Settings:
         prefix_memory_bytes=parse_size(mem) if mem else None,
         prefix_disk_bytes=parse_size(_env("PREFIX_DISK", str(base.prefix_disk_bytes))),
         prefix_block_tokens=_int_env("PREFIX_BLOCK", base.prefix_block_tokens),
+        prefix_disk_bits=_int_env("PREFIX_DISK_BITS", base.prefix_disk_bits),
     ).validated()
 
 

@@ -3,7 +3,8 @@ named by a hash chain (prefix_blocks.py), so a turn writes only its new tokens a
 prompt is stored once for every conversation that starts with it.
 
 Engine thread only, except `figures()`. The engine's cost per stored state: slicing and
-evaluating its new tokens (a copy out of the step-sized buffers); the files are written by the
+evaluating its new tokens (a copy out of the step-sized buffers; with `prefix_disk_bits` 8
+also their 8-bit copies for the disk); the files are written by the
 disk tier's writer thread.
 """
 
@@ -24,6 +25,7 @@ from mlxc.engine.prefix_block_kv import (
     kv_dtype,
     layer_width,
     nbytes,
+    quantize,
     to_buffers,
 )
 from mlxc.engine.prefix_blocks import Block, BlockTree, chain_hash, root_hash, token_array
@@ -42,12 +44,18 @@ class BlockTiers:
 
     def __init__(self, model: Any, fingerprint: str, classes: list[str], directory: Path,
                  memory_limit: int, disk_limit: int, block_size: int = BLOCK_SIZE,
-                 fsync: bool = True, min_reuse: int = 8) -> None:
+                 fsync: bool = True, min_reuse: int = 8, disk_bits: int = 0) -> None:
         self.model = model
         self.block_size = block_size
         self.min_reuse = min_reuse
-        self.root = root_hash(fingerprint, kv_dtype(model), classes)
-        self.width = sum(layer_width(layer) for layer in make_prompt_cache(model))
+        widths = [layer_width(layer) for layer in make_prompt_cache(model)]
+        self.width = sum(widths)
+        # 8-bit on disk: plain K/V only (a QuantizedKVCache's are quantized already). Such
+        # blocks have their own chain root, so a process with the setting off never reuses
+        # approximated KV (nor this one the other's full blocks: one prefill after a switch).
+        self.disk_bits = disk_bits if all(w == 2 for w in widths) else 0
+        layout = kv_dtype(model) + (f"/disk-q{self.disk_bits}" if self.disk_bits else "")
+        self.root = root_hash(fingerprint, layout, classes)
         self.tree = BlockTree(self.root, memory_limit)
         self.disk = None
         if disk_limit > 0:
@@ -102,16 +110,19 @@ class BlockTiers:
         if found is None:
             return None
         specs, arrays = found
-        shapes_ok = len(arrays) == self.width and all(
-            a.ndim == 4 and a.shape[2] == len(block.tokens) for a in arrays
+        try:  # either format: 8-bit arrays are dequantized to their dtype here
+            out = from_numpy(specs, arrays)
+            why = "layout differs"
+        except ValueError as exc:
+            out, why = [], str(exc)
+        shapes_ok = len(out) == self.width and all(
+            a.ndim == 4 and a.shape[2] == len(block.tokens) for a in out
         )
         if not shapes_ok:
-            log.warning("prefix cache: removing unusable block file %s (layout differs)",
-                        block.hash)
+            log.warning("prefix cache: removing unusable block file %s (%s)", block.hash, why)
             self.tree.forget_disk(block.hash)
             self.disk.drop([block.hash])
             return None
-        out = from_numpy(specs, arrays)
         mx.eval(out)
         self.tree.hold(block, out, nbytes(out))
         return out
@@ -144,9 +155,13 @@ class BlockTiers:
             runs.append((pos, end))
             pos = end
         pieces = [cut(cache, a, b) for a, b in runs]
-        mx.eval(pieces)
+        # 8-bit copies for the disk, made here (the writer never calls MLX); memory keeps
+        # the full-precision pieces.
+        bits = self.disk_bits if self.disk is not None else 0
+        packed = [quantize(arrays, bits) for arrays in pieces]
+        mx.eval(pieces, [p for p, _ in packed])
         added = 0
-        for (a, b), arrays in zip(runs, pieces, strict=True):
+        for i, ((a, b), arrays) in enumerate(zip(runs, pieces, strict=True)):
             tokens = token_array(key[a:b])
             block = self.tree.add(Block(chain_hash(parent, tokens), parent, a, tokens))
             parent = block.hash
@@ -157,8 +172,9 @@ class BlockTiers:
                 continue
             added += size
             if self.disk is not None:
-                specs, views = to_buffers(arrays)
-                self.disk.write(block, arrays, specs, views)
+                on_disk, notes = packed[i]
+                specs, views = to_buffers(on_disk, notes)
+                self.disk.write(block, on_disk, specs, views)
             elif block.arrays is None:  # no disk and no room in memory
                 self.tree.remove(block.hash)
                 break

@@ -72,7 +72,7 @@ class BlockDisk:
     def write(self, block: Block, arrays: list[Any], specs: list[dict], views: list) -> bool:
         """Queue a block for the writer; False (and counted) if the queue is full."""
         header = BlockHeader(block.hash, block.parent, self.root, block.start,
-                             block.tokens.tolist(), specs)
+                             block.tokens.tolist(), specs, any("quant" in s for s in specs))
         size = sum(v.nbytes for v in views)
         with self._queued_lock:
             room = self._queued + size <= self.queue_bytes

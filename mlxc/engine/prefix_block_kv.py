@@ -5,6 +5,10 @@ tokens, dim]): KVCache and ConcatenateKVCache as (keys, values), QuantizedKVCach
 (keys, scales, biases) for each of keys and values. A block is the flat list of every layer's
 arrays for its tokens, copied out of the layer's preallocated buffer (a slice alone would keep
 the whole buffer alive). Engine thread only.
+
+With `prefix_disk_bits` 8, a block's floating arrays go to disk as MLX affine 8-bit (each as
+its packed words, scales and biases; the first spec carries the recipe under "quant") and come
+back dequantized to their dtype; the memory tier keeps full precision.
 """
 
 from __future__ import annotations
@@ -45,28 +49,87 @@ def kv_dtype(model: Any) -> str:
     return "unknown"
 
 
-def to_buffers(arrays: list[Any]) -> tuple[list[dict], list[memoryview]]:
-    """Specs for a block file's header and zero-copy views of evaluated arrays (the writer
-    thread reads them; it never calls MLX)."""
-    specs, views, offset = [], [], 0
+def group_size(shape: tuple[int, ...]) -> tuple[int, bool] | None:
+    """(group size, across tokens) to quantize an array of `shape`: groups within one token's
+    head vector when they fit (head_dim 64, 128), else runs of one head's tokens (the tiny
+    model's head_dim 16); None if neither divides it (such an array is written whole)."""
+    dim, tokens = shape[-1], shape[-2]
+    for across, n in ((False, dim), (True, dim * tokens)):
+        for size in (64, 32):
+            if n % size == 0:
+                return size, across
+    return None
+
+
+def quantize(arrays: list[Any], bits: int) -> tuple[list[Any], list[dict | None]]:
+    """(arrays to write, each one's dequantization recipe or None): every floating array as
+    (packed, scales, biases), the recipe on the packed one. Not evaluated."""
+    out: list[Any] = []
+    notes: list[dict | None] = []
     for x in arrays:
+        group = group_size(x.shape) if mx.issubdtype(x.dtype, mx.floating) else None
+        if not bits or group is None:
+            out.append(x)
+            notes.append(None)
+            continue
+        size, across = group
+        flat = x.reshape(*x.shape[:-2], -1) if across else x
+        out.extend(mx.quantize(flat, group_size=size, bits=bits))
+        notes += [{"bits": bits, "group_size": size, "shape": list(x.shape),
+                   "dtype": str(x.dtype).removeprefix("mlx.core.")}, None, None]
+    return out, notes
+
+
+def to_buffers(arrays: list[Any], notes: list[dict | None] | None = None,
+               ) -> tuple[list[dict], list[memoryview]]:
+    """Specs for a block file's header and zero-copy views of evaluated arrays (the writer
+    thread reads them; it never calls MLX). `notes`: quantize's recipes, kept in the specs."""
+    specs, views, offset = [], [], 0
+    for i, x in enumerate(arrays):
         dtype = str(x.dtype).removeprefix("mlx.core.")
         raw = x.view(mx.uint16) if dtype == "bfloat16" else x
         view = memoryview(raw).cast("B")
         specs.append({"dtype": dtype, "shape": list(x.shape), "offset": offset,
                       "nbytes": view.nbytes})
+        if notes and notes[i]:
+            specs[-1]["quant"] = notes[i]
         views.append(view)
         offset += view.nbytes
     return specs, views
 
 
+def _mx(spec: dict, x: np.ndarray) -> Any:
+    a = mx.array(x)
+    if np_dtype(spec["dtype"]) is np.uint16 and spec["dtype"] == "bfloat16":
+        a = a.view(mx.bfloat16)
+    return a
+
+
 def from_numpy(specs: list[dict], arrays: list[np.ndarray]) -> list[Any]:
-    out = []
-    for spec, x in zip(specs, arrays, strict=True):
-        a = mx.array(x)
-        if np_dtype(spec["dtype"]) is np.uint16 and spec["dtype"] == "bfloat16":
-            a = a.view(mx.bfloat16)
-        out.append(a)
+    """MLX arrays of a block file's arrays, quantized ones dequantized to their dtype (either
+    format, whatever this process's setting). ValueError if a recipe does not fit its data."""
+    if len(specs) != len(arrays):
+        raise ValueError("specs and arrays disagree")
+    out, i = [], 0
+    while i < len(specs):
+        recipe = specs[i].get("quant")
+        if recipe is None:
+            out.append(_mx(specs[i], arrays[i]))
+            i += 1
+            continue
+        if i + 3 > len(specs):
+            raise ValueError("a quantized array without its scales and biases")
+        try:
+            packed, scales, biases = (_mx(specs[j], arrays[j]) for j in range(i, i + 3))
+            dtype = getattr(mx, recipe["dtype"])
+            if not isinstance(dtype, mx.Dtype) or not mx.issubdtype(dtype, mx.floating):
+                raise ValueError(f"not a floating dtype: {recipe['dtype']}")
+            x = mx.dequantize(packed, scales, biases, group_size=int(recipe["group_size"]),
+                              bits=int(recipe["bits"]))
+            out.append(x.reshape([int(n) for n in recipe["shape"]]).astype(dtype))
+        except (KeyError, TypeError, AttributeError, RuntimeError) as exc:
+            raise ValueError(f"bad quantized array ({exc})") from exc
+        i += 3
     return out
 
 

@@ -72,7 +72,8 @@ class PrefixCache:
                 from mlxc.engine.prefix_block_cache import BlockTiers
 
                 self.tiers = BlockTiers(*args, block_size=settings.prefix_block_tokens,
-                                        min_reuse=MIN_REUSE)
+                                        min_reuse=MIN_REUSE,
+                                        disk_bits=settings.prefix_disk_bits)
             else:
                 from mlxc.engine.prefix_states import WholeStates
 
