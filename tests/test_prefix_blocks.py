@@ -271,17 +271,29 @@ def test_a_fifo_under_a_whole_states_name_never_blocks(sliding, cold, tmp_path, 
 def test_a_full_write_queue_skips_blocks_and_counts_them(lively, cold, tmp_path):
     with service(lively, tmp_path, **BLOCK) as svc:
         def shrink(engine):
-            engine.prompt_cache.tiers.disk.queue_bytes = 1  # nothing fits: every write skipped
+            tiers = engine.prompt_cache.tiers
+            tiers.disk.queue_bytes = 1  # nothing fits: every write skipped ...
+            tiers.tree.memory_limit = 0  # ... as blocks the memory tier holds cost it nothing
 
         svc.engine().call(shrink).result()
         first = ask(svc, chat("Why?"))
         flush(svc)
         stats = svc.prefix_stats()
-        again = ask(svc, chat("Why?"))  # still served from the memory tier
+        again = ask(svc, chat("Why?"))
     assert stats["writes_skipped"] >= 5 and stats["bytes_written"] == 0
     assert state_files(tmp_path) == []
-    assert again.usage.cached_tokens > 256
+    assert again.usage.cached_tokens == 0
     assert again.text == first.text == cold(lively, chat("Why?"))
+
+
+def test_blocks_held_in_memory_are_written_whatever_the_queue_bytes(lively, tmp_path):
+    with service(lively, tmp_path, **BLOCK) as svc:
+        svc.engine().call(lambda e: setattr(e.prompt_cache.tiers.disk, "queue_bytes", 1)).result()
+        ask(svc, chat("Why?"))
+        flush(svc)
+        stats = svc.prefix_stats()
+    assert stats["writes_skipped"] == 0 and stats["bytes_written"] > 0
+    assert len(state_files(tmp_path)) >= 5
 
 
 # -- damaged files (the tiny models' default 256-token blocks) ------------------------------
@@ -337,3 +349,23 @@ def test_another_model_never_reuses_a_state(lively, tiny_model, tmp_path):
         assert svc.prefix_stats()["misses"] >= 1
     assert mine.usage.cached_tokens == 0
     assert theirs.exists()  # still there for its own model
+
+
+def test_a_block_cut_from_a_freshly_filled_buffer_owns_contiguous_bytes():
+    """A prefill chunk that fills a whole fresh KV buffer leaves the attention's transposed
+    layout in the cache (MLX keeps the update's strides); a block cut from it must still be a
+    row-contiguous copy of exactly its tokens, or its bytes cannot be written."""
+    import mlx.core as mx
+    from mlx_lm.models.cache import KVCache
+
+    from mlxc.engine.prefix_block_kv import cut, nbytes, to_buffers
+
+    layer = KVCache()
+    projected = mx.random.normal((1, 512, 2, 16)).transpose(0, 2, 1, 3)  # [B, heads, L, dim]
+    layer.update_and_fetch(projected, projected)
+    pieces = cut([layer], 256, 512)
+    mx.eval(pieces)
+    specs, views = to_buffers(pieces)
+    assert [s["shape"] for s in specs] == [[1, 2, 256, 16]] * 2
+    assert nbytes(pieces) == sum(v.nbytes for v in views) == 2 * 2 * 256 * 16 * 4
+    assert mx.array_equal(pieces[0], projected[..., 256:, :])

@@ -174,7 +174,8 @@ class BlockTiers:
             if self.disk is not None:
                 on_disk, notes = packed[i]
                 specs, views = to_buffers(on_disk, notes)
-                self.disk.write(block, on_disk, specs, views)
+                held = not bits and block.arrays is arrays  # then the queue costs no memory
+                self.disk.write(block, on_disk, specs, views, held)
             elif block.arrays is None:  # no disk and no room in memory
                 self.tree.remove(block.hash)
                 break

@@ -69,11 +69,16 @@ class BlockDisk:
                 block.on_disk = True
                 frontier.append(row.hash)
 
-    def write(self, block: Block, arrays: list[Any], specs: list[dict], views: list) -> bool:
-        """Queue a block for the writer; False (and counted) if the queue is full."""
+    def write(self, block: Block, arrays: list[Any], specs: list[dict], views: list,
+              held: bool = False) -> bool:
+        """Queue a block for the writer; False (and counted) if the queue is full. `held`:
+        the memory tier holds these very arrays."""
         header = BlockHeader(block.hash, block.parent, self.root, block.start,
                              block.tokens.tolist(), specs, any("quant" in s for s in specs))
-        size = sum(v.nbytes for v in views)
+        # A block the memory tier holds costs the queue no memory: its arrays are held anyway.
+        # Only the others count against `queue_bytes` (an 8,000-token prompt of a 3B model in
+        # float32 is ~1.9 GB of new blocks at once; counting those too skipped half of them).
+        size = 0 if held else sum(v.nbytes for v in views)
         with self._queued_lock:
             room = self._queued + size <= self.queue_bytes
             if room:
@@ -82,7 +87,7 @@ class BlockDisk:
         try:
             if not room:
                 raise queue.Full
-            self._jobs.put_nowait(("write", block, header, views, arrays))
+            self._jobs.put_nowait(("write", block, header, views, size, arrays))
         except queue.Full:
             if room:
                 with self._queued_lock:
@@ -176,12 +181,12 @@ class BlockDisk:
         self.nbytes, self.nblocks = index.total_bytes(), index.block_count()
 
     def _write(self, index: BlockIndex, block: Block, header: BlockHeader, views: list,
-               _arrays: list) -> None:
+               size: int, _arrays: list) -> None:
         try:
             self._write_now(index, block, header, views)
         finally:
             with self._queued_lock:
-                self._queued -= sum(v.nbytes for v in views)
+                self._queued -= size
 
     def _write_now(self, index: BlockIndex, block: Block, header: BlockHeader,
                    views: list) -> None:

@@ -30,8 +30,10 @@ def leaves(layer: Any) -> list[Any]:
 
 def cut(cache: list[Any], a: int, b: int) -> list[Any]:
     """Copies of tokens [a, b) of every layer, flat in layer order (not yet evaluated)."""
-    # mx.array(x) copies: the block owns exactly its tokens, not the step-sized buffer.
-    return [mx.array(x[..., a:b, :]) for layer in cache for x in leaves(layer)]
+    # A row-contiguous copy: the block owns exactly its tokens, not the step-sized buffer, and
+    # its bytes can be written as they are. mx.array(x) alone does not copy: a prefill chunk
+    # that fills a whole fresh buffer leaves the projection's transposed layout in the cache.
+    return [mx.contiguous(x[..., a:b, :]) for layer in cache for x in leaves(layer)]
 
 
 def nbytes(arrays: list[Any]) -> int:
