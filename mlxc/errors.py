@@ -20,6 +20,10 @@ class PromptTooLong(InputError):
     """The prompt does not fit the model's context window."""
 
 
+class NotEnoughMemory(InputError):
+    """The request's KV cache (prompt + max_tokens) cannot fit the memory limit even alone."""
+
+
 class EngineBusy(RuntimeError):
     """The engine's queue is full: the client should retry after `retry_after` seconds."""
 

@@ -124,6 +124,13 @@ def serve(
         int, typer.Option(help="Requests that may wait for a place in the batch; past that, "
                           "503 with Retry-After.")
     ] = DEFAULT_MAX_QUEUE,
+    max_kv_memory: Annotated[
+        str, typer.Option(envvar="MLXC_MAX_KV_MEMORY",
+                          help="Memory for the KV caches of running requests, e.g. 8GB; a "
+                          "request that would pass it waits, one that never fits gets a 400. "
+                          "'auto': the device's memory less the weights, the prefix cache's "
+                          "memory tier and a 10% margin [env: MLXC_MAX_KV_MEMORY]")
+    ] = "auto",
     cache_dir: CacheDirOption = None,
     cache_policy: CachePolicyOption = None,
     dtype: DtypeOption = None,
@@ -158,6 +165,9 @@ def serve(
         raise InputError("--max-connections must be at least 1")
     if (max_batch is not None and max_batch < 1) or max_queue < 0:
         raise InputError("--max-batch must be at least 1 and --max-queue at least 0")
+    kv_limit = None if max_kv_memory.strip().lower() == "auto" else parse_size(max_kv_memory)
+    if kv_limit is not None and kv_limit <= 0:
+        raise InputError("--max-kv-memory must be a size such as 8GB, or auto")
     # A server sits idle between a reply and the follow-up: a good time to prefill its opening.
     settings = settings_from(cache_dir, cache_policy, dtype, model).with_overrides(
         next_turn_prefill=True
@@ -167,7 +177,8 @@ def serve(
     status = console.status("starting", spinner="dots")
     service = Service(
         settings, progress=status.update,
-        engine_options={"max_batch": max_batch, "max_queue": max_queue},
+        engine_options={"max_batch": max_batch, "max_queue": max_queue,
+                        "max_kv_memory": kv_limit},
     )
     try:
         if console.is_terminal:
@@ -216,6 +227,7 @@ def serve(
         table.add_row(
             "[bold]batch[/bold]", f"up to {engine.max_batch} together, {max_queue} waiting"
         )
+        table.add_row("[bold]memory[/bold]", engine.memory.describe())
         console.print(Panel(table, title="mlxc serve", title_align="left", expand=False))
         cap = _connection_cap(max_connections)
         config = uvicorn.Config(

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mlxc.engine.lone import LoneDecoder
+from mlxc.engine.memory import MemoryWait
 from mlxc.engine.sequence import Sequence
 from mlxc.errors import PromptTooLong
 from mlxc.request import Answer, GenerationRequest
@@ -110,6 +111,11 @@ class Scheduler:
         """Sequences being prefilled or decoded."""
         return self.decoding + (self.prefilling is not None)
 
+    @property
+    def admissible(self) -> bool:
+        """Someone waits, and the first in line is not waiting for memory (memory.py)."""
+        return bool(self.waiting) and self.engine.memory.lets_in(self.waiting[0])
+
     def add(self, request: GenerationRequest, generation: Generation) -> None:
         self.waiting.append((request, generation))
 
@@ -119,7 +125,7 @@ class Scheduler:
 
         with mx.stream(generation_stream):
             self._admit()
-            if self.ready and not self.waiting and self.prefilling is None:
+            if self.ready and not self.admissible and self.prefilling is None:
                 self._release()  # the rest of a burst failed or was cancelled
             decoding = self.lone is not None or self.running
             if self.prefilling is not None and (self._decode_owed <= 0 or not decoding):
@@ -137,7 +143,7 @@ class Scheduler:
     def _admit(self) -> None:
         if self.prefilling is None and not self.decoding and len(self.waiting) > 1:
             self._admit_burst()
-        while self.prefilling is None and self.waiting and self.decoding < self.max_batch:
+        while self.prefilling is None and self.admissible and self.decoding < self.max_batch:
             self.prefilling = self._start_next()
 
     def _admit_burst(self) -> None:
@@ -145,7 +151,7 @@ class Scheduler:
         (one pass for all: on this 2-core CPU 4 prompts of 42 tokens took 0.6 s together and
         1.0 s one by one), then they decode together."""
         seqs: list[Sequence] = []
-        while self.waiting and len(seqs) < self.max_batch:
+        while self.admissible and len(seqs) < self.max_batch:
             if (seq := self._start_next()) is not None:
                 seqs.append(seq)
         if len(seqs) == 1:
@@ -164,6 +170,9 @@ class Scheduler:
         self.next_turns.clear()  # a fetch may take over their states
         try:
             started = self._start(request, generation)
+        except MemoryWait:  # it fits once running sequences finish: first in line, it waits
+            self.waiting.appendleft((request, generation))
+            return None
         except Exception as exc:  # a prompt too long, a template that refuses it
             if not isinstance(exc, PromptTooLong):
                 log.debug("cannot start a sequence", exc_info=True)
@@ -191,7 +200,7 @@ class Scheduler:
             self._finish(seq, seq.cache, seq.prompt)
             return
         self.ready.append(seq)
-        if self.decoding < self.max_batch and self.waiting and not (self.running or self.lone):
+        if self.decoding < self.max_batch and self.admissible and not (self.running or self.lone):
             return  # a burst: prefill the others too, then they all join in one step
         self._release()
 

@@ -63,12 +63,15 @@ class Engine:
         prefill_step_size: int = DEFAULT_PREFILL_STEP,
         max_batch: int | None = None,
         max_queue: int = DEFAULT_MAX_QUEUE,
+        max_kv_memory: int | None = None,
     ) -> None:
         self.ref = ref
         self.settings = settings
         self.prefill_step_size = prefill_step_size
         self.max_batch = max(1, max_batch or default_max_batch())
         self.max_queue = max(0, max_queue)
+        self.max_kv_memory = max_kv_memory  # bytes; None: derived from the device (memory.py)
+        self.memory: Any = None  # the MemoryGate, once the model is loaded
         self._progress = progress or (lambda _msg: None)
         self._jobs: queue.Queue = queue.Queue()
         self._loaded = threading.Event()
@@ -133,6 +136,7 @@ class Engine:
             "batch_sizes": dict(figures.batch_sizes) if figures else {},
             "generated_tokens": figures.generated_tokens if figures else 0,
             "tokens_per_second": round(figures.tokens_per_second(), 2) if figures else 0.0,
+            **(self.memory.figures() if self.memory is not None else {}),
         }
 
     def submit(self, request: GenerationRequest) -> Generation:
@@ -265,6 +269,10 @@ class Engine:
             self.model, self.tokenizer, model_fingerprint(self.ref, self.settings),
             self.settings, self.prefill_step_size,
         )
+        from mlxc.engine.memory import MemoryGate
+
+        self.memory = MemoryGate.for_model(self.model, self.prefill_step_size,
+                                           self.max_kv_memory, self.prompt_cache.memory_limit)
         from mlxc.engine.scheduler import Scheduler
 
         self.scheduler = Scheduler(self, self.max_batch, self._start_sequence)
@@ -325,6 +333,8 @@ class Engine:
                 f"the prompt is {len(tokens)} tokens; {self.ref.name} takes at most "
                 f"{self.context_length}. Shorten it."
             )
+        # Room for its KV cache, or it waits (MemoryWait) or is refused (NotEnoughMemory).
+        self.memory.admit(generation, len(tokens), request.max_tokens)
         started = time.perf_counter()  # a state loaded from disk counts in the time to first token
         echoed = None
         if request.echo:

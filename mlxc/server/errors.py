@@ -16,7 +16,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from mlxc.config import ConfigError
-from mlxc.errors import EngineBusy, ModelError, PromptTooLong, describe
+from mlxc.errors import EngineBusy, ModelError, NotEnoughMemory, PromptTooLong, describe
 from mlxc.server.depth import MAX_DEPTH, json_depth
 from mlxc.store import StoreError
 
@@ -90,6 +90,8 @@ def as_api_error(exc: BaseException) -> ApiError:
         return ApiError(
             503, str(exc), code="overloaded", headers={"Retry-After": str(exc.retry_after)}
         )
+    if isinstance(exc, NotEnoughMemory):  # never fits, even alone: retrying cannot help
+        return ApiError(400, str(exc), param="max_tokens", code="kv_memory_exceeded")
     if isinstance(exc, PromptTooLong):
         return ApiError(400, str(exc), param="messages", code="context_length_exceeded")
     if isinstance(exc, (ModelError, StoreError)):

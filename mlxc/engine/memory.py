@@ -1,0 +1,286 @@
+"""Memory-aware admission: a request is prefilled only when the KV cache it may grow to fits a
+byte budget, so a long prompt or a large max_tokens never runs the machine out of memory.
+
+- The cost of a token is measured, not guessed: the model runs a few tokens through a cache
+  made by mlx-lm's `make_prompt_cache`, and each layer's bytes are read off the arrays it
+  allocated. Layers that keep every token (KVCache, QuantizedKVCache) cost bytes per token;
+  sliding-window layers (RotatingKVCache) stop growing at their window; recurrent layers
+  (ArraysCache) cost a fixed size per sequence. Caches grow by blocks of 256 tokens, so one
+  holds up to a block more than its tokens.
+- Decoding sequences share one rectangular cache in mlx-lm's BatchGenerator (shorter ones are
+  left-padded), so a batch is counted as (sequences) x (the longest one), not as a sum.
+- A request needs prompt + max_tokens tokens, plus the activations of one prefill chunk,
+  measured with the same probe: a whole chunk, since they grow faster than linearly where
+  attention is not fused (the CPU backend: on the tiny model 0.2 MB for 32 tokens, 7.6 MB for
+  512). They also grow with the context a chunk attends to there; the safety share covers
+  that, it is not modelled.
+
+Order: strictly first come, first served. A request that does not fit beside the running ones
+waits at the head of the queue, and the requests behind it wait too, even small ones that
+would fit: nothing overtakes it, so a large request is never starved by a stream of small
+ones (the price: small requests queue behind it until enough running sequences finish). A
+request that cannot fit even alone is refused at once (NotEnoughMemory, a 400 in each API's
+shape) with what it needs, what is allowed and what to change.
+
+Engine thread only, except `figures()`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from mlxc.errors import NotEnoughMemory
+
+log = logging.getLogger("mlxc.engine")
+STEP = 256  # mlx-lm's caches allocate in blocks of this many tokens
+# Of the memory the device can use, the share kept out of the default KV budget: MLX's buffer
+# cache, the OS and other apps on unified memory, arrays outside the KV cache (sampling,
+# logits processors, a state being stored), and the error in the estimate.
+SAFETY_SHARE = 0.10
+# The prefix cache's memory tier holds KV blocks in the same memory, within its own budget
+# (--prefix-memory / a share of free RAM); that budget comes off the default KV budget, but
+# never more than this share of what the weights leave (on a CUDA host its default follows
+# the host's RAM, which may be larger than the GPU's).
+PREFIX_SHARE_CAP = 0.5
+
+
+class MemoryWait(Exception):
+    """The request fits once running sequences finish: it keeps its place at the head."""
+
+
+@dataclass(frozen=True)
+class KVCost:
+    """Bytes a sequence's cache takes, by kind of layer (measured by `measure`)."""
+
+    per_token: float  # layers that keep every token
+    windowed: tuple[tuple[float, int], ...] = ()  # (bytes per token, window) of rotating layers
+    fixed: int = 0  # recurrent layers: the same whatever the length
+    activations: int = 0  # one prefill chunk's working memory beyond its KV
+    chunk: int = STEP  # prefill chunk (tokens)
+
+    def sequence_bytes(self, tokens: int) -> int:
+        """One sequence's cache at `tokens` tokens, at most, as allocated: a cache grows by
+        whole blocks past what it holds, so up to a block more than its tokens."""
+        n = max(tokens, 1) + STEP
+        # A rotating layer holds its window, plus a prefill chunk while it is fed one.
+        rotating = sum(b * min(n, w + self.chunk) for b, w in self.windowed)
+        return int(self.per_token * n + rotating + self.fixed)
+
+    def batch_bytes(self, lengths: list[int]) -> int:
+        """Sequences decoding together: mlx-lm's batch cache is one rectangle, every row as
+        long as the longest sequence."""
+        return len(lengths) * self.sequence_bytes(max(lengths)) if lengths else 0
+
+    def longest_fitting(self, limit: int) -> int:
+        """The most tokens one sequence may reach within `limit` bytes (prefill included)."""
+        lo, hi = 0, 1 << 24
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if self.sequence_bytes(mid) + self.activations <= limit:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
+
+
+def _layers(cache: list[Any]) -> list[Any]:
+    """Cache layers, with mlx-lm's CacheList (several caches in one layer) flattened."""
+    out = []
+    for layer in cache:
+        inner = getattr(layer, "caches", None)
+        out.extend(_layers(list(inner)) if isinstance(inner, (list, tuple)) else [layer])
+    return out
+
+
+def cache_cost(cache: list[Any]) -> KVCost:
+    """The cost per token of a cache that has been fed at least one token: each layer's bytes
+    over the positions it allocated (its keys' second-to-last axis)."""
+    per_token, windowed, fixed = 0.0, [], 0
+    for layer in _layers(cache):
+        keys = getattr(layer, "keys", None)
+        if keys is None:  # recurrent state (ArraysCache) or nothing yet: a fixed size
+            fixed += int(layer.nbytes)
+            continue
+        first = keys[0] if isinstance(keys, (list, tuple)) else keys  # quantized: a triple
+        allocated = int(first.shape[-2])
+        cost = layer.nbytes / max(allocated, 1)
+        window = getattr(layer, "max_size", None)
+        if window:
+            windowed.append((cost, int(window)))
+        else:
+            per_token += cost
+    return KVCost(per_token, tuple(windowed), fixed)
+
+
+def measure(model: Any, chunk: int, make_cache: Callable[[Any], list[Any]] | None = None
+            ) -> KVCost:
+    """Run one `chunk`-token prefill through a fresh cache: the bytes each layer allocated
+    give the cost per token, the peak above them the activations of a prefill chunk."""
+    import mlx.core as mx
+    from mlx_lm.models.cache import make_prompt_cache
+
+    cache = (make_cache or make_prompt_cache)(model)
+    mx.synchronize()
+    before = mx.get_active_memory()
+    mx.reset_peak_memory()
+    logits = model(mx.array([[1] * chunk]), cache=cache)
+    mx.eval(logits, [layer.state for layer in cache])
+    peak = mx.get_peak_memory() - before
+    cost = cache_cost(cache)
+    kv = sum(int(layer.nbytes) for layer in _layers(cache))
+    del logits, cache
+    mx.clear_cache()
+    return KVCost(cost.per_token, cost.windowed, cost.fixed, max(peak - kv, 0), chunk)
+
+
+def usable_memory() -> tuple[int, str]:
+    """(bytes, where from): what MLX may use on this device."""
+    import mlx.core as mx
+
+    try:
+        info = mx.device_info()
+    except Exception:  # an older MLX: only the Metal module says
+        info = {}
+    for key, source in (("max_recommended_working_set_size", "Metal working set"),
+                        ("total_memory", "GPU memory")):
+        if int(info.get(key, 0) or 0) > 0:
+            return int(info[key]), source
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "system RAM"
+    except (ValueError, OSError, AttributeError):
+        return 0, "unknown"
+
+
+def default_limit(usable: int, weights: int, prefix_memory: int) -> int:
+    """What the weights leave, less the prefix cache's memory tier (capped) and a safety
+    share; 0 when nothing is known about the device (then nothing is limited)."""
+    if usable <= 0:
+        return 0
+    left = usable - weights
+    prefix = min(max(prefix_memory, 0), int(left * PREFIX_SHARE_CAP))
+    return max(left - prefix - int(usable * SAFETY_SHARE), 0)
+
+
+class MemoryGate:
+    """Reservations of the sequences admitted (by their Generation, released when it is done:
+    every way out of the engine ends it) against a byte limit."""
+
+    def __init__(self, cost: KVCost | None, limit: int, usable: int = 0, source: str = "",
+                 weights: int = 0, chosen: bool = False) -> None:
+        self.cost = cost
+        self.limit = limit if cost is not None else 0  # 0: no limit
+        self.usable, self.source, self.weights = usable, source, weights
+        self.chosen = chosen  # set by --max-kv-memory rather than derived
+        self._lock = threading.Lock()
+        self._held: dict[Any, int] = {}  # generation -> tokens it may reach
+        self._waiting: tuple[Any, int] | None = None  # the head of the queue, told to wait
+        self.waits = 0  # requests told to wait, ever
+
+    @classmethod
+    def for_model(cls, model: Any, chunk: int, limit: int | None, prefix_memory: int
+                  ) -> MemoryGate:
+        """Measured for a loaded model; `limit` None derives it from the device."""
+        import mlx.core as mx
+
+        usable, source = usable_memory()
+        weights = mx.get_active_memory()
+        try:
+            cost = measure(model, chunk)
+        except Exception as exc:  # a model mlx-lm cannot feed this way: admission as before
+            log.warning("cannot measure the KV cache's size (%s); memory is not checked", exc)
+            return cls(None, 0, usable, source, weights)
+        chosen = limit is not None
+        if limit is None:
+            limit = default_limit(usable, weights, prefix_memory)
+        return cls(cost, limit, usable, source, weights, chosen)
+
+    # -- admission -----------------------------------------------------------------------
+
+    def admit(self, generation: Any, prompt_tokens: int, max_tokens: int) -> None:
+        """Reserve room for a sequence, or raise NotEnoughMemory (never fits) or MemoryWait
+        (fits once others finish)."""
+        if not self.limit:
+            return
+        cost, length = self.cost, prompt_tokens + max_tokens
+        alone = cost.sequence_bytes(length) + cost.activations
+        if alone > self.limit:
+            self._waiting = None
+            raise NotEnoughMemory(self._refusal(prompt_tokens, max_tokens, alone))
+        with self._lock:
+            self._prune()
+            if not self._fits(length):
+                self._waiting = (generation, length)
+                self.waits += 1
+                raise MemoryWait
+            self._held[generation] = length
+            self._waiting = None
+
+    def lets_in(self, head: tuple[Any, Any]) -> bool:
+        """Whether the first waiting (request, generation) may be tried now: not while it
+        waits for memory that is still taken (a cancelled one may go: it leaves at once)."""
+        waiting = self._waiting
+        if waiting is None or head[1] is not waiting[0] or head[1].cancelled.is_set():
+            return True
+        with self._lock:
+            self._prune()
+            return self._fits(waiting[1])
+
+    def _fits(self, length: int) -> bool:
+        need = self.cost.batch_bytes([*self._held.values(), length]) + self.cost.activations
+        return need <= self.limit
+
+    def _prune(self) -> None:
+        for generation in [g for g in self._held if g.done.is_set()]:
+            del self._held[generation]
+
+    def _refusal(self, prompt: int, max_tokens: int, need: int) -> str:
+        room = self.cost.longest_fitting(self.limit) - prompt
+        how = "--max-kv-memory" if self.chosen else "the memory left beside the model"
+        fix = (f"lower max_tokens to at most {room}" if room > 0
+               else f"shorten the prompt to under {prompt + room} tokens")
+        return (
+            f"this request may need {human(need)} of KV cache memory (a {prompt}-token prompt "
+            f"+ max_tokens {max_tokens}, at {human(self.cost.per_token)} per token) but at "
+            f"most {human(self.limit)} is allowed ({how}); {fix}, or start the server with a "
+            "larger --max-kv-memory."
+        )
+
+    # -- figures -------------------------------------------------------------------------
+
+    def figures(self) -> dict[str, Any]:
+        """For /health's batch section (any thread)."""
+        with self._lock:
+            lengths = [n for g, n in self._held.items() if not g.done.is_set()]
+        cost = self.cost
+        reserved = cost.batch_bytes(lengths) + cost.activations if cost and lengths else 0
+        return {
+            "kv_memory_limit_bytes": self.limit or None,
+            "kv_memory_reserved_bytes": reserved if self.limit else None,
+            "kv_bytes_per_token": round(cost.per_token) if cost else None,
+            "memory_waits": self.waits,
+            "device_memory_bytes": self.usable or None,
+            "device_memory_source": self.source or None,
+            "weights_bytes": self.weights,
+        }
+
+    def describe(self) -> str:
+        """One line for `mlxc serve`'s start-up panel."""
+        if not self.limit:
+            return "not checked (the KV cache's size could not be measured)"
+        tokens = self.cost.longest_fitting(self.limit)
+        how = "--max-kv-memory" if self.chosen else (
+            f"{human(self.usable)} {self.source} - {human(self.weights)} weights - margins")
+        return f"KV cache up to {human(self.limit)} ({how}): one sequence of ~{tokens:,} tokens"
+
+
+def human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GB"

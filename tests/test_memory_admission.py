@@ -1,0 +1,192 @@
+"""Memory-aware admission (engine/memory.py) with the real tiny model: the KV cost per token is
+what mlx-lm's caches really allocate; a request that can never fit the limit is refused with
+what to change, through the engine and a live server (the real openai and anthropic clients);
+requests that fit alone but not together run one after another, first come first served."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import anthropic
+import httpx
+import openai
+import pytest
+from live_server import mlxc_server
+from tiny_model import rescaled_copy
+
+from mlxc.config import load_settings
+from mlxc.engine.memory import STEP, cache_cost, measure
+from mlxc.engine.worker import Engine
+from mlxc.errors import NotEnoughMemory
+from mlxc.model.refs import resolve_model
+from mlxc.request import GenerationRequest
+from mlxc.stream import Delta
+
+
+@pytest.fixture(scope="module")
+def lively(tiny_model, tmp_path_factory) -> Path:
+    """The tiny model with sharper logits: answers that differ from prompt to prompt."""
+    return rescaled_copy(tiny_model, tmp_path_factory.mktemp("m") / "lively", 4.0)
+
+
+def make_engine(model: Path, folder: Path, **options) -> Engine:
+    """An engine without a prefix cache; with `max_kv_memory`, its limit is then set from its
+    own measured cost (the activations' figure varies a little from one load to the next)."""
+    settings = load_settings().with_overrides(
+        cache_dir=folder / "cache", model=str(model), prefix_memory_bytes=0, prefix_disk_bytes=0
+    )
+    limit = options.pop("max_kv_memory", None)
+    engine = Engine(resolve_model(settings.model, settings), settings,
+                    max_kv_memory=1 << 30 if limit else None, **options).start()
+    engine.wait_loaded()
+    if limit:
+        engine.memory.limit = limit(engine.memory.cost)
+    return engine
+
+
+@pytest.fixture(scope="module")
+def free(lively, tmp_path_factory):
+    """An engine with the default (device-derived) limit: far above what these requests need."""
+    engine = make_engine(lively, tmp_path_factory.mktemp("free"))
+    yield engine
+    engine.shutdown(wait=30)
+
+
+def chat(text: str, max_tokens: int) -> GenerationRequest:
+    return GenerationRequest(messages=[{"role": "user", "content": text}], max_tokens=max_tokens)
+
+
+def test_the_cost_per_token_is_what_the_caches_allocate(free):
+    def fed(e, make, lengths):
+        """Bytes real caches hold after prefill chunks of 512 and then one token a step."""
+        import mlx.core as mx
+
+        out = []
+        for n in lengths:
+            cache = make(e.model)
+            done = 0
+            while done < n:
+                step = min(512, n - done) if done < n - 40 else 1  # a prefill, then decode
+                mx.eval(e.model(mx.array([[5] * step]), cache=cache))
+                done += step
+            out.append(sum(layer.nbytes for layer in cache))
+        return out
+
+    from mlx_lm.models.cache import QuantizedKVCache, RotatingKVCache, make_prompt_cache
+
+    cost = free.memory.cost
+    args = free.model.args
+    head = args.hidden_size // args.num_attention_heads  # float32: k and v, 4 bytes each
+    assert cost.per_token == args.num_hidden_layers * args.num_key_value_heads * head * 2 * 4
+    lengths = [1, 41, 255, 300, 700, 1100]
+    for n, real in zip(lengths, free.call(lambda e: fed(e, make_prompt_cache, lengths)).result(),
+                       strict=True):
+        assert real <= cost.sequence_bytes(n) <= real + STEP * cost.per_token, n
+
+    def rotating(model):
+        return [RotatingKVCache(max_size=64, keep=4) for _ in model.layers]
+
+    windowed = free.call(lambda e: measure(e.model, 512, rotating)).result()
+    assert windowed.per_token == 0 and [w for _, w in windowed.windowed] == [64, 64]
+    for n, real in zip(lengths, free.call(lambda e: fed(e, rotating, lengths)).result(),
+                       strict=True):
+        assert real <= windowed.sequence_bytes(n), n
+    assert windowed.sequence_bytes(100_000) == windowed.sequence_bytes(1100)  # bounded
+
+    def quantized(_e):  # the tiny model's heads are too narrow to quantize: feed one directly
+        import mlx.core as mx
+
+        cache = QuantizedKVCache(group_size=64, bits=8)
+        cache.update_and_fetch(mx.ones((1, 2, 300, 64)), mx.ones((1, 2, 300, 64)))
+        return cache_cost([cache]), cache.nbytes
+
+    qcost, real = free.call(quantized).result()
+    assert real <= qcost.sequence_bytes(300) and qcost.per_token < 2 * 2 * 64 * 4 / 2
+
+
+def lengths(engine: Engine, *requests: GenerationRequest) -> list[int]:
+    """Tokens each request may reach: its prompt and max_tokens."""
+    return [len(engine.call(lambda e, r=r: e.encode(r)).result()) + r.max_tokens
+            for r in requests]
+
+
+def test_a_request_that_can_never_fit_is_refused_and_one_that_fits_runs(free, lively,
+                                                                         tmp_path):
+    small, huge = chat("Hello there", 40), chat("Hello there", 20_000)
+    engine = make_engine(lively, tmp_path,
+                         max_kv_memory=lambda cost: cost.sequence_bytes(2000) + cost.activations)
+    cost, limit = engine.memory.cost, engine.memory.limit
+    try:
+        with pytest.raises(NotEnoughMemory) as refused:
+            engine.submit(huge).result()
+        message = str(refused.value)
+        assert "max_tokens 20000" in message and "--max-kv-memory" in message
+        room = cost.longest_fitting(limit) - lengths(engine, small)[0] + small.max_tokens
+        assert f"lower max_tokens to at most {room}" in message
+        with pytest.raises(NotEnoughMemory):  # one token more does not fit
+            engine.submit(chat("Hello there", room + 1)).result()
+        fits = engine.submit(chat("Hello there", room))
+        for event in fits.events():  # admitted: it decodes (and is left at its first piece)
+            assert isinstance(event, Delta), event
+            break
+        answer = engine.submit(small).result()
+        assert answer.text == free.submit(small).result().text
+        figures = engine.figures()
+        assert figures["kv_memory_limit_bytes"] == limit
+        assert figures["kv_memory_reserved_bytes"] == 0 and figures["running"] == 0
+    finally:
+        engine.shutdown(wait=30)
+
+
+def test_requests_that_fit_alone_but_not_together_run_one_after_another(free, lively,
+                                                                         tmp_path):
+    """A and C fit together, B fits only alone. Queued A, B, C: B waits for A, and C, which
+    would fit beside A, does not overtake B; it waits for B in turn."""
+    a, b, c = chat("Tell me about the fox", 40), chat("A story, please", 300), chat("Hi", 40)
+    la, lb, lc = lengths(free, a, b, c)
+    engine = make_engine(lively, tmp_path, max_kv_memory=lambda cost: max(
+        cost.batch_bytes([lb]), cost.batch_bytes([la, lc])) + cost.activations)
+    cost, limit = engine.memory.cost, engine.memory.limit
+    assert cost.batch_bytes([la, lb]) + cost.activations > limit  # B fits beside neither
+    assert cost.batch_bytes([lb, lc]) + cost.activations > limit
+    alone = [free.submit(r).result().text for r in (a, b, c)]
+    try:
+        gate = threading.Event()
+        engine.call(lambda e: gate.wait(30))  # holds the engine while all three queue
+        generations = [engine.submit(r) for r in (a, b, c)]
+        gate.set()
+        assert [g.result().text for g in generations] == alone
+        figures = engine.figures()
+        assert set(figures["batch_sizes"]) == {1}, figures  # never two at a time
+        assert figures["memory_waits"] == 2  # B behind A, then C behind B
+        assert figures["kv_memory_reserved_bytes"] == 0
+    finally:
+        engine.shutdown(wait=30)
+
+
+def test_a_live_server_refuses_what_never_fits_in_each_api_shape(tmp_path, tiny_model):
+    with mlxc_server(tmp_path, tiny_model, "--max-kv-memory", "8MB") as (url, _, log):
+        oai = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=30)
+        messages = [{"role": "user", "content": "a long answer, please"}]
+        for stream in (False, True):
+            with pytest.raises(openai.BadRequestError) as refused:
+                oai.chat.completions.create(model="default", max_tokens=30_000,
+                                            messages=messages, stream=stream)
+            error = refused.value.response.json()["error"]
+            assert error["code"] == "kv_memory_exceeded" and error["param"] == "max_tokens"
+            assert "lower max_tokens" in error["message"], error
+        answer = oai.chat.completions.create(model="default", max_tokens=4, messages=messages)
+        assert answer.choices[0].finish_reason in ("stop", "length")
+
+        ant = anthropic.Anthropic(base_url=url, api_key="none", max_retries=0, timeout=30)
+        with pytest.raises(anthropic.BadRequestError) as refused:
+            ant.messages.create(model="default", max_tokens=30_000, messages=messages)
+        body = refused.value.response.json()
+        assert body["type"] == "error" and body["error"]["type"] == "invalid_request_error"
+        assert "KV cache" in body["error"]["message"]
+
+        batch = httpx.get(f"{url}/health", timeout=5).json()["batch"]
+        assert batch["kv_memory_limit_bytes"] == 8 << 20
+        assert batch["kv_memory_reserved_bytes"] == 0
+        assert "KV cache up to 8.0 MB" in log.read_text()
