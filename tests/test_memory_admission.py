@@ -142,11 +142,15 @@ def test_a_request_that_can_never_fit_is_refused_and_one_that_fits_runs(free, li
 def test_requests_that_fit_alone_but_not_together_run_one_after_another(free, lively,
                                                                          tmp_path):
     """A and C fit together, B fits only alone. Queued A, B, C: B waits for A, and C, which
-    would fit beside A, does not overtake B; it waits for B in turn."""
+    would fit beside A, does not overtake B; it waits for B in turn. (32-token prefill chunks:
+    their activations, counted once per prompt being prefilled, stay small beside the KV;
+    the prompts fit one chunk, so the answers are computed as with 512.)"""
     a, b, c = chat("Tell me about the fox", 40), chat("A story, please", 300), chat("Hi", 40)
     la, lb, lc = lengths(free, a, b, c)
-    engine = make_engine(lively, tmp_path, max_kv_memory=lambda cost: max(
-        cost.batch_bytes([lb]), cost.batch_bytes([la, lc])) + cost.activations)
+    assert all(n - r.max_tokens <= 32 for n, r in zip((la, lb, lc), (a, b, c), strict=True))
+    engine = make_engine(lively, tmp_path, prefill_step_size=32, max_kv_memory=lambda cost: max(
+        cost.batch_bytes([lb]) + cost.activations,
+        cost.batch_bytes([la, lc]) + 2 * cost.activations))
     cost, limit = engine.memory.cost, engine.memory.limit
     assert cost.batch_bytes([la, lb]) + cost.activations > limit  # B fits beside neither
     assert cost.batch_bytes([lb, lc]) + cost.activations > limit
@@ -166,7 +170,7 @@ def test_requests_that_fit_alone_but_not_together_run_one_after_another(free, li
 
 
 def test_a_live_server_refuses_what_never_fits_in_each_api_shape(tmp_path, tiny_model):
-    with mlxc_server(tmp_path, tiny_model, "--max-kv-memory", "8MB") as (url, _, log):
+    with mlxc_server(tmp_path, tiny_model, "--max-kv-memory", "12MB") as (url, _, log):
         oai = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=30)
         messages = [{"role": "user", "content": "a long answer, please"}]
         for stream in (False, True):
@@ -187,6 +191,6 @@ def test_a_live_server_refuses_what_never_fits_in_each_api_shape(tmp_path, tiny_
         assert "KV cache" in body["error"]["message"]
 
         batch = httpx.get(f"{url}/health", timeout=5).json()["batch"]
-        assert batch["kv_memory_limit_bytes"] == 8 << 20
+        assert batch["kv_memory_limit_bytes"] == 12 << 20
         assert batch["kv_memory_reserved_bytes"] == 0
-        assert "KV cache up to 8.0 MB" in log.read_text()
+        assert "KV cache up to 12.0 MB" in log.read_text()

@@ -9,11 +9,12 @@ byte budget, so a long prompt or a large max_tokens never runs the machine out o
   holds up to a block more than its tokens.
 - Decoding sequences share one rectangular cache in mlx-lm's BatchGenerator (shorter ones are
   left-padded), so a batch is counted as (sequences) x (the longest one), not as a sum.
-- A request needs prompt + max_tokens tokens, plus the activations of one prefill chunk,
-  measured with the same probe: a whole chunk, since they grow faster than linearly where
-  attention is not fused (the CPU backend: on the tiny model 0.2 MB for 32 tokens, 7.6 MB for
-  512). They also grow with the context a chunk attends to there; the safety share covers
-  that, it is not modelled.
+- A request needs prompt + max_tokens tokens, plus the activations of a prefill chunk while
+  it prefills (prompts of a burst prefill together: one chunk's worth each), measured with
+  the same probe: a whole chunk, since they grow faster than linearly where attention is not
+  fused (the CPU backend: on the tiny model 0.2 MB for 32 tokens, 7.6 MB for 512). They also
+  grow with the context a chunk attends to there; the safety share covers that, it is not
+  modelled.
 
 Order: strictly first come, first served. A request that does not fit beside the running ones
 waits at the head of the queue, and the requests behind it wait too, even small ones that
@@ -128,12 +129,14 @@ def measure(model: Any, chunk: int, make_cache: Callable[[Any], list[Any]] | Non
     mx.synchronize()
     before = mx.get_active_memory()
     mx.reset_peak_memory()
-    logits = model(mx.array([[1] * chunk]), cache=cache)
-    mx.eval(logits, [layer.state for layer in cache])
+    # Only the cache is evaluated, as in a prefill chunk: the logits of every position are
+    # never computed (the last chunk's last position only, which is small).
+    model(mx.array([[1] * chunk]), cache=cache)
+    mx.eval([layer.state for layer in cache])
     peak = mx.get_peak_memory() - before
     cost = cache_cost(cache)
     kv = sum(int(layer.nbytes) for layer in _layers(cache))
-    del logits, cache
+    del cache
     mx.clear_cache()
     return KVCost(cost.per_token, cost.windowed, cost.fixed, max(peak - kv, 0), chunk)
 
@@ -231,8 +234,14 @@ class MemoryGate:
             return self._fits(waiting[1])
 
     def _fits(self, length: int) -> bool:
-        need = self.cost.batch_bytes([*self._held.values(), length]) + self.cost.activations
-        return need <= self.limit
+        return self._need([*self._held.values(), length], 1 + self._prefilling()) <= self.limit
+
+    def _need(self, lengths: list[int], prefilling: int) -> int:
+        return self.cost.batch_bytes(lengths) + self.cost.activations * prefilling
+
+    def _prefilling(self) -> int:
+        """Admitted sequences whose prompt is not all in yet."""
+        return sum(g.prompt_tokens_done < g.prompt_tokens_total for g in self._held)
 
     def _prune(self) -> None:
         for generation in [g for g in self._held if g.done.is_set()]:
@@ -255,13 +264,13 @@ class MemoryGate:
     def figures(self) -> dict[str, Any]:
         """For /health's batch section (any thread)."""
         with self._lock:
-            lengths = [n for g, n in self._held.items() if not g.done.is_set()]
-        cost = self.cost
-        reserved = cost.batch_bytes(lengths) + cost.activations if cost and lengths else 0
+            held = {g: n for g, n in self._held.items() if not g.done.is_set()}
+        prefilling = sum(g.prompt_tokens_done < g.prompt_tokens_total for g in held)
+        reserved = self._need(list(held.values()), prefilling) if self.cost else 0
         return {
             "kv_memory_limit_bytes": self.limit or None,
             "kv_memory_reserved_bytes": reserved if self.limit else None,
-            "kv_bytes_per_token": round(cost.per_token) if cost else None,
+            "kv_bytes_per_token": round(self.cost.per_token) if self.cost else None,
             "memory_waits": self.waits,
             "device_memory_bytes": self.usable or None,
             "device_memory_source": self.source or None,
