@@ -16,7 +16,7 @@ from live_server import mlxc_server
 from tiny_model import rescaled_copy
 
 from mlxc.config import load_settings
-from mlxc.engine.memory import STEP, cache_cost, measure
+from mlxc.engine.memory import SAFETY_MIN, STEP, cache_cost, measure
 from mlxc.engine.worker import Engine
 from mlxc.errors import NotEnoughMemory
 from mlxc.model.refs import resolve_model
@@ -30,12 +30,13 @@ def lively(tiny_model, tmp_path_factory) -> Path:
     return rescaled_copy(tiny_model, tmp_path_factory.mktemp("m") / "lively", 4.0)
 
 
-def make_engine(model: Path, folder: Path, **options) -> Engine:
-    """An engine without a prefix cache; with `max_kv_memory`, its limit is then set from its
-    own measured cost (the activations' figure varies a little from one load to the next)."""
+def make_engine(model: Path, folder: Path, prefix: bool = False, **options) -> Engine:
+    """An engine, without a prefix cache unless asked; with `max_kv_memory`, its limit is then
+    set from its own measured cost (the activations' figure varies a little between loads)."""
+    overrides = {"prefix_block_tokens": 16} if prefix else {
+        "prefix_memory_bytes": 0, "prefix_disk_bytes": 0}
     settings = load_settings().with_overrides(
-        cache_dir=folder / "cache", model=str(model), prefix_memory_bytes=0, prefix_disk_bytes=0
-    )
+        cache_dir=folder / "cache", model=str(model), **overrides)
     limit = options.pop("max_kv_memory", None)
     engine = Engine(resolve_model(settings.model, settings), settings,
                     max_kv_memory=1 << 30 if limit else None, **options).start()
@@ -169,6 +170,27 @@ def test_requests_that_fit_alone_but_not_together_run_one_after_another(free, li
         engine.shutdown(wait=30)
 
 
+def test_the_prefix_cache_gives_its_memory_to_a_request_that_needs_it(free, lively, tmp_path):
+    """On a device this request would fill, the memory tier drops blocks first; the answer is
+    the same (they are on disk, and a cache never changes an answer)."""
+    first = chat("Tell me about the fox and the dog " * 8, 8)
+    engine = make_engine(lively, tmp_path, prefix=True)
+    try:
+        engine.submit(first).result()
+        tier = engine.call(lambda e: e.prompt_cache.memory_bytes()).result()
+        assert tier > 0
+        gate, (length,) = engine.memory, lengths(engine, first)
+        need = gate.cost.batch_bytes([length]) + gate.cost.activations
+        # A device where the weights, this request, the tier and the margin overrun by half
+        # the tier (the margin is SAFETY_MIN at this size).
+        usable = gate.weights + need + SAFETY_MIN + tier - tier // 2
+        engine.call(lambda e: setattr(e.memory, "usable", usable)).result()
+        assert engine.submit(first).result().text == free.submit(first).result().text
+        assert engine.figures()["prefix_memory_shed_bytes"] >= tier - tier // 2
+    finally:
+        engine.shutdown(wait=30)
+
+
 def test_a_live_server_refuses_what_never_fits_in_each_api_shape(tmp_path, tiny_model):
     with mlxc_server(tmp_path, tiny_model, "--max-kv-memory", "12MB") as (url, _, log):
         oai = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=30)
@@ -194,3 +216,5 @@ def test_a_live_server_refuses_what_never_fits_in_each_api_shape(tmp_path, tiny_
         assert batch["kv_memory_limit_bytes"] == 12 << 20
         assert batch["kv_memory_reserved_bytes"] == 0
         assert "KV cache up to 12.0 MB" in log.read_text()
+        metrics = httpx.get(f"{url}/metrics", timeout=5).text
+        assert f"mlxc_kv_memory_limit_bytes {12 << 20:g}" in metrics, metrics

@@ -1,9 +1,9 @@
 """Memory-aware admission: a request is prefilled only when the KV cache it may grow to fits a
 byte budget, so a long prompt or a large max_tokens never runs the machine out of memory.
 
-- The cost of a token is measured, not guessed: the model runs a few tokens through a cache
-  made by mlx-lm's `make_prompt_cache`, and each layer's bytes are read off the arrays it
-  allocated. Layers that keep every token (KVCache, QuantizedKVCache) cost bytes per token;
+- The cost of a token is measured, not guessed: the model runs one prefill chunk through a
+  cache made by mlx-lm's `make_prompt_cache`, and each layer's bytes are read off the arrays
+  it allocated. Layers that keep every token (KVCache, QuantizedKVCache) cost bytes per token;
   sliding-window layers (RotatingKVCache) stop growing at their window; recurrent layers
   (ArraysCache) cost a fixed size per sequence. Caches grow by blocks of 256 tokens, so one
   holds up to a block more than its tokens.
@@ -15,6 +15,12 @@ byte budget, so a long prompt or a large max_tokens never runs the machine out o
   fused (the CPU backend: on the tiny model 0.2 MB for 32 tokens, 7.6 MB for 512). They also
   grow with the context a chunk attends to there; the safety share covers that, it is not
   modelled.
+
+The limit (--max-kv-memory) defaults to what the device can use (Metal's recommended working
+set, CUDA's total memory, else the system RAM) less the weights and a safety share. The
+prefix cache's memory tier lives in the same memory, within its own budget: when what the
+admitted sequences may reach, the weights, the tier and the safety share would pass what the
+device can use, the tier drops its least recently used blocks first (they stay on disk).
 
 Order: strictly first come, first served. A request that does not fit beside the running ones
 waits at the head of the queue, and the requests behind it wait too, even small ones that
@@ -39,15 +45,12 @@ from mlxc.errors import NotEnoughMemory
 
 log = logging.getLogger("mlxc.engine")
 STEP = 256  # mlx-lm's caches allocate in blocks of this many tokens
-# Of the memory the device can use, the share kept out of the default KV budget: MLX's buffer
-# cache, the OS and other apps on unified memory, arrays outside the KV cache (sampling,
-# logits processors, a state being stored), and the error in the estimate.
-SAFETY_SHARE = 0.10
-# The prefix cache's memory tier holds KV blocks in the same memory, within its own budget
-# (--prefix-memory / a share of free RAM); that budget comes off the default KV budget, but
-# never more than this share of what the weights leave (on a CUDA host its default follows
-# the host's RAM, which may be larger than the GPU's).
-PREFIX_SHARE_CAP = 0.5
+# Of the memory the device can use, the share kept out of the default KV budget (at least
+# SAFETY_MIN): MLX's buffer cache, a state copied while it joins or leaves the batch, arrays
+# outside the KV cache (sampling, logits), the CUDA context, and the error in the estimate.
+# Metal's recommended working set already leaves the OS and other apps their part of RAM.
+SAFETY_SHARE = 0.05
+SAFETY_MIN = 512 << 20
 
 
 class MemoryWait(Exception):
@@ -159,14 +162,14 @@ def usable_memory() -> tuple[int, str]:
         return 0, "unknown"
 
 
-def default_limit(usable: int, weights: int, prefix_memory: int) -> int:
-    """What the weights leave, less the prefix cache's memory tier (capped) and a safety
-    share; 0 when nothing is known about the device (then nothing is limited)."""
-    if usable <= 0:
-        return 0
-    left = usable - weights
-    prefix = min(max(prefix_memory, 0), int(left * PREFIX_SHARE_CAP))
-    return max(left - prefix - int(usable * SAFETY_SHARE), 0)
+def safety(usable: int) -> int:
+    return max(int(usable * SAFETY_SHARE), SAFETY_MIN) if usable > 0 else 0
+
+
+def default_limit(usable: int, weights: int) -> int:
+    """What the weights leave, less the safety share; 0 when nothing is known about the
+    device (then nothing is limited)."""
+    return max(usable - weights - safety(usable), 0) if usable > 0 else 0
 
 
 class MemoryGate:
@@ -174,18 +177,20 @@ class MemoryGate:
     every way out of the engine ends it) against a byte limit."""
 
     def __init__(self, cost: KVCost | None, limit: int, usable: int = 0, source: str = "",
-                 weights: int = 0, chosen: bool = False) -> None:
+                 weights: int = 0, chosen: bool = False, prefix: Any = None) -> None:
         self.cost = cost
         self.limit = limit if cost is not None else 0  # 0: no limit
         self.usable, self.source, self.weights = usable, source, weights
         self.chosen = chosen  # set by --max-kv-memory rather than derived
+        self.prefix = prefix  # the PrefixCache, whose memory tier gives way (memory_bytes, shed)
+        self.shed = 0  # bytes the prefix cache's memory tier dropped to make room, ever
         self._lock = threading.Lock()
         self._held: dict[Any, int] = {}  # generation -> tokens it may reach
         self._waiting: tuple[Any, int] | None = None  # the head of the queue, told to wait
         self.waits = 0  # requests told to wait, ever
 
     @classmethod
-    def for_model(cls, model: Any, chunk: int, limit: int | None, prefix_memory: int
+    def for_model(cls, model: Any, chunk: int, limit: int | None, prefix: Any = None
                   ) -> MemoryGate:
         """Measured for a loaded model; `limit` None derives it from the device."""
         import mlx.core as mx
@@ -199,8 +204,8 @@ class MemoryGate:
             return cls(None, 0, usable, source, weights)
         chosen = limit is not None
         if limit is None:
-            limit = default_limit(usable, weights, prefix_memory)
-        return cls(cost, limit, usable, source, weights, chosen)
+            limit = default_limit(usable, weights)
+        return cls(cost, limit, usable, source, weights, chosen, prefix)
 
     # -- admission -----------------------------------------------------------------------
 
@@ -222,6 +227,21 @@ class MemoryGate:
                 raise MemoryWait
             self._held[generation] = length
             self._waiting = None
+            reserved = self._need(list(self._held.values()), self._prefilling() + 1)
+        self._make_room(reserved)
+
+    def _make_room(self, reserved: int) -> None:
+        """Shrink the prefix cache's memory tier if the weights, the KV caches at their largest,
+        the tier and the safety share would pass what the device can use."""
+        if not self.usable or self.prefix is None:
+            return
+        tier = self.prefix.memory_bytes()
+        over = self.weights + reserved + tier + safety(self.usable) - self.usable
+        if over > 0 and tier > 0:
+            freed = self.prefix.shed(over)
+            self.shed += freed
+            log.info("memory: the prefix cache's memory tier gave %s to running requests",
+                     human(freed))
 
     def lets_in(self, head: tuple[Any, Any]) -> bool:
         """Whether the first waiting (request, generation) may be tried now: not while it
@@ -272,6 +292,7 @@ class MemoryGate:
             "kv_memory_reserved_bytes": reserved if self.limit else None,
             "kv_bytes_per_token": round(self.cost.per_token) if self.cost else None,
             "memory_waits": self.waits,
+            "prefix_memory_shed_bytes": self.shed,
             "device_memory_bytes": self.usable or None,
             "device_memory_source": self.source or None,
             "weights_bytes": self.weights,

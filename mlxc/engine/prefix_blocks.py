@@ -206,6 +206,18 @@ class BlockTree:
                 if block.hash in self._lru:
                     self._lru.move_to_end(block.hash)
 
+    def shed(self, nbytes: int) -> int:
+        """Drop at least `nbytes` of arrays (or all), least recently used first; returns the
+        bytes dropped (room for a request's KV cache: memory.py)."""
+        with self.lock:
+            before, limit = self.memory_bytes, self.memory_limit
+            self.memory_limit = max(before - nbytes, 0)
+            try:
+                self._evict()
+            finally:
+                self.memory_limit = limit
+            return before - self.memory_bytes
+
     def _evict(self) -> None:
         while self.memory_bytes > self.memory_limit and self._lru:
             h, _ = self._lru.popitem(last=False)

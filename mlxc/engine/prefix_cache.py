@@ -195,6 +195,30 @@ class PrefixCache:
         if self.tiers is not None:
             self.tiers.flush()
 
+    # -- giving memory back ----------------------------------------------------------------------
+
+    def memory_bytes(self) -> int:
+        """Bytes the memory tier holds now."""
+        tree = getattr(self.tiers, "tree", None)  # blocks
+        memory = getattr(self.tiers, "memory", None)  # whole states: mlx-lm's LRU
+        if tree is not None:
+            return tree.memory_bytes
+        return memory.nbytes if memory is not None else 0
+
+    def shed(self, nbytes: int) -> int:
+        """Drop at least `nbytes` (or all) from the memory tier, least recently used first
+        (what is on disk stays there), to make room for a request's KV cache (memory.py).
+        Returns the bytes dropped."""
+        tree = getattr(self.tiers, "tree", None)
+        if tree is not None:
+            return tree.shed(nbytes)
+        memory = getattr(self.tiers, "memory", None)
+        if memory is None:
+            return 0
+        before = memory.nbytes
+        memory.trim_to(n_bytes=before - nbytes)
+        return before - memory.nbytes
+
     # -- reporting and housekeeping ------------------------------------------------------------
 
     def stats(self) -> dict[str, Any]:

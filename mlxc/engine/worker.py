@@ -272,7 +272,7 @@ class Engine:
         from mlxc.engine.memory import MemoryGate
 
         self.memory = MemoryGate.for_model(self.model, self.prefill_step_size,
-                                           self.max_kv_memory, self.prompt_cache.memory_limit)
+                                           self.max_kv_memory, self.prompt_cache)
         from mlxc.engine.scheduler import Scheduler
 
         self.scheduler = Scheduler(self, self.max_batch, self._start_sequence)

@@ -107,6 +107,11 @@ async def metrics(request: Request) -> Response:
         "mlxc_engine_tokens_per_second": ("Tokens/s of all sequences, last 10 s.",
                                           batch["tokens_per_second"]),
     }
+    if batch.get("kv_memory_limit_bytes"):  # memory-aware admission (engine/memory.py)
+        gauges["mlxc_kv_memory_limit_bytes"] = ("KV cache memory admission allows.",
+                                                batch["kv_memory_limit_bytes"])
+        gauges["mlxc_kv_memory_reserved_bytes"] = ("KV cache memory reserved by admitted "
+                                                   "sequences.", batch["kv_memory_reserved_bytes"])
     if (stats := await _store_stats(state)) is not None:
         gauges["mlxc_cache_items"] = ("Answers in the response cache.", stats["cached_items"])
         gauges["mlxc_cache_bytes"] = ("Size of the response cache.", stats["size_bytes"])
