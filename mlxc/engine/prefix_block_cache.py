@@ -20,6 +20,8 @@ from mlx_lm.models.cache import make_prompt_cache
 from mlxc.engine.prefix_block_disk import DISK_ERRORS, BlockDisk
 from mlxc.engine.prefix_block_kv import (
     assemble,
+    blank,
+    byte_views,
     cut,
     from_numpy,
     kv_dtype,
@@ -78,24 +80,32 @@ class BlockTiers:
             except DISK_ERRORS as exc:
                 log.warning("prefix cache: disk tier unreadable (%s)", exc)
         limit = len(tokens) - 1
-        pieces, lengths, used, n = [], [], [], 0
-        per_tier = {"memory": 0, "disk": 0}
+        # The blocks to reuse, the tokens of each, and their arrays if memory holds them (taken
+        # now: loading the others may evict them from the memory tier).
+        chain: list[tuple[Block, int, Any]] = []
+        n = 0
         for block, found in self.tree.walk(tokens) if limit >= self.min_reuse else ():
             k = min(found, limit - n)
             if k <= 0:
                 break
-            arrays, tier = block.arrays, "memory"
+            chain.append((block, k, block.arrays))
+            n += k
+            if k < found:  # cut short to leave a token to feed
+                break
+        loaded = self._load([b for b, _, arrays in chain if arrays is None])
+        pieces, lengths, used, n = [], [], [], 0
+        per_tier = {"memory": 0, "disk": 0}
+        for block, k, arrays in chain:
+            tier = "memory"
             if arrays is None:
-                arrays, tier = self._load(block), "disk"
-                if arrays is None:
+                arrays, tier = loaded.get(block.hash), "disk"
+                if arrays is None:  # gone or unusable: the chain ends before it
                     break
             pieces.append(arrays)
             lengths.append(k)
             used.append(block)
             per_tier[tier] += k
             n += k
-            if k < found:  # cut short to leave a token to feed
-                break
         if n < self.min_reuse:
             return make_prompt_cache(self.model), 0, {}
         self.tree.touch(used)
@@ -103,15 +113,30 @@ class BlockTiers:
             self.disk.touch(used)
         return assemble(make_prompt_cache(self.model), pieces, lengths), n, per_tier
 
-    def _load(self, block: Block) -> list[Any] | None:
-        if self.disk is None or not block.on_disk:
-            return None
-        found = self.disk.load(block)
-        if found is None:
-            return None
-        specs, arrays = found
-        try:  # either format: 8-bit arrays are dequantized to their dtype here
-            out = from_numpy(specs, arrays)
+    def _load(self, blocks: list[Block]) -> dict[str, list[Any]]:
+        """The arrays of blocks the memory tier lacks, from their files, read straight into
+        MLX memory several at once (then held in memory), up to the first that fails."""
+        if self.disk is None:
+            return {}
+        opened = []
+        for block in blocks:
+            found = self.disk.open(block) if block.on_disk else None
+            if found is None:
+                break
+            opened.append((block, found, blank(found.header.arrays)))
+        read = self.disk.read([(b, o, byte_views(into)) for b, o, into in opened])
+        out: dict[str, list[Any]] = {}
+        for (block, found, into), whole in zip(opened, read, strict=True):
+            if not whole or (arrays := self._arrays(block, found.header.arrays, into)) is None:
+                break
+            out[block.hash] = arrays
+        return out
+
+    def _arrays(self, block: Block, specs: list[dict], raw: list[Any]) -> list[Any] | None:
+        """A block's arrays from its file's (8-bit ones dequantized), held in memory; None
+        (and the file removed) if they do not fit this model's layout."""
+        try:
+            out = from_numpy(specs, raw)
             why = "layout differs"
         except ValueError as exc:
             out, why = [], str(exc)

@@ -12,10 +12,18 @@ import logging
 import queue
 import sqlite3
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from mlxc.engine.prefix_block_file import BadBlock, BlockHeader, arrays_of, read_block, write_temp
+from mlxc.engine.prefix_block_file import (
+    BadBlock,
+    BlockHeader,
+    OpenBlock,
+    open_block,
+    read_into,
+    write_temp,
+)
 from mlxc.engine.prefix_block_index import BlockIndex, BlockRow, _unlink
 from mlxc.engine.prefix_blocks import Block, BlockTree, chain_hash, token_array
 
@@ -23,6 +31,7 @@ log = logging.getLogger("mlxc.prefix")
 QUEUE_BLOCKS = 256  # jobs waiting for the writer at most
 QUEUE_BYTES = 1 << 30  # KV waiting for the disk at most (held in memory until written)
 DISK_ERRORS = (OSError, sqlite3.Error)
+READERS = 8  # threads reading one lookup's blocks at once
 
 
 class BlockDisk:
@@ -45,6 +54,7 @@ class BlockDisk:
         self._queued_lock = threading.Lock()
         self._writer = threading.Thread(target=self._run, name="mlxc-prefix-writer", daemon=True)
         self._writer.start()
+        self._readers = ThreadPoolExecutor(READERS, thread_name_prefix="mlxc-prefix-reader")
         self.refresh()
 
     # -- engine thread -------------------------------------------------------------------------
@@ -116,31 +126,59 @@ class BlockDisk:
             return False
         return True
 
-    def load(self, block: Block) -> list | None:
-        """A block's arrays as numpy views (the caller makes MLX arrays), or None when its
-        file is gone or unusable (then it is forgotten, with a warning if it was bad)."""
+    def open(self, block: Block) -> OpenBlock | None:
+        """A block's file opened and its header checked against the block, or None when it
+        is gone or unusable (then it is forgotten, with a warning if it was bad)."""
         path = self.index.block_path(block.hash)
         try:
-            header, data, start = read_block(path)
+            opened = open_block(path)
+            header = opened.header
             if (header.hash, header.root, header.parent, token_array(header.tokens)) != (
                 block.hash, self.root, block.parent, block.tokens
             ) or chain_hash(header.parent, header.tokens) != block.hash:
+                opened.close()
                 raise BadBlock("another block's or model's")
-            return [header.arrays, arrays_of(header, data, start)]
+            return opened
         except FileNotFoundError:  # evicted by another process: not an error
             pass
         except (BadBlock, OSError) as exc:
-            log.warning("prefix cache: removing unusable block file %s (%s)", path.name, exc)
-            _unlink(path)
+            self._unusable(block, exc)
+            return None
+        self._forget(block)
+        return None
+
+    def read(self, jobs: list[tuple[Block, OpenBlock, list[memoryview]]]) -> list[bool]:
+        """Read opened blocks' arrays into their buffers, several at once (reads release the
+        GIL: a restart's 8,000-token prefix is 32 files); which ones were read whole."""
+        def one(job) -> bool:
+            block, opened, buffers = job
+            try:
+                read_into(opened, buffers)
+                return True
+            except (BadBlock, OSError) as exc:
+                self._unusable(block, exc)
+                return False
+
+        if len(jobs) < 2:
+            return [one(job) for job in jobs]
+        return list(self._readers.map(one, jobs))
+
+    def _unusable(self, block: Block, exc: Exception) -> None:
+        path = self.index.block_path(block.hash)
+        log.warning("prefix cache: removing unusable block file %s (%s)", path.name, exc)
+        _unlink(path)
+        self._forget(block)
+
+    def _forget(self, block: Block) -> None:
         self.tree.forget_disk(block.hash)
         self.drop([block.hash])
-        return None
 
     def flush(self) -> None:
         """Wait until every queued write is on disk (tests, benchmarks, shutdown)."""
         self._jobs.join()
 
     def close(self) -> None:
+        self._readers.shutdown()
         self._jobs.put(None)
         self._writer.join(60)
         self.index.close()

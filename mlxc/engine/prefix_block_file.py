@@ -160,3 +160,69 @@ def arrays_of(header: BlockHeader, data: bytearray, start: int) -> list[np.ndarr
             raise BadBlock("array sizes disagree")
         out.append(np.frombuffer(data, dtype, count, offset).reshape(spec["shape"]))
     return out
+
+
+@dataclass
+class OpenBlock:
+    """A block file opened for reading: its header read and checked, its arrays not yet."""
+
+    fd: int
+    header: BlockHeader
+    start: int  # where the arrays begin
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+IOV_MAX = 512  # buffers per readv call (POSIX guarantees at least 16; Linux and macOS 1024)
+
+
+def open_block(path: Path) -> OpenBlock:
+    """Open a block file and check its header against its size, reading no array bytes.
+    FileNotFoundError if it is gone, BadBlock if it is not a whole block file."""
+    fd = open_regular(path)
+    try:
+        size = os.fstat(fd).st_size
+        head = os.pread(fd, len(MAGIC) + 8, 0)
+        if len(head) != len(MAGIC) + 8 or head[: len(MAGIC)] != MAGIC:
+            raise BadBlock("not a block file")
+        (meta_len,) = struct.unpack_from("<Q", head, len(MAGIC))
+        if meta_len > min(HEADER_LIMIT, size):
+            raise BadBlock("bad header length")
+        try:
+            header = BlockHeader(**json.loads(os.pread(fd, meta_len, len(MAGIC) + 8)))
+        except (ValueError, TypeError) as exc:
+            raise BadBlock(f"unreadable header ({exc})") from exc
+        start, offset = data_offset(meta_len), 0
+        for spec in header.arrays:  # laid out back to back, each its shape's size
+            count = int(np.prod(spec["shape"])) if spec["shape"] else 1
+            nbytes = int(spec["nbytes"])
+            itemsize = np.dtype(np_dtype(spec["dtype"])).itemsize
+            if int(spec["offset"]) != offset or count * itemsize != nbytes:
+                raise BadBlock("array sizes disagree")
+            offset += nbytes
+        if size != start + offset:
+            raise BadBlock(f"{size} bytes, its header says {start + offset}")
+    except BaseException:
+        os.close(fd)
+        raise
+    return OpenBlock(fd, header, start)
+
+
+def read_into(block: OpenBlock, buffers: list[memoryview]) -> None:
+    """Read the block's arrays straight into `buffers` (writable, one per array, in order: no
+    copy in between), then close the file. BadBlock if the file ends early. Releases the GIL
+    while it reads, so several blocks load at once on threads."""
+    try:
+        os.lseek(block.fd, block.start, os.SEEK_SET)
+        todo = [b for b in buffers if b.nbytes]
+        while todo:
+            n = os.readv(block.fd, todo[:IOV_MAX])
+            if n == 0:
+                raise BadBlock("truncated while reading")
+            while todo and n >= todo[0].nbytes:
+                n -= todo.pop(0).nbytes
+            if n:
+                todo[0] = todo[0][n:]
+    finally:
+        block.close()

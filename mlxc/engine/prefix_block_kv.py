@@ -100,16 +100,32 @@ def to_buffers(arrays: list[Any], notes: list[dict | None] | None = None,
     return specs, views
 
 
-def _mx(spec: dict, x: np.ndarray) -> Any:
-    a = mx.array(x)
+def blank(specs: list[dict]) -> list[Any]:
+    """Evaluated arrays to read a block file's arrays into (raw words for dtypes numpy lacks),
+    made on the CPU stream: memory the host writes and the GPU then reads (unified on Metal,
+    managed on CUDA)."""
+    out = [mx.zeros(spec["shape"], getattr(mx, np.dtype(np_dtype(spec["dtype"])).name),
+                    stream=mx.cpu) for spec in specs]
+    mx.eval(out)
+    return out
+
+
+def byte_views(arrays: list[Any]) -> list[memoryview]:
+    """Writable byte views of evaluated arrays' own memory (numpy shares it, no copy)."""
+    return [memoryview(np.asarray(a)).cast("B") for a in arrays]
+
+
+def _mx(spec: dict, x: Any) -> Any:
+    a = x if isinstance(x, mx.array) else mx.array(x)
     if np_dtype(spec["dtype"]) is np.uint16 and spec["dtype"] == "bfloat16":
         a = a.view(mx.bfloat16)
     return a
 
 
-def from_numpy(specs: list[dict], arrays: list[np.ndarray]) -> list[Any]:
-    """MLX arrays of a block file's arrays, quantized ones dequantized to their dtype (either
-    format, whatever this process's setting). ValueError if a recipe does not fit its data."""
+def from_numpy(specs: list[dict], arrays: list[Any]) -> list[Any]:
+    """MLX arrays of a block file's arrays (numpy, or `blank`'s once filled), quantized ones
+    dequantized to their dtype (either format, whatever this process's setting). ValueError if
+    a recipe does not fit its data."""
     if len(specs) != len(arrays):
         raise ValueError("specs and arrays disagree")
     out, i = [], 0
