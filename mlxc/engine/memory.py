@@ -82,7 +82,7 @@ class KVCost:
 
     def longest_fitting(self, limit: int) -> int:
         """The most tokens one sequence may reach within `limit` bytes (prefill included)."""
-        lo, hi = 0, 1 << 24
+        lo, hi = 0, 1 << 34
         while lo < hi:
             mid = (lo + hi + 1) // 2
             if self.sequence_bytes(mid) + self.activations <= limit:
@@ -304,8 +304,9 @@ class MemoryGate:
             return "not checked (the KV cache's size could not be measured)"
         tokens = self.cost.longest_fitting(self.limit)
         how = "--max-kv-memory" if self.chosen else (
-            f"{human(self.usable)} {self.source} - {human(self.weights)} weights - margins")
-        return f"KV cache up to {human(self.limit)} ({how}): one sequence of ~{tokens:,} tokens"
+            f"{human(self.usable)} {self.source} - {human(self.weights)} weights - "
+            f"{human(safety(self.usable))} margin")
+        return f"KV cache up to {human(self.limit)} ({how}): ~{tokens:,} tokens in one sequence"
 
 
 def human(n: float) -> str:
