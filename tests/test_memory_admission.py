@@ -76,10 +76,29 @@ def test_the_cost_per_token_is_what_the_caches_allocate(free):
 
     from mlx_lm.models.cache import QuantizedKVCache, RotatingKVCache, make_prompt_cache
 
+    def prefill_peak(e, n):
+        """Working memory of a real n-token prefill in 512-token chunks, above its KV."""
+        import mlx.core as mx
+
+        cache = make_prompt_cache(e.model)
+        mx.synchronize()
+        before = mx.get_active_memory()
+        mx.reset_peak_memory()
+        for start in range(0, n, 512):
+            e.model(mx.array([[5] * min(512, n - start)]), cache=cache)
+            mx.eval([layer.state for layer in cache])
+        return mx.get_peak_memory() - before - sum(layer.nbytes for layer in cache)
+
     cost = free.memory.cost
     args = free.model.args
     head = args.hidden_size // args.num_attention_heads  # float32: k and v, 4 bytes each
     assert cost.per_token == args.num_hidden_layers * args.num_key_value_heads * head * 2 * 4
+    # The CPU backend holds every attention score: a chunk needs more the more it attends to
+    # (the second chunk of 1000 tokens, 0.6x more on this model).
+    assert cost.per_context > 0
+    for n in (512, 1000):
+        real = free.call(lambda e, n=n: prefill_peak(e, n)).result()
+        assert real <= 1.1 * cost.prefill_bytes(n), (n, real)  # peaks vary a few % per run
     lengths = [1, 41, 255, 300, 700, 1100]
     for n, real in zip(lengths, free.call(lambda e: fed(e, make_prompt_cache, lengths)).result(),
                        strict=True):
@@ -106,10 +125,13 @@ def test_the_cost_per_token_is_what_the_caches_allocate(free):
     assert real <= qcost.sequence_bytes(300) and qcost.per_token < 2 * 2 * 64 * 4 / 2
 
 
+def prompts(engine: Engine, *requests: GenerationRequest) -> list[int]:
+    return [len(engine.call(lambda e, r=r: e.encode(r)).result()) for r in requests]
+
+
 def lengths(engine: Engine, *requests: GenerationRequest) -> list[int]:
     """Tokens each request may reach: its prompt and max_tokens."""
-    return [len(engine.call(lambda e, r=r: e.encode(r)).result()) + r.max_tokens
-            for r in requests]
+    return [n + r.max_tokens for n, r in zip(prompts(engine, *requests), requests, strict=True)]
 
 
 def test_a_request_that_can_never_fit_is_refused_and_one_that_fits_runs(free, lively,
@@ -123,7 +145,8 @@ def test_a_request_that_can_never_fit_is_refused_and_one_that_fits_runs(free, li
             engine.submit(huge).result()
         message = str(refused.value)
         assert "max_tokens 20000" in message and "--max-kv-memory" in message
-        room = cost.longest_fitting(limit) - lengths(engine, small)[0] + small.max_tokens
+        (prompt,) = prompts(engine, small)
+        room = cost.longest_fitting(limit, prompt) - prompt
         assert f"lower max_tokens to at most {room}" in message
         with pytest.raises(NotEnoughMemory):  # one token more does not fit
             engine.submit(chat("Hello there", room + 1)).result()
@@ -179,8 +202,8 @@ def test_the_prefix_cache_gives_its_memory_to_a_request_that_needs_it(free, live
         engine.submit(first).result()
         tier = engine.call(lambda e: e.prompt_cache.memory_bytes()).result()
         assert tier > 0
-        gate, (length,) = engine.memory, lengths(engine, first)
-        need = gate.cost.batch_bytes([length]) + gate.cost.activations
+        gate, (prompt,) = engine.memory, prompts(engine, first)
+        need = gate.cost.batch_bytes([prompt + first.max_tokens]) + gate.cost.prefill_bytes(prompt)
         # A device where the weights, this request, the tier and the margin overrun by half
         # the tier (the margin is SAFETY_MIN at this size).
         usable = gate.weights + need + SAFETY_MIN + tier - tier // 2

@@ -9,12 +9,12 @@ byte budget, so a long prompt or a large max_tokens never runs the machine out o
   holds up to a block more than its tokens.
 - Decoding sequences share one rectangular cache in mlx-lm's BatchGenerator (shorter ones are
   left-padded), so a batch is counted as (sequences) x (the longest one), not as a sum.
-- A request needs prompt + max_tokens tokens, plus the activations of a prefill chunk while
-  it prefills (prompts of a burst prefill together: one chunk's worth each), measured with
-  the same probe: a whole chunk, since they grow faster than linearly where attention is not
-  fused (the CPU backend: on the tiny model 0.2 MB for 32 tokens, 7.6 MB for 512). They also
-  grow with the context a chunk attends to there; the safety share covers that, it is not
-  modelled.
+- A request needs prompt + max_tokens tokens, plus the working memory of its widest prefill
+  chunk while it prefills (prompts of a burst prefill together: each its own), measured by
+  the same probe: two whole chunks, since where attention is not fused (the CPU backend) a
+  chunk holds every score, growing with the chunk squared (tiny model: 0.2 MB for 32 tokens,
+  6.8 MB for 512) and with the context it attends to (+9 KB per token there); fused kernels
+  measure no growth.
 
 The limit (--max-kv-memory) defaults to what the device can use (Metal's recommended working
 set, CUDA's total memory, else the system RAM) less the weights and a safety share. The
@@ -64,8 +64,13 @@ class KVCost:
     per_token: float  # layers that keep every token
     windowed: tuple[tuple[float, int], ...] = ()  # (bytes per token, window) of rotating layers
     fixed: int = 0  # recurrent layers: the same whatever the length
-    activations: int = 0  # one prefill chunk's working memory beyond its KV
+    activations: int = 0  # a first prefill chunk's working memory beyond its KV
+    per_context: float = 0.0  # and what a later chunk needs more per token it attends to
     chunk: int = STEP  # prefill chunk (tokens)
+
+    def prefill_bytes(self, prompt: int) -> int:
+        """Working memory of the prompt's last (widest) prefill chunk."""
+        return int(self.activations + self.per_context * max(prompt - self.chunk, 0))
 
     def sequence_bytes(self, tokens: int) -> int:
         """One sequence's cache at `tokens` tokens, at most, as allocated: a cache grows by
@@ -80,12 +85,12 @@ class KVCost:
         long as the longest sequence."""
         return len(lengths) * self.sequence_bytes(max(lengths)) if lengths else 0
 
-    def longest_fitting(self, limit: int) -> int:
-        """The most tokens one sequence may reach within `limit` bytes (prefill included)."""
-        lo, hi = 0, 1 << 34
+    def longest_fitting(self, limit: int, prompt: int) -> int:
+        """The most tokens a sequence with this prompt may reach within `limit` bytes."""
+        lo, hi, prefill = 0, 1 << 34, self.prefill_bytes(prompt)
         while lo < hi:
             mid = (lo + hi + 1) // 2
-            if self.sequence_bytes(mid) + self.activations <= limit:
+            if self.sequence_bytes(mid) + prefill <= limit:
                 lo = mid
             else:
                 hi = mid - 1
@@ -123,25 +128,37 @@ def cache_cost(cache: list[Any]) -> KVCost:
 
 def measure(model: Any, chunk: int, make_cache: Callable[[Any], list[Any]] | None = None
             ) -> KVCost:
-    """Run one `chunk`-token prefill through a fresh cache: the bytes each layer allocated
-    give the cost per token, the peak above them the activations of a prefill chunk."""
+    """Run two `chunk`-token prefill chunks through a fresh cache: the bytes each layer
+    allocated give the cost per token; the peak above them, the activations of a first chunk
+    and how much more the second needs for attending to twice as many tokens (nothing where
+    attention is fused; the CPU backend holds every score)."""
     import mlx.core as mx
     from mlx_lm.models.cache import make_prompt_cache
 
     cache = (make_cache or make_prompt_cache)(model)
-    mx.synchronize()
-    before = mx.get_active_memory()
-    mx.reset_peak_memory()
-    # Only the cache is evaluated, as in a prefill chunk: the logits of every position are
-    # never computed (the last chunk's last position only, which is small).
-    model(mx.array([[1] * chunk]), cache=cache)
-    mx.eval([layer.state for layer in cache])
-    peak = mx.get_peak_memory() - before
+
+    def prefill_chunk(cache: list[Any]) -> int:
+        """Working memory of one chunk: its peak above what was there and what it added.
+        Only the cache is evaluated, as in a prefill: the logits of every position are never
+        computed (the last chunk's last position only, which is small)."""
+        mx.synchronize()
+        kv, before = _kv_bytes(cache), mx.get_active_memory()
+        mx.reset_peak_memory()
+        model(mx.array([[1] * chunk]), cache=cache)
+        mx.eval([layer.state for layer in cache])
+        return max(mx.get_peak_memory() - before - (_kv_bytes(cache) - kv), 0)
+
+    first = prefill_chunk(cache)
     cost = cache_cost(cache)
-    kv = sum(int(layer.nbytes) for layer in _layers(cache))
+    second = prefill_chunk(cache)
     del cache
     mx.clear_cache()
-    return KVCost(cost.per_token, cost.windowed, cost.fixed, max(peak - kv, 0), chunk)
+    return KVCost(cost.per_token, cost.windowed, cost.fixed, first,
+                  max(second - first, 0) / chunk, chunk)
+
+
+def _kv_bytes(cache: list[Any]) -> int:
+    return sum(int(layer.nbytes) for layer in _layers(cache))
 
 
 def usable_memory() -> tuple[int, str]:
@@ -185,8 +202,8 @@ class MemoryGate:
         self.prefix = prefix  # the PrefixCache, whose memory tier gives way (memory_bytes, shed)
         self.shed = 0  # bytes the prefix cache's memory tier dropped to make room, ever
         self._lock = threading.Lock()
-        self._held: dict[Any, int] = {}  # generation -> tokens it may reach
-        self._waiting: tuple[Any, int] | None = None  # the head of the queue, told to wait
+        self._held: dict[Any, tuple[int, int]] = {}  # generation -> (prompt, tokens it may reach)
+        self._waiting: tuple[Any, tuple[int, int]] | None = None  # the head, told to wait
         self.waits = 0  # requests told to wait, ever
 
     @classmethod
@@ -214,20 +231,20 @@ class MemoryGate:
         (fits once others finish)."""
         if not self.limit:
             return
-        cost, length = self.cost, prompt_tokens + max_tokens
-        alone = cost.sequence_bytes(length) + cost.activations
+        entry = (prompt_tokens, prompt_tokens + max_tokens)
+        alone = self._need({}, entry)
         if alone > self.limit:
             self._waiting = None
             raise NotEnoughMemory(self._refusal(prompt_tokens, max_tokens, alone))
         with self._lock:
             self._prune()
-            if not self._fits(length):
-                self._waiting = (generation, length)
+            reserved = self._need(self._held, entry)
+            if reserved > self.limit:
+                self._waiting = (generation, entry)
                 self.waits += 1
                 raise MemoryWait
-            self._held[generation] = length
+            self._held[generation] = entry
             self._waiting = None
-            reserved = self._need(list(self._held.values()), self._prefilling() + 1)
         self._make_room(reserved)
 
     def _make_room(self, reserved: int) -> None:
@@ -251,24 +268,24 @@ class MemoryGate:
             return True
         with self._lock:
             self._prune()
-            return self._fits(waiting[1])
+            return self._need(self._held, waiting[1]) <= self.limit
 
-    def _fits(self, length: int) -> bool:
-        return self._need([*self._held.values(), length], 1 + self._prefilling()) <= self.limit
-
-    def _need(self, lengths: list[int], prefilling: int) -> int:
-        return self.cost.batch_bytes(lengths) + self.cost.activations * prefilling
-
-    def _prefilling(self) -> int:
-        """Admitted sequences whose prompt is not all in yet."""
-        return sum(g.prompt_tokens_done < g.prompt_tokens_total for g in self._held)
+    def _need(self, held: dict[Any, tuple[int, int]], new: tuple[int, int] | None) -> int:
+        """The batch of `held` (and `new`) at their longest, and the working memory of the
+        prompts still prefilling (several prefill together in a burst); `new` prefills."""
+        entries = [*held.values(), *([new] if new else [])]
+        prefilling = [p for g, (p, _) in held.items()
+                      if g.prompt_tokens_done < g.prompt_tokens_total]
+        prefilling += [new[0]] if new else []
+        return (self.cost.batch_bytes([n for _, n in entries])
+                + sum(self.cost.prefill_bytes(p) for p in prefilling))
 
     def _prune(self) -> None:
         for generation in [g for g in self._held if g.done.is_set()]:
             del self._held[generation]
 
     def _refusal(self, prompt: int, max_tokens: int, need: int) -> str:
-        room = self.cost.longest_fitting(self.limit) - prompt
+        room = self.cost.longest_fitting(self.limit, prompt) - prompt
         how = "--max-kv-memory" if self.chosen else "the memory left beside the model"
         fix = (f"lower max_tokens to at most {room}" if room > 0
                else f"shorten the prompt to under {prompt + room} tokens")
@@ -284,9 +301,8 @@ class MemoryGate:
     def figures(self) -> dict[str, Any]:
         """For /health's batch section (any thread)."""
         with self._lock:
-            held = {g: n for g, n in self._held.items() if not g.done.is_set()}
-        prefilling = sum(g.prompt_tokens_done < g.prompt_tokens_total for g in held)
-        reserved = self._need(list(held.values()), prefilling) if self.cost else 0
+            held = {g: e for g, e in self._held.items() if not g.done.is_set()}
+        reserved = self._need(held, None) if self.cost else 0
         return {
             "kv_memory_limit_bytes": self.limit or None,
             "kv_memory_reserved_bytes": reserved if self.limit else None,
@@ -302,7 +318,7 @@ class MemoryGate:
         """One line for `mlxc serve`'s start-up panel."""
         if not self.limit:
             return "not checked (the KV cache's size could not be measured)"
-        tokens = self.cost.longest_fitting(self.limit)
+        tokens = self.cost.longest_fitting(self.limit, 1)
         how = "--max-kv-memory" if self.chosen else (
             f"{human(self.usable)} {self.source} - {human(self.weights)} weights - "
             f"{human(safety(self.usable))} margin")
