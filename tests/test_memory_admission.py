@@ -16,7 +16,7 @@ from live_server import mlxc_server
 from tiny_model import rescaled_copy
 
 from mlxc.config import load_settings
-from mlxc.engine.memory import SAFETY_MIN, STEP, cache_cost, measure
+from mlxc.engine.memory import SAFETY_MIN, STEP, cache_cost, default_limit, measure
 from mlxc.engine.worker import Engine
 from mlxc.errors import NotEnoughMemory
 from mlxc.model.refs import resolve_model
@@ -159,6 +159,30 @@ def test_a_request_that_can_never_fit_is_refused_and_one_that_fits_runs(free, li
         figures = engine.figures()
         assert figures["kv_memory_limit_bytes"] == limit
         assert figures["kv_memory_reserved_bytes"] == 0 and figures["running"] == 0
+    finally:
+        engine.shutdown(wait=30)
+
+
+def test_the_default_limit_is_what_the_weights_leave_less_a_margin():
+    gb = 1 << 30
+    assert default_limit(100 * gb, 20 * gb) == 75 * gb  # a 5% margin
+    assert default_limit(6 * gb, 2 * gb) == 4 * gb - SAFETY_MIN  # at least 512 MB
+    assert default_limit(6 * gb, 5.8 * gb) == int(0.1 * gb)  # half of a sliver
+    assert default_limit(6 * gb, 7 * gb) == 0 == default_limit(0, 1)  # not checked
+
+
+def test_off_checks_nothing(lively, tmp_path):
+    settings = load_settings().with_overrides(
+        cache_dir=tmp_path / "cache", model=str(lively), prefix_memory_bytes=0,
+        prefix_disk_bytes=0)
+    engine = Engine(resolve_model(settings.model, settings), settings, max_kv_memory=0).start()
+    try:
+        engine.wait_loaded()
+        assert engine.memory.describe() == "not checked (--max-kv-memory off)"
+        assert engine.figures()["kv_memory_limit_bytes"] is None
+        for event in engine.submit(chat("Hello there", 30_000)).events():
+            assert isinstance(event, Delta), event  # admitted (and left at its first piece)
+            break
     finally:
         engine.shutdown(wait=30)
 

@@ -128,8 +128,8 @@ def serve(
         str, typer.Option(envvar="MLXC_MAX_KV_MEMORY",
                           help="Memory for the KV caches of running requests, e.g. 8GB; a "
                           "request that would pass it waits, one that never fits gets a 400. "
-                          "'auto': the device's memory less the weights, the prefix cache's "
-                          "memory tier and a 10% margin [env: MLXC_MAX_KV_MEMORY]")
+                          "'auto': the device's memory less the weights and a margin of 5% (at "
+                          "least 512 MB); 'off': not checked [env: MLXC_MAX_KV_MEMORY]")
     ] = "auto",
     cache_dir: CacheDirOption = None,
     cache_policy: CachePolicyOption = None,
@@ -165,9 +165,10 @@ def serve(
         raise InputError("--max-connections must be at least 1")
     if (max_batch is not None and max_batch < 1) or max_queue < 0:
         raise InputError("--max-batch must be at least 1 and --max-queue at least 0")
-    kv_limit = None if max_kv_memory.strip().lower() == "auto" else parse_size(max_kv_memory)
-    if kv_limit is not None and kv_limit <= 0:
-        raise InputError("--max-kv-memory must be a size such as 8GB, or auto")
+    chosen = max_kv_memory.strip().lower()
+    kv_limit = {"auto": None, "off": 0}.get(chosen, None)
+    if chosen not in ("auto", "off") and (kv_limit := parse_size(chosen)) <= 0:
+        raise InputError("--max-kv-memory must be a size such as 8GB, auto or off")
     # A server sits idle between a reply and the follow-up: a good time to prefill its opening.
     settings = settings_from(cache_dir, cache_policy, dtype, model).with_overrides(
         next_turn_prefill=True

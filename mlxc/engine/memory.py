@@ -184,9 +184,11 @@ def safety(usable: int) -> int:
 
 
 def default_limit(usable: int, weights: int) -> int:
-    """What the weights leave, less the safety share; 0 when nothing is known about the
-    device (then nothing is limited)."""
-    return max(usable - weights - safety(usable), 0) if usable > 0 else 0
+    """What the weights leave, less the safety share (half of what they leave, if that is
+    less); 0, nothing limited, when nothing is known about the device or the weights alone
+    fill it (the model runs from swap already: refusing every request would not help)."""
+    left = usable - weights
+    return max(left - safety(usable), left // 2, 0) if usable > 0 else 0
 
 
 class MemoryGate:
@@ -222,6 +224,9 @@ class MemoryGate:
         chosen = limit is not None
         if limit is None:
             limit = default_limit(usable, weights)
+            if not limit:
+                log.warning("memory: the weights (%s) fill the %s (%s); requests are not "
+                            "checked against memory", human(weights), source, human(usable))
         return cls(cost, limit, usable, source, weights, chosen, prefix)
 
     # -- admission -----------------------------------------------------------------------
@@ -317,7 +322,11 @@ class MemoryGate:
     def describe(self) -> str:
         """One line for `mlxc serve`'s start-up panel."""
         if not self.limit:
-            return "not checked (the KV cache's size could not be measured)"
+            why = ("--max-kv-memory off" if self.chosen else
+                   "the KV cache's size could not be measured" if self.cost is None else
+                   f"the weights, {human(self.weights)}, fill the {human(self.usable)} "
+                   f"{self.source}" if self.usable else "the device's memory is unknown")
+            return f"not checked ({why})"
         tokens = self.cost.longest_fitting(self.limit, 1)
         how = "--max-kv-memory" if self.chosen else (
             f"{human(self.usable)} {self.source} - {human(self.weights)} weights - "
