@@ -291,9 +291,11 @@ class MemoryGate:
 
     def _refusal(self, prompt: int, max_tokens: int, need: int) -> str:
         room = self.cost.longest_fitting(self.limit, prompt) - prompt
+        longest = self.cost.longest_fitting(self.limit, 1)
         how = "--max-kv-memory" if self.chosen else "the memory left beside the model"
-        fix = (f"lower max_tokens to at most {room}" if room > 0
-               else f"shorten the prompt to under {prompt + room} tokens")
+        fix = (f"lower max_tokens to at most {room}" if room > 0 else
+               f"keep prompt + max_tokens under {longest} tokens" if longest > 1 else
+               "nothing fits this limit")
         return (
             f"this request may need {human(need)} of KV cache memory (a {prompt}-token prompt "
             f"+ max_tokens {max_tokens}, at {human(self.cost.per_token)} per token) but at "
