@@ -195,9 +195,9 @@ class BlockTiers:
                 self.tree.hold(block, arrays, size)
             if block.on_disk or block.pending:
                 continue
-            added += size
+            on_disk, notes = packed[i]
+            added += nbytes(on_disk)  # what goes to disk: 8-bit when that is on
             if self.disk is not None:
-                on_disk, notes = packed[i]
                 specs, views = to_buffers(on_disk, notes)
                 held = not bits and block.arrays is arrays  # then the queue costs no memory
                 self.disk.write(block, on_disk, specs, views, held)

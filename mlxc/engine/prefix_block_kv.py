@@ -51,15 +51,17 @@ def kv_dtype(model: Any) -> str:
     return "unknown"
 
 
-def group_size(shape: tuple[int, ...]) -> tuple[int, bool] | None:
-    """(group size, across tokens) to quantize an array of `shape`: groups within one token's
-    head vector when they fit (head_dim 64, 128), else runs of one head's tokens (the tiny
-    model's head_dim 16); None if neither divides it (such an array is written whole)."""
-    dim, tokens = shape[-1], shape[-2]
-    for across, n in ((False, dim), (True, dim * tokens)):
+def group_size(shape: tuple[int, ...]) -> tuple[int, int] | None:
+    """(group size, trailing axes a group runs over) to quantize an array of `shape`: within one
+    token's head vector when a group fits it (head_dim 64, 128), else over one head's tokens,
+    else over the heads too (the tiny model's head_dim 16, odd token counts); None if no group
+    size divides it (such an array is written whole)."""
+    n = 1
+    for axes in (1, 2, 3):
+        n *= shape[-axes]
         for size in (64, 32):
             if n % size == 0:
-                return size, across
+                return size, axes
     return None
 
 
@@ -74,8 +76,8 @@ def quantize(arrays: list[Any], bits: int) -> tuple[list[Any], list[dict | None]
             out.append(x)
             notes.append(None)
             continue
-        size, across = group
-        flat = x.reshape(*x.shape[:-2], -1) if across else x
+        size, axes = group
+        flat = x.reshape(*x.shape[:-axes], -1) if axes > 1 else x
         out.extend(mx.quantize(flat, group_size=size, bits=bits))
         notes += [{"bits": bits, "group_size": size, "shape": list(x.shape),
                    "dtype": str(x.dtype).removeprefix("mlx.core.")}, None, None]
