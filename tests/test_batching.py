@@ -85,7 +85,7 @@ def test_a_lone_request_decodes_exactly_as_mlx_lm(engine):
     assert engine.figures()["running"] == 0
 
 
-def test_a_lone_sequence_moves_into_the_batch_when_another_comes(engine):
+def test_a_lone_sequence_moves_into_the_batch_when_another_comes_and_back_after(engine):
     first, second = chat(PROMPTS[2], max_tokens=300), chat(PROMPTS[3], max_tokens=30)
     alone = [engine.submit(r).result().text for r in (first, second)]
     running = engine.submit(first)
@@ -96,11 +96,32 @@ def test_a_lone_sequence_moves_into_the_batch_when_another_comes(engine):
     watcher.start()
     assert seen.wait(30)  # it decodes alone now
     before = dict(engine.figures()["batch_sizes"])
+    back = engine.figures()["back_alone"]
     joined = engine.submit(second)
     assert [running.result().text, joined.result().text] == alone
     watcher.join(30)
-    after = engine.figures()["batch_sizes"]
-    assert after.get(2, 0) > before.get(2, 0)  # they decoded together
+    after = engine.figures()
+    assert after["batch_sizes"].get(2, 0) > before.get(2, 0)  # they decoded together
+    assert after["back_alone"] > back  # the long one went back to the lone loop after
+
+
+def test_requests_that_come_together_while_one_decodes_join_it(engine):
+    """Sent together while another decodes, they are prefilled together beside it and all
+    four decode in one batch; every answer is the one each gets alone."""
+    first, others = chat(PROMPTS[4], max_tokens=200), [chat(p) for p in PROMPTS[:3]]
+    alone = [engine.submit(r).result().text for r in (first, *others)]
+    running = engine.submit(first)
+    seen = threading.Event()
+    watcher = threading.Thread(
+        target=lambda: [seen.set() for e in running.events() if isinstance(e, Delta)]
+    )
+    watcher.start()
+    assert seen.wait(30)  # it decodes alone now
+    fours = engine.figures()["batch_sizes"].get(4, 0)
+    together = [engine.submit(r) for r in others]
+    assert [running.result().text, *(g.result().text for g in together)] == alone
+    watcher.join(30)
+    assert engine.figures()["batch_sizes"].get(4, 0) > fours
 
 
 def test_cancelling_one_stream_leaves_the_others_running(engine):

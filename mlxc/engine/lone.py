@@ -5,8 +5,9 @@ Measured on an H200 (benchmarks/batch_steps.py, 3B-shape 4-bit model): mlx-lm's
 `BatchGenerator` decodes one sequence at 0.64x `stream_generate` (its batch cache builds a mask
 every step and the attention takes the masked path), so a sequence that is alone decodes here on
 its own cache. When a second sequence is ready to decode, the lone one moves into the batch
-(`handover`) with its cache and the token it has not fed yet; with `--max-batch 1` every
-sequence stays here, which gives exactly mlx-lm's greedy answers.
+(`handover`) with its cache and the token it has not fed yet; the batch's last sequence comes
+back here (`resume`). With `--max-batch 1` every sequence stays here, which gives exactly
+mlx-lm's greedy answers.
 
 Pipelined as mlx-lm does on both backends: the step that feeds token n is queued before token n
 is read, so the GPU computes while Python publishes. The first token (sampled by the prefill) is
@@ -31,6 +32,20 @@ class LoneDecoder:
         self.context = mx.array(seq.prompt) if seq.sampling.processors else None
         self.pending, self.pending_row = self._queue(first)  # not yet read nor fed
         self.steps = 0
+
+    @classmethod
+    def resume(cls, model: Any, seq: Sequence, pending: Any, row: Any) -> LoneDecoder:
+        """Continue a sequence that leaves the batch: its cache holds its prompt and every
+        token it took, and `pending` (shape (1,)), the token after them, is being computed
+        with its log-probabilities `row`."""
+        import mlx.core as mx
+
+        self = cls.__new__(cls)
+        self.model, self.seq, self.cache = model, seq, seq.cache
+        self.context = mx.array(self.held) if seq.sampling.processors else None
+        self.pending, self.pending_row = pending, row
+        self.steps = 0
+        return self
 
     def _queue(self, token: Any) -> tuple[Any, Any]:
         """Queue the pass that feeds `token` and samples the one after it."""

@@ -13,7 +13,8 @@ Each `tick` does at most three things, in this order:
 3. one decode step: of the sequence that runs alone (lone.py: mlx-lm's own loop, at raw
    speed), or of every running sequence together, by mlx-lm's `BatchGenerator`. Both queue
    step n+1 before they read the tokens of step n (pipelined on both backends). A lone
-   sequence moves into the batch when a second one is ready to decode.
+   sequence moves into the batch when a second one is ready to decode, and the batch's last
+   sequence moves back when the others are done.
 
 Prefill runs on the sequence's own state, alone, exactly as a lone request's would; only
 decode steps are batched (see the README's "Batching" section for what that changes).
@@ -60,6 +61,7 @@ class Figures:
 
     batch_sizes: Counter = field(default_factory=Counter)  # decode steps by batch size
     generated_tokens: int = 0
+    back_alone: int = 0  # sequences the batch handed back to the lone loop (its last one)
     recent: deque = field(default_factory=lambda: deque(maxlen=256))  # (time, tokens)
 
     def tokens_per_second(self) -> float:
@@ -133,25 +135,33 @@ class Scheduler:
                 self._prefill()
                 spent = time.perf_counter() - started
                 self._decode_owed = spent * DECODE_SHARE / (1 - DECODE_SHARE)
+            if self.lone is not None and any(seq.taken for seq in self.running.values()):
+                self._join(self._take_lone())  # a burst's prompts are in: decode together
             if self.lone is not None or self.running:
                 started = time.perf_counter()
-                self._decode_lone() if self.lone is not None else self._decode()
+                if self.lone is not None:
+                    self._decode_lone()
+                if self.running:
+                    self._decode()
                 self._decode_owed -= time.perf_counter() - started
 
     # -- the three steps ---------------------------------------------------------------
 
     def _admit(self) -> None:
-        if self.prefilling is None and not self.decoding and len(self.waiting) > 1:
-            self._admit_burst()
+        room = self.max_batch - self.decoding
+        if self.prefilling is None and len(self.waiting) > 1 and room > 1:
+            self._admit_burst(room)
         while self.prefilling is None and self.admissible and self.decoding < self.max_batch:
             self.prefilling = self._start_next()
 
-    def _admit_burst(self) -> None:
-        """Several requests and nothing decoding: the batch prefills their prompts together
-        (one pass for all: on this 2-core CPU 4 prompts of 42 tokens took 0.6 s together and
-        1.0 s one by one), then they decode together."""
+    def _admit_burst(self, room: int) -> None:
+        """Several requests wait: the batch prefills their prompts together (one pass for all:
+        on this 2-core CPU 4 prompts of 42 tokens took 0.6 s together and 1.0 s one by one),
+        a chunk per decode step of those already running, then they decode together. One at
+        a time instead, each prefill waiting for the running streams' share (DECODE_SHARE),
+        4 clients that came together took 1.3x mlx_lm.server's wall time here."""
         seqs: list[Sequence] = []
-        while self.admissible and len(seqs) < self.max_batch:
+        while self.admissible and len(seqs) < room:
             if (seq := self._start_next()) is not None:
                 seqs.append(seq)
         if len(seqs) == 1:
@@ -213,14 +223,19 @@ class Scheduler:
 
             self.lone = LoneDecoder(self.engine.model, ready[0], mx.array(ready[0].taken[-1:]))
             return
-        if self.lone is not None:  # it is not alone any more: all decode in the batch
-            lone, self.lone = self.lone, None
-            token, done = lone.handover()
-            if done:
-                self._finish(lone.seq, lone.cache, lone.held[:-1])
-            else:
-                ready.insert(0, lone.seq)
-        self._join(ready)
+        self._join(self._take_lone() + ready)  # not alone any more: all decode in the batch
+
+    def _take_lone(self) -> list[Sequence]:
+        """The lone sequence, out of its loop to join the batch ([] if its last token
+        finished it)."""
+        if self.lone is None:
+            return []
+        lone, self.lone = self.lone, None
+        _, done = lone.handover()
+        if done:
+            self._finish(lone.seq, lone.cache, lone.held[:-1])
+            return []
+        return [lone.seq]
 
     def _join(self, seqs: list[Sequence]) -> None:
         """Into the batch, each with the token it sampled last (its cache holds the ones
@@ -284,6 +299,32 @@ class Scheduler:
                 if not seq.taken:  # left while the batch prefilled it: a padded state, not kept
                     cache = None
                 self._finish(seq, cache, tokens)
+        if len(self.running) == 1 and self.lone is None and not (
+            self.waiting or self.prefilling or self.ready
+        ):
+            self._demote()
+
+    def _demote(self) -> None:
+        """The batch's last sequence goes back to the lone loop: `BatchGenerator` decodes one
+        sequence at 0.64x mlx-lm's own loop on the H200 (lone.py). Its next token, already
+        being computed (with its processors: a grammar must not see it twice), moves with it.
+        Reads mlx-lm's generation batch; without it (another mlx-lm) the sequence stays."""
+        batch = self.batch
+        gen = getattr(batch, "_generation_batch", None)
+        try:
+            if len(gen) != 1 or len(batch._prompt_batch) or batch._unprocessed_sequences:
+                return
+            uid, pending, row = gen.uids[0], gen._next_tokens, gen._next_logprobs[0]
+        except (AttributeError, TypeError, IndexError):
+            return
+        seq = self.running.get(uid)
+        if seq is None or not seq.taken or pending is None:
+            return
+        cache, _ = batch.remove([uid], return_prompt_caches=True)[uid]
+        del self.running[uid]
+        seq.uid, seq.cache = None, cache  # holds the prompt and every token taken
+        self.lone = LoneDecoder.resume(self.engine.model, seq, pending, row)
+        self.figures.back_alone += 1
 
     # -- leaving --------------------------------------------------------------------------
 

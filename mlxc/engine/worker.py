@@ -135,6 +135,7 @@ class Engine:
             "max_queue": self.max_queue,
             "batch_sizes": dict(figures.batch_sizes) if figures else {},
             "generated_tokens": figures.generated_tokens if figures else 0,
+            "back_alone": figures.back_alone if figures else 0,
             "tokens_per_second": round(figures.tokens_per_second(), 2) if figures else 0.0,
             **(self.memory.figures() if self.memory is not None else {}),
         }
