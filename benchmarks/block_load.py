@@ -43,9 +43,10 @@ def main() -> None:
     from mlxc.engine.prefix_block_kv import (
         assemble,
         blank,
-        byte_views,
+        byte_view,
         cut,
         from_numpy,
+        split,
         to_buffers,
     )
 
@@ -85,11 +86,12 @@ def main() -> None:
         for _ in range(args.reps):
             with timed("open_and_allocate"):
                 opened = [open_block(p) for p in paths]
-                into = [blank(o.header.arrays) for o in opened]
+                into = [blank(sum(a["nbytes"] for a in o.header.arrays)) for o in opened]
             with timed("read_files"), ThreadPoolExecutor(READERS) as pool:
-                list(pool.map(read_into, opened, [byte_views(x) for x in into]))
+                list(pool.map(read_into, opened, [[byte_view(x)] for x in into]))
             with timed("to_mlx"):
-                blocks = [from_numpy(o.header.arrays, x) for o, x in zip(opened, into, strict=True)]
+                blocks = [from_numpy(o.header.arrays, split(x, o.header.arrays))
+                          for o, x in zip(opened, into, strict=True)]
                 mx.eval(blocks)
             del into
             with timed("assemble"):

@@ -21,13 +21,14 @@ from mlxc.engine.prefix_block_disk import DISK_ERRORS, BlockDisk
 from mlxc.engine.prefix_block_kv import (
     assemble,
     blank,
-    byte_views,
+    byte_view,
     cut,
     from_numpy,
     kv_dtype,
     layer_width,
     nbytes,
     quantize,
+    split,
     to_buffers,
 )
 from mlxc.engine.prefix_blocks import Block, BlockTree, chain_hash, root_hash, token_array
@@ -123,11 +124,13 @@ class BlockTiers:
             found = self.disk.open(block) if block.on_disk else None
             if found is None:
                 break
-            opened.append((block, found, blank(found.header.arrays)))
-        read = self.disk.read([(b, o, byte_views(into)) for b, o, into in opened])
+            size = sum(int(spec["nbytes"]) for spec in found.header.arrays)
+            opened.append((block, found, blank(size)))
+        read = self.disk.read([(b, o, [byte_view(into)]) for b, o, into in opened])
         out: dict[str, list[Any]] = {}
         for (block, found, into), whole in zip(opened, read, strict=True):
-            if not whole or (arrays := self._arrays(block, found.header.arrays, into)) is None:
+            specs = found.header.arrays
+            if not whole or (arrays := self._arrays(block, specs, split(into, specs))) is None:
                 break
             out[block.hash] = arrays
         return out

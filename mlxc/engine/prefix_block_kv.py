@@ -102,19 +102,30 @@ def to_buffers(arrays: list[Any], notes: list[dict | None] | None = None,
     return specs, views
 
 
-def blank(specs: list[dict]) -> list[Any]:
-    """Evaluated arrays to read a block file's arrays into (raw words for dtypes numpy lacks),
-    made on the CPU stream: memory the host writes and the GPU then reads (unified on Metal,
-    managed on CUDA)."""
-    out = [mx.zeros(spec["shape"], getattr(mx, np.dtype(np_dtype(spec["dtype"])).name),
-                    stream=mx.cpu) for spec in specs]
-    mx.eval(out)
-    return out
+def blank(nbytes: int) -> Any:
+    """An evaluated byte array to read a block file's arrays into: one allocation per block
+    (not one per array: thousands of fresh allocations cost ~1 s on CUDA for an 8,000-token
+    prefix), made on the CPU stream, as the host writes it and the GPU then reads it
+    (unified memory on Metal, managed on CUDA)."""
+    flat = mx.zeros((nbytes,), mx.uint8, stream=mx.cpu)
+    mx.eval(flat)
+    return flat
 
 
-def byte_views(arrays: list[Any]) -> list[memoryview]:
-    """Writable byte views of evaluated arrays' own memory (numpy shares it, no copy)."""
-    return [memoryview(np.asarray(a)).cast("B") for a in arrays]
+def byte_view(flat: Any) -> memoryview:
+    """A writable view of an evaluated byte array's own memory (numpy shares it)."""
+    return memoryview(np.asarray(flat))
+
+
+def split(flat: Any, specs: list[dict]) -> list[Any]:
+    """A block file's arrays (raw words for dtypes numpy lacks) as views of the bytes they
+    were read into, once read."""
+    return [
+        flat[int(spec["offset"]) : int(spec["offset"]) + int(spec["nbytes"])]
+        .view(getattr(mx, np.dtype(np_dtype(spec["dtype"])).name))
+        .reshape(spec["shape"])
+        for spec in specs
+    ]
 
 
 def _mx(spec: dict, x: Any) -> Any:
@@ -125,7 +136,7 @@ def _mx(spec: dict, x: Any) -> Any:
 
 
 def from_numpy(specs: list[dict], arrays: list[Any]) -> list[Any]:
-    """MLX arrays of a block file's arrays (numpy, or `blank`'s once filled), quantized ones
+    """MLX arrays of a block file's arrays (numpy, or `split`'s), quantized ones
     dequantized to their dtype (either format, whatever this process's setting). ValueError if
     a recipe does not fit its data."""
     if len(specs) != len(arrays):
