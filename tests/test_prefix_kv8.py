@@ -25,6 +25,7 @@ from mlxc.engine.prefix_block_file import (
     MAGIC,
     BlockHeader,
     arrays_of,
+    np_dtype,
     read_block,
     read_header,
     write_temp,
@@ -176,13 +177,16 @@ EPS = {"float32": 1e-6, "float16": 2**-10, "bfloat16": 2**-7}
 
 
 @pytest.mark.parametrize("dtype", list(EPS))
-@pytest.mark.parametrize("shape", [(1, 3, 16, 64), (1, 2, 16, 16), (1, 2, 7, 16), (1, 2, 5, 8)])
+@pytest.mark.parametrize("shape", [(1, 3, 16, 64), (1, 3, 7, 64), (1, 2, 16, 16), (1, 2, 7, 16),
+                                   (1, 2, 5, 8)])
 def test_a_block_file_round_trips_in_either_format(tmp_path, dtype, shape):
     """The reader takes 8-bit and full arrays alike. Groups of 64 or 32 values: within a
-    token's head vector, else over a head's tokens, else over the heads too; an array no group
-    size divides (2 x 5 x 8 values) stays whole."""
+    token's head vector, else over a head's tokens, else over the heads too; a block with an
+    array no group size divides (2 x 5 x 8 values) stays whole."""
     x = mx.random.normal(shape).astype(getattr(mx, dtype))
     arrays = [x, x * 2]
+    if shape == (1, 3, 7, 64):  # odd 16-bit scale counts between 4-byte words
+        arrays = [x, x[:, :1], x * 2]
     packed, notes = quantize(arrays, 8)
     mx.eval(packed)
     specs, views = to_buffers(packed, notes)
@@ -191,7 +195,9 @@ def test_a_block_file_round_trips_in_either_format(tmp_path, dtype, shape):
     header, data, start = read_block(temp)
     back = from_numpy(header.arrays, arrays_of(header, data, start))
     whole = shape == (1, 2, 5, 8)
-    assert header.quantized is not whole and len(specs) == (2 if whole else 6)
+    assert header.quantized is not whole and len(specs) == len(arrays) * (1 if whole else 3)
+    for spec in header.arrays:  # each at a multiple of its element size (one read buffer)
+        assert spec["offset"] % np.dtype(np_dtype(spec["dtype"])).itemsize == 0
     for a, b in zip(arrays, back, strict=True):
         assert b.shape == a.shape and b.dtype == a.dtype
         a32, b32 = a.astype(mx.float32), b.astype(mx.float32)
@@ -199,6 +205,15 @@ def test_a_block_file_round_trips_in_either_format(tmp_path, dtype, shape):
         # One step of the array's range, and the dtype's own rounding of the result.
         bound = (a32.max() - a32.min()).item() / 255 + mx.abs(a32).max().item() * EPS[dtype]
         assert error == 0 if whole else 0 < error <= bound
+
+
+def test_a_block_is_quantized_whole_or_not_at_all():
+    """One array no group size divides keeps its whole block at full precision, so no array's
+    words ever follow an odd count of 16-bit values in the file."""
+    good, odd = mx.zeros((1, 3, 7, 64), mx.bfloat16), mx.zeros((1, 1, 5, 9), mx.bfloat16)
+    assert len(quantize([good, good], 8)[0]) == 6
+    arrays, notes = quantize([good, odd, good], 8)
+    assert arrays[1] is odd and len(arrays) == 3 and notes == [None] * 3
 
 
 def test_the_setting_is_read_from_the_environment_and_checked(monkeypatch):

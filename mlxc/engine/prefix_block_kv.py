@@ -55,7 +55,7 @@ def group_size(shape: tuple[int, ...]) -> tuple[int, int] | None:
     """(group size, trailing axes a group runs over) to quantize an array of `shape`: within one
     token's head vector when a group fits it (head_dim 64, 128), else over one head's tokens,
     else over the heads too (the tiny model's head_dim 16, odd token counts); None if no group
-    size divides it (such an array is written whole)."""
+    size divides it (then its block is written whole)."""
     n = 1
     for axes in (1, 2, 3):
         n *= shape[-axes]
@@ -66,17 +66,20 @@ def group_size(shape: tuple[int, ...]) -> tuple[int, int] | None:
 
 
 def quantize(arrays: list[Any], bits: int) -> tuple[list[Any], list[dict | None]]:
-    """(arrays to write, each one's dequantization recipe or None): every floating array as
-    (packed, scales, biases), the recipe on the packed one. Not evaluated."""
+    """(arrays to write, each one's dequantization recipe or None): every array of a block as
+    (packed, scales, biases), the recipe on the packed one; or all of them as they are, if one
+    cannot be (no group size divides it, or it is not floating). Not evaluated.
+
+    All or none keeps each array at a multiple of its element size in the file (the reader
+    views them in one buffer; a GPU cannot load a uint32 at an address 2 mod 4): the words are
+    4-byte, and a 16-bit array's scales and biases together are a multiple of 4 bytes."""
+    groups = [group_size(x.shape) if mx.issubdtype(x.dtype, mx.floating) else None
+              for x in arrays]
+    if not bits or None in groups:
+        return list(arrays), [None] * len(arrays)
     out: list[Any] = []
     notes: list[dict | None] = []
-    for x in arrays:
-        group = group_size(x.shape) if mx.issubdtype(x.dtype, mx.floating) else None
-        if not bits or group is None:
-            out.append(x)
-            notes.append(None)
-            continue
-        size, axes = group
+    for x, (size, axes) in zip(arrays, groups, strict=True):
         flat = x.reshape(*x.shape[:-axes], -1) if axes > 1 else x
         out.extend(mx.quantize(flat, group_size=size, bits=bits))
         notes += [{"bits": bits, "group_size": size, "shape": list(x.shape),
