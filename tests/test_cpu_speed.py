@@ -102,7 +102,28 @@ def test_choose_dtype_rules(monkeypatch):
     assert choose_dtype("auto", 10 * GB, ram_bytes=24 * GB) == "keep"  # > 40% of RAM
     assert choose_dtype("auto", 1 * GB, ram_bytes=0) == "keep"  # RAM unknown
     monkeypatch.setattr(dtype_mod, "gpu_backend", lambda: True)
+    monkeypatch.setattr(sys, "platform", "darwin")
     assert choose_dtype("auto", 1, ram_bytes=24 * GB) == "keep"  # Metal: quantized is fast
+    assert choose_dtype("auto", GB, scales_dtype="bfloat16", gpu_bytes=80 * GB) == "keep"
+    monkeypatch.setattr(sys, "platform", "linux")  # CUDA: quantized batches barely gain
+    h200 = 139 * GB
+    assert choose_dtype("auto", 12 * GB, scales_dtype="bfloat16", gpu_bytes=h200) == "bfloat16"
+    assert choose_dtype("auto", 12 * GB, scales_dtype="float32", gpu_bytes=h200) == "float32"
+    assert choose_dtype("auto", 12 * GB, scales_dtype=None, gpu_bytes=h200) == "keep"  # plain
+    assert choose_dtype("auto", 120 * GB, scales_dtype="bfloat16", gpu_bytes=h200) == "keep"
+    assert choose_dtype("auto", 12 * GB, scales_dtype="bfloat16", gpu_bytes=0) == "keep"
+
+
+def test_scales_dtype_reads_the_safetensors_headers(tmp_path):
+    import mlx.core as mx
+
+    mx.save_safetensors(str(tmp_path / "model.safetensors"), {
+        "layers.0.proj.weight": mx.zeros((4, 2), mx.uint32),
+        "layers.0.proj.scales": mx.zeros((4, 1), mx.bfloat16),
+    })
+    assert dtype_mod.scales_dtype(tmp_path) == "bfloat16"
+    mx.save_safetensors(str(tmp_path / "model.safetensors"), {"w": mx.zeros((2,), mx.float16)})
+    assert dtype_mod.scales_dtype(tmp_path) is None
 
 
 def test_gpu_backend_on_macos(monkeypatch):

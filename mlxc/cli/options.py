@@ -40,7 +40,8 @@ DtypeOption = Annotated[
     typer.Option(
         "--dtype",
         help="auto|float32|bfloat16|float16|keep: weights' dtype; auto dequantizes small "
-        "models to float32 on the CPU backend \\[env: MLXC_DTYPE]",
+        "models to float32 on the CPU backend, and quantized ones that fit to their scales' "
+        "dtype on CUDA (batches scale there) \\[env: MLXC_DTYPE]",
         show_default=False,
     ),
 ]

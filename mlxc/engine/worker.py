@@ -33,8 +33,9 @@ from mlxc.stream import Failed, Generation
 DEFAULT_PREFILL_STEP = 512
 # Sequences decoded together (`mlxc serve --max-batch`). On CUDA (MLX 0.32.4, H200, 3B 4-bit;
 # benchmarks/batch_steps.py) a batch of 4 decodes 276 tokens/s and one of 8 only 159: the
-# quantized matmul slows down past 4 rows there. Elsewhere mlx-lm's batching scales further.
-DEFAULT_MAX_BATCH = {"cuda": 4}
+# quantized matmul slows down past 4 rows there, so a model kept quantized on CUDA batches 4.
+# Dequantized (model/dtype.py) and elsewhere mlx-lm's batching scales further.
+DEFAULT_MAX_BATCH_QUANTIZED_CUDA = 4
 DEFAULT_MAX_BATCH_ELSEWHERE = 8
 DEFAULT_MAX_QUEUE = 64  # requests waiting for a place in the batch before 503s
 RETRY_AFTER_SECONDS = 2
@@ -42,14 +43,21 @@ log = logging.getLogger("mlxc.prefix")
 IDLE_GRACE_SECONDS = 0.2  # longer than a client's back-to-back calls, shorter than reading
 
 
-def default_max_batch() -> int:
-    """The measured default for this machine's backend (decided without importing MLX)."""
+def default_max_batch(ref: ModelRef, settings: Settings) -> int:
+    """The measured default for this backend and model (decided without importing MLX)."""
     import sys
 
-    from mlxc.model.dtype import gpu_backend
+    from mlxc.model.dtype import effective_dtype_without_mlx, gpu_backend, scales_dtype
 
-    cuda = gpu_backend() and sys.platform != "darwin"
-    return DEFAULT_MAX_BATCH["cuda"] if cuda else DEFAULT_MAX_BATCH_ELSEWHERE
+    if not gpu_backend() or sys.platform == "darwin":
+        return DEFAULT_MAX_BATCH_ELSEWHERE
+    try:
+        quantized = scales_dtype(ref.folder) is not None
+    except Exception:  # an unreadable folder: the loader says why
+        quantized = False
+    kept = effective_dtype_without_mlx(settings.dtype, ref.folder) == "keep"
+    return DEFAULT_MAX_BATCH_QUANTIZED_CUDA if quantized and kept else (
+        DEFAULT_MAX_BATCH_ELSEWHERE)
 
 
 class Engine:
@@ -68,7 +76,7 @@ class Engine:
         self.ref = ref
         self.settings = settings
         self.prefill_step_size = prefill_step_size
-        self.max_batch = max(1, max_batch or default_max_batch())
+        self.max_batch = max(1, max_batch or default_max_batch(ref, settings))
         self.max_queue = max(0, max_queue)
         self.max_kv_memory = max_kv_memory  # bytes; None: derived from the device (memory.py)
         self.memory: Any = None  # the MemoryGate, once the model is loaded

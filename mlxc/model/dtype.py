@@ -3,7 +3,11 @@
 On MLX's CPU backend only float32 matmuls go through BLAS (see `blas.py`): quantized, bf16
 and fp16 matmuls run MLX's own unvectorised loops. A small quantized model dequantized to
 float32 at load time prefills ~15x faster there; on Metal the quantized kernels are the fast
-path, so it stays as shipped. Dequantizing is exact up to float rounding.
+path, so it stays as shipped. On CUDA (MLX 0.32.4) the quantized matmul slows down past 4
+rows, so batches barely gain (H200, 3B shape, `benchmarks/batch_steps.py`: 4-bit 276 tok/s
+at batch 4, 159 at 8; dequantized 532 and 1,000, and one sequence as fast as 4-bit): a
+quantized model that fits dequantized in a quarter of the GPU's memory is dequantized to its
+scales' dtype there. Dequantizing is exact up to float rounding.
 
 `choose_dtype` and `effective_dtype_without_mlx` import no mlx: the result is part of the
 model fingerprint, which the cache-hit path computes without loading MLX.
@@ -20,22 +24,31 @@ from pathlib import Path
 
 DTYPES = ("auto", "float32", "bfloat16", "float16", "keep")
 AUTO_RAM_FRACTION = 0.4  # float32 weights + KV cache + activations must still fit
+CUDA_PLAIN_FRACTION = 0.25  # dequantized weights on CUDA: the rest is for KV and batches
+_ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
-def choose_dtype(requested: str, model_bytes: int, ram_bytes: int | None = None) -> str:
+def choose_dtype(requested: str, model_bytes: int, ram_bytes: int | None = None, *,
+                 scales_dtype: str | None = None, gpu_bytes: int | None = None) -> str:
     """Resolve `requested` (one of DTYPES) to "float32", "bfloat16", "float16" or "keep".
 
     `model_bytes` is the model's size in float32. "auto" gives "float32" on the CPU backend
-    when that is under 40% of the machine's RAM, else "keep". RAM is the total, not what is
-    free right now, so every process resolves the same model the same way (the answer goes
-    into the cache key). Pure and cheap: no mlx import.
+    when that is under 40% of the machine's RAM, else "keep"; on CUDA, a quantized model's
+    scales' dtype (`scales_dtype`) when it takes at most a quarter of the GPU's memory in it,
+    else "keep"; on Metal "keep". Memory is the total, not what is free right now, so every
+    process resolves the same model the same way (the answer goes into the cache key). Pure
+    and cheap: no mlx import.
     """
     if requested not in DTYPES:
         raise ValueError(f"unknown dtype {requested!r}: choose one of {', '.join(DTYPES)}")
     if requested != "auto":
         return requested
     if gpu_backend():
-        return "keep"
+        if sys.platform == "darwin" or scales_dtype not in _ITEMSIZE:
+            return "keep"
+        gpu = cuda_memory_bytes() if gpu_bytes is None else gpu_bytes
+        plain = model_bytes * _ITEMSIZE[scales_dtype] // 4
+        return scales_dtype if gpu and plain <= CUDA_PLAIN_FRACTION * gpu else "keep"
     ram = total_ram_bytes() if ram_bytes is None else ram_bytes
     return "float32" if ram and model_bytes < AUTO_RAM_FRACTION * ram else "keep"
 
@@ -47,9 +60,10 @@ def effective_dtype_without_mlx(requested: str, model_dir: Path) -> str:
         return choose_dtype(requested, 0)
     try:
         size = float32_bytes(Path(model_dir))
+        scales = scales_dtype(Path(model_dir))
     except (OSError, ValueError, KeyError, struct.error):
         return "keep"  # unreadable folder: the loader will say why; don't guess a conversion
-    return choose_dtype(requested, size)
+    return choose_dtype(requested, size, scales_dtype=scales)
 
 
 def gpu_backend() -> bool:
@@ -66,6 +80,32 @@ def gpu_backend() -> bool:
         except metadata.PackageNotFoundError:
             continue
     return False
+
+
+def cuda_memory_bytes() -> int:
+    """Total memory of CUDA device 0, from the driver library (no MLX import); 0 if unknown."""
+    import ctypes
+
+    try:
+        cuda = ctypes.CDLL("libcuda.so.1")
+        device, total = ctypes.c_int(), ctypes.c_size_t()
+        if (cuda.cuInit(0) or cuda.cuDeviceGet(ctypes.byref(device), 0)
+                or cuda.cuDeviceTotalMem_v2(ctypes.byref(total), device)):
+            return 0
+        return total.value
+    except (OSError, AttributeError):
+        return 0
+
+
+def scales_dtype(model_dir: Path) -> str | None:
+    """The dtype of a quantized model's scales (what its quantized layers compute in), from
+    the safetensors headers; None for a model that is not quantized."""
+    names = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+    for file in sorted(model_dir.glob("*.safetensors")):
+        for name, (dtype, _shape) in _safetensors_header(file).items():
+            if name.endswith(".scales"):
+                return names.get(dtype)
+    return None
 
 
 def total_ram_bytes() -> int:
