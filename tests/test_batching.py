@@ -85,16 +85,23 @@ def test_a_lone_request_decodes_exactly_as_mlx_lm(engine):
     assert engine.figures()["running"] == 0
 
 
-def test_a_lone_sequence_moves_into_the_batch_when_another_comes_and_back_after(engine):
-    first, second = chat(PROMPTS[2], max_tokens=300), chat(PROMPTS[3], max_tokens=30)
-    alone = [engine.submit(r).result().text for r in (first, second)]
-    running = engine.submit(first)
+def decoding_alone(engine, request):
+    """Submit `request` and return once its text streams (it decodes alone then), with the
+    thread that keeps listening (a listener gone would cancel it)."""
+    running = engine.submit(request)
     seen = threading.Event()
     watcher = threading.Thread(
         target=lambda: [seen.set() for e in running.events() if isinstance(e, Delta)]
     )
     watcher.start()
-    assert seen.wait(30)  # it decodes alone now
+    assert seen.wait(30)
+    return running, watcher
+
+
+def test_a_lone_sequence_moves_into_the_batch_when_another_comes_and_back_after(engine):
+    first, second = chat(PROMPTS[2], max_tokens=300), chat(PROMPTS[3], max_tokens=30)
+    alone = [engine.submit(r).result().text for r in (first, second)]
+    running, watcher = decoding_alone(engine, first)
     before = dict(engine.figures()["batch_sizes"])
     back = engine.figures()["back_alone"]
     joined = engine.submit(second)
@@ -110,13 +117,7 @@ def test_requests_that_come_together_while_one_decodes_join_it(engine):
     four decode in one batch; every answer is the one each gets alone."""
     first, others = chat(PROMPTS[4], max_tokens=200), [chat(p) for p in PROMPTS[:3]]
     alone = [engine.submit(r).result().text for r in (first, *others)]
-    running = engine.submit(first)
-    seen = threading.Event()
-    watcher = threading.Thread(
-        target=lambda: [seen.set() for e in running.events() if isinstance(e, Delta)]
-    )
-    watcher.start()
-    assert seen.wait(30)  # it decodes alone now
+    running, watcher = decoding_alone(engine, first)
     fours = engine.figures()["batch_sizes"].get(4, 0)
     together = [engine.submit(r) for r in others]
     assert [running.result().text, *(g.result().text for g in together)] == alone
