@@ -32,6 +32,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=8192)
     parser.add_argument("--block", type=int, default=256)
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--alloc", default="cpu", help="streams to zero-fill the blocks on "
+                        "before reading, compared: cpu (the disk tier's), gpu, or cpu,gpu")
     args = parser.parse_args()
 
     import mlx.core as mx
@@ -84,22 +86,27 @@ def main() -> None:
 
         step = mx.array([[11]], mx.uint32)
         for _ in range(args.reps):
-            with timed("open_and_allocate"):
-                opened = [open_block(p) for p in paths]
-                into = [blank(sum(a["nbytes"] for a in o.header.arrays)) for o in opened]
-            with timed("read_files"), ThreadPoolExecutor(READERS) as pool:
-                list(pool.map(read_into, opened, [[byte_view(x)] for x in into]))
-            with timed("to_mlx"):
-                blocks = [from_numpy(o.header.arrays, split(x, o.header.arrays))
-                          for o, x in zip(opened, into, strict=True)]
-                mx.eval(blocks)
-            del into
-            with timed("assemble"):
-                joined = assemble(make_prompt_cache(model), blocks, [args.block] * len(blocks))
-            with timed("first_step"):
-                mx.eval(model(step, cache=joined))
-            del blocks, joined
-            mx.clear_cache()
+            for where in args.alloc.split(","):
+                stream = mx.gpu if where == "gpu" else mx.cpu
+                tag = "" if where == "cpu" else f"{where}_"
+                with timed(f"{tag}open_and_allocate"):
+                    opened = [open_block(p) for p in paths]
+                    into = [blank(sum(a["nbytes"] for a in o.header.arrays), stream)
+                            for o in opened]
+                with timed(f"{tag}read_files"), ThreadPoolExecutor(READERS) as pool:
+                    list(pool.map(read_into, opened, [[byte_view(x)] for x in into]))
+                with timed(f"{tag}to_mlx"):
+                    blocks = [from_numpy(o.header.arrays, split(x, o.header.arrays))
+                              for o, x in zip(opened, into, strict=True)]
+                    mx.eval(blocks)
+                del into
+                with timed(f"{tag}assemble"):
+                    joined = assemble(make_prompt_cache(model), blocks,
+                                      [args.block] * len(blocks))
+                with timed(f"{tag}first_step"):
+                    mx.eval(model(step, cache=joined))
+                del blocks, joined
+                mx.clear_cache()
             with timed("mlx_lm_load_whole"):
                 loaded = load_prompt_cache(whole)
                 mx.eval([c.state for c in loaded])
@@ -109,7 +116,9 @@ def main() -> None:
             mx.clear_cache()
     out.update({k: round(statistics.median(v), 4) for k, v in times.items()})
     parts = ("open_and_allocate", "read_files", "to_mlx", "assemble", "first_step")
-    out["blocks_total"] = round(sum(out[k] for k in parts), 4)
+    for where in args.alloc.split(","):
+        tag = "" if where == "cpu" else f"{where}_"
+        out[f"{tag}blocks_total"] = round(sum(out[tag + k] for k in parts), 4)
     out["mlx_lm_total"] = round(out["mlx_lm_load_whole"] + out["mlx_lm_first_step"], 4)
     print(json.dumps(out))
 
