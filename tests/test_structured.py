@@ -168,3 +168,41 @@ def test_the_grammar_advances_from_the_sampler_or_from_the_tokens(tiny_model, wa
         out.append(token.item())
         tokens = mx.concatenate([tokens, token])
     assert follows(json.loads(tokenizer.decode(out)), SCHEMA)
+
+
+def test_a_grammar_holds_through_the_batch_and_back_to_the_lone_loop(client, urls):
+    """A schema-constrained answer made beside short ones (in the batch), then alone again
+    once they are done (the batch's last sequence goes back to the lone loop with the token
+    it was computing; its grammar must see each token once): it parses, follows the schema
+    and is the answer it gets alone."""
+    import threading
+
+    import httpx
+
+    fresh = {"Cache-Control": "no-cache, no-store"}  # generated, never a response-cache hit
+
+    def schema_answer() -> str:
+        return client.chat.completions.create(
+            model="default", messages=[{"role": "user", "content": "Weather in Lima?"}],
+            max_tokens=80, temperature=0, extra_headers=fresh,
+            response_format={"type": "json_schema", "json_schema": {
+                "name": "weather", "schema": SCHEMA, "strict": True}},
+        ).choices[0].message.content
+
+    def short(i: int) -> None:
+        client.chat.completions.create(
+            model="default", messages=[{"role": "user", "content": f"Say {i}"}],
+            max_tokens=8, temperature=0, extra_headers=fresh)
+
+    alone = schema_answer()
+    back = httpx.get(f"{urls}/health").json()["batch"]["back_alone"]
+    result: dict = {}
+    threads = [threading.Thread(target=lambda: result.update(text=schema_answer()))]
+    threads += [threading.Thread(target=short, args=(i,)) for i in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert follows(json.loads(result["text"]), SCHEMA)
+    assert result["text"] == alone
+    assert httpx.get(f"{urls}/health").json()["batch"]["back_alone"] > back
