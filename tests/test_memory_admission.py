@@ -264,4 +264,4 @@ def test_a_live_server_refuses_what_never_fits_in_each_api_shape(tmp_path, tiny_
         assert batch["kv_memory_reserved_bytes"] == 0
         assert "KV cache up to 12.0 MB" in log.read_text()
         metrics = httpx.get(f"{url}/metrics", timeout=5).text
-        assert f"mlxc_kv_memory_limit_bytes {12 << 20:g}" in metrics, metrics
+        assert f"mlxc_kv_memory_limit_bytes {12 << 20}\n" in metrics, metrics

@@ -143,7 +143,8 @@ class Metrics:
             }
         for name, (text, value) in gauges.items():
             head(name, "gauge", text)
-            out.append(f"{name} {value:g}")
+            # Integers whole (byte gauges: `:g` keeps 6 digits), other values as floats.
+            out.append(f"{name} {value}" if isinstance(value, int) else f"{name} {value:g}")
         if batch_sizes is not None:
             head("mlxc_batch_size", "histogram", "Sequences decoded together, per decode step.")
             count = total = 0
