@@ -116,8 +116,9 @@ def serve(
                           "closed, or the new one refused with 503.")
     ] = 512,
     max_batch: Annotated[
-        int | None, typer.Option(help="Sequences decoded together (default: 4 on CUDA, 8 "
-                                 "elsewhere); 1 gives exactly mlx-lm's lone answers.",
+        int | None, typer.Option(help="Sequences decoded together (default: 8; 4 for a "
+                                 "model kept quantized on CUDA); 1 gives exactly mlx-lm's "
+                                 "lone answers.",
                                  show_default=False)
     ] = None,
     max_queue: Annotated[
