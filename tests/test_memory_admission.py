@@ -265,3 +265,23 @@ def test_a_live_server_refuses_what_never_fits_in_each_api_shape(tmp_path, tiny_
         assert "KV cache up to 12.0 MB" in log.read_text()
         metrics = httpx.get(f"{url}/metrics", timeout=5).text
         assert f"mlxc_kv_memory_limit_bytes {12 << 20}\n" in metrics, metrics
+
+
+def test_the_measured_costs_are_kept_for_the_next_process(lively, tmp_path):
+    """The probe prefills two whole chunks (seconds on a CPU): a later engine of the same
+    model reads what the first measured; a damaged file is measured again, never trusted."""
+    first = make_engine(lively, tmp_path)
+    first.shutdown(wait=30)
+    kept = list((tmp_path / "cache" / "measured").glob("*.json"))
+    assert len(kept) == 1
+    kept[0].write_text(kept[0].read_text().replace('"chunk": 512', '"chunk": 513'))
+    again = make_engine(lively, tmp_path)  # another chunk on file: measured again, rewritten
+    assert again.memory.cost.chunk == 512 and '"chunk": 512' in kept[0].read_text()
+    again.shutdown(wait=30)
+    recalled = make_engine(lively, tmp_path)
+    assert recalled.memory.cost == again.memory.cost  # read back exactly as it was written
+    recalled.shutdown(wait=30)
+    kept[0].write_text("{not json")
+    damaged = make_engine(lively, tmp_path)
+    assert damaged.memory.cost.chunk == 512 and damaged.memory.cost.per_token > 0
+    damaged.shutdown(wait=30)

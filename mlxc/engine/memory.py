@@ -34,11 +34,15 @@ Engine thread only, except `figures()`.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import logging
 import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from mlxc.errors import NotEnoughMemory
@@ -157,6 +161,44 @@ def measure(model: Any, chunk: int, make_cache: Callable[[Any], list[Any]] | Non
                   max(second - first, 0) / chunk, chunk)
 
 
+def measurement_file(folder: Path, fingerprint: str, chunk: int) -> Path:
+    """Where a model's measured costs are kept: one file per model (its fingerprint says the
+    weights and dtype), prefill chunk, MLX version and device."""
+    import mlx.core as mx
+
+    key = f"{fingerprint}\0{chunk}\0{mx.__version__}\0{mx.default_device()}"
+    return folder / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.json"
+
+
+def recall(path: Path | None, chunk: int) -> KVCost | None:
+    """The costs measured by an earlier process; None if there are none (or not readable).
+    The probe prefills two whole chunks: ~5 s on a 2-core CPU for SmolLM2-135M, as long as
+    the rest of `mlxc ask`'s load, so it runs once per model, not once per process."""
+    try:
+        fields = json.loads(path.read_text()) if path else None
+        cost = KVCost(
+            float(fields["per_token"]),
+            tuple((float(b), int(w)) for b, w in fields["windowed"]),
+            int(fields["fixed"]), int(fields["activations"]), float(fields["per_context"]),
+            int(fields["chunk"]))
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+    return cost if cost.chunk == chunk and cost.per_token >= 0 else None
+
+
+def remember(path: Path | None, cost: KVCost) -> KVCost:
+    """Keep `cost` for the next process (temporary file, then rename: whole or absent)."""
+    if path is not None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            temp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+            temp.write_text(json.dumps(dataclasses.asdict(cost)))
+            os.replace(temp, path)
+        except OSError as exc:  # only a speed-up: measured again next time
+            log.debug("memory: cannot keep the measured costs (%s)", exc)
+    return cost
+
+
 def _kv_bytes(cache: list[Any]) -> int:
     return sum(int(layer.nbytes) for layer in _layers(cache))
 
@@ -209,15 +251,17 @@ class MemoryGate:
         self.waits = 0  # requests told to wait, ever
 
     @classmethod
-    def for_model(cls, model: Any, chunk: int, limit: int | None, prefix: Any = None
-                  ) -> MemoryGate:
-        """Measured for a loaded model; `limit` None derives it from the device."""
+    def for_model(cls, model: Any, chunk: int, limit: int | None, prefix: Any = None,
+                  remembered: Path | None = None) -> MemoryGate:
+        """Measured for a loaded model (or read from `remembered`, where an earlier process
+        of the same model, chunk and MLX build wrote it); `limit` None derives it from the
+        device."""
         import mlx.core as mx
 
         usable, source = usable_memory()
         weights = mx.get_active_memory()
         try:
-            cost = measure(model, chunk)
+            cost = recall(remembered, chunk) or remember(remembered, measure(model, chunk))
         except Exception as exc:  # a model mlx-lm cannot feed this way: admission as before
             log.warning("cannot measure the KV cache's size (%s); memory is not checked", exc)
             return cls(None, 0, usable, source, weights)

@@ -274,14 +274,16 @@ class Engine:
         self.context_length = int(getattr(args, "max_position_embeddings", 0) or 0)
         from mlxc.engine.prefix_cache import PrefixCache
 
+        fingerprint = model_fingerprint(self.ref, self.settings)
         self.prompt_cache = PrefixCache(
-            self.model, self.tokenizer, model_fingerprint(self.ref, self.settings),
-            self.settings, self.prefill_step_size,
+            self.model, self.tokenizer, fingerprint, self.settings, self.prefill_step_size,
         )
-        from mlxc.engine.memory import MemoryGate
+        from mlxc.engine.memory import MemoryGate, measurement_file
 
+        remembered = fingerprint and measurement_file(
+            self.settings.cache_dir / "measured", fingerprint, self.prefill_step_size)
         self.memory = MemoryGate.for_model(self.model, self.prefill_step_size,
-                                           self.max_kv_memory, self.prompt_cache)
+                                           self.max_kv_memory, self.prompt_cache, remembered)
         from mlxc.engine.scheduler import Scheduler
 
         self.scheduler = Scheduler(self, self.max_batch, self._start_sequence)
