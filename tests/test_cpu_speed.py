@@ -114,6 +114,21 @@ def test_choose_dtype_rules(monkeypatch):
     assert choose_dtype("auto", 12 * GB, scales_dtype="bfloat16", gpu_bytes=0) == "keep"
 
 
+def test_cuda_memory_is_asked_once_per_boot(tmp_path, monkeypatch):
+    """The driver is slow to start and the cache-hit path needs the answer: it is kept in
+    the cache folder, for this boot only."""
+    import json
+
+    monkeypatch.setenv("MLXC_CACHE_DIR", str(tmp_path))
+    asked = []
+    monkeypatch.setattr(dtype_mod, "_cuda_driver_memory", lambda: asked.append(1) or 80 * GB)
+    assert dtype_mod.cuda_memory_bytes() == dtype_mod.cuda_memory_bytes() == 80 * GB
+    assert len(asked) == 1
+    kept = json.loads((tmp_path / "cuda-memory.json").read_text())
+    (tmp_path / "cuda-memory.json").write_text(json.dumps({**kept, "boot": "another boot"}))
+    assert dtype_mod.cuda_memory_bytes() == 80 * GB and len(asked) == 2
+
+
 def test_scales_dtype_reads_the_safetensors_headers(tmp_path):
     import mlx.core as mx
 
