@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import logging
 import os
 import threading
@@ -46,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from mlxc.errors import NotEnoughMemory
+from mlxc.sidecar import read_json, write_json
 
 log = logging.getLogger("mlxc.engine")
 STEP = 256  # mlx-lm's caches allocate in blocks of this many tokens
@@ -174,28 +174,22 @@ def recall(path: Path | None, chunk: int) -> KVCost | None:
     """The costs measured by an earlier process; None if there are none (or not readable).
     The probe prefills two whole chunks: ~5 s on a 2-core CPU for SmolLM2-135M, as long as
     the rest of `mlxc ask`'s load, so it runs once per model, not once per process."""
+    fields = read_json(path) if path else None
     try:
-        fields = json.loads(path.read_text()) if path else None
         cost = KVCost(
             float(fields["per_token"]),
             tuple((float(b), int(w)) for b, w in fields["windowed"]),
             int(fields["fixed"]), int(fields["activations"]), float(fields["per_context"]),
             int(fields["chunk"]))
-    except (OSError, ValueError, TypeError, KeyError):
+    except (ValueError, TypeError, KeyError):
         return None
     return cost if cost.chunk == chunk and cost.per_token >= 0 else None
 
 
 def remember(path: Path | None, cost: KVCost) -> KVCost:
-    """Keep `cost` for the next process (temporary file, then rename: whole or absent)."""
+    """Keep `cost` for the next process."""
     if path is not None:
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            temp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-            temp.write_text(json.dumps(dataclasses.asdict(cost)))
-            os.replace(temp, path)
-        except OSError as exc:  # only a speed-up: measured again next time
-            log.debug("memory: cannot keep the measured costs (%s)", exc)
+        write_json(path, dataclasses.asdict(cost))
     return cost
 
 

@@ -22,6 +22,8 @@ import struct
 import sys
 from pathlib import Path
 
+from mlxc.sidecar import read_json, write_json
+
 DTYPES = ("auto", "float32", "bfloat16", "float16", "keep")
 AUTO_RAM_FRACTION = 0.4  # float32 weights + KV cache + activations must still fit
 CUDA_PLAIN_FRACTION = 0.25  # dequantized weights on CUDA: the rest is for KV and batches
@@ -96,21 +98,15 @@ def cuda_memory_bytes() -> int:
 
         folder = user_cache_dir("mlxc")
     known = Path(folder).expanduser() / "cuda-memory.json"
-    try:
-        kept = json.loads(known.read_text())
-        if boot and kept["boot"] == boot:
+    kept = read_json(known)
+    if boot and isinstance(kept, dict) and kept.get("boot") == boot:
+        try:
             return int(kept["bytes"])
-    except (OSError, ValueError, TypeError, KeyError):
-        pass
+        except (KeyError, TypeError, ValueError):
+            pass
     total = _cuda_driver_memory()
     if boot and total:
-        try:
-            known.parent.mkdir(parents=True, exist_ok=True)
-            temp = known.with_name(f".tmp-{os.getpid()}-{known.name}")
-            temp.write_text(json.dumps({"boot": boot, "bytes": total}))
-            os.replace(temp, known)
-        except OSError:
-            pass  # asked again next time
+        write_json(known, {"boot": boot, "bytes": total})
     return total
 
 

@@ -4,7 +4,6 @@ a cache hit needs the fingerprint, and must not pay for loading MLX or the token
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -12,6 +11,7 @@ from pathlib import Path
 
 from mlxc.config import DEFAULT_MODEL, Settings
 from mlxc.errors import ModelError
+from mlxc.sidecar import read_json, write_json
 
 DEFAULT_MODEL_FOLDER = "SmolLM2-135M-Instruct"
 FINGERPRINT_FILE = ".mlxc-fingerprint.json"
@@ -88,20 +88,12 @@ def folder_fingerprint(folder: Path, sidecar_dir: Path) -> str:
     if not os.access(folder, os.W_OK):
         name = hashlib.sha256(str(folder.resolve()).encode()).hexdigest()
         sidecar = sidecar_dir / f"{name}.json"
-    try:
-        saved = json.loads(sidecar.read_text())
-        if saved.get("signature") == signature:
+    saved = read_json(sidecar)
+    if isinstance(saved, dict) and saved.get("signature") == signature:
+        if isinstance(saved.get("fingerprint"), str):
             return saved["fingerprint"]
-    except (OSError, ValueError, KeyError):
-        pass
     fingerprint = _hash_files(folder, signature)
-    try:
-        sidecar.parent.mkdir(parents=True, exist_ok=True)
-        tmp = sidecar.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"signature": signature, "fingerprint": fingerprint}))
-        os.replace(tmp, sidecar)
-    except OSError:
-        pass  # a read-only place only costs a re-hash next time
+    write_json(sidecar, {"signature": signature, "fingerprint": fingerprint})
     return fingerprint
 
 

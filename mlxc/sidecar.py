@@ -1,0 +1,47 @@
+"""Small JSON files mlxc keeps beside its data to skip slow work next time (a model's
+fingerprint, its measured memory costs, the GPU's memory): read without ever hanging or
+trusting what is there, written whole or not at all. Losing one only costs the slow work again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from pathlib import Path
+from typing import Any
+
+LIMIT = 1 << 20  # these files hold a few numbers
+
+
+def read_json(path: Path) -> Any:
+    """The file's JSON value, or None if it is absent, unreadable, not JSON, too large, or not
+    a regular file (a symlink is not followed; a FIFO or device is never waited on)."""
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError:
+        return None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_size > LIMIT:
+            return None
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            return json.loads(f.read(LIMIT + 1))
+    except (OSError, ValueError):
+        return None
+    finally:
+        os.close(fd)
+
+
+def write_json(path: Path, value: Any) -> bool:
+    """Write `value` under a temporary name and rename it into place; False if it cannot be
+    written (a read-only folder: the slow work is done again next time)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+        temp.write_text(json.dumps(value))
+        os.replace(temp, path)
+    except OSError:
+        return False
+    return True
