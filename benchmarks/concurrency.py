@@ -109,14 +109,19 @@ def interference(engine: Engine, tokens: int, long_words: int) -> dict:
     solo_gap = statistics.median(gaps(solo["times"]))
     long = prompt(1, long_words).model_copy(update={"max_tokens": 1})
     n_long = len(engine.encode(long))
-    generation = engine.submit(stream)
+    # Long enough to outlive the prefill (a 2,937-token one takes ~50 s beside it on a 2-core
+    # CPU: a stream of `tokens * 4` ended inside that window and read as slowed down).
+    generation = engine.submit(stream.model_copy(update={"max_tokens": 2048}))
     times: list[float] = []
     window: dict[str, float] = {}
+    done = threading.Event()
 
     def follow() -> None:
         for event in generation.events():
             if isinstance(event, Delta):
                 times.append(time.perf_counter())
+            if done.is_set():
+                break  # leaving cancels the stream
 
     follower = threading.Thread(target=follow)
     follower.start()
@@ -125,6 +130,7 @@ def interference(engine: Engine, tokens: int, long_words: int) -> dict:
     window["start"] = time.perf_counter()
     long_figures = timed(engine, long)
     window["end"] = time.perf_counter()
+    done.set()
     follower.join()
     during = [t for t in times if window["start"] <= t <= window["end"]]
     span = window["end"] - window["start"]
