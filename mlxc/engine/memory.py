@@ -337,8 +337,9 @@ class MemoryGate:
         return (
             f"this request may need {human(need)} of KV cache memory (a {prompt}-token prompt "
             f"+ max_tokens {max_tokens}, at {human(self.cost.per_token)} per token) but at "
-            f"most {human(self.limit)} is allowed ({how}); {fix}, or start the server with a "
-            "larger --max-kv-memory."
+            f"most {human(self.limit)} is allowed ({how}); {fix}"
+            # A derived limit is what the device holds: raising it would trade a 400 for OOM.
+            + (", or raise --max-kv-memory." if self.chosen else ".")
         )
 
     # -- figures -------------------------------------------------------------------------
