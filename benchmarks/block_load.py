@@ -47,7 +47,7 @@ def main() -> None:
         blank,
         byte_view,
         cut,
-        from_numpy,
+        from_file,
         split,
         to_buffers,
     )
@@ -96,7 +96,7 @@ def main() -> None:
                 with timed(f"{tag}read_files"), ThreadPoolExecutor(READERS) as pool:
                     list(pool.map(read_into, opened, [[byte_view(x)] for x in into]))
                 with timed(f"{tag}to_mlx"):
-                    blocks = [from_numpy(o.header.arrays, split(x, o.header.arrays))
+                    blocks = [from_file(o.header.arrays, split(x, o.header.arrays))
                               for o, x in zip(opened, into, strict=True)]
                     mx.eval(blocks)
                 del into

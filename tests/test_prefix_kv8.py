@@ -30,7 +30,7 @@ from mlxc.engine.prefix_block_file import (
     read_header,
     write_temp,
 )
-from mlxc.engine.prefix_block_kv import from_numpy, leaves, quantize, to_buffers
+from mlxc.engine.prefix_block_kv import from_file, leaves, quantize, to_buffers
 
 lively, cold = base.lively, base.cold  # the same fixtures
 BLOCK = {"prefix_block_tokens": 16}
@@ -193,7 +193,7 @@ def test_a_block_file_round_trips_in_either_format(tmp_path, dtype, shape):
     header = BlockHeader("h", "p", "r", 0, list(range(shape[2])), specs, any(notes))
     temp, _ = write_temp(tmp_path / "b.kvb", header, views, fsync=False)
     header, data, start = read_block(temp)
-    back = from_numpy(header.arrays, arrays_of(header, data, start))
+    back = from_file(header.arrays, arrays_of(header, data, start))
     whole = shape == (1, 2, 5, 8)
     assert header.quantized is not whole and len(specs) == len(arrays) * (1 if whole else 3)
     for spec in header.arrays:  # each at a multiple of its element size (one read buffer)

@@ -23,7 +23,7 @@ from mlxc.engine.prefix_block_kv import (
     blank,
     byte_view,
     cut,
-    from_numpy,
+    from_file,
     kv_dtype,
     layer_width,
     nbytes,
@@ -139,7 +139,7 @@ class BlockTiers:
         """A block's arrays from its file's (8-bit ones dequantized), held in memory; None
         (and the file removed) if they do not fit this model's layout."""
         try:
-            out = from_numpy(specs, raw)
+            out = from_file(specs, raw)
             why = "layout differs"
         except ValueError as exc:
             out, why = [], str(exc)

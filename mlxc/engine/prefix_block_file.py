@@ -95,58 +95,20 @@ def open_regular(path: Path) -> int:
 
 
 def read_block(path: Path) -> tuple[BlockHeader, bytearray, int]:
-    """(header, the whole file, where the arrays start). FileNotFoundError if it is gone,
-    BadBlock if it is not a whole block file."""
-    fd = open_regular(path)
-    try:
-        size = os.fstat(fd).st_size
-        data = bytearray(size)
-        view, done = memoryview(data), 0
-        while done < size:
-            n = os.readv(fd, [view[done:]])
-            if n == 0:
-                break
-            done += n
-    finally:
-        os.close(fd)
-    if done != size or size < len(MAGIC) + 8 or data[: len(MAGIC)] != MAGIC:
-        raise BadBlock("not a block file")
-    (meta_len,) = struct.unpack_from("<Q", data, len(MAGIC))
-    if meta_len > min(HEADER_LIMIT, size):
-        raise BadBlock("bad header length")
-    start = data_offset(meta_len)
-    try:
-        header = BlockHeader(**json.loads(bytes(data[len(MAGIC) + 8 : start])))
-    except (ValueError, TypeError) as exc:
-        raise BadBlock(f"unreadable header ({exc})") from exc
-    need = sum(int(a["nbytes"]) for a in header.arrays)
-    if size != start + need:
-        raise BadBlock(f"{size} bytes, its header says {start + need}")
-    return header, data, start
+    """(header, the arrays' bytes, 0: where the arrays start in them). FileNotFoundError if it
+    is gone, BadBlock if it is not a whole block file."""
+    opened = open_block(path)
+    data = bytearray(sum(int(a["nbytes"]) for a in opened.header.arrays))
+    read_into(opened, [memoryview(data)])
+    return opened.header, data, 0
 
 
 def read_header(path: Path) -> BlockHeader:
-    """Only the header (index rebuilds): no array bytes are read."""
-    fd = open_regular(path)
-    try:
-        with os.fdopen(fd, "rb", closefd=False) as f:
-            head = f.read(len(MAGIC) + 8)
-            if len(head) != len(MAGIC) + 8 or head[: len(MAGIC)] != MAGIC:
-                raise BadBlock("not a block file")
-            (meta_len,) = struct.unpack_from("<Q", head, len(MAGIC))
-            if meta_len > HEADER_LIMIT:
-                raise BadBlock("bad header length")
-            header = BlockHeader(**json.loads(f.read(meta_len)))
-            size = os.fstat(fd).st_size
-    except BadBlock:
-        raise
-    except (ValueError, TypeError) as exc:
-        raise BadBlock(f"unreadable header ({exc})") from exc
-    finally:
-        os.close(fd)
-    if size != data_offset(meta_len) + sum(int(a["nbytes"]) for a in header.arrays):
-        raise BadBlock("truncated")
-    return header
+    """Only the header, checked against the file's size (index rebuilds): no array bytes are
+    read."""
+    opened = open_block(path)
+    opened.close()
+    return opened.header
 
 
 def arrays_of(header: BlockHeader, data: bytearray, start: int) -> list[np.ndarray]:

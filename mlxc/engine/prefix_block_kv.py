@@ -140,7 +140,7 @@ def _mx(spec: dict, x: Any) -> Any:
     return a
 
 
-def from_numpy(specs: list[dict], arrays: list[Any]) -> list[Any]:
+def from_file(specs: list[dict], arrays: list[Any]) -> list[Any]:
     """MLX arrays of a block file's arrays (numpy, or `split`'s), quantized ones
     dequantized to their dtype (either format, whatever this process's setting). ValueError if
     a recipe does not fit its data."""
