@@ -119,14 +119,14 @@ def test_cuda_memory_is_asked_once_per_boot(tmp_path, monkeypatch):
     the cache folder, for this boot only."""
     import json
 
-    monkeypatch.setenv("MLXC_CACHE_DIR", str(tmp_path))
     asked = []
     monkeypatch.setattr(dtype_mod, "_cuda_driver_memory", lambda: asked.append(1) or 80 * GB)
-    assert dtype_mod.cuda_memory_bytes() == dtype_mod.cuda_memory_bytes() == 80 * GB
+    memory = dtype_mod.cuda_memory_bytes
+    assert memory(tmp_path) == memory(tmp_path) == 80 * GB
     assert len(asked) == 1
     kept = json.loads((tmp_path / "cuda-memory.json").read_text())
     (tmp_path / "cuda-memory.json").write_text(json.dumps({**kept, "boot": "another boot"}))
-    assert dtype_mod.cuda_memory_bytes() == 80 * GB and len(asked) == 2
+    assert memory(tmp_path) == 80 * GB and len(asked) == 2
 
 
 def test_scales_dtype_reads_the_safetensors_headers(tmp_path):

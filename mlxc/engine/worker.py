@@ -55,7 +55,7 @@ def default_max_batch(ref: ModelRef, settings: Settings) -> int:
         quantized = scales_dtype(ref.folder) is not None
     except Exception:  # an unreadable folder: the loader says why
         quantized = False
-    kept = effective_dtype_without_mlx(settings.dtype, ref.folder) == "keep"
+    kept = effective_dtype_without_mlx(settings.dtype, ref.folder, settings.cache_dir) == "keep"
     return DEFAULT_MAX_BATCH_QUANTIZED_CUDA if quantized and kept else (
         DEFAULT_MAX_BATCH_ELSEWHERE)
 
@@ -265,7 +265,8 @@ class Engine:
         from mlxc.model.dtype import apply_dtype, effective_dtype_without_mlx
 
         self.model, self.tokenizer = load(str(self.ref.folder))
-        self.dtype = effective_dtype_without_mlx(self.settings.dtype, self.ref.folder)
+        self.dtype = effective_dtype_without_mlx(self.settings.dtype, self.ref.folder,
+                                                 self.settings.cache_dir)
         apply_dtype(self.model, self.dtype)
         from mlxc.engine.generate import supports_last_position_logits
 

@@ -31,15 +31,15 @@ _ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 def choose_dtype(requested: str, model_bytes: int, ram_bytes: int | None = None, *,
-                 scales_dtype: str | None = None, gpu_bytes: int | None = None) -> str:
+                 scales_dtype: str | None = None, gpu_bytes: int = 0) -> str:
     """Resolve `requested` (one of DTYPES) to "float32", "bfloat16", "float16" or "keep".
 
     `model_bytes` is the model's size in float32. "auto" gives "float32" on the CPU backend
     when that is under 40% of the machine's RAM, else "keep"; on CUDA, a quantized model's
-    scales' dtype (`scales_dtype`) when it takes at most a quarter of the GPU's memory in it,
-    else "keep"; on Metal "keep". Memory is the total, not what is free right now, so every
-    process resolves the same model the same way (the answer goes into the cache key). Pure
-    and cheap: no mlx import.
+    scales' dtype (`scales_dtype`) when it takes at most a quarter of the GPU's memory
+    (`gpu_bytes`) in it, else "keep"; on Metal "keep". Memory is the total, not what is
+    free right now, so every process resolves the same model the same way (the answer goes
+    into the cache key). Pure and cheap: no mlx import.
     """
     if requested not in DTYPES:
         raise ValueError(f"unknown dtype {requested!r}: choose one of {', '.join(DTYPES)}")
@@ -48,24 +48,27 @@ def choose_dtype(requested: str, model_bytes: int, ram_bytes: int | None = None,
     if gpu_backend():
         if sys.platform == "darwin" or scales_dtype not in _ITEMSIZE:
             return "keep"
-        gpu = cuda_memory_bytes() if gpu_bytes is None else gpu_bytes
         plain = model_bytes * _ITEMSIZE[scales_dtype] // 4
-        return scales_dtype if gpu and plain <= CUDA_PLAIN_FRACTION * gpu else "keep"
+        return scales_dtype if gpu_bytes and plain <= CUDA_PLAIN_FRACTION * gpu_bytes else "keep"
     ram = total_ram_bytes() if ram_bytes is None else ram_bytes
     return "float32" if ram and model_bytes < AUTO_RAM_FRACTION * ram else "keep"
 
 
-def effective_dtype_without_mlx(requested: str, model_dir: Path) -> str:
+def effective_dtype_without_mlx(requested: str, model_dir: Path,
+                                cache_dir: Path | None = None) -> str:
     """`choose_dtype` for the MLX model folder `model_dir`, its float32 size read from the
-    safetensors headers and config.json (no weights read, no mlx import)."""
+    safetensors headers and config.json (no weights read, no mlx import); on CUDA, with its
+    scales' dtype and the GPU's memory (kept under `cache_dir`)."""
     if requested != "auto":
         return choose_dtype(requested, 0)
+    cuda = gpu_backend() and sys.platform != "darwin"
     try:
         size = float32_bytes(Path(model_dir))
-        scales = scales_dtype(Path(model_dir))
+        scales = scales_dtype(Path(model_dir)) if cuda else None
     except (OSError, ValueError, KeyError, struct.error):
         return "keep"  # unreadable folder: the loader will say why; don't guess a conversion
-    return choose_dtype(requested, size, scales_dtype=scales)
+    gpu = cuda_memory_bytes(cache_dir) if scales else 0
+    return choose_dtype(requested, size, scales_dtype=scales, gpu_bytes=gpu)
 
 
 def gpu_backend() -> bool:
@@ -84,20 +87,17 @@ def gpu_backend() -> bool:
     return False
 
 
-def cuda_memory_bytes() -> int:
+def cuda_memory_bytes(cache_dir: Path | None = None) -> int:
     """Total memory of CUDA device 0 (no MLX import); 0 if unknown. Starting the driver takes
     0.1-0.5 s and the cache-hit path asks too (the dtype is in the cache key), so the answer
-    is kept in the cache folder for the rest of the boot."""
+    is kept in `cache_dir` for the rest of the boot."""
+    if cache_dir is None:
+        return _cuda_driver_memory()
     try:
         boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
     except OSError:
         boot = ""
-    folder = os.environ.get("MLXC_CACHE_DIR")
-    if folder is None:
-        from platformdirs import user_cache_dir
-
-        folder = user_cache_dir("mlxc")
-    known = Path(folder).expanduser() / "cuda-memory.json"
+    known = cache_dir / "cuda-memory.json"
     kept = read_json(known)
     if boot and isinstance(kept, dict) and kept.get("boot") == boot:
         try:

@@ -105,7 +105,7 @@ def model_fingerprint(ref: ModelRef, settings: Settings) -> str | None:
     from mlxc.model.dtype import effective_dtype_without_mlx
 
     files = folder_fingerprint(ref.folder, settings.models_dir / "fingerprints")
-    dtype = effective_dtype_without_mlx(settings.dtype, ref.folder)
+    dtype = effective_dtype_without_mlx(settings.dtype, ref.folder, settings.cache_dir)
     return hashlib.sha256(f"{files}:{dtype}".encode()).hexdigest()
 
 
