@@ -6,13 +6,13 @@ the last answer included. No MLX; written atomically, readable only by the user.
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 from mlxc.config import Settings
+from mlxc.sidecar import read_json, write_json
 
 LAST_FILE = "last-conversation.json"
+LAST_LIMIT = 64 << 20  # a long conversation, not a sidecar's few numbers
 
 
 def last_path(settings: Settings) -> Path:
@@ -21,29 +21,20 @@ def last_path(settings: Settings) -> Path:
 
 def load_last(settings: Settings) -> tuple[str, list[dict]] | None:
     """(model, messages) of the last conversation, or None if there is none readable."""
+    saved = read_json(last_path(settings), LAST_LIMIT)
     try:
-        saved = json.loads(last_path(settings).read_text())
         messages = saved["messages"]
         if isinstance(saved["model"], str) and isinstance(messages, list):
             return saved["model"], messages
-    except (OSError, ValueError, KeyError, TypeError):
+    except (KeyError, TypeError):
         pass
     return None
 
 
 def save_last(settings: Settings, model: str, messages: list[dict], answer: str) -> None:
     """Remember the conversation with its answer; a failure to write only costs `-c`."""
-    path = last_path(settings)
     body = {"model": model, "messages": [*messages, {"role": "assistant", "content": answer}]}
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temp = path.with_name(f".{LAST_FILE}.{os.getpid()}.tmp")
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(body, f, ensure_ascii=False)
-        os.replace(temp, path)
-    except OSError:
-        pass
+    write_json(last_path(settings), body)
 
 
 def continue_with(previous: list[dict], new: list[dict]) -> list[dict]:

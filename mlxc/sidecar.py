@@ -1,6 +1,7 @@
-"""Small JSON files mlxc keeps beside its data to skip slow work next time (a model's
-fingerprint, its measured memory costs, the GPU's memory): read without ever hanging or
-trusting what is there, written whole or not at all. Losing one only costs the slow work again.
+"""Small JSON files mlxc keeps beside its data (a model's fingerprint, its measured memory
+costs, the GPU's memory, the last conversation for `ask -c`): read without ever hanging or
+trusting what is there, written whole or not at all, readable by their owner only. Losing one
+only costs the work that made it.
 """
 
 from __future__ import annotations
@@ -14,9 +15,9 @@ from typing import Any
 LIMIT = 1 << 20  # these files hold a few numbers
 
 
-def read_json(path: Path) -> Any:
-    """The file's JSON value, or None if it is absent, unreadable, not JSON, too large, or not
-    a regular file (a symlink is not followed; a FIFO or device is never waited on)."""
+def read_json(path: Path, limit: int = LIMIT) -> Any:
+    """The file's JSON value, or None if it is absent, unreadable, not JSON, over `limit`
+    bytes, or not a regular file (a symlink is not followed; a FIFO is never waited on)."""
     flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0)
     try:
         fd = os.open(path, flags)
@@ -24,10 +25,10 @@ def read_json(path: Path) -> Any:
         return None
     try:
         info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode) or info.st_size > LIMIT:
+        if not stat.S_ISREG(info.st_mode) or info.st_size > limit:
             return None
         with os.fdopen(fd, "rb", closefd=False) as f:
-            return json.loads(f.read(LIMIT + 1))
+            return json.loads(f.read(limit + 1))
     except (OSError, ValueError):
         return None
     finally:
@@ -40,7 +41,9 @@ def write_json(path: Path, value: Any) -> bool:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         temp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-        temp.write_text(json.dumps(value))
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(value, f, ensure_ascii=False)
         os.replace(temp, path)
     except OSError:
         return False
