@@ -1,0 +1,107 @@
+"""What one batched decode step costs, part by part, on mlx-lm's model code alone.
+
+    python benchmarks/decode_step.py --model PATH [--sizes 1,4,8] [--steps 64] [--context 200]
+
+Each variant runs the model's decode step pipelined as mlx-lm does (queue step n+1, then read
+token n) and reports ms per step, and how much of it Python spends building the step
+(`build_ms`: when that is close to the step, the step is bound by the host, not the device):
+- lone: one sequence, `KVCache` (what `stream_generate` runs);
+- plain_B: B sequences of the same length in one `KVCache` (no mask, int offset);
+- batch_B: `BatchKVCache` with left padding (a boolean mask, per-row offsets): mlx-lm's
+  `BatchGenerator`;
+- batch_B_nopad: the same with every row the same length (the mask still built);
+- batch_B_additive: padded, with the mask built once per step as additive float.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--sizes", default="1,4,8")
+    parser.add_argument("--steps", type=int, default=64)
+    parser.add_argument("--context", type=int, default=200)
+    parser.add_argument("--dequantize", action="store_true")
+    args = parser.parse_args()
+    import mlx.core as mx
+    from mlx_lm import load
+    from mlx_lm.models import base
+    from mlx_lm.models.cache import BatchKVCache, KVCache
+
+    model, _ = load(args.model)
+    if args.dequantize:
+        from mlx_lm.utils import dequantize_model
+
+        model = dequantize_model(model)
+        mx.eval(model.parameters())
+    layers = len(model.layers)
+    logits = model(mx.array([[1]]))
+    vocab, dtype = logits.shape[-1], logits.dtype  # the activations' dtype
+
+    def fill(cache_of, rows: list[int]):
+        """A cache for len(rows) sequences, row r holding rows[r] tokens (left padded)."""
+        longest = max(rows)
+        caches = cache_of([longest - r for r in rows])
+        tokens = mx.array([[7] * longest for _ in rows])
+        model(tokens, cache=caches)
+        mx.eval([c.state for c in caches])
+        return caches
+
+    def run(caches, size: int, additive: bool = False) -> dict:
+        original = base.create_causal_mask
+        if additive:  # one float mask per step instead of a bool one per layer
+            def create(*a, **k):
+                m = original(*a, **k)
+                return mx.where(m, mx.array(0, dtype), mx.array(-mx.inf, dtype))
+
+            base.create_causal_mask = create
+        try:
+            y = mx.array([[1]] * size)
+            build = []
+            started = None
+            for step in range(args.steps + 4):
+                if step == 4:
+                    started, build = time.perf_counter(), []
+                t0 = time.perf_counter()
+                logits = model(y, cache=caches)[:, -1, :]
+                nxt = mx.argmax(logits, axis=-1, keepdims=True).astype(mx.uint32)
+                mx.async_eval(nxt)
+                build.append(time.perf_counter() - t0)
+                mx.eval(y)
+                y = nxt
+            mx.eval(y)
+            seconds = time.perf_counter() - started
+        finally:
+            base.create_causal_mask = original
+        build.sort()
+        return {"step_ms": round(seconds / args.steps * 1000, 3),
+                "build_ms": round(build[len(build) // 2] * 1000, 3),
+                "tokens_per_second": round(size * args.steps / seconds, 1)}
+
+    def plain(pads):
+        return [KVCache() for _ in range(layers)]
+
+    def batch(pads):
+        return [BatchKVCache(pads) for _ in range(layers)]
+
+    out: dict = {"layers": layers, "vocab": vocab, "context": args.context}
+    ctx = args.context
+    for _ in range(2):  # the first round compiles
+        out["lone"] = run(fill(plain, [ctx]), 1)
+    for size in [int(s) for s in args.sizes.split(",")]:
+        rows = [ctx - 17 * (i % 5) for i in range(size)]
+        for _ in range(2):
+            out[f"plain_{size}"] = run(fill(plain, [ctx] * size), size)
+            out[f"batch_{size}"] = run(fill(batch, rows), size)
+            out[f"batch_{size}_nopad"] = run(fill(batch, [ctx] * size), size)
+            out[f"batch_{size}_additive"] = run(fill(batch, rows), size, additive=True)
+    print(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
