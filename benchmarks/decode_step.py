@@ -70,17 +70,19 @@ def main() -> None:
                 t0 = time.perf_counter()
                 logits = model(y, cache=caches)[:, -1, :]
                 nxt = mx.argmax(logits, axis=-1, keepdims=True).astype(mx.uint32)
+                t1 = time.perf_counter()
                 mx.async_eval(nxt)
-                build.append(time.perf_counter() - t0)
+                build.append((t1 - t0, time.perf_counter() - t1))
                 mx.eval(y)
                 y = nxt
             mx.eval(y)
             seconds = time.perf_counter() - started
         finally:
             base.create_causal_mask = original
-        build.sort()
+        graph = sorted(b[0] for b in build)[len(build) // 2]
+        launch = sorted(b[1] for b in build)[len(build) // 2]
         return {"step_ms": round(seconds / args.steps * 1000, 3),
-                "build_ms": round(build[len(build) // 2] * 1000, 3),
+                "graph_ms": round(graph * 1000, 3), "launch_ms": round(launch * 1000, 3),
                 "tokens_per_second": round(size * args.steps / seconds, 1)}
 
     def plain(pads):
@@ -100,7 +102,43 @@ def main() -> None:
             out[f"batch_{size}"] = run(fill(batch, rows), size)
             out[f"batch_{size}_nopad"] = run(fill(batch, [ctx] * size), size)
             out[f"batch_{size}_additive"] = run(fill(batch, rows), size, additive=True)
+    out["projections"] = projections(model, [int(s) for s in args.sizes.split(",")], dtype)
     print(json.dumps(out, indent=1))
+
+
+def projections(model, sizes: list[int], dtype) -> dict:
+    """Device time of each kind of projection over all layers (one step's worth), by rows:
+    the layers are chained in one evaluation, so launch cost is spread thin."""
+    import mlx.core as mx
+
+    kinds = {name: [getattr(getattr(layer, part), name) for layer in model.layers]
+             for part, names in (("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")),
+                                 ("mlp", ("gate_proj", "up_proj", "down_proj")))
+             for name in names}
+    head = getattr(model, "lm_head", None) or model.model.embed_tokens.as_linear
+    kinds["lm_head"] = [head]
+    out = {}
+    for name, modules in kinds.items():
+        out[name] = {}
+        for rows in sizes:
+            def step(x, modules=modules):
+                return [m(x) for m in modules]
+
+            inner = _in_features(modules[0], name, model)
+            x = mx.random.normal((rows, 1, inner)).astype(dtype)
+            mx.eval(step(x))
+            started = time.perf_counter()
+            for _ in range(10):
+                mx.eval(step(x))
+            out[name][rows] = round((time.perf_counter() - started) / 10 * 1000, 3)
+    return out
+
+
+def _in_features(module, name: str, model) -> int:
+    if name == "lm_head":
+        return model.model.embed_tokens.weight.shape[-1] * (
+            32 // getattr(model.model.embed_tokens, "bits", 32))
+    return module.weight.shape[-1] * (32 // getattr(module, "bits", 32))
 
 
 if __name__ == "__main__":
