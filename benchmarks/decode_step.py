@@ -27,6 +27,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=64)
     parser.add_argument("--context", type=int, default=200)
     parser.add_argument("--dequantize", action="store_true")
+    parser.add_argument("--small-rows", action="store_true",
+                        help="then again with mlxc's few-rows projection kernel (CUDA)")
+    parser.add_argument("--variants", default="plain,batch,batch_nopad,batch_additive")
     args = parser.parse_args()
     import mlx.core as mx
     from mlx_lm import load
@@ -91,19 +94,56 @@ def main() -> None:
     def batch(pads):
         return [BatchKVCache(pads) for _ in range(layers)]
 
-    out: dict = {"layers": layers, "vocab": vocab, "context": args.context}
-    ctx = args.context
-    for _ in range(2):  # the first round compiles
-        out["lone"] = run(fill(plain, [ctx]), 1)
-    for size in [int(s) for s in args.sizes.split(",")]:
-        rows = [ctx - 17 * (i % 5) for i in range(size)]
-        for _ in range(2):
-            out[f"plain_{size}"] = run(fill(plain, [ctx] * size), size)
-            out[f"batch_{size}"] = run(fill(batch, rows), size)
-            out[f"batch_{size}_nopad"] = run(fill(batch, [ctx] * size), size)
-            out[f"batch_{size}_additive"] = run(fill(batch, rows), size, additive=True)
-    out["projections"] = projections(model, [int(s) for s in args.sizes.split(",")], dtype)
+    sizes = [int(s) for s in args.sizes.split(",")]
+    variants = args.variants.split(",")
+
+    def measure() -> dict:
+        out: dict = {}
+        ctx = args.context
+        for _ in range(2):  # the first round compiles
+            out["lone"] = run(fill(plain, [ctx]), 1)
+        for size in sizes:
+            rows = [ctx - 17 * (i % 5) for i in range(size)]
+            for _ in range(2):
+                if "plain" in variants:
+                    out[f"plain_{size}"] = run(fill(plain, [ctx] * size), size)
+                if "batch" in variants:
+                    out[f"batch_{size}"] = run(fill(batch, rows), size)
+                if "batch_nopad" in variants:
+                    out[f"batch_{size}_nopad"] = run(fill(batch, [ctx] * size), size)
+                if "batch_additive" in variants:
+                    out[f"batch_{size}_additive"] = run(fill(batch, rows), size, additive=True)
+        out["projections"] = projections(model, sizes, dtype)
+        return out
+
+    out = {"layers": layers, "vocab": vocab, "context": args.context, **measure()}
+    if args.small_rows:
+        from mlxc.engine import small_rows
+
+        out["small_rows_routed"] = small_rows.install(model)
+        out["small_rows_error"] = kernel_error(model, sizes, dtype)
+        out["small_rows"] = measure()
     print(json.dumps(out, indent=1))
+
+
+def kernel_error(model, sizes: list[int], dtype) -> dict:
+    """Largest relative difference of the kernel from MLX's matmul, by rows."""
+    import mlx.core as mx
+
+    from mlxc.engine import small_rows
+
+    out = {}
+    for rows in sizes:
+        worst = 0.0
+        for proj in (model.layers[0].self_attn.k_proj, model.layers[0].mlp.down_proj):
+            weight = proj.weight
+            x = mx.random.normal((rows, 1, weight.shape[1])).astype(dtype)
+            want = x @ weight.T
+            got = small_rows.project(x, weight) if small_rows.fits(x, weight) else want
+            err = (mx.abs(got - want).max() / mx.abs(want).max()).item()
+            worst = max(worst, err)
+        out[rows] = worst
+    return out
 
 
 def projections(model, sizes: list[int], dtype) -> dict:
