@@ -120,6 +120,11 @@ class Prefill:
         self._tail = (self.total - 1) % step_size + 1 if last_only else 1
         self.done = 0
 
+    def next_tokens(self) -> int:
+        """How many prompt tokens the next `advance` feeds."""
+        stop = self.total - self._tail
+        return min(self.step_size, stop - self.done) if self.done < stop else self.total - self.done
+
     def advance(self) -> tuple[Any, Any] | None:
         """Feed the next chunk; once the prompt is in, (first token, its log-probabilities
         row), both evaluated."""

@@ -6,8 +6,10 @@ Each `tick` does at most three things, in this order:
 2. feed one prompt chunk of the sequence being prefilled, so a long prompt never stalls the
    running streams for its whole prefill; its last chunk samples the first token, which is
    published at once (the lone request's time to first token, prefix shortcuts included).
-   While others decode, a chunk waits until they have had as much time since the last chunk
-   as it took (DECODE_SHARE), so running streams keep about half their speed meanwhile.
+   While others decode, each chunk waits until they have had as much time as it is expected
+   to take (DECODE_SHARE; at the rate the chunk before it was prefilled): their share comes
+   before each chunk, so the prompt's last chunk is paid for too and running streams keep
+   about half their speed from the moment it arrives to its first token.
    Requests that come together while nothing decodes (a burst) are prefilled together by
    the batch, in one pass per chunk, and then decode together, as mlx-lm's server does;
 3. one decode step: of the sequence that runs alone (lone.py: mlx-lm's own loop, at raw
@@ -87,6 +89,7 @@ class Scheduler:
         self.next_turns: list[NextTurn] = []
         self.figures = Figures()
         self._decode_owed = 0.0  # decode seconds due before the next prompt chunk
+        self._prefill_rate = 0.0  # seconds per prompt token, on the last chunk prefilled
 
     def _new_batch(self) -> Any:
         from mlx_lm.generate import BatchGenerator
@@ -131,10 +134,11 @@ class Scheduler:
                 self._release()  # the rest of a burst failed or was cancelled
             decoding = self.lone is not None or self.running
             if self.prefilling is not None and (self._decode_owed <= 0 or not decoding):
+                tokens = self.prefilling.prefill.next_tokens()
                 started = time.perf_counter()
                 self._prefill()
-                spent = time.perf_counter() - started
-                self._decode_owed = spent * DECODE_SHARE / (1 - DECODE_SHARE)
+                self._prefill_rate = (time.perf_counter() - started) / max(tokens, 1)
+                self._decode_owed = self._share_before(self.prefilling)
             if self.lone is not None and any(seq.taken for seq in self.running.values()):
                 self._join(self._take_lone())  # a burst's prompts are in: decode together
             if self.lone is not None or self.running:
@@ -153,6 +157,14 @@ class Scheduler:
             self._admit_burst(room)
         while self.prefilling is None and self.admissible and self.decoding < self.max_batch:
             self.prefilling = self._start_next()
+            self._decode_owed = self._share_before(self.prefilling)
+
+    def _share_before(self, seq: Sequence | None) -> float:
+        """The running streams' decode time due before `seq`'s next prompt chunk."""
+        if seq is None:
+            return 0.0
+        expected = seq.prefill.next_tokens() * self._prefill_rate
+        return expected * DECODE_SHARE / (1 - DECODE_SHARE)
 
     def _admit_burst(self, room: int) -> None:
         """Several requests wait: the batch prefills their prompts together (one pass for all:
@@ -166,6 +178,7 @@ class Scheduler:
                 seqs.append(seq)
         if len(seqs) == 1:
             self.prefilling = seqs[0]  # the rest failed or left: the lone way
+            self._decode_owed = self._share_before(self.prefilling)
         elif seqs:
             self._insert(seqs, [seq.prompt[seq.reused :] for seq in seqs],
                          [seq.prompt[: seq.reused] for seq in seqs])

@@ -1,11 +1,15 @@
 """A projection of a few rows at once, for batched decoding on CUDA.
 
-A batched decode step multiplies 2-16 rows by each weight matrix. MLX 0.32's CUDA backend
-runs one row through its own gemv kernel, but more than one through cuBLAS, and on the H200
-a 3B model's step then costs ~7.9 ms at 2-16 rows against ~4 ms at one row
-(`benchmarks/decode_step.py`): the weights are read once either way, so the step should not
-cost twice as much. This kernel reads each weight row once for all the rows, as gemv does
-for one. Metal and the CPU keep MLX's own matmul (their gemv paths are not the gap).
+A batched decode step multiplies a few rows (one per sequence) by each weight matrix. MLX
+0.32's CUDA backend runs one row through its gemv kernel but more through cuBLAS, whose
+launches cost the host far more: on the H200 a 3B model's step with plain weights took
+~10 ms at 2-4 rows against ~5.4 ms at one (`benchmarks/decode_step.py --small-rows`), the
+host, not the GPU, being the limit. This kernel reads each weight row once for all the rows,
+as gemv does for one, and launches as cheaply: the same step took 5.3 ms at 4 rows and
+6.9 ms at 8 (mlx-lm's padded batch cache: 6.7 and 8.2 ms, from 13.0 and 14.6). Past 8 rows
+it lost to cuBLAS (13.3 vs 8.1 ms at 16), so more rows keep MLX's matmul, as do Metal and
+the CPU. It sums in float32 in full precision, where cuBLAS's float32 uses TF32 (relative
+difference ~3e-4).
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from __future__ import annotations
 from functools import cache
 from typing import Any
 
-MAX_ROWS = 16
+MAX_ROWS = 8  # past this cuBLAS was faster (H200)
 THREADS = 128  # per output feature: 4 warps split the input features between them
 
 _SOURCE = """
@@ -76,7 +80,7 @@ def usable() -> bool:
     import mlx.core as mx
 
     try:
-        return mx.default_device() == mx.gpu and mx.cuda.is_available()
+        return mx.default_device().type == mx.gpu and mx.cuda.is_available()
     except AttributeError:  # an MLX without a CUDA module
         return False
 

@@ -268,6 +268,10 @@ class Engine:
         self.dtype = effective_dtype_without_mlx(self.settings.dtype, self.ref.folder,
                                                  self.settings.cache_dir)
         apply_dtype(self.model, self.dtype)
+        from mlxc.engine import small_rows
+
+        if self.settings.small_rows and small_rows.usable():
+            small_rows.install(self.model)
         from mlxc.engine.generate import supports_last_position_logits
 
         self.last_only = supports_last_position_logits(self.model)
