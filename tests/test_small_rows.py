@@ -12,6 +12,7 @@ import pytest
 from mlxc.config import ConfigError, load_settings
 from mlxc.engine import small_rows
 
+
 def module_kinds(engine) -> set[str]:
     return engine.call(lambda e: {type(m).__name__ for _, m in e.model.named_modules()}).result()
 
