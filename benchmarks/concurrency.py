@@ -199,6 +199,7 @@ def main() -> None:
         itl = sorted(g for f in figures for g in gaps(f["times"]))
         out["levels"][level] = {
             "aggregate_tokens_per_second": round(sum(f["tokens"] for f in figures) / wall, 1),
+            "tokens": [f["tokens"] for f in figures], "wall": round(wall, 3),
             "ttft_p50_ms": round(1000 * statistics.median(ttfts), 1),
             "ttft_max_ms": round(1000 * ttfts[-1], 1),
             "itl_p50_ms": round(1000 * statistics.median(itl), 2) if itl else None,

@@ -17,7 +17,7 @@ from __future__ import annotations
 from functools import cache
 from typing import Any
 
-MAX_ROWS = 8  # past this cuBLAS was faster (H200)
+MAX_ROWS = 8  # past this cuBLAS was faster (H200); rows are a run-time bound up to it
 THREADS = 128  # per output feature: 4 warps split the input features between them
 
 _SOURCE = """
@@ -25,12 +25,13 @@ _SOURCE = """
     constexpr int WARPS = 4;
     const int n = blockIdx.x;
     const int tid = threadIdx.x;
-    const int K = x_shape[x_ndim - 1];
+    const int M = x_shape[0];  // rows: a run-time bound, so one compiled kernel takes them all
+    const int K = x_shape[1];
     const int N = w_shape[0];
     const int chunks = K / V;
-    float acc[M];
+    float acc[MAXM];
     #pragma unroll
-    for (int m = 0; m < M; ++m) acc[m] = 0.0f;
+    for (int m = 0; m < MAXM; ++m) acc[m] = 0.0f;
     const uint4* wrow = reinterpret_cast<const uint4*>(w + (size_t)n * K);
     const uint4* xs = reinterpret_cast<const uint4*>(x);
     for (int c = tid; c < chunks; c += WARPS * 32) {
@@ -40,17 +41,19 @@ _SOURCE = """
         #pragma unroll
         for (int i = 0; i < V; ++i) wf[i] = static_cast<float>(wp[i]);
         #pragma unroll
-        for (int m = 0; m < M; ++m) {
-            uint4 xv = xs[m * chunks + c];
-            const T* xp = reinterpret_cast<const T*>(&xv);
-            #pragma unroll
-            for (int i = 0; i < V; ++i) acc[m] += wf[i] * static_cast<float>(xp[i]);
+        for (int m = 0; m < MAXM; ++m) {
+            if (m < M) {
+                uint4 xv = xs[m * chunks + c];
+                const T* xp = reinterpret_cast<const T*>(&xv);
+                #pragma unroll
+                for (int i = 0; i < V; ++i) acc[m] += wf[i] * static_cast<float>(xp[i]);
+            }
         }
     }
-    __shared__ float partial[WARPS][M];
+    __shared__ float partial[WARPS][MAXM];
     const int lane = tid % 32, warp = tid / 32;
     #pragma unroll
-    for (int m = 0; m < M; ++m) {
+    for (int m = 0; m < MAXM; ++m) {
         float v = acc[m];
         #pragma unroll
         for (int off = 16; off > 0; off /= 2) v += __shfl_down_sync(0xffffffff, v, off);
@@ -91,7 +94,7 @@ def project(x: Any, weight: Any) -> Any:
     n = weight.shape[0]
     (out,) = _kernel()(
         inputs=[x.reshape(rows, x.shape[-1]), weight],
-        template=[("T", weight.dtype), ("M", rows)],
+        template=[("T", weight.dtype), ("MAXM", MAX_ROWS)],
         grid=(n * THREADS, 1, 1),
         threadgroup=(THREADS, 1, 1),
         output_shapes=[(rows, n)],
