@@ -27,8 +27,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=64)
     parser.add_argument("--context", type=int, default=200)
     parser.add_argument("--dequantize", action="store_true")
-    parser.add_argument("--small-rows", action="store_true",
-                        help="then again with mlxc's few-rows projection kernel (CUDA)")
+    parser.add_argument("--kernels", action="store_true",
+                        help="then again with mlxc's batched-decode kernels (CUDA)")
     parser.add_argument("--variants", default="plain,batch,batch_nopad,batch_additive")
     args = parser.parse_args()
     import mlx.core as mx
@@ -117,12 +117,13 @@ def main() -> None:
         return out
 
     out = {"layers": layers, "vocab": vocab, "context": args.context, **measure()}
-    if args.small_rows:
-        from mlxc.engine import small_rows
+    if args.kernels:
+        from mlxc.engine import batch_attention, small_rows
 
         out["small_rows_routed"] = small_rows.install(model)
+        out["attention_routed"] = batch_attention.install(model)
         out["small_rows_error"] = kernel_error(model, sizes, dtype)
-        out["small_rows"] = measure()
+        out["kernels"] = measure()
     print(json.dumps(out, indent=1))
 
 

@@ -84,7 +84,7 @@ class Settings:
     prefix_block_tokens: int = 256  # KV block size of the prefix cache (tokens)
     prefix_disk_bits: int = 0  # 8: the prefix cache's disk blocks as 8-bit K/V (0: as computed)
     next_turn_prefill: bool = False  # serve: prefill a follow-up's opening while idle
-    small_rows: bool = True  # CUDA: batched decode's projections by mlxc's kernel (small_rows.py)
+    batch_kernels: bool = True  # CUDA: batched decode steps by small_rows.py, batch_attention.py
 
     @property
     def response_dir(self) -> Path:
@@ -148,7 +148,7 @@ def load_settings() -> Settings:
         prefix_disk_bytes=parse_size(_env("PREFIX_DISK", str(base.prefix_disk_bytes))),
         prefix_block_tokens=_int_env("PREFIX_BLOCK", base.prefix_block_tokens),
         prefix_disk_bits=_int_env("PREFIX_DISK_BITS", base.prefix_disk_bits),
-        small_rows=_bool_env("SMALL_ROWS", base.small_rows),
+        batch_kernels=_bool_env("BATCH_KERNELS", base.batch_kernels),
     ).validated()
 
 

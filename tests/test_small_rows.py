@@ -33,11 +33,11 @@ def test_it_takes_two_to_eight_rows_of_plain_float_weights():
 
 
 def test_the_setting_turns_it_off_and_refuses_nonsense(monkeypatch):
-    assert load_settings().small_rows
-    monkeypatch.setenv("MLXC_SMALL_ROWS", "off")
-    assert not load_settings().small_rows
-    monkeypatch.setenv("MLXC_SMALL_ROWS", "maybe")
-    with pytest.raises(ConfigError, match="MLXC_SMALL_ROWS"):
+    assert load_settings().batch_kernels
+    monkeypatch.setenv("MLXC_BATCH_KERNELS", "off")
+    assert not load_settings().batch_kernels
+    monkeypatch.setenv("MLXC_BATCH_KERNELS", "maybe")
+    with pytest.raises(ConfigError, match="MLXC_BATCH_KERNELS"):
         load_settings()
 
 
@@ -83,3 +83,31 @@ def test_answers_made_together_with_it_equal_the_same_requests_alone(tiny_model,
         assert max(engine.figures()["batch_sizes"]) > 1
     finally:
         engine.shutdown(wait=30)
+
+
+@on_cuda
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+def test_the_batch_attention_kernel_skips_each_rows_padding(dtype):
+    """Left-padded rows (mlx-lm's BatchKVCache) attended without a mask equal MLX's masked
+    attention, computed on the CPU."""
+    from mlx_lm.models.cache import BatchKVCache
+
+    from mlxc.engine import batch_attention
+
+    mx.random.seed(3)
+    pads = [0, 5, 17, 40]
+    cache = BatchKVCache(pads)
+    keys = mx.random.normal((4, 2, 70, 128)).astype(dtype)
+    values = mx.random.normal((4, 2, 70, 128)).astype(dtype)
+    cache.update_and_fetch(keys[:, :, :69], values[:, :, :69])
+    mask = cache.make_mask(1)
+    k, v = cache.update_and_fetch(keys[:, :, 69:], values[:, :, 69:])
+    queries = mx.random.normal((4, 8, 1, 128)).astype(dtype)
+    assert batch_attention.fits(queries, k, cache, None)
+    got = batch_attention.attend(queries, k, v, cache.left_padding, 0.088).astype(mx.float32)
+    want = mx.fast.scaled_dot_product_attention(
+        queries.astype(mx.float32), k.astype(mx.float32), v.astype(mx.float32), scale=0.088,
+        mask=mask, stream=mx.cpu)
+    assert mask.shape[-1] == k.shape[2]
+    tolerance = 1e-5 if dtype == mx.float32 else 2e-2
+    assert mx.abs(got - want).max().item() <= tolerance * mx.abs(want).max().item()

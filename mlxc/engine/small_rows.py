@@ -3,7 +3,7 @@
 A batched decode step multiplies a few rows (one per sequence) by each weight matrix. MLX
 0.32's CUDA backend runs one row through its gemv kernel but more through cuBLAS, whose
 launches cost the host far more: on the H200 a 3B model's step with plain weights took
-~10 ms at 2-4 rows against ~5.4 ms at one (`benchmarks/decode_step.py --small-rows`), the
+~10 ms at 2-4 rows against ~5.4 ms at one (`benchmarks/decode_step.py --kernels`), the
 host, not the GPU, being the limit. This kernel reads each weight row once for all the rows,
 as gemv does for one, and launches as cheaply: the same step took 5.3 ms at 4 rows and
 6.9 ms at 8 (mlx-lm's padded batch cache: 6.7 and 8.2 ms, from 13.0 and 14.6). Past 8 rows

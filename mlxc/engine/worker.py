@@ -268,10 +268,11 @@ class Engine:
         self.dtype = effective_dtype_without_mlx(self.settings.dtype, self.ref.folder,
                                                  self.settings.cache_dir)
         apply_dtype(self.model, self.dtype)
-        from mlxc.engine import small_rows
+        from mlxc.engine import batch_attention, small_rows
 
-        if self.settings.small_rows and small_rows.usable():
+        if self.settings.batch_kernels and small_rows.usable():  # CUDA
             small_rows.install(self.model)
+            batch_attention.install(self.model)
         from mlxc.engine.generate import supports_last_position_logits
 
         self.last_only = supports_last_position_logits(self.model)
