@@ -30,6 +30,7 @@ def test_it_takes_two_to_eight_rows_of_plain_float_weights():
     assert not small_rows.fits(mx.zeros((4, 1, 64), mx.bfloat16), weight)  # mixed dtypes
     odd = mx.zeros((32, 6), mx.float32)  # 24 bytes a row: no 16-byte loads
     assert not small_rows.fits(mx.zeros((4, 1, 6)), odd)
+    assert not small_rows.fits(mx.zeros((4, 1, 64)), mx.zeros((30, 64)))  # 4 features a block
 
 
 def test_the_setting_turns_it_off_and_refuses_nonsense(monkeypatch):

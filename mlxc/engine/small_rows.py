@@ -18,53 +18,73 @@ from functools import cache
 from typing import Any
 
 MAX_ROWS = 8  # past this cuBLAS was faster (H200); rows are a run-time bound up to it
-THREADS = 128  # per output feature: 4 warps split the input features between them
+THREADS = 128  # a block: 4 warps split the input features between them
+FEATURES = 4  # output features a block computes (each row of x read once for them all)
 
 _SOURCE = """
     constexpr int V = 16 / sizeof(T);  // elements per 16-byte load
     constexpr int WARPS = 4;
-    const int n = blockIdx.x;
+    const int n0 = blockIdx.x * R;  // R output features a block: x is read once for all R
     const int tid = threadIdx.x;
     const int M = x_shape[0];  // rows: a run-time bound, so one compiled kernel takes them all
     const int K = x_shape[1];
     const int N = w_shape[0];
     const int chunks = K / V;
-    float acc[MAXM];
+    float acc[R][MAXM];
     #pragma unroll
-    for (int m = 0; m < MAXM; ++m) acc[m] = 0.0f;
-    const uint4* wrow = reinterpret_cast<const uint4*>(w + (size_t)n * K);
-    const uint4* xs = reinterpret_cast<const uint4*>(x);
-    for (int c = tid; c < chunks; c += WARPS * 32) {
-        uint4 wv = wrow[c];
-        const T* wp = reinterpret_cast<const T*>(&wv);
-        float wf[V];
+    for (int r = 0; r < R; ++r) {
         #pragma unroll
-        for (int i = 0; i < V; ++i) wf[i] = static_cast<float>(wp[i]);
+        for (int m = 0; m < MAXM; ++m) acc[r][m] = 0.0f;
+    }
+    const uint4* xs = reinterpret_cast<const uint4*>(x);
+    const uint4* ws = reinterpret_cast<const uint4*>(w + (size_t)n0 * K);
+    for (int c = tid; c < chunks; c += WARPS * 32) {
+        float xf[MAXM][V];
         #pragma unroll
         for (int m = 0; m < MAXM; ++m) {
             if (m < M) {
                 uint4 xv = xs[m * chunks + c];
                 const T* xp = reinterpret_cast<const T*>(&xv);
                 #pragma unroll
-                for (int i = 0; i < V; ++i) acc[m] += wf[i] * static_cast<float>(xp[i]);
+                for (int i = 0; i < V; ++i) xf[m][i] = static_cast<float>(xp[i]);
+            }
+        }
+        #pragma unroll
+        for (int r = 0; r < R; ++r) {
+            uint4 wv = ws[r * chunks + c];
+            const T* wp = reinterpret_cast<const T*>(&wv);
+            float wf[V];
+            #pragma unroll
+            for (int i = 0; i < V; ++i) wf[i] = static_cast<float>(wp[i]);
+            #pragma unroll
+            for (int m = 0; m < MAXM; ++m) {
+                if (m < M) {
+                    #pragma unroll
+                    for (int i = 0; i < V; ++i) acc[r][m] += wf[i] * xf[m][i];
+                }
             }
         }
     }
-    __shared__ float partial[WARPS][MAXM];
+    __shared__ float partial[WARPS][R * MAXM];
     const int lane = tid % 32, warp = tid / 32;
     #pragma unroll
-    for (int m = 0; m < MAXM; ++m) {
-        float v = acc[m];
+    for (int r = 0; r < R; ++r) {
         #pragma unroll
-        for (int off = 16; off > 0; off /= 2) v += __shfl_down_sync(0xffffffff, v, off);
-        if (lane == 0) partial[warp][m] = v;
+        for (int m = 0; m < MAXM; ++m) {
+            if (m < M) {
+                float v = acc[r][m];
+                #pragma unroll
+                for (int off = 16; off > 0; off /= 2) v += __shfl_down_sync(0xffffffff, v, off);
+                if (lane == 0) partial[warp][r * MAXM + m] = v;
+            }
+        }
     }
     __syncthreads();
-    if (tid < M) {
+    if (tid < R * MAXM && tid % MAXM < M) {
         float v = 0.0f;
         #pragma unroll
         for (int i = 0; i < WARPS; ++i) v += partial[i][tid];
-        out[(size_t)tid * N + n] = static_cast<T>(v);
+        out[(size_t)(tid % MAXM) * N + n0 + tid / MAXM] = static_cast<T>(v);
     }
 """
 
@@ -94,8 +114,8 @@ def project(x: Any, weight: Any) -> Any:
     n = weight.shape[0]
     (out,) = _kernel()(
         inputs=[x.reshape(rows, x.shape[-1]), weight],
-        template=[("T", weight.dtype), ("MAXM", MAX_ROWS)],
-        grid=(n * THREADS, 1, 1),
+        template=[("T", weight.dtype), ("MAXM", MAX_ROWS), ("R", FEATURES)],
+        grid=(n // FEATURES * THREADS, 1, 1),
         threadgroup=(THREADS, 1, 1),
         output_shapes=[(rows, n)],
         output_dtypes=[weight.dtype],
@@ -110,6 +130,7 @@ def fits(x: Any, weight: Any) -> bool:
         x.ndim > 0
         and 2 <= x.size // max(x.shape[-1], 1) <= MAX_ROWS
         and weight.ndim == 2
+        and weight.shape[0] % FEATURES == 0
         and x.dtype == weight.dtype
         and weight.dtype in (mx.float32, mx.bfloat16, mx.float16)
         and (weight.shape[1] * weight.itemsize) % 16 == 0
