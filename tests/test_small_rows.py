@@ -6,31 +6,29 @@ nothing is routed."""
 
 from __future__ import annotations
 
+import sys
+
 import mlx.core as mx
 import pytest
 
 from mlxc.config import ConfigError, load_settings
 from mlxc.engine import small_rows
-
-
-def module_kinds(engine) -> set[str]:
-    return engine.call(lambda e: {type(m).__name__ for _, m in e.model.named_modules()}).result()
-
+from mlxc.request import GenerationRequest
 
 on_cuda = pytest.mark.skipif(not small_rows.usable(), reason="the kernel is CUDA's")
 
 
-def test_it_takes_two_to_eight_rows_of_plain_float_weights():
-    weight = mx.zeros((32, 64), mx.float32)
-    assert small_rows.fits(mx.zeros((4, 1, 64)), weight)
-    assert small_rows.fits(mx.zeros((8, 1, 64)), weight)
-    assert not small_rows.fits(mx.zeros((1, 1, 64)), weight)  # one row: MLX's gemv
-    assert not small_rows.fits(mx.zeros((9, 1, 64)), weight)  # cuBLAS is faster there
-    assert not small_rows.fits(mx.zeros((1, 512, 64)), weight)  # a prefill chunk
-    assert not small_rows.fits(mx.zeros((4, 1, 64), mx.bfloat16), weight)  # mixed dtypes
-    odd = mx.zeros((32, 6), mx.float32)  # 24 bytes a row: no 16-byte loads
-    assert not small_rows.fits(mx.zeros((4, 1, 6)), odd)
-    assert not small_rows.fits(mx.zeros((4, 1, 64)), mx.zeros((30, 64)))  # 4 features a block
+def test_it_takes_plain_float_layers_whose_rows_fill_16_byte_loads():
+    import mlx.nn as nn
+
+    assert small_rows.takes(nn.Linear(64, 32))
+    assert small_rows.takes(nn.Linear(64, 32, bias=False))
+    half = nn.Linear(64, 32)
+    half.set_dtype(mx.bfloat16)
+    assert small_rows.takes(half)
+    assert not small_rows.takes(nn.Linear(6, 32))  # 24 bytes a row: no 16-byte loads
+    assert not small_rows.takes(nn.QuantizedLinear(64, 32))  # MLX's own quantized kernels
+    assert not small_rows.takes(nn.Embedding(10, 64))
 
 
 def test_the_setting_turns_it_off_and_refuses_nonsense(monkeypatch):
@@ -43,15 +41,36 @@ def test_the_setting_turns_it_off_and_refuses_nonsense(monkeypatch):
 
 
 @pytest.mark.skipif(small_rows.usable(), reason="on CUDA the engine routes them")
-def test_off_cuda_the_engine_routes_nothing(tiny_model, tmp_path):
+def test_off_cuda_the_engine_switches_nothing_on(tiny_model, tmp_path):
     from test_batching import make_engine
+
+    from mlxc.engine.batch_kernels import BatchKernels
 
     engine = make_engine(tiny_model, tmp_path, prefix=False)
     try:
-        assert "SmallRowsLinear" not in module_kinds(engine)
-        assert "Linear" in module_kinds(engine)
+        assert not isinstance(engine.batch_kernels, BatchKernels)
+        assert engine.submit(GenerationRequest(prompt="the fox", max_tokens=4)).result().text
     finally:
         engine.shutdown(wait=30)
+
+
+def test_the_switch_routes_only_inside_it(tiny_model):
+    """Checked off CUDA as well: the switch itself needs no GPU, only its kernels do."""
+    from mlx_lm import load
+
+    from mlxc.engine.batch_kernels import BatchKernels
+
+    model, _ = load(str(tiny_model))
+    module = sys.modules[type(model).__module__]
+    plain_attention = module.scaled_dot_product_attention
+    kernels = BatchKernels(model)
+    kinds = {type(m).__name__ for _, m in model.named_modules()}
+    with kernels:
+        inside = {type(m).__name__ for _, m in model.named_modules()}
+        assert module.scaled_dot_product_attention is not plain_attention
+    assert "SmallRowsLinear" in inside and "SmallRowsLinear" not in kinds
+    assert {type(m).__name__ for _, m in model.named_modules()} == kinds
+    assert module.scaled_dot_product_attention is plain_attention
 
 
 @on_cuda
@@ -61,7 +80,7 @@ def test_the_kernel_computes_the_matmul(dtype, rows):
     mx.random.seed(rows)
     weight = (mx.random.normal((1024, 3072)) * 0.02).astype(dtype)
     x = mx.random.normal((rows, 1, 3072)).astype(dtype)
-    got = small_rows.project(x, weight).astype(mx.float32)
+    got = small_rows.project(x, weight).astype(mx.float32)  # x: (rows, 1, K), a decode step
     # On the CPU: cuBLAS's float32 matmul rounds through TF32, coarser than the kernel.
     want = mx.matmul(x.astype(mx.float32), weight.astype(mx.float32).T, stream=mx.cpu)
     assert got.shape == (rows, 1, 1024)
@@ -74,9 +93,11 @@ def test_the_kernel_computes_the_matmul(dtype, rows):
 def test_answers_made_together_with_it_equal_the_same_requests_alone(tiny_model, tmp_path):
     from test_batching import PROMPTS, chat, make_engine
 
+    from mlxc.engine.batch_kernels import BatchKernels
+
     engine = make_engine(tiny_model, tmp_path, prefix=False, max_batch=8)
     try:
-        assert "SmallRowsLinear" in module_kinds(engine)
+        assert isinstance(engine.batch_kernels, BatchKernels)
         requests = [chat(p) for p in PROMPTS]
         alone = [engine.submit(r).result() for r in requests]
         together = [g.result() for g in [engine.submit(r) for r in requests]]

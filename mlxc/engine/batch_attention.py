@@ -7,12 +7,13 @@ model's step at 4 rows took 6.7 ms in the padded batch cache against 5.3 ms unpa
 (`benchmarks/decode_step.py --kernels`), in a step the host, not the GPU, sets the pace
 of. This kernel is MLX's one-pass vector attention (32 warps over the keys, an online
 softmax each, merged at the end) with each row starting at its own first real key, so it
-needs no mask. Everything else (prefill, one sequence, other caches, sinks) keeps MLX's.
+needs no mask. Everything else (prefill, one sequence, other caches, sinks) keeps MLX's;
+batch_kernels.py routes it around batched steps only.
 """
 
 from __future__ import annotations
 
-import sys
+from collections.abc import Callable
 from functools import cache
 from typing import Any
 
@@ -124,13 +125,9 @@ def attend(queries: Any, keys: Any, values: Any, starts: Any, scale: float) -> A
     return out
 
 
-def install(model: Any) -> bool:
-    """Route the decode attention of the model's own module through `attend` where it fits;
-    False if that module does not call mlx-lm's shared attention helper."""
-    module = sys.modules.get(type(model).__module__)
-    original = getattr(module, "scaled_dot_product_attention", None)
-    if original is None or getattr(original, "_mlxc_routed", False):
-        return original is not None
+def routed(original: Callable) -> Callable:
+    """mlx-lm's attention helper (models/base.py), with a batched decode step's attention
+    sent to `attend` where it fits."""
 
     def scaled_dot_product_attention(queries, keys, values, cache, scale, mask, sinks=None):
         if fits(queries, keys, cache, sinks):
@@ -138,6 +135,4 @@ def install(model: Any) -> bool:
         return original(queries, keys, values, cache=cache, scale=scale, mask=mask,
                         sinks=sinks)
 
-    scaled_dot_product_attention._mlxc_routed = True
-    module.scaled_dot_product_attention = scaled_dot_product_attention
-    return True
+    return scaled_dot_product_attention

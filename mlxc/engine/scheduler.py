@@ -282,7 +282,8 @@ class Scheduler:
             self._finish(lone.seq, lone.cache, lone.held)
 
     def _decode(self) -> None:
-        progress, responses = self.batch.next()
+        with self.engine.batch_kernels:  # CUDA: mlxc's kernels for the batched step
+            progress, responses = self.batch.next()
         for r in progress:  # prompts the batch prefills (a burst)
             if (seq := self.running.get(r.uid)) is not None:
                 seq.generation.prompt_tokens_done = r.progress[0]

@@ -41,13 +41,14 @@ def warm_up(engine: Any) -> None:
             pass
     batch = BatchGenerator(model, prefill_step_size=step, completion_batch_size=engine.max_batch)
     tokens = tokens[:14]
-    batch.insert([tokens], max_tokens=[3])
-    batch.next_generated()
-    others = engine.max_batch - 1
-    if others:  # they join the running batch, then leave one by one
-        batch.insert([tokens[: 5 + i] for i in range(others)],
-                     max_tokens=[2 + i for i in range(others)])
-    while batch.next_generated():
-        pass
+    with engine.batch_kernels:  # as the scheduler runs batched steps (CUDA: mlxc's kernels)
+        batch.insert([tokens], max_tokens=[3])
+        batch.next_generated()
+        others = engine.max_batch - 1
+        if others:  # they join the running batch, then leave one by one
+            batch.insert([tokens[: 5 + i] for i in range(others)],
+                         max_tokens=[2 + i for i in range(others)])
+        while batch.next_generated():
+            pass
     batch.close()
     mx.clear_cache()

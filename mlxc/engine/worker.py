@@ -268,11 +268,9 @@ class Engine:
         self.dtype = effective_dtype_without_mlx(self.settings.dtype, self.ref.folder,
                                                  self.settings.cache_dir)
         apply_dtype(self.model, self.dtype)
-        from mlxc.engine import batch_attention, small_rows
+        from mlxc.engine import batch_kernels
 
-        if self.settings.batch_kernels and small_rows.usable():  # CUDA
-            small_rows.install(self.model)
-            batch_attention.install(self.model)
+        self.batch_kernels = batch_kernels.for_model(self.model, self.settings.batch_kernels)
         from mlxc.engine.generate import supports_last_position_logits
 
         self.last_only = supports_last_position_logits(self.model)
