@@ -1,13 +1,13 @@
 """Attention of one new token per sequence over a left-padded batch cache, on CUDA.
 
 mlx-lm's `BatchKVCache` left-pads shorter sequences and masks the padding with a boolean
-array. MLX 0.32's CUDA backend has no vector kernel for a masked query, so every layer of a
-batched decode step goes through cuDNN, whose launch costs the host ~45 us: on the H200 a 3B
-model's step at 4 rows took 6.7 ms in the padded batch cache against 5.3 ms unpadded
-(`benchmarks/decode_step.py --kernels`), in a step the host, not the GPU, sets the pace
-of. This kernel is MLX's one-pass vector attention (32 warps over the keys, an online
-softmax each, merged at the end) with each row starting at its own first real key, so it
-needs no mask. Everything else (prefill, one sequence, other caches, sinks) keeps MLX's;
+array. MLX 0.32's CUDA backend has no vector kernel for a masked query, so each layer of a
+batched decode step goes to cuDNN, whose launch costs the host more than the GPU's work: on
+the H200 a 3B model's step at 4 rows took 6.7 ms in the padded batch cache against 5.3 ms
+unpadded (`benchmarks/decode_step.py --kernels`), and the host sets a decode step's pace.
+This kernel is MLX's one-pass vector attention (32 warps over the keys, an online softmax
+each, merged at the end) with each row starting at its own first real key, so it needs no
+mask. Everything else (prefill, one sequence, other caches, sinks) keeps MLX's;
 batch_kernels.py routes it around batched steps only.
 """
 

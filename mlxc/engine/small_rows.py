@@ -2,15 +2,13 @@
 
 A batched decode step multiplies a few rows (one per sequence) by each weight matrix. MLX
 0.32's CUDA backend runs one row through its gemv kernel but more through cuBLAS, whose
-launches cost the host far more: on the H200 a 3B model's step with plain weights took
-~10 ms at 2-4 rows against ~5.4 ms at one (`benchmarks/decode_step.py --kernels`), the
-host, not the GPU, being the limit. This kernel reads each weight row once for all the rows,
-as gemv does for one, and launches as cheaply (batch_kernels.py switches it on around batched
-steps only, so a lone step runs mlx-lm's code untouched): the same step took 5.3 ms at 4 rows and
-6.9 ms at 8 (mlx-lm's padded batch cache: 6.7 and 8.2 ms, from 13.0 and 14.6). Past 8 rows
-it lost to cuBLAS (13.3 vs 8.1 ms at 16), so more rows keep MLX's matmul, as do Metal and
-the CPU. It sums in float32 in full precision, where cuBLAS's float32 uses TF32 (relative
-difference ~3e-4).
+launches cost the host far more, and the host sets a decode step's pace: on the H200 a 3B
+model's step (float32 weights, no padding) took 9.6 ms at 4 rows and 10.4 at 8 against 6.0 at
+one; with this kernel 6.6 and 8.1 (`benchmarks/decode_step.py --kernels`, one run). It reads
+each weight row once for all the rows, as gemv does for one. Past 8 rows an earlier version
+lost to cuBLAS (13.3 vs 8.1 ms at 16), so more rows keep MLX's matmul, as do Metal and the
+CPU; batch_kernels.py switches it on around batched steps only. It sums in float32 at full
+precision, where cuBLAS's float32 goes through TF32 (~3e-4 apart).
 """
 
 from __future__ import annotations
