@@ -5,6 +5,7 @@ sequence stores and reuses its own prefix state, seeds and penalties hold per se
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -123,6 +124,41 @@ def test_requests_that_come_together_while_one_decodes_join_it(engine):
     assert [running.result().text, *(g.result().text for g in together)] == alone
     watcher.join(30)
     assert engine.figures()["batch_sizes"].get(4, 0) > fours
+
+
+def test_requests_sent_together_to_an_idle_engine_are_prefilled_together(
+    lively, tmp_path, monkeypatch
+):
+    """An idle engine waits a sliver of a lone prefill for company (Engine._company_wait), so
+    the first of requests sent a moment apart is not prefilled alone ahead of the others:
+    all get their first token in the same step."""
+    from mlxc.engine import worker
+
+    # The tiny model prefills in a few ms: stretch the sliver to cover the sends below.
+    monkeypatch.setattr(worker, "COMPANY_WAIT_SHARE", 200.0)
+    monkeypatch.setattr(worker, "COMPANY_WAIT_MAX", 2.0)
+    engine = make_engine(lively, tmp_path, prefix=False)
+    try:
+        engine.submit(chat(PROMPTS[5], max_tokens=2)).result()  # a lone prefill, measured
+        firsts: dict[int, float] = {}
+
+        def follow(i: int, generation) -> None:
+            for event in generation.events():
+                if isinstance(event, Delta):
+                    firsts.setdefault(i, time.perf_counter())
+
+        threads = []
+        for i in range(4):
+            generation = engine.submit(chat(PROMPTS[i], max_tokens=8))
+            threads.append(threading.Thread(target=follow, args=(i, generation)))
+            threads[-1].start()
+            time.sleep(0.025)
+        for thread in threads:
+            thread.join(30)
+        assert len(firsts) == 4
+        assert max(firsts.values()) - min(firsts.values()) < 0.04  # sent 75 ms apart in all
+    finally:
+        engine.shutdown(wait=30)
 
 
 def test_cancelling_one_stream_leaves_the_others_running(engine):

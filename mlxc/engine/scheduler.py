@@ -94,6 +94,7 @@ class Scheduler:
         self._decode_owed = 0.0  # decode seconds due before the next prompt chunk
         self._prefill_rate = 0.0  # seconds per prompt token, expected of the next chunk
         self._last_chunk = (0, 0.0)  # id of the sequence it was of, and its rate
+        self.lone_prefill = 0.0  # seconds to the first token of the last prompt run alone
 
     def _new_batch(self) -> Any:
         from mlx_lm.generate import BatchGenerator
@@ -180,11 +181,9 @@ class Scheduler:
         return expected * DECODE_SHARE / (1 - DECODE_SHARE)
 
     def _admit_burst(self, room: int) -> None:
-        """Several requests wait: the batch prefills their prompts together (one pass for all:
-        on this 2-core CPU 4 prompts of 42 tokens took 0.6 s together and 1.0 s one by one),
-        a chunk per decode step of those already running, then they decode together. One at
-        a time instead, each prefill waiting for the running streams' share (DECODE_SHARE),
-        4 clients that came together took 1.3x mlx_lm.server's wall time here."""
+        """Several requests wait: the batch prefills their prompts together (on this 2-core
+        CPU 4 prompts of 42 tokens took 0.6 s together, 1.0 s one by one), a chunk per decode
+        step of those already running, then they decode together."""
         seqs: list[Sequence] = []
         while self.admissible and len(seqs) < room:
             if (seq := self._start_next()) is not None:
@@ -231,6 +230,8 @@ class Scheduler:
         if first is None:
             return
         self.prefilling = None
+        if not (self.running or self.lone):
+            self.lone_prefill = time.perf_counter() - seq.started
         token, logprobs = first[0].item(), first[1]
         if seq.take(token, logprobs):  # done at once: the state holds the prompt only
             self._finish(seq, seq.cache, seq.prompt)

@@ -41,6 +41,8 @@ DEFAULT_MAX_QUEUE = 64  # requests waiting for a place in the batch before 503s
 RETRY_AFTER_SECONDS = 2
 log = logging.getLogger("mlxc.prefix")
 IDLE_GRACE_SECONDS = 0.2  # longer than a client's back-to-back calls, shorter than reading
+COMPANY_WAIT_SHARE = 0.02  # of a lone prompt's prefill time (Engine._company_wait)
+COMPANY_WAIT_MAX = 0.005  # seconds
 
 
 def default_max_batch(ref: ModelRef, settings: Settings) -> int:
@@ -215,11 +217,19 @@ class Engine:
         block = scheduler is None or not scheduler.busy
         if block and self._stopping:
             return False
+        deadline = None
         while True:
             try:
-                job = self._jobs.get_nowait() if not block else self._next_job()
+                if block:
+                    job = self._next_job()
+                elif deadline is not None and (left := deadline - time.monotonic()) > 0:
+                    job = self._jobs.get(timeout=left)
+                else:
+                    job = self._jobs.get_nowait()
             except queue.Empty:
                 return True
+            if block and scheduler is not None:
+                deadline = time.monotonic() + self._company_wait(scheduler)
             block = False
             if job is None:
                 self._stopping = True
@@ -233,6 +243,13 @@ class Engine:
                 sink.publish(Failed(self._load_error))
             else:
                 scheduler.add(work, sink)
+
+    @staticmethod
+    def _company_wait(scheduler: Any) -> float:
+        """How long an idle engine waits, once a request comes, for others sent with it (a
+        sliver of a lone prefill): on this CPU 4 clients sent at once had first tokens after
+        0.2/1.06/1.06/1.06 s with the first prefilled alone, 0.61 s each together."""
+        return min(COMPANY_WAIT_MAX, COMPANY_WAIT_SHARE * scheduler.lone_prefill)
 
     def _next_job(self) -> Any:
         """The next job, once the batch is empty. An answer's idle work waits a moment first:
