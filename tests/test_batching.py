@@ -129,7 +129,7 @@ def test_requests_that_come_together_while_one_decodes_join_it(engine):
 def test_requests_sent_together_to_an_idle_engine_are_prefilled_together(
     lively, tmp_path, monkeypatch
 ):
-    """An idle engine waits a sliver of a lone prefill for company (Engine._company_wait), so
+    """An idle engine waits a sliver of a lone prefill for company (worker.COMPANY_WAIT_*), so
     the first of requests sent a moment apart is not prefilled alone ahead of the others:
     all get their first token in the same step."""
     from mlxc.engine import worker
