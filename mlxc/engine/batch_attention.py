@@ -90,32 +90,39 @@ def _scale(value: float) -> Any:
     return mx.array([value], mx.float32)
 
 
-def fits(queries: Any, keys: Any, cache: Any, sinks: Any) -> bool:
-    """A decode step (one query per row) over mlx-lm's left-padded batch cache, no sinks,
-    heads the kernel's lanes divide, a dtype it reads."""
+@cache
+def _names() -> tuple[type, tuple, Any]:
+    """mlx-lm's batch cache class, the dtypes the kernel reads, int32: looked up once (the
+    check runs in every layer of every batched step, whose pace the host sets)."""
     import mlx.core as mx
     from mlx_lm.models.cache import BatchKVCache
 
+    return BatchKVCache, (mx.float32, mx.bfloat16, mx.float16), mx.int32
+
+
+def fits(queries: Any, keys: Any, cache: Any, sinks: Any) -> bool:
+    """A decode step (one query per row) over mlx-lm's left-padded batch cache, no sinks,
+    heads the kernel's lanes divide, a dtype it reads."""
+    batch_cache, dtypes, _ = _names()
     return (
-        type(cache) is BatchKVCache
+        type(cache) is batch_cache
         and sinks is None
         and getattr(cache, "_right_padding", None) is None
         and queries.ndim == 4 and queries.shape[2] == 1
         and queries.shape[-1] in (64, 128, 256) and keys.shape[-1] == queries.shape[-1]
         and queries.shape[1] % keys.shape[1] == 0
         and queries.dtype == keys.dtype
-        and queries.dtype in (mx.float32, mx.bfloat16, mx.float16)
+        and queries.dtype in dtypes
     )
 
 
 def attend(queries: Any, keys: Any, values: Any, starts: Any, scale: float) -> Any:
     """softmax(q k^T * scale) v over each row's keys from `starts[row]` on; q (B, H, 1, D)."""
-    import mlx.core as mx
-
+    int32 = _names()[2]
     batch, heads, _, dim = queries.shape
     (out,) = _kernel()(
-        inputs=[queries, keys, values, starts if starts.dtype == mx.int32 else
-                starts.astype(mx.int32), _scale(scale)],
+        inputs=[queries, keys, values, starts if starts.dtype == int32 else
+                starts.astype(int32), _scale(scale)],
         template=[("T", queries.dtype), ("D", dim)],
         grid=(heads * 1024, batch, 1),
         threadgroup=(1024, 1, 1),

@@ -18,9 +18,10 @@ class BatchKernels:
     helper take the kernels' paths where a call fits them. Engine thread only."""
 
     def __init__(self, model: Any) -> None:
+        import mlx.nn as nn
+
         self._linears = [m for _, m in model.named_modules() if small_rows.takes(m)]
-        self._plain = [type(m) for m in self._linears]
-        self._routed = small_rows.routed_linear()
+        self._plain, self._routed = nn.Linear, small_rows.routed_linear()  # `takes` plain only
         self._module = sys.modules.get(type(model).__module__)
         self._attention = getattr(self._module, "scaled_dot_product_attention", None)
         self._routed_attention = self._attention and batch_attention.routed(self._attention)
@@ -33,8 +34,8 @@ class BatchKernels:
         return self
 
     def __exit__(self, *_: Any) -> None:
-        for linear, plain in zip(self._linears, self._plain, strict=True):
-            linear.__class__ = plain
+        for linear in self._linears:
+            linear.__class__ = self._plain
         if self._attention:
             self._module.scaled_dot_product_attention = self._attention
 

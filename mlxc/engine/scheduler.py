@@ -43,9 +43,9 @@ log = logging.getLogger("mlxc.engine")
 Starter = Callable[[GenerationRequest, Generation], Sequence | Answer]
 RATE_WINDOW = 10.0  # seconds of decode the tokens/s figure looks back on
 # Of the engine's time while a prompt prefills beside running streams, the share they get.
-# A bit over half: their steps run ~7% slower between chunks than alone (a 2-core CPU trace:
-# 60.9 vs 56.9 ms), so with exactly half they kept 0.45-0.48 of their speed there. The long
-# prompt's first token comes ~11% later than with half (1/0.45 vs 1/0.5 of its prefill).
+# Over half: their steps run ~7% slower between chunks than alone (2-core CPU: 60.9 vs 56.9
+# ms), so at half they kept 0.45-0.48 of their speed; the long prompt's first token comes ~11%
+# later than at half (1/0.45 vs 1/0.5 of its prefill time).
 DECODE_SHARE = 0.55
 
 
@@ -161,13 +161,16 @@ class Scheduler:
         if self.prefilling is None and len(self.waiting) > 1 and room > 1:
             self._admit_burst(room)
         while self.prefilling is None and self.admissible and self.decoding < self.max_batch:
-            self.prefilling = self._start_next()
-            self._decode_owed = self._share_before(self.prefilling)
+            self._prefill_next(self._start_next())
+
+    def _prefill_next(self, seq: Sequence | None) -> None:
+        """`seq` is the one to prefill chunk by chunk; running streams get their share first."""
+        self.prefilling = seq
+        self._decode_owed = self._share_before(seq)
 
     def _learn_rate(self, seq: Sequence, rate: float) -> None:
-        """The next chunk's expected cost per token: a chunk deeper in its prompt costs more
-        (attention reads all before it), so the growth from this prompt's chunk before is
-        added once more; paid short, the streams kept 48% of their speed on this CPU."""
+        """The next chunk's expected cost per token: deeper chunks cost more (attention reads
+        all before them), so the growth since this prompt's chunk before is added once more."""
         last_seq, last_rate = self._last_chunk
         growth = rate - last_rate if last_seq == id(seq) else 0.0
         self._prefill_rate = rate + max(growth, 0.0)
@@ -189,8 +192,7 @@ class Scheduler:
             if (seq := self._start_next()) is not None:
                 seqs.append(seq)
         if len(seqs) == 1:
-            self.prefilling = seqs[0]  # the rest failed or left: the lone way
-            self._decode_owed = self._share_before(self.prefilling)
+            self._prefill_next(seqs[0])  # the rest failed or left: the lone way
         elif seqs:
             self._insert(seqs, [seq.prompt[seq.reused :] for seq in seqs],
                          [seq.prompt[: seq.reused] for seq in seqs])
