@@ -10,7 +10,8 @@ token n) and reports ms per step, and how much of it Python spends building the 
 - batch_B: `BatchKVCache` with left padding (a boolean mask, per-row offsets): mlx-lm's
   `BatchGenerator`;
 - batch_B_nopad: the same with every row the same length (the mask still built);
-- batch_B_additive: padded, with the mask built once per step as additive float.
+- batch_B_additive: padded, with the mask built once per step as additive float;
+- batch_B_compiled: padded, through mlxc's compiled step (`mlxc/engine/compiled_decode.py`).
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ def main() -> None:
         mx.eval([c.state for c in caches])
         return caches
 
-    def run(caches, size: int, additive: bool = False) -> dict:
+    def run(caches, size: int, additive: bool = False, forward=model) -> dict:
         original = base.create_causal_mask
         if additive:  # one float mask per step instead of a bool one per layer
             def create(*a, **k):
@@ -71,7 +72,7 @@ def main() -> None:
                 if step == 4:
                     started, build = time.perf_counter(), []
                 t0 = time.perf_counter()
-                logits = model(y, cache=caches)[:, -1, :]
+                logits = forward(y, cache=caches)[:, -1, :]
                 nxt = mx.argmax(logits, axis=-1, keepdims=True).astype(mx.uint32)
                 t1 = time.perf_counter()
                 mx.async_eval(nxt)
@@ -94,12 +95,15 @@ def main() -> None:
     def batch(pads):
         return [BatchKVCache(pads) for _ in range(layers)]
 
+    from mlxc.engine.compiled_decode import CompiledDecode
+
     sizes = [int(s) for s in args.sizes.split(",")]
     variants = args.variants.split(",")
 
     def measure() -> dict:
         out: dict = {}
         ctx = args.context
+        compiled = CompiledDecode(model)  # traced afresh: with the kernels, when they are on
         for _ in range(2):  # the first round compiles
             out["lone"] = run(fill(plain, [ctx]), 1)
         for size in sizes:
@@ -111,9 +115,12 @@ def main() -> None:
                     out[f"batch_{size}"] = run(fill(batch, rows), size)
                 if "batch_nopad" in variants:
                     out[f"batch_{size}_nopad"] = run(fill(batch, [ctx] * size), size)
+                if "batch_compiled" in variants:  # mlxc's compiled step (compiled_decode.py)
+                    out[f"batch_{size}_compiled"] = run(fill(batch, rows), size, forward=compiled)
                 if "batch_additive" in variants:
                     out[f"batch_{size}_additive"] = run(fill(batch, rows), size, additive=True)
         out["projections"] = projections(model, sizes, dtype)
+        out["compiled_failed"] = compiled.failed
         return out
 
     out = {"layers": layers, "vocab": vocab, "context": args.context, **measure()}

@@ -85,6 +85,7 @@ class Settings:
     prefix_disk_bits: int = 0  # 8: the prefix cache's disk blocks as 8-bit K/V (0: as computed)
     next_turn_prefill: bool = False  # serve: prefill a follow-up's opening while idle
     batch_kernels: bool = True  # CUDA: batched decode steps by small_rows.py, batch_attention.py
+    compiled_decode: bool = True  # GPU: batched decode steps compiled (compiled_decode.py)
 
     @property
     def response_dir(self) -> Path:
@@ -149,6 +150,7 @@ def load_settings() -> Settings:
         prefix_block_tokens=_int_env("PREFIX_BLOCK", base.prefix_block_tokens),
         prefix_disk_bits=_int_env("PREFIX_DISK_BITS", base.prefix_disk_bits),
         batch_kernels=_bool_env("BATCH_KERNELS", base.batch_kernels),
+        compiled_decode=_bool_env("COMPILED_DECODE", base.compiled_decode),
     ).validated()
 
 

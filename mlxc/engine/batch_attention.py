@@ -25,7 +25,7 @@ _SOURCE = """
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int Hq = q_shape[1];
     const int kvh = h / (Hq / k_shape[1]);
-    const int keys = k_shape[2];
+    const int keys = min(k_shape[2], stop[0]);  // the compiled step passes whole buffers
     const T* qp = q + b * q_strides[0] + h * q_strides[1];
     const T* kp = k + b * k_strides[0] + kvh * k_strides[1];
     const T* vp = v + b * v_strides[0] + kvh * v_strides[1];
@@ -78,7 +78,7 @@ def _kernel() -> Any:
     import mlx.core as mx
 
     return mx.fast.cuda_kernel(
-        name="mlxc_batch_decode_attention", input_names=["q", "k", "v", "starts", "scale"],
+        name="mlxc_batch_decode_attention", input_names=["q", "k", "v", "starts", "stop", "scale"],
         output_names=["out"], source=_SOURCE, ensure_row_contiguous=False,
     )
 
@@ -88,6 +88,13 @@ def _scale(value: float) -> Any:
     import mlx.core as mx
 
     return mx.array([value], mx.float32)
+
+
+@cache
+def _no_stop() -> Any:
+    import mlx.core as mx
+
+    return mx.array([2**30], mx.int32)
 
 
 @cache
@@ -103,26 +110,34 @@ def _names() -> tuple[type, tuple, Any]:
 def fits(queries: Any, keys: Any, cache: Any, sinks: Any) -> bool:
     """A decode step (one query per row) over mlx-lm's left-padded batch cache, no sinks,
     heads the kernel's lanes divide, a dtype it reads."""
-    batch_cache, dtypes, _ = _names()
     return (
-        type(cache) is batch_cache
+        type(cache) is _names()[0]
         and sinks is None
         and getattr(cache, "_right_padding", None) is None
-        and queries.ndim == 4 and queries.shape[2] == 1
-        and queries.shape[-1] in (64, 128, 256) and keys.shape[-1] == queries.shape[-1]
-        and queries.shape[1] % keys.shape[1] == 0
-        and queries.dtype == keys.dtype
-        and queries.dtype in dtypes
+        and kernel_fits(queries, keys)
     )
 
 
-def attend(queries: Any, keys: Any, values: Any, starts: Any, scale: float) -> Any:
-    """softmax(q k^T * scale) v over each row's keys from `starts[row]` on; q (B, H, 1, D)."""
+def kernel_fits(queries: Any, keys: Any) -> bool:
+    """One query per row, heads the kernel's lanes divide, a dtype it reads."""
+    return (
+        queries.ndim == 4 and queries.shape[2] == 1
+        and queries.shape[-1] in (64, 128, 256) and keys.shape[-1] == queries.shape[-1]
+        and queries.shape[1] % keys.shape[1] == 0
+        and queries.dtype == keys.dtype
+        and queries.dtype in _names()[1]
+    )
+
+
+def attend(queries: Any, keys: Any, values: Any, starts: Any, scale: float,
+           stop: Any = None) -> Any:
+    """softmax(q k^T * scale) v over each row's keys from `starts[row]` up to `stop` (an
+    int32 array; all of them without); q (B, H, 1, D)."""
     int32 = _names()[2]
     batch, heads, _, dim = queries.shape
     (out,) = _kernel()(
         inputs=[queries, keys, values, starts if starts.dtype == int32 else
-                starts.astype(int32), _scale(scale)],
+                starts.astype(int32), _no_stop() if stop is None else stop, _scale(scale)],
         template=[("T", queries.dtype), ("D", dim)],
         grid=(heads * 1024, batch, 1),
         threadgroup=(1024, 1, 1),

@@ -101,7 +101,7 @@ class Scheduler:
 
         eos = sorted(self.engine.tokenizer.eos_token_ids)
         return BatchGenerator(
-            self.engine.model,
+            self.engine.batch_model,
             stop_tokens=[[t] for t in eos],
             completion_batch_size=self.max_batch,
             prefill_batch_size=self.max_batch,  # those that join in one step, together

@@ -39,7 +39,8 @@ def warm_up(engine: Any) -> None:
             last_only=engine.last_only,
         ):
             pass
-    batch = BatchGenerator(model, prefill_step_size=step, completion_batch_size=engine.max_batch)
+    batch = BatchGenerator(engine.batch_model, prefill_step_size=step,
+                           completion_batch_size=engine.max_batch)
     tokens = tokens[:14]
     with engine.batch_kernels:  # as the scheduler runs batched steps (CUDA: mlxc's kernels)
         batch.insert([tokens], max_tokens=[3])

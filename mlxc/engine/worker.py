@@ -281,9 +281,11 @@ class Engine:
         self.dtype = effective_dtype_without_mlx(self.settings.dtype, self.ref.folder,
                                                  self.settings.cache_dir)
         apply_dtype(self.model, self.dtype)
-        from mlxc.engine import batch_kernels
+        from mlxc.engine import batch_kernels, compiled_decode
 
         self.batch_kernels = batch_kernels.for_model(self.model, self.settings.batch_kernels)
+        # what BatchGenerator calls: the model, or on a GPU its compiled decode step
+        self.batch_model = compiled_decode.for_model(self.model, self.settings.compiled_decode)
         from mlxc.engine.generate import supports_last_position_logits
 
         self.last_only = supports_last_position_logits(self.model)

@@ -1,0 +1,152 @@
+"""A batched decode step built once per shape and replayed (`mx.compile`), for the GPU.
+
+On the H200 a decode step is paced by the host: Python builds ~700 operations a step for a
+3B model (~2.5 ms) before the GPU has work, and a batch of 4 cost ~1.5-2x a lone step
+(`benchmarks/decode_step.py`). A compiled step replays its graph from C++ instead.
+
+`mx.compile` needs the same shapes and no Python state that changes, and mlx-lm's
+`BatchKVCache` grows by Python-int slices: its `_idx` moves every step. So the step runs
+over stand-ins (`_Slot`) that write the new keys at an array index (`slice_update`) into
+the cache's whole buffer, and attend over the buffer from each row's left padding to that
+index. The buffers grow 256 positions at a time, so a batch retraces once per 256 tokens
+and per batch size. The real caches take the new buffers after the call, so everything
+else in `BatchGenerator` (joins, leaves, extracts, prefills) keeps mlx-lm's code.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from mlxc.engine import batch_attention, small_rows
+
+STEP = 256  # positions a buffer grows by: mlx-lm's BatchKVCache.step
+
+
+class _Slot:
+    """One layer's cache as the traced step sees it: arrays only, written at `idx`."""
+
+    def __init__(self, keys: Any, values: Any, offset: Any, left_padding: Any,
+                 idx: Any) -> None:
+        self.keys, self.values = keys, values
+        self.offset, self.left_padding, self.idx = offset, left_padding, idx
+
+    def update_and_fetch(self, keys: Any, values: Any) -> tuple[Any, Any]:
+        import mlx.core as mx
+
+        self.keys = mx.slice_update(self.keys, keys, self.idx, axes=(2,))
+        self.values = mx.slice_update(self.values, values, self.idx, axes=(2,))
+        return self.keys, self.values
+
+    def make_mask(self, *_: Any, **__: Any) -> None:
+        return None  # the attention below bounds each row itself
+
+    def visible(self, length: int) -> Any:
+        """(B, 1, 1, length): the positions a row's new token attends to."""
+        import mlx.core as mx
+
+        positions = mx.arange(length)
+        seen = (positions[None] >= self.left_padding[:, None]) & (positions[None] <= self.idx)
+        return seen[:, None, None, :]
+
+
+class CompiledDecode:
+    """The model as `BatchGenerator` calls it: a decode step over mlx-lm's `BatchKVCache`
+    runs compiled; every other call (prefill, other caches) goes to the model as it is."""
+
+    def __init__(self, model: Any) -> None:
+        import mlx.core as mx
+
+        self.model = model
+        self._module = sys.modules.get(type(model).__module__)
+        self._compiled = mx.compile(self._step)
+        self.failed: str | None = None  # why the compiled step is off, once a trace failed
+        self.steps = 0  # decode steps it ran compiled
+
+    def __getattr__(self, name: str) -> Any:  # layers, make_cache, args: the model's
+        return getattr(self.model, name)
+
+    def __call__(self, inputs: Any, cache: Any = None, **kwargs: Any) -> Any:
+        if kwargs or self.failed or not _decodes(inputs, cache):
+            return self.model(inputs, cache=cache, **kwargs)
+        import mlx.core as mx
+
+        _make_room(cache)
+        first = cache[0]
+        try:
+            logits, keys, values = self._compiled(
+                inputs, first.offset, first.left_padding, mx.array(first._idx, mx.int32),
+                [c.keys for c in cache], [c.values for c in cache])
+        except Exception as exc:  # a model the stand-ins do not fit: mlx-lm's step, always
+            self.failed = f"{type(exc).__name__}: {exc}"
+            return self.model(inputs, cache=cache)
+        for c, k, v in zip(cache, keys, values, strict=True):
+            c.keys, c.values = k, v
+            c.offset = c.offset + 1
+            c._idx += 1
+        self.steps += 1
+        return logits
+
+    def _step(self, inputs: Any, offset: Any, left_padding: Any, idx: Any, keys: list,
+              values: list) -> tuple[Any, list, list]:
+        """Traced once per shape: the model over stand-in caches (see the module's doc)."""
+        slots = [_Slot(k, v, offset, left_padding, idx) for k, v in zip(keys, values, strict=True)]
+        helper = getattr(self._module, "scaled_dot_product_attention", None)
+        if helper is not None:
+            self._module.scaled_dot_product_attention = _attention(helper)
+        try:
+            logits = self.model(inputs, cache=slots)
+        finally:
+            if helper is not None:
+                self._module.scaled_dot_product_attention = helper
+        return logits, [s.keys for s in slots], [s.values for s in slots]
+
+
+def _attention(original: Any) -> Any:
+    """The model module's attention helper, bounded by a `_Slot`'s rows: mlxc's kernel on
+    CUDA (no mask), else MLX's attention with a mask."""
+
+    def scaled_dot_product_attention(queries, keys, values, cache, scale, mask, sinks=None):
+        if not isinstance(cache, _Slot):
+            return original(queries, keys, values, cache=cache, scale=scale, mask=mask,
+                            sinks=sinks)
+        if sinks is None and small_rows.usable() and batch_attention.kernel_fits(queries, keys):
+            return batch_attention.attend(queries, keys, values, cache.left_padding, scale,
+                                          stop=cache.idx + 1)
+        return original(queries, keys, values, cache=None, scale=scale,
+                        mask=cache.visible(keys.shape[2]), sinks=sinks)
+
+    return scaled_dot_product_attention
+
+
+def _decodes(inputs: Any, cache: Any) -> bool:
+    """One new token per row over mlx-lm's BatchKVCache in every layer, already filled."""
+    from mlx_lm.models.cache import BatchKVCache
+
+    return (
+        inputs.ndim == 2 and inputs.shape[1] == 1 and isinstance(cache, list) and bool(cache)
+        and all(type(c) is BatchKVCache and c.keys is not None
+                and c._right_padding is None for c in cache)
+    )
+
+
+def _make_room(cache: list) -> None:
+    """Room for one more position, in buffers a multiple of STEP long (a filtered batch's
+    are cut at the front), so shapes, and traces, change seldom."""
+    import mlx.core as mx
+
+    length = cache[0].keys.shape[2]
+    wanted = -(-max(length, cache[0]._idx + 1) // STEP) * STEP
+    if wanted == length:
+        return
+    for c in cache:
+        pad = [(0, 0), (0, 0), (0, wanted - length), (0, 0)]
+        c.keys, c.values = mx.pad(c.keys, pad), mx.pad(c.values, pad)
+
+
+def for_model(model: Any, enabled: bool) -> Any:
+    """What BatchGenerator should call: the compiled step on a GPU (when `enabled`), else
+    the model."""
+    from mlxc.model.dtype import gpu_backend
+
+    return CompiledDecode(model) if enabled and gpu_backend() else model

@@ -1,0 +1,107 @@
+"""The compiled batched decode step (engine/compiled_decode.py): with the real tiny model and
+mlx-lm's own BatchGenerator, a batch decoded through it gives the same greedy tokens as
+mlx-lm's step, while requests join and leave and while the buffers grow past 256 positions;
+a model its stand-in caches do not fit falls back to mlx-lm's step. The engine turns it on
+on a GPU only, but it runs anywhere, so these tests run on the CPU too."""
+
+from __future__ import annotations
+
+import pytest
+from tiny_model import rescaled_copy
+
+from mlxc.config import ConfigError, load_settings
+from mlxc.engine.compiled_decode import CompiledDecode, for_model
+from mlxc.model.dtype import gpu_backend
+
+
+@pytest.fixture(scope="module")
+def lively_model(tiny_model, tmp_path_factory):
+    from mlx_lm import load
+
+    model, tokenizer = load(str(rescaled_copy(tiny_model, tmp_path_factory.mktemp("m") / "l", 4.0)))
+    return model, tokenizer
+
+
+def decode(forward, prompts, max_tokens, join=(), join_after=3):
+    """Greedy tokens of each prompt, decoded together by mlx-lm's BatchGenerator calling
+    `forward`; `join` prompts are inserted `join_after` steps in."""
+    from mlx_lm.generate import BatchGenerator
+
+    batch = BatchGenerator(forward, completion_batch_size=8, prefill_batch_size=8)
+    uids = batch.insert(prompts, max_tokens=max_tokens)
+    out: dict[int, list[int]] = {u: [] for u in uids}
+    steps = 0
+    while responses := batch.next_generated():
+        steps += 1
+        if steps == join_after and join:
+            more = batch.insert([p for p, _ in join], max_tokens=[n for _, n in join])
+            out.update({u: [] for u in more})
+            uids += more
+        for r in responses:
+            out[r.uid].append(r.token)
+    batch.close()
+    return [out[u] for u in uids]
+
+
+def prompts_of(tokenizer):
+    texts = ["the fox jumps", "a long way home, said the old sailor to the",
+             "one two three four five six seven", "rain"]
+    return [tokenizer.encode(t) for t in texts]
+
+
+def test_a_compiled_batch_decodes_what_mlx_lm_decodes(lively_model):
+    model, tokenizer = lively_model
+    prompts = prompts_of(tokenizer)
+    lengths = [12, 20, 7, 16]  # they leave at different steps: the batch shrinks
+    join = [(tokenizer.encode("late comer"), 9), (prompts[1][:5], 14)]
+    want = decode(model, prompts, lengths, join)
+    compiled = CompiledDecode(model)
+    got = decode(compiled, prompts, lengths, join)
+    assert compiled.failed is None
+    assert compiled.steps > 10  # it ran the decode steps, not mlx-lm's
+    assert got == want
+    assert [len(t) for t in got] == lengths + [9, 14]
+
+
+def test_it_grows_its_buffers_past_256_positions(lively_model):
+    model, tokenizer = lively_model
+    long = (tokenizer.encode("the fox jumps over the lazy dog ") * 40)[:245]
+    prompts = [long, long[:200]]  # 245 + 30 crosses a 256-position buffer
+    want = decode(model, prompts, [30, 30])
+    compiled = CompiledDecode(model)
+    assert decode(compiled, prompts, [30, 30]) == want
+    assert compiled.failed is None and compiled.steps >= 29
+
+
+def test_a_model_its_stand_ins_do_not_fit_gets_mlx_lm_s_step(lively_model):
+    """A model that reads its cache's state (the stand-ins have none) fails to trace once;
+    from then on every step is mlx-lm's, and the answers are the same."""
+    model, tokenizer = lively_model
+
+    class ReadsState:
+        def __init__(self, model):
+            self.model = model
+            self.layers = model.layers
+
+        def __call__(self, inputs, cache=None):
+            if cache:
+                _ = cache[0].state
+            return self.model(inputs, cache=cache)
+
+    prompts = prompts_of(tokenizer)[:2]
+    want = decode(model, prompts, [8, 8])
+    compiled = CompiledDecode(ReadsState(model))
+    assert decode(compiled, prompts, [8, 8]) == want
+    assert "state" in compiled.failed and compiled.steps == 0
+
+
+def test_the_setting_and_where_it_is_on(monkeypatch, lively_model):
+    model, _ = lively_model
+    assert load_settings().compiled_decode
+    assert isinstance(for_model(model, True), CompiledDecode) == gpu_backend()
+    assert for_model(model, False) is model
+    monkeypatch.setenv("MLXC_COMPILED_DECODE", "off")
+    assert not load_settings().compiled_decode
+    monkeypatch.setenv("MLXC_COMPILED_DECODE", "sometimes")
+    with pytest.raises(ConfigError, match="MLXC_COMPILED_DECODE"):
+        load_settings()
