@@ -62,12 +62,13 @@ class CompiledDecode:
         self._compiled = mx.compile(self._step)
         self.failed: str | None = None  # why the compiled step is off, once a trace failed
         self.steps = 0  # decode steps it ran compiled
+        self.on = True  # off: every call goes to the model (a benchmark's A/B switch)
 
     def __getattr__(self, name: str) -> Any:  # layers, make_cache, args: the model's
         return getattr(self.model, name)
 
     def __call__(self, inputs: Any, cache: Any = None, **kwargs: Any) -> Any:
-        if kwargs or self.failed or not _decodes(inputs, cache):
+        if kwargs or self.failed or not self.on or not _decodes(inputs, cache):
             return self.model(inputs, cache=cache, **kwargs)
         import mlx.core as mx
 
