@@ -6,10 +6,11 @@ decode step (engine/compiled_decode.py) changes, measured side by side in one pr
 For each size N and round: N requests one after another (the sequential sum, and one
 stream's tokens/s), then N sent together with the compiled step on, then off (rounds
 alternate which goes first). Reports medians: wall / sequential sum, aggregate tokens/s over
-one stream's, TTFT; and the engine thread's main steps timed (wall ms and calls, summed over
-rounds, per mode): admission of each request (`_start_next`), the batch's prompt pass
-(`PromptProcessingBatch.prompt`), its decode steps (`GenerationBatch._step`, inside
-`Scheduler._decode`), each sequence's token handling (`Sequence.take`).
+one stream's, TTFT, the longest gap between two tokens of a stream; and the engine thread's
+main steps timed (wall ms and calls, summed over rounds, per mode): admission of each
+request (`_start_next`), the batch's prompt pass (`PromptProcessingBatch.prompt`), its
+decode steps (`GenerationBatch._step`, inside `Scheduler._decode`), each sequence's token
+handling (`Sequence.take`).
 The machine's speed drifts (the H200's by up to a third between runs): compare modes only
 within one run.
 """
@@ -25,7 +26,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from concurrency import prompt, timed, together
+from concurrency import gaps, prompt, timed, together
 
 from mlxc.config import load_settings
 from mlxc.engine.worker import Engine
@@ -102,6 +103,8 @@ def main() -> None:
                                               / one_stream)
                 rates["ttft_p50_ms"].append(1000 * statistics.median(f["ttft"] for f in figures))
                 rates["wall"].append(wall)
+                rates["itl_max_ms"].append(1000 * max(
+                    (max(gaps(f["times"]), default=0.0) for f in figures), default=0.0))
                 for label, (seconds, calls) in SPENT.items():
                     steps[on][label][0] += seconds
                     steps[on][label][1] += calls

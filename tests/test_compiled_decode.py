@@ -105,3 +105,21 @@ def test_the_setting_and_where_it_is_on(monkeypatch, lively_model):
     monkeypatch.setenv("MLXC_COMPILED_DECODE", "sometimes")
     with pytest.raises(ConfigError, match="MLXC_COMPILED_DECODE"):
         load_settings()
+
+
+def test_it_keeps_a_few_shapes_compiled_and_says_what_it_did(lively_model, monkeypatch):
+    """Batch sizes and buffer lengths each make a shape; past KEPT_SHAPES the least recently
+    used is dropped and traced again when it comes back, with the same tokens."""
+    from mlxc.engine import compiled_decode
+
+    model, tokenizer = lively_model
+    monkeypatch.setattr(compiled_decode, "KEPT_SHAPES", 2)
+    prompts = prompts_of(tokenizer)
+    want = decode(model, prompts, [12, 9, 6, 3])  # batch sizes 4, 3, 2, 1: 4 shapes
+    compiled = CompiledDecode(model)
+    assert decode(compiled, prompts, [12, 9, 6, 3]) == want
+    assert compiled.traces == 4 and len(compiled._shapes) == 2
+    assert decode(compiled, prompts, [12, 9, 6, 3]) == want  # dropped ones traced again
+    figures = compiled.figures()["compiled_decode"]
+    assert figures["traces"] == 8 and figures["steps"] == compiled.steps and not figures["failed"]
+    assert figures["trace_seconds"] > 0

@@ -16,11 +16,17 @@ else in `BatchGenerator` (joins, leaves, extracts, prefills) keeps mlx-lm's code
 from __future__ import annotations
 
 import sys
+import time
+from collections import OrderedDict
 from typing import Any
 
 from mlxc.engine import batch_attention, small_rows
 
 STEP = 256  # positions a buffer grows by: mlx-lm's BatchKVCache.step
+# Shapes (batch size x buffer length) kept compiled; the least recently used one is dropped
+# (with its graph) past this, so a server that has run every batch size at every length
+# holds a few, not hundreds. A batch meets a new shape once per STEP tokens at most.
+KEPT_SHAPES = 16
 
 
 class _Slot:
@@ -59,9 +65,11 @@ class CompiledDecode:
 
         self.model = model
         self._module = sys.modules.get(type(model).__module__)
-        self._compiled = mx.compile(self._step)
+        self._compile = mx.compile  # one compiled function per shape: each its own graph
+        self._shapes: OrderedDict[tuple, Any] = OrderedDict()  # shape -> its compiled step
         self.failed: str | None = None  # why the compiled step is off, once a trace failed
         self.steps = 0  # decode steps it ran compiled
+        self.traces, self.trace_seconds = 0, 0.0  # shapes traced, and the time it took
         self.on = True  # off: every call goes to the model (a benchmark's A/B switch)
 
     def __getattr__(self, name: str) -> Any:  # layers, make_cache, args: the model's
@@ -74,19 +82,36 @@ class CompiledDecode:
 
         _make_room(cache)
         first = cache[0]
+        shape = (*inputs.shape, *first.keys.shape, first.keys.dtype)
+        compiled = self._shapes.pop(shape, None)
+        fresh = compiled is None
+        if fresh:
+            compiled, started = self._compile(self._step), time.perf_counter()
         try:
-            logits, keys, values = self._compiled(
+            logits, keys, values = compiled(
                 inputs, first.offset, first.left_padding, mx.array(first._idx, mx.int32),
                 [c.keys for c in cache], [c.values for c in cache])
         except Exception as exc:  # a model the stand-ins do not fit: mlx-lm's step, always
             self.failed = f"{type(exc).__name__}: {exc}"
             return self.model(inputs, cache=cache)
+        if fresh:
+            self.traces += 1
+            self.trace_seconds += time.perf_counter() - started
+        self._shapes[shape] = compiled  # now the most recently used
+        if len(self._shapes) > KEPT_SHAPES:
+            self._shapes.popitem(last=False)
         for c, k, v in zip(cache, keys, values, strict=True):
             c.keys, c.values = k, v
             c.offset = c.offset + 1
             c._idx += 1
         self.steps += 1
         return logits
+
+    def figures(self) -> dict:
+        """For /health: whether decode steps run compiled, and what tracing has cost."""
+        return {"compiled_decode": {"steps": self.steps, "traces": self.traces,
+                                    "trace_seconds": round(self.trace_seconds, 3),
+                                    "failed": self.failed}}
 
     def _step(self, inputs: Any, offset: Any, left_padding: Any, idx: Any, keys: list,
               values: list) -> tuple[Any, list, list]:

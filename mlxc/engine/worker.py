@@ -150,6 +150,7 @@ class Engine:
             "back_alone": figures.back_alone if figures else 0,
             "tokens_per_second": round(figures.tokens_per_second(), 2) if figures else 0.0,
             **(self.memory.figures() if self.memory is not None else {}),
+            **getattr(getattr(self, "batch_model", None), "figures", dict)(),  # GPU: compiled
         }
 
     def submit(self, request: GenerationRequest) -> Generation:
@@ -284,7 +285,6 @@ class Engine:
         from mlxc.engine import batch_kernels, compiled_decode
 
         self.batch_kernels = batch_kernels.for_model(self.model, self.settings.batch_kernels)
-        # what BatchGenerator calls: the model, or on a GPU its compiled decode step
         self.batch_model = compiled_decode.for_model(self.model, self.settings.compiled_decode)
         from mlxc.engine.generate import supports_last_position_logits
 
