@@ -111,12 +111,12 @@ def main() -> None:
             if round_:
                 sequential.append(seq_sum)
         compiled.on = True
-        out[size] = {"sequential_sum": round(statistics.median(sequential), 3)}
+        out[size] = {"sequential_sum": round(statistics.median(sequential), 3),
+                     **compiled.figures()}  # traces so far: new shapes cost the step a trace
         for on, name in ((True, "compiled"), (False, "plain")):
             out[size][name] = {k: round(statistics.median(v), 3) for k, v in modes[on].items()}
             out[size][name]["steps"] = {k: {"ms": round(1000 * v[0], 1), "calls": v[1]}
                                         for k, v in sorted(steps[on].items())}
-    out["compiled_steps"], out["compiled_failed"] = compiled.steps, compiled.failed
     engine.shutdown(wait=30)
     print(json.dumps(out, indent=1))
 
