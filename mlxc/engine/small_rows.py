@@ -17,6 +17,11 @@ from functools import cache
 from typing import Any
 
 MAX_ROWS = 8  # past this cuBLAS was faster (H200); rows are a run-time bound up to it
+# Under the compiled decode step (compiled_decode.py) cuBLAS's launches cost the host less and
+# the step waits on the GPU, where this kernel reads slower than cuBLAS: 3B shape, float32,
+# H200, one run: 2 rows 6.02 ms vs cuBLAS 5.68, 4 rows 6.91 vs 7.20, 8 rows 8.95 vs 7.07
+# (`benchmarks/decode_step.py --kernels --variants batch_compiled`). So it takes up to 4 there.
+COMPILED_MAX_ROWS = 4
 THREADS = 128  # per output feature: 4 warps split the input features between them
 
 _SOURCE = """
@@ -118,14 +123,15 @@ def takes(linear: Any) -> bool:
 
 
 @cache
-def routed_linear() -> type:
-    """nn.Linear that sends a decode step's few rows (x of shape (rows, 1, K)) to `project`."""
+def routed_linear(max_rows: int = MAX_ROWS) -> type:
+    """nn.Linear that sends a decode step's few rows (x of shape (rows, 1, K), 2..max_rows)
+    to `project`."""
     import mlx.nn as nn
 
     class SmallRowsLinear(nn.Linear):
         def __call__(self, x: Any) -> Any:
             shape, weight = x.shape, self["weight"]
-            if len(shape) == 3 and shape[1] == 1 and 2 <= shape[0] <= MAX_ROWS and (
+            if len(shape) == 3 and shape[1] == 1 and 2 <= shape[0] <= max_rows and (
                 x.dtype == weight.dtype
             ):
                 y = project(x, weight)
