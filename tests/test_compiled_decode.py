@@ -123,3 +123,27 @@ def test_it_keeps_a_few_shapes_compiled_and_says_what_it_did(lively_model, monke
     figures = compiled.figures()["compiled_decode"]
     assert figures["traces"] == 8 and figures["steps"] == compiled.steps and not figures["failed"]
     assert figures["trace_seconds"] > 0
+
+
+def test_a_model_that_attends_past_its_rows_is_caught_by_the_first_step(lively_model,
+                                                                         monkeypatch):
+    """A model whose attention ignores the stand-ins' bounds (as one calling mx.fast's
+    attention itself, with no mask, would) reads padding and stale positions: the first
+    compiled step's logits differ from the model's, and from then on every step is mlx-lm's."""
+    import mlx.core as mx
+
+    from mlxc.engine import compiled_decode
+
+    def unbounded(original):
+        def attention(queries, keys, values, cache, scale, mask, sinks=None):
+            return mx.fast.scaled_dot_product_attention(queries, keys, values, scale=scale,
+                                                        mask=mask)
+        return attention
+
+    model, tokenizer = lively_model
+    prompts = prompts_of(tokenizer)
+    want = decode(model, prompts, [10, 6, 8, 4])
+    monkeypatch.setattr(compiled_decode, "_attention", unbounded)
+    compiled = CompiledDecode(model)
+    assert decode(compiled, prompts, [10, 6, 8, 4]) == want
+    assert "off the model's" in compiled.failed and compiled.steps == 0

@@ -27,6 +27,10 @@ STEP = 256  # positions a buffer grows by: mlx-lm's BatchKVCache.step
 # (with its graph) past this, so a server that has run every batch size at every length
 # holds a few, not hundreds. A batch meets a new shape once per STEP tokens at most.
 KEPT_SHAPES = 16
+# The first compiled step is checked against the model's own: a model that attends without
+# its module's helper (mx.fast directly) would read the whole buffer, padding and all.
+AGREE = 0.05  # largest gap of the logits allowed, relative to their largest (CPU: 0;
+# a model attending over the whole buffer: 0.13-0.65 in the tests' models)
 
 
 class _Slot:
@@ -71,6 +75,7 @@ class CompiledDecode:
         self.steps = 0  # decode steps it ran compiled
         self.traces, self.trace_seconds = 0, 0.0  # shapes traced, and the time it took
         self.on = True  # off: every call goes to the model (a benchmark's A/B switch)
+        self.checked = False  # the first compiled step was compared with the model's
 
     def __getattr__(self, name: str) -> Any:  # layers, make_cache, args: the model's
         return getattr(self.model, name)
@@ -94,6 +99,13 @@ class CompiledDecode:
         except Exception as exc:  # a model the stand-ins do not fit: mlx-lm's step, always
             self.failed = f"{type(exc).__name__}: {exc}"
             return self.model(inputs, cache=cache)
+        if not self.checked:
+            self.checked = True
+            want = self.model(inputs, cache=[_twin(c) for c in cache])
+            gap = (mx.abs(logits - want).max() / mx.maximum(mx.abs(want).max(), 1e-6)).item()
+            if not gap <= AGREE:  # NaN too
+                self.failed = f"its first step's logits were {gap:.3g} off the model's"
+                return self.model(inputs, cache=cache)
         if fresh:
             self.traces += 1
             self.trace_seconds += time.perf_counter() - started
@@ -154,6 +166,16 @@ def _decodes(inputs: Any, cache: Any) -> bool:
         and all(type(c) is BatchKVCache and c.keys is not None
                 and c._right_padding is None for c in cache)
     )
+
+
+def _twin(cache: Any) -> Any:
+    """A copy of a BatchKVCache that steps without touching the original's arrays."""
+    import mlx.core as mx
+
+    twin = type(cache).__new__(type(cache))
+    twin.__dict__.update(cache.__dict__)
+    twin.keys, twin.values = mx.array(cache.keys), mx.array(cache.values)
+    return twin
 
 
 def _make_room(cache: list) -> None:
