@@ -2,7 +2,7 @@
 mlx-lm's own BatchGenerator, a batch decoded through it gives the same greedy tokens as
 mlx-lm's step, while requests join and leave and while the buffers grow past 256 positions;
 a model its stand-in caches do not fit falls back to mlx-lm's step. The engine turns it on
-on a GPU only, but it runs anywhere, so these tests run on the CPU too."""
+on CUDA only, but it runs anywhere, so these tests run on the CPU too."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 from tiny_model import rescaled_copy
 
 from mlxc.config import ConfigError, load_settings
+from mlxc.engine import small_rows
 from mlxc.engine.compiled_decode import CompiledDecode, for_model
-from mlxc.model.dtype import gpu_backend
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +98,7 @@ def test_a_model_its_stand_ins_do_not_fit_gets_mlx_lm_s_step(lively_model):
 def test_the_setting_and_where_it_is_on(monkeypatch, lively_model):
     model, _ = lively_model
     assert load_settings().compiled_decode
-    assert isinstance(for_model(model, True), CompiledDecode) == gpu_backend()
+    assert isinstance(for_model(model, True), CompiledDecode) == small_rows.usable()
     assert for_model(model, False) is model
     monkeypatch.setenv("MLXC_COMPILED_DECODE", "off")
     assert not load_settings().compiled_decode

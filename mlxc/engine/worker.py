@@ -150,7 +150,7 @@ class Engine:
             "back_alone": figures.back_alone if figures else 0,
             "tokens_per_second": round(figures.tokens_per_second(), 2) if figures else 0.0,
             **(self.memory.figures() if self.memory is not None else {}),
-            **getattr(getattr(self, "batch_model", None), "figures", dict)(),  # GPU: compiled
+            **getattr(getattr(self, "batch_model", None), "figures", dict)(),  # CUDA: compiled
         }
 
     def submit(self, request: GenerationRequest) -> Generation:
