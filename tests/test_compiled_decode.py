@@ -147,3 +147,42 @@ def test_a_model_that_attends_past_its_rows_is_caught_by_the_first_step(lively_m
     compiled = CompiledDecode(model)
     assert decode(compiled, prompts, [10, 6, 8, 4]) == want
     assert "off the model's" in compiled.failed and compiled.steps == 0
+
+
+def test_the_engine_with_it_answers_as_alone_and_keeps_states_that_reuse_right(tiny_model,
+                                                                               tmp_path):
+    """Through the engine's own scheduler (switched to the compiled step here, as on CUDA):
+    requests decoded together give their lone answers, and the states the batch hands back
+    for follow-ups (cut out of its padded buffers) give a cold engine's answers."""
+    from test_batching import PROMPTS, chat, make_engine
+
+    from mlxc.request import GenerationRequest
+
+    lively = rescaled_copy(tiny_model, tmp_path / "lively", 4.0)
+
+    def switch(engine):
+        engine.batch_model = CompiledDecode(engine.model)
+        engine.scheduler.batch = engine.scheduler._new_batch()
+        return engine.batch_model
+
+    engine = make_engine(lively, tmp_path / "e")
+    try:
+        compiled = engine.call(switch).result()
+        requests = [chat(p) for p in PROMPTS[:4]]
+        alone = [engine.submit(r).result().text for r in requests]
+        firsts = [g.result() for g in [engine.submit(r) for r in requests]]
+        assert [a.text for a in firsts] == alone
+        assert compiled.steps > 0 and compiled.failed is None
+        follows = [GenerationRequest(messages=[
+            {"role": "user", "content": p}, {"role": "assistant", "content": a.text},
+            {"role": "user", "content": "And then?"}], max_tokens=12)
+            for p, a in zip(PROMPTS[:4], firsts, strict=True)]
+        again = [g.result() for g in [engine.submit(r) for r in follows]]
+        assert all(a.usage.cached_tokens > 0 for a in again)
+    finally:
+        engine.shutdown(wait=30)
+    cold = make_engine(lively, tmp_path / "cold", prefix=False)
+    try:
+        assert [cold.submit(r).result().text for r in follows] == [a.text for a in again]
+    finally:
+        cold.shutdown(wait=30)
