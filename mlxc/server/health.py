@@ -50,6 +50,20 @@ async def _store_stats(state: ServerState) -> dict[str, Any] | None:
         return None
 
 
+def _both_stats(state: ServerState) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """The store's and the prefix cache's figures, read in one worker-thread hop: each hop
+    waits for the GIL behind the engine thread's Python, so one hop, not two."""
+    try:
+        store = state.service.store.stats().as_dict()
+    except Exception:  # a broken store must not break the health check itself
+        store = None
+    try:  # the KV prefix cache: reuse across turns and restarts
+        prefix = state.service.prefix_stats()
+    except Exception:
+        prefix = None
+    return store, prefix
+
+
 @router.get("/health")
 async def health(request: Request) -> Response:
     state = get_state(request)
@@ -57,7 +71,7 @@ async def health(request: Request) -> Response:
     if not key_given(request.headers, state.options.api_key):  # no paths, no figures
         body = {"status": status, "model_loaded": loaded, "version": __version__}
         return JSONResponse(body, status_code=503 if status == "error" else 200)
-    stats = await _store_stats(state)
+    stats, prefix = await run_in_threadpool(_both_stats, state)
     cache: dict[str, Any] = {"error": "the response store cannot be read"}
     if stats is not None:
         cache = {
@@ -71,10 +85,6 @@ async def health(request: Request) -> Response:
             "eviction_policy": stats["eviction_policy"],
             "backend": stats["backend"],
         }
-    try:  # the KV prefix cache: reuse across turns and restarts
-        prefix = await run_in_threadpool(state.service.prefix_stats)
-    except Exception:
-        prefix = None
     served = state.metrics.snapshot()
     body = {
         "status": status,
