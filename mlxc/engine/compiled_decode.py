@@ -65,12 +65,10 @@ class CompiledDecode:
     runs compiled; every other call (prefill, other caches) goes to the model as it is."""
 
     def __init__(self, model: Any) -> None:
-        import mlx.core as mx
-
         self.model = model
         self._module = sys.modules.get(type(model).__module__)
-        self._compile = mx.compile  # one compiled function per shape: each its own graph
-        self._shapes: OrderedDict[tuple, Any] = OrderedDict()  # shape -> its compiled step
+        # shape -> its compiled step: one mx.compile function each, so dropping one frees its graph
+        self._shapes: OrderedDict[tuple, Any] = OrderedDict()
         self.failed: str | None = None  # why the compiled step is off, once a trace failed
         self.steps = 0  # decode steps it ran compiled
         self.traces, self.trace_seconds = 0, 0.0  # shapes traced, and the time it took
@@ -91,7 +89,7 @@ class CompiledDecode:
         compiled = self._shapes.pop(shape, None)
         fresh = compiled is None
         if fresh:
-            compiled, started = self._compile(self._step), time.perf_counter()
+            compiled, started = mx.compile(self._step), time.perf_counter()
         try:
             logits, keys, values = compiled(
                 inputs, first.offset, first.left_padding, mx.array(first._idx, mx.int32),

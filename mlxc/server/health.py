@@ -43,9 +43,10 @@ def _engine_status(state: ServerState) -> tuple[str, bool, int]:
     return "loading", False, engine.queue_depth
 
 
-async def _store_stats(state: ServerState) -> dict[str, Any] | None:
+def _store_stats(state: ServerState) -> dict[str, Any] | None:
+    """The response store's figures (SQLite may wait on a lock: call from a worker thread)."""
     try:
-        return (await run_in_threadpool(lambda: state.service.store.stats())).as_dict()
+        return state.service.store.stats().as_dict()
     except Exception:  # a broken store must not break the health check itself
         return None
 
@@ -53,15 +54,11 @@ async def _store_stats(state: ServerState) -> dict[str, Any] | None:
 def _both_stats(state: ServerState) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
     """The store's and the prefix cache's figures, read in one worker-thread hop: each hop
     waits for the GIL behind the engine thread's Python, so one hop, not two."""
-    try:
-        store = state.service.store.stats().as_dict()
-    except Exception:  # a broken store must not break the health check itself
-        store = None
     try:  # the KV prefix cache: reuse across turns and restarts
         prefix = state.service.prefix_stats()
     except Exception:
         prefix = None
-    return store, prefix
+    return _store_stats(state), prefix
 
 
 @router.get("/health")
@@ -122,7 +119,7 @@ async def metrics(request: Request) -> Response:
                                                 batch["kv_memory_limit_bytes"])
         gauges["mlxc_kv_memory_reserved_bytes"] = ("KV cache memory reserved by admitted "
                                                    "sequences.", batch["kv_memory_reserved_bytes"])
-    if (stats := await _store_stats(state)) is not None:
+    if (stats := await run_in_threadpool(_store_stats, state)) is not None:
         gauges["mlxc_cache_items"] = ("Answers in the response cache.", stats["cached_items"])
         gauges["mlxc_cache_bytes"] = ("Size of the response cache.", stats["size_bytes"])
         gauges["mlxc_cache_store_hits"] = ("Hits counted by the store (all processes).",
