@@ -90,6 +90,18 @@ def test_the_kernel_computes_the_matmul(dtype, rows):
 
 
 @on_cuda
+@pytest.mark.parametrize("block", [(1, 4), (4, 4), (8, 2), (4, 8)])
+def test_every_block_shape_computes_the_matmul_with_a_partial_last_block(block):
+    mx.random.seed(7)
+    weight = mx.random.normal((1003, 2048)) * 0.02  # 1003 outputs: the last block is partial
+    x = mx.random.normal((6, 1, 2048))
+    got = small_rows.project(x, weight, *block)
+    want = mx.matmul(x, weight.T, stream=mx.cpu)
+    assert got.shape == (6, 1, 1003)
+    assert mx.abs(got - want).max().item() <= 1e-5 * mx.abs(want).max().item()
+
+
+@on_cuda
 def test_answers_made_together_with_it_equal_the_same_requests_alone(tiny_model, tmp_path):
     from test_batching import PROMPTS, chat, make_engine
 

@@ -22,53 +22,73 @@ MAX_ROWS = 8  # past this cuBLAS was faster (H200); rows are a run-time bound up
 # H200, one run: 2 rows 6.02 ms vs cuBLAS 5.68, 4 rows 6.91 vs 7.20, 8 rows 8.95 vs 7.07
 # (`benchmarks/decode_step.py --kernels --variants batch_compiled`). So it takes up to 4 there.
 COMPILED_MAX_ROWS = 4
-THREADS = 128  # per output feature: 4 warps split the input features between them
+# A block of WARPS warps splits the input features; it computes FEATURES outputs at once.
+FEATURES, WARPS = 4, 4
 
 _SOURCE = """
+    // One block computes FEATURES output features for every row: each x chunk it loads
+    // serves FEATURES weight rows, so x's reads through the cache stay near the weights'.
     constexpr int V = 16 / sizeof(T);  // elements per 16-byte load
-    constexpr int WARPS = 4;
-    const int n = blockIdx.x;
     const int tid = threadIdx.x;
+    const int lane = tid % 32, warp = tid / 32;
     const int M = x_shape[0];  // rows: a run-time bound, so one compiled kernel takes them all
     const int K = w_shape[1];
     const int N = w_shape[0];
     const int chunks = K / V;
-    float acc[MAXM];
+    const int n0 = blockIdx.x * FEATURES;
+    float acc[FEATURES][MAXM];
     #pragma unroll
-    for (int m = 0; m < MAXM; ++m) acc[m] = 0.0f;
-    const uint4* wrow = reinterpret_cast<const uint4*>(w + (size_t)n * K);
+    for (int f = 0; f < FEATURES; ++f)
+        #pragma unroll
+        for (int m = 0; m < MAXM; ++m) acc[f][m] = 0.0f;
+    const uint4* wrows[FEATURES];
+    #pragma unroll
+    for (int f = 0; f < FEATURES; ++f)  // past N (a last, partial block): read row N-1, unused
+        wrows[f] = reinterpret_cast<const uint4*>(w + (size_t)min(n0 + f, N - 1) * K);
     const uint4* xs = reinterpret_cast<const uint4*>(x);
     for (int c = tid; c < chunks; c += WARPS * 32) {
-        uint4 wv = wrow[c];
-        const T* wp = reinterpret_cast<const T*>(&wv);
-        float wf[V];
+        uint4 wv[FEATURES];
         #pragma unroll
-        for (int i = 0; i < V; ++i) wf[i] = static_cast<float>(wp[i]);
+        for (int f = 0; f < FEATURES; ++f) wv[f] = wrows[f][c];
         #pragma unroll
         for (int m = 0; m < MAXM; ++m) {
             if (m < M) {
                 uint4 xv = xs[m * chunks + c];
                 const T* xp = reinterpret_cast<const T*>(&xv);
+                float xf[V];
                 #pragma unroll
-                for (int i = 0; i < V; ++i) acc[m] += wf[i] * static_cast<float>(xp[i]);
+                for (int i = 0; i < V; ++i) xf[i] = static_cast<float>(xp[i]);
+                #pragma unroll
+                for (int f = 0; f < FEATURES; ++f) {
+                    const T* wp = reinterpret_cast<const T*>(&wv[f]);
+                    #pragma unroll
+                    for (int i = 0; i < V; ++i) acc[f][m] += static_cast<float>(wp[i]) * xf[i];
+                }
             }
         }
     }
-    __shared__ float partial[WARPS][MAXM];
-    const int lane = tid % 32, warp = tid / 32;
+    __shared__ float partial[WARPS][FEATURES][MAXM];
     #pragma unroll
-    for (int m = 0; m < MAXM; ++m) {
-        float v = acc[m];
+    for (int f = 0; f < FEATURES; ++f) {
         #pragma unroll
-        for (int off = 16; off > 0; off /= 2) v += __shfl_down_sync(0xffffffff, v, off);
-        if (lane == 0) partial[warp][m] = v;
+        for (int m = 0; m < MAXM; ++m) {
+            if (m < M) {
+                float v = acc[f][m];
+                #pragma unroll
+                for (int off = 16; off > 0; off /= 2) v += __shfl_down_sync(0xffffffff, v, off);
+                if (lane == 0) partial[warp][f][m] = v;
+            }
+        }
     }
     __syncthreads();
-    if (tid < M) {
-        float v = 0.0f;
-        #pragma unroll
-        for (int i = 0; i < WARPS; ++i) v += partial[i][tid];
-        out[(size_t)tid * N + n] = static_cast<T>(v);
+    for (int i = tid; i < FEATURES * M; i += WARPS * 32) {
+        const int f = i / M, m = i % M, n = n0 + f;
+        if (n < N) {
+            float v = 0.0f;
+            #pragma unroll
+            for (int k = 0; k < WARPS; ++k) v += partial[k][f][m];
+            out[(size_t)m * N + n] = static_cast<T>(v);
+        }
     }
 """
 
@@ -83,11 +103,14 @@ def _kernel() -> Any:
 
 
 @cache
-def _launch(dtype: Any, features: int) -> dict:
+def _launch(dtype: Any, outputs: int, features: int, warps: int) -> dict:
     """The kernel call's fixed arguments for a weight (built once: a step makes ~200 calls,
     and the host sets the step's pace)."""
-    return {"template": [("T", dtype), ("MAXM", MAX_ROWS)], "grid": (features * THREADS, 1, 1),
-            "threadgroup": (THREADS, 1, 1), "output_dtypes": [dtype]}
+    blocks = -(-outputs // features)
+    return {"template": [("T", dtype), ("MAXM", MAX_ROWS), ("FEATURES", features),
+                         ("WARPS", warps)],
+            "grid": (blocks * warps * 32, 1, 1), "threadgroup": (warps * 32, 1, 1),
+            "output_dtypes": [dtype]}
 
 
 def usable() -> bool:
@@ -100,11 +123,12 @@ def usable() -> bool:
         return False
 
 
-def project(x: Any, weight: Any) -> Any:
-    """x (rows, 1, K) times weight (N, K) transposed, for 2..MAX_ROWS rows of weight's dtype."""
+def project(x: Any, weight: Any, features: int = FEATURES, warps: int = WARPS) -> Any:
+    """x (rows, 1, K) times weight (N, K) transposed, for 2..MAX_ROWS rows of weight's dtype
+    (`features`, `warps`: the block's shape, for benchmarks)."""
     n = weight.shape[0]
     (out,) = _kernel()(inputs=[x, weight], output_shapes=[(x.shape[0], 1, n)],
-                       **_launch(weight.dtype, n))
+                       **_launch(weight.dtype, n, features, warps))
     return out
 
 
