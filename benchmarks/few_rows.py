@@ -74,7 +74,7 @@ def measure(dtype, args, blocks: list) -> dict:
         if rows > 1:
             for f, warps in blocks:
                 ways[f"{f}x{warps}"] = lambda xs=xs, f=f, warps=warps: [
-                    small_rows.project(xs[w.shape[1]], w, f, warps) for w in weights]
+                    small_rows.project(xs[w.shape[1]], w, (f, warps)) for w in weights]
         for way, step in ways.items():
             ms = timed(step, args.reps)
             figures[f"{rows}_{way}"] = {"ms": round(ms, 3), "gb_s": round(gigabytes / ms * 1000)}
@@ -95,7 +95,7 @@ def errors(xs: dict, weights: list, blocks: list) -> dict:
         for w in weights:
             x = xs[w.shape[1]]
             want = mx.matmul(x.astype(mx.float32), w.astype(mx.float32).T, stream=mx.cpu)
-            got = small_rows.project(x, w, f, warps).astype(mx.float32)
+            got = small_rows.project(x, w, (f, warps)).astype(mx.float32)
             gap = max(gap, (mx.abs(got - want).max() / mx.abs(want).max()).item())
         worst[f"{f}x{warps}"] = float(f"{gap:.2e}")
     return worst

@@ -95,7 +95,7 @@ def test_every_block_shape_computes_the_matmul_with_a_partial_last_block(block):
     mx.random.seed(7)
     weight = mx.random.normal((1003, 2048)) * 0.02  # 1003 outputs: the last block is partial
     x = mx.random.normal((6, 1, 2048))
-    got = small_rows.project(x, weight, *block)
+    got = small_rows.project(x, weight, block)
     want = mx.matmul(x, weight.T, stream=mx.cpu)
     assert got.shape == (6, 1, 1003)
     assert mx.abs(got - want).max().item() <= 1e-5 * mx.abs(want).max().item()

@@ -17,12 +17,12 @@ class BatchKernels:
     """A context: inside it the model's plain linear layers and its module's attention
     helper take the kernels' paths where a call fits them. Engine thread only."""
 
-    def __init__(self, model: Any, max_rows: int = small_rows.MAX_ROWS) -> None:
+    def __init__(self, model: Any) -> None:
         import mlx.nn as nn
 
         self._linears = [m for _, m in model.named_modules() if small_rows.takes(m)]
         self._plain = nn.Linear  # `takes` plain ones only
-        self._routed = small_rows.routed_linear(max_rows)
+        self._routed = small_rows.routed_linear()
         self._module = sys.modules.get(type(model).__module__)
         self._attention = getattr(self._module, "scaled_dot_product_attention", None)
         self._routed_attention = self._attention and batch_attention.routed(self._attention)
@@ -41,12 +41,7 @@ class BatchKernels:
             self._module.scaled_dot_product_attention = self._attention
 
 
-def for_model(model: Any, enabled: bool, compiled: bool = False
-              ) -> contextlib.AbstractContextManager:
-    """The kernels' switch for `model` on CUDA (when `enabled`; `compiled`: the batched step
-    runs compiled, where the projection kernel takes fewer rows); elsewhere a switch that
+def for_model(model: Any, enabled: bool) -> contextlib.AbstractContextManager:
+    """The kernels' switch for `model` on CUDA (when `enabled`); elsewhere a switch that
     does nothing."""
-    if enabled and small_rows.usable():
-        return BatchKernels(
-            model, small_rows.COMPILED_MAX_ROWS if compiled else small_rows.MAX_ROWS)
-    return contextlib.nullcontext()
+    return BatchKernels(model) if enabled and small_rows.usable() else contextlib.nullcontext()

@@ -17,13 +17,17 @@ from functools import cache
 from typing import Any
 
 MAX_ROWS = 8  # past this cuBLAS was faster (H200); rows are a run-time bound up to it
-# Under the compiled decode step (compiled_decode.py) cuBLAS's launches cost the host less and
-# the step waits on the GPU, where this kernel reads slower than cuBLAS: 3B shape, float32,
-# H200, one run: 2 rows 6.02 ms vs cuBLAS 5.68, 4 rows 6.91 vs 7.20, 8 rows 8.95 vs 7.07
-# (`benchmarks/decode_step.py --kernels --variants batch_compiled`). So it takes up to 4 there.
-COMPILED_MAX_ROWS = 4
-# A block of WARPS warps splits the input features; it computes FEATURES outputs at once.
-FEATURES, WARPS = 4, 4
+# The block's shape: FEATURES outputs computed at once (each x chunk loaded serves them all)
+# by 2 warps splitting the input features. Fastest of 7 shapes for one step's projections,
+# 3B shape, H200 (`benchmarks/few_rows.py`): float32 4x2, half types 8x2 (16 bytes of weight
+# per output a load either way).
+WARPS = 2
+
+
+def features(dtype: Any) -> int:
+    """Outputs a block computes for weights of `dtype`."""
+    return 64 // dtype.size
+
 
 _SOURCE = """
     // One block computes FEATURES output features for every row: each x chunk it loads
@@ -103,11 +107,11 @@ def _kernel() -> Any:
 
 
 @cache
-def _launch(dtype: Any, outputs: int, features: int, warps: int) -> dict:
+def _launch(dtype: Any, outputs: int, per_block: int, warps: int) -> dict:
     """The kernel call's fixed arguments for a weight (built once: a step makes ~200 calls,
     and the host sets the step's pace)."""
-    blocks = -(-outputs // features)
-    return {"template": [("T", dtype), ("MAXM", MAX_ROWS), ("FEATURES", features),
+    blocks = -(-outputs // per_block)
+    return {"template": [("T", dtype), ("MAXM", MAX_ROWS), ("FEATURES", per_block),
                          ("WARPS", warps)],
             "grid": (blocks * warps * 32, 1, 1), "threadgroup": (warps * 32, 1, 1),
             "output_dtypes": [dtype]}
@@ -123,12 +127,13 @@ def usable() -> bool:
         return False
 
 
-def project(x: Any, weight: Any, features: int = FEATURES, warps: int = WARPS) -> Any:
+def project(x: Any, weight: Any, block: tuple[int, int] | None = None) -> Any:
     """x (rows, 1, K) times weight (N, K) transposed, for 2..MAX_ROWS rows of weight's dtype
-    (`features`, `warps`: the block's shape, for benchmarks)."""
+    (`block`: (features, warps), for benchmarks)."""
     n = weight.shape[0]
+    block = block or (features(weight.dtype), WARPS)
     (out,) = _kernel()(inputs=[x, weight], output_shapes=[(x.shape[0], 1, n)],
-                       **_launch(weight.dtype, n, features, warps))
+                       **_launch(weight.dtype, n, *block))
     return out
 
 
@@ -147,15 +152,15 @@ def takes(linear: Any) -> bool:
 
 
 @cache
-def routed_linear(max_rows: int = MAX_ROWS) -> type:
-    """nn.Linear that sends a decode step's few rows (x of shape (rows, 1, K), 2..max_rows)
+def routed_linear() -> type:
+    """nn.Linear that sends a decode step's few rows (x of shape (rows, 1, K), 2..MAX_ROWS)
     to `project`."""
     import mlx.nn as nn
 
     class SmallRowsLinear(nn.Linear):
         def __call__(self, x: Any) -> Any:
             shape, weight = x.shape, self["weight"]
-            if len(shape) == 3 and shape[1] == 1 and 2 <= shape[0] <= max_rows and (
+            if len(shape) == 3 and shape[1] == 1 and 2 <= shape[0] <= MAX_ROWS and (
                 x.dtype == weight.dtype
             ):
                 y = project(x, weight)
