@@ -56,7 +56,13 @@ def main() -> None:
     parser.add_argument("--sizes", default="4,8")
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--block", help="FxW: the few-rows kernel's block shape for float32 "
+                        "weights (mlxc/engine/small_rows.py BLOCKS)")
     args = parser.parse_args()
+    if args.block:
+        from mlxc.engine import small_rows
+
+        small_rows.BLOCKS[4] = tuple(int(v) for v in args.block.split("x"))
     from mlx_lm.generate import GenerationBatch, PromptProcessingBatch
 
     from mlxc.engine.compiled_decode import CompiledDecode

@@ -31,7 +31,13 @@ def main() -> None:
     parser.add_argument("--kernels", action="store_true",
                         help="then again with mlxc's batched-decode kernels (CUDA)")
     parser.add_argument("--variants", default="plain,batch,batch_nopad,batch_additive")
+    parser.add_argument("--block", help="FxW: the few-rows kernel's block shape for float32 "
+                        "weights (mlxc/engine/small_rows.py BLOCKS)")
     args = parser.parse_args()
+    if args.block:
+        from mlxc.engine import small_rows
+
+        small_rows.BLOCKS[4] = tuple(int(v) for v in args.block.split("x"))
     import mlx.core as mx
     from mlx_lm import load
     from mlx_lm.models import base

@@ -17,16 +17,10 @@ from functools import cache
 from typing import Any
 
 MAX_ROWS = 8  # past this cuBLAS was faster (H200); rows are a run-time bound up to it
-# The block's shape: FEATURES outputs computed at once (each x chunk loaded serves them all)
-# by 2 warps splitting the input features. Fastest of 7 shapes for one step's projections,
-# 3B shape, H200 (`benchmarks/few_rows.py`): float32 4x2, half types 8x2 (16 bytes of weight
-# per output a load either way).
-WARPS = 2
-
-
-def features(dtype: Any) -> int:
-    """Outputs a block computes for weights of `dtype`."""
-    return 64 // dtype.size
+# The block's shape by the weights' item size: (outputs it computes at once, warps splitting
+# the input features). Each x chunk a block loads serves all its outputs. Benchmarks try
+# others (`benchmarks/few_rows.py`, `--block` of decode_step.py and burst_trace.py).
+BLOCKS = {4: (4, 4), 2: (8, 4)}
 
 
 _SOURCE = """
@@ -131,7 +125,7 @@ def project(x: Any, weight: Any, block: tuple[int, int] | None = None) -> Any:
     """x (rows, 1, K) times weight (N, K) transposed, for 2..MAX_ROWS rows of weight's dtype
     (`block`: (features, warps), for benchmarks)."""
     n = weight.shape[0]
-    block = block or (features(weight.dtype), WARPS)
+    block = block or BLOCKS[weight.dtype.size]
     (out,) = _kernel()(inputs=[x, weight], output_shapes=[(x.shape[0], 1, n)],
                        **_launch(weight.dtype, n, *block))
     return out
