@@ -93,7 +93,7 @@ def summarise(path: str, labels: list[str]) -> dict:
         if row[metric_at] != "gpu__time_duration.sum":
             continue
         name = row[name_at]
-        if name.startswith(MARKER):
+        if MARKER in name:
             current = labels[len(out)] if len(out) < len(labels) else f"step {len(out)}"
             out[current] = defaultdict(float)
             continue

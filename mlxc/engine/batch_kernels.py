@@ -17,10 +17,11 @@ class BatchKernels:
     """A context: inside it the model's plain linear layers and its module's attention
     helper take the kernels' paths where a call fits them. Engine thread only."""
 
-    def __init__(self, model: Any) -> None:
+    def __init__(self, model: Any, projections: bool = True) -> None:
         import mlx.nn as nn
 
-        self._linears = [m for _, m in model.named_modules() if small_rows.takes(m)]
+        self._linears = [m for _, m in model.named_modules()
+                         if projections and small_rows.takes(m)]
         self._plain = nn.Linear  # `takes` plain ones only
         self._routed = small_rows.routed_linear()
         self._module = sys.modules.get(type(model).__module__)
@@ -41,7 +42,13 @@ class BatchKernels:
             self._module.scaled_dot_product_attention = self._attention
 
 
-def for_model(model: Any, enabled: bool) -> contextlib.AbstractContextManager:
+def for_model(model: Any, enabled: bool, compiled: bool = False
+              ) -> contextlib.AbstractContextManager:
     """The kernels' switch for `model` on CUDA (when `enabled`); elsewhere a switch that
-    does nothing."""
-    return BatchKernels(model) if enabled and small_rows.usable() else contextlib.nullcontext()
+    does nothing. Under the compiled step (`compiled`) the projections stay cuBLAS's: there
+    the step waits on the device, where cuBLAS reads the weights faster than small_rows.py
+    (H200, 3B shape, float32, device time of one step's projections: 4.37 vs 4.69 ms at 4
+    rows, 4.55 vs 5.87 at 8; `benchmarks/step_kernels.py`)."""
+    if enabled and small_rows.usable():
+        return BatchKernels(model, projections=not compiled)
+    return contextlib.nullcontext()

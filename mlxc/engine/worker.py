@@ -285,7 +285,8 @@ class Engine:
         from mlxc.engine import batch_kernels, compiled_decode
 
         self.batch_model = compiled_decode.for_model(self.model, self.settings.compiled_decode)
-        self.batch_kernels = batch_kernels.for_model(self.model, self.settings.batch_kernels)
+        self.batch_kernels = batch_kernels.for_model(
+            self.model, self.settings.batch_kernels, self.batch_model is not self.model)
         from mlxc.engine.generate import supports_last_position_logits
 
         self.last_only = supports_last_position_logits(self.model)
