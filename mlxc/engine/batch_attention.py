@@ -17,6 +17,10 @@ from collections.abc import Callable
 from functools import cache
 from typing import Any
 
+_HEADER = """
+template <typename T, int N>
+struct __align__(sizeof(T) * N) Pack { T e[N]; };
+"""
 _SOURCE = """
     constexpr int WARPS = 32;
     constexpr int PER = D / 32;  // elements of a head each lane holds
@@ -37,20 +41,40 @@ _SOURCE = """
         acc[i] = 0.0f;
     }
     float m = -1e30f, l = 0.0f;  // a warp that meets no key keeps l = 0 and adds nothing
+    // A lane's PER elements of a key or value in one load where they lie packed and aligned
+    // (the compiled step's buffers); element by element otherwise.
+    const bool packed = ks == 1 && vs == 1 && k_strides[2] % PER == 0 && v_strides[2] % PER == 0
+        && reinterpret_cast<size_t>(kp) % sizeof(Pack<T, PER>) == 0
+        && reinterpret_cast<size_t>(vp) % sizeof(Pack<T, PER>) == 0;
     for (int t = starts[b] + warp; t < keys; t += WARPS) {
         const T* kt = kp + t * k_strides[2];
+        const T* vt = vp + t * v_strides[2];
+        float kf[PER], vf[PER];
+        if (packed) {
+            const Pack<T, PER> kk = reinterpret_cast<const Pack<T, PER>*>(kt)[lane];
+            const Pack<T, PER> vv = reinterpret_cast<const Pack<T, PER>*>(vt)[lane];
+            #pragma unroll
+            for (int i = 0; i < PER; ++i) {
+                kf[i] = static_cast<float>(kk.e[i]);
+                vf[i] = static_cast<float>(vv.e[i]);
+            }
+        } else {
+            #pragma unroll
+            for (int i = 0; i < PER; ++i) {
+                kf[i] = static_cast<float>(kt[(lane * PER + i) * ks]);
+                vf[i] = static_cast<float>(vt[(lane * PER + i) * vs]);
+            }
+        }
         float s = 0.0f;
         #pragma unroll
-        for (int i = 0; i < PER; ++i) s += qv[i] * static_cast<float>(kt[(lane * PER + i) * ks]);
+        for (int i = 0; i < PER; ++i) s += qv[i] * kf[i];
         #pragma unroll
         for (int off = 16; off > 0; off /= 2) s += __shfl_xor_sync(0xffffffff, s, off);
         const float top = fmaxf(m, s);
         const float fade = expf(m - top), weight = expf(s - top);
         l = l * fade + weight;
-        const T* vt = vp + t * v_strides[2];
         #pragma unroll
-        for (int i = 0; i < PER; ++i)
-            acc[i] = acc[i] * fade + weight * static_cast<float>(vt[(lane * PER + i) * vs]);
+        for (int i = 0; i < PER; ++i) acc[i] = acc[i] * fade + weight * vf[i];
         m = top;
     }
     __shared__ float tops[WARPS], sums[WARPS];
@@ -79,7 +103,7 @@ def _kernel() -> Any:
 
     return mx.fast.cuda_kernel(
         name="mlxc_batch_decode_attention", input_names=["q", "k", "v", "starts", "stop", "scale"],
-        output_names=["out"], source=_SOURCE, ensure_row_contiguous=False,
+        output_names=["out"], source=_SOURCE, header=_HEADER, ensure_row_contiguous=False,
     )
 
 

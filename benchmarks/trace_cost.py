@@ -1,0 +1,63 @@
+"""What a new batch shape costs the compiled decode step (`mlxc/engine/compiled_decode.py`):
+the first step at each batch size, traced, against the steps after it.
+
+    python benchmarks/trace_cost.py --model PATH [--sizes 2,3,4,5,6,7,8] [--context 200]
+
+Two passes over the sizes, each with a fresh `CompiledDecode`: in the first, the process has
+never run those shapes (kernels MLX builds for them at run time included); in the second,
+only the trace is new. Reports ms per size: the first step, and the median of the next 8.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--sizes", default="2,3,4,5,6,7,8")
+    parser.add_argument("--context", type=int, default=200)
+    args = parser.parse_args()
+    import mlx.core as mx
+    from mlx_lm import load
+    from mlx_lm.models.cache import BatchKVCache
+    from mlx_lm.utils import dequantize_model
+
+    from mlxc.engine.compiled_decode import CompiledDecode
+
+    model, _ = load(args.model)
+    model = dequantize_model(model)
+    mx.eval(model.parameters())
+
+    def step(forward, caches, y) -> tuple:
+        started = time.perf_counter()
+        y = mx.argmax(forward(y, cache=caches)[:, -1, :], axis=-1, keepdims=True)
+        mx.eval(y)
+        return y, (time.perf_counter() - started) * 1000
+
+    out = {}
+    for label in ("fresh process", "kernels built before"):
+        compiled, figures = CompiledDecode(model), {}
+        for size in [int(s) for s in args.sizes.split(",")]:
+            lengths = [args.context - 17 * (i % 5) for i in range(size)]
+            caches = [BatchKVCache([max(lengths) - n for n in lengths]) for _ in model.layers]
+            model(mx.array([[7] * max(lengths)] * size), cache=caches)
+            mx.eval([c.state for c in caches])
+            y, first = step(compiled, caches, mx.array([[1]] * size))
+            after = []
+            for _ in range(8):
+                y, ms = step(compiled, caches, y)
+                after.append(ms)
+            figures[size] = {"first_ms": round(first, 1),
+                             "then_ms": round(statistics.median(after), 2)}
+        out[label] = {"sizes": figures, "traces": compiled.traces,
+                      "trace_seconds": round(compiled.trace_seconds, 3), "failed": compiled.failed}
+    print(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
