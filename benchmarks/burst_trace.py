@@ -4,8 +4,9 @@ decode step (engine/compiled_decode.py) changes, measured side by side in one pr
     python benchmarks/burst_trace.py [--model PATH] [--sizes 4,8] [--tokens 128] [--rounds 3]
 
 For each size N and round: N requests one after another (the sequential sum, and one
-stream's tokens/s), then N sent together with the compiled step on, then off (rounds
-alternate which goes first). Reports medians: wall / sequential sum, aggregate tokens/s over
+stream's tokens/s), then N sent together in each mode (`--modes`; rounds rotate which goes
+first): the compiled step as the engine runs it, mlx-lm's step, or the compiled step with
+every projection by cuBLAS. Reports medians: wall / sequential sum, aggregate tokens/s over
 one stream's, TTFT, the longest gap between two tokens of a stream; and the engine thread's
 main steps timed (wall ms and calls, summed over rounds, per mode): admission of each
 request (`_start_next`), the batch's prompt pass (`PromptProcessingBatch.prompt`), its
@@ -56,6 +57,9 @@ def main() -> None:
     parser.add_argument("--sizes", default="4,8")
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--modes", default="compiled,plain",
+                        help="compiled: the engine's step; plain: mlx-lm's (not compiled); "
+                        "cublas: compiled, every projection by MLX's matmul")
     parser.add_argument("--block", help="FxW: the few-rows kernel's block shape for float32 "
                         "weights (mlxc/engine/small_rows.py BLOCKS)")
     args = parser.parse_args()
@@ -84,47 +88,75 @@ def main() -> None:
     engine.call(lambda e: e.warm_up()).result()
     compiled = engine.batch_model
     if not isinstance(compiled, CompiledDecode):  # off a GPU: compare it all the same
-        compiled = engine.batch_model = CompiledDecode(engine.model)
-        engine.call(lambda e: setattr(e.scheduler, "batch", e.scheduler._new_batch())).result()
+        compiled = CompiledDecode(engine.model)
+    modes = {name: mode(engine, name, compiled) for name in args.modes.split(",")}
     out: dict = {"device": str(__import__("mlx.core").core.default_device())}
     for size in [int(s) for s in args.sizes.split(",")]:
-        modes = {True: defaultdict(list), False: defaultdict(list)}
-        steps = {True: defaultdict(lambda: [0.0, 0]), False: defaultdict(lambda: [0.0, 0])}
+        rates = {name: defaultdict(list) for name in modes}
+        steps = {name: defaultdict(lambda: [0.0, 0]) for name in modes}
         sequential = []
         for round_ in range(args.rounds + 1):  # round 0 traces new shapes: not counted
             requests = [prompt(8 * round_ + i).model_copy(update={"max_tokens": args.tokens})
                         for i in range(size)]
+            use(engine, modes[next(iter(modes))])
             alone = [timed(engine, r) for r in requests]
             seq_sum = sum(f["e2e"] for f in alone)
             one_stream = sum(f["tokens"] for f in alone) / seq_sum
-            for on in ((True, False) if round_ % 2 else (False, True)):
-                compiled.on = on
+            names = list(modes)
+            for name in names[round_ % len(names):] + names[: round_ % len(names)]:
+                use(engine, modes[name])
                 SPENT.clear()
                 wall, figures = together(engine, requests)
                 if round_ == 0:
                     continue
-                rates = modes[on]
-                rates["ratio"].append(wall / seq_sum)
-                rates["vs_one_stream"].append(sum(f["tokens"] for f in figures) / wall
-                                              / one_stream)
-                rates["ttft_p50_ms"].append(1000 * statistics.median(f["ttft"] for f in figures))
-                rates["wall"].append(wall)
-                rates["itl_max_ms"].append(1000 * max(
+                got = rates[name]
+                got["ratio"].append(wall / seq_sum)
+                got["vs_one_stream"].append(sum(f["tokens"] for f in figures) / wall / one_stream)
+                got["ttft_p50_ms"].append(1000 * statistics.median(f["ttft"] for f in figures))
+                got["wall"].append(wall)
+                got["itl_max_ms"].append(1000 * max(
                     (max(gaps(f["times"]), default=0.0) for f in figures), default=0.0))
                 for label, (seconds, calls) in SPENT.items():
-                    steps[on][label][0] += seconds
-                    steps[on][label][1] += calls
+                    steps[name][label][0] += seconds
+                    steps[name][label][1] += calls
             if round_:
                 sequential.append(seq_sum)
-        compiled.on = True
         out[size] = {"sequential_sum": round(statistics.median(sequential), 3),
                      **compiled.figures()}  # traces so far: new shapes cost the step a trace
-        for on, name in ((True, "compiled"), (False, "plain")):
-            out[size][name] = {k: round(statistics.median(v), 3) for k, v in modes[on].items()}
+        for name in modes:
+            out[size][name] = {k: round(statistics.median(v), 3) for k, v in rates[name].items()}
             out[size][name]["steps"] = {k: {"ms": round(1000 * v[0], 1), "calls": v[1]}
-                                        for k, v in sorted(steps[on].items())}
+                                        for k, v in sorted(steps[name].items())}
     engine.shutdown(wait=30)
     print(json.dumps(out, indent=1))
+
+
+def mode(engine: Engine, name: str, compiled) -> tuple:
+    """(what BatchGenerator calls, whether it runs compiled, the kernels' switch)."""
+    from mlxc.engine.batch_kernels import BatchKernels
+    from mlxc.engine.compiled_decode import CompiledDecode
+
+    if name == "compiled":
+        return compiled, True, engine.batch_kernels
+    if name == "plain":
+        return compiled, False, engine.batch_kernels
+    if name == "cublas":  # its own traces: a graph keeps the projections it was traced with
+        kernels = engine.batch_kernels
+        cublas = BatchKernels(engine.model, max_rows=0) if isinstance(kernels, BatchKernels) \
+            else kernels
+        return CompiledDecode(engine.model), True, cublas
+    raise SystemExit(f"unknown mode {name!r}: compiled, plain or cublas")
+
+
+def use(engine: Engine, chosen: tuple) -> None:
+    """Run the next requests in mode `chosen` (between them: the batch is empty)."""
+    model, on, kernels = chosen
+
+    def switch(e: Engine) -> None:
+        model.on, e.batch_model, e.batch_kernels = on, model, kernels
+        e.scheduler.batch = e.scheduler._new_batch()
+
+    engine.call(switch).result()
 
 
 if __name__ == "__main__":

@@ -17,13 +17,13 @@ class BatchKernels:
     """A context: inside it the model's plain linear layers and its module's attention
     helper take the kernels' paths where a call fits them. Engine thread only."""
 
-    def __init__(self, model: Any, projections: bool = True) -> None:
+    def __init__(self, model: Any, max_rows: int = small_rows.MAX_ROWS) -> None:
         import mlx.nn as nn
 
         self._linears = [m for _, m in model.named_modules()
-                         if projections and small_rows.takes(m)]
+                         if max_rows > 1 and small_rows.takes(m)]
         self._plain = nn.Linear  # `takes` plain ones only
-        self._routed = small_rows.routed_linear()
+        self._routed = small_rows.routed_linear(max_rows)
         self._module = sys.modules.get(type(model).__module__)
         self._attention = getattr(self._module, "scaled_dot_product_attention", None)
         self._routed_attention = self._attention and batch_attention.routed(self._attention)
@@ -44,11 +44,10 @@ class BatchKernels:
 
 def for_model(model: Any, enabled: bool, compiled: bool = False
               ) -> contextlib.AbstractContextManager:
-    """The kernels' switch for `model` on CUDA (when `enabled`); elsewhere a switch that
-    does nothing. Under the compiled step (`compiled`) the projections stay cuBLAS's: there
-    the step waits on the device, where cuBLAS reads the weights faster than small_rows.py
-    (H200, 3B shape, float32, device time of one step's projections: 4.37 vs 4.69 ms at 4
-    rows, 4.55 vs 5.87 at 8; `benchmarks/step_kernels.py`)."""
+    """The kernels' switch for `model` on CUDA (when `enabled`; `compiled`: the batched step
+    runs compiled, where the projection kernel takes fewer rows, see small_rows.py);
+    elsewhere a switch that does nothing."""
     if enabled and small_rows.usable():
-        return BatchKernels(model, projections=not compiled)
+        return BatchKernels(
+            model, small_rows.COMPILED_MAX_ROWS if compiled else small_rows.MAX_ROWS)
     return contextlib.nullcontext()

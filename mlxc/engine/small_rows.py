@@ -17,6 +17,12 @@ from functools import cache
 from typing import Any
 
 MAX_ROWS = 8  # past this cuBLAS was faster (H200); rows are a run-time bound up to it
+# Under the compiled decode step (compiled_decode.py) cuBLAS's device time is lower past 4
+# rows (one step's projections, H200, 3B shape, float32: 4.37 ms vs this kernel's 4.69 at
+# 4 rows, 4.55 vs 5.87 at 8; `benchmarks/step_kernels.py`), but each cuBLAS call costs the
+# host more, and at 4 rows the whole step was faster with this kernel (6.62 vs 8.78 ms,
+# `benchmarks/decode_step.py --kernels --variants batch_compiled`, one run).
+COMPILED_MAX_ROWS = 4
 # The block's shape by the weights' item size: (outputs it computes at once, warps splitting
 # the input features). Each x chunk a block loads serves all its outputs. Benchmarks try
 # others (`benchmarks/few_rows.py`, `--block` of decode_step.py and burst_trace.py).
@@ -146,15 +152,15 @@ def takes(linear: Any) -> bool:
 
 
 @cache
-def routed_linear() -> type:
-    """nn.Linear that sends a decode step's few rows (x of shape (rows, 1, K), 2..MAX_ROWS)
+def routed_linear(max_rows: int = MAX_ROWS) -> type:
+    """nn.Linear that sends a decode step's few rows (x of shape (rows, 1, K), 2..max_rows)
     to `project`."""
     import mlx.nn as nn
 
     class SmallRowsLinear(nn.Linear):
         def __call__(self, x: Any) -> Any:
             shape, weight = x.shape, self["weight"]
-            if len(shape) == 3 and shape[1] == 1 and 2 <= shape[0] <= MAX_ROWS and (
+            if len(shape) == 3 and shape[1] == 1 and 2 <= shape[0] <= max_rows and (
                 x.dtype == weight.dtype
             ):
                 y = project(x, weight)
