@@ -29,10 +29,11 @@ MAX_ROWS = 8  # past this cuBLAS was faster (H200); rows are a run-time bound up
 # what the target runs measured.
 COMPILED_MAX_ROWS = 4
 # The block's shape by the weights' item size: (outputs it computes at once, warps splitting
-# the input features). Each x chunk a block loads serves all its outputs. float32: the best
-# of 8 shapes chained (few_rows.py, with 2x4 and 8x4 close); half types: the same 64 bytes of
-# weight a load, not measured chained. Benchmarks try others (`--block` of decode_step.py and
-# burst_trace.py).
+# the input features). Each x chunk a block loads serves all its outputs. float32, of 8
+# shapes chained (few_rows.py, H200): 4x4, 2x4 and 8x4 took 5.9 ms at 4 rows (the most the
+# compiled step gives it), 4x2 and 2x8 6.0-6.5; at 8 rows 4x2 and 2x8 7.2 against 4x4's 7.6.
+# Half types: the same 64 bytes of weight a load, not measured chained. Benchmarks try
+# others (`--block` of decode_step.py and burst_trace.py).
 BLOCKS = {4: (4, 4), 2: (8, 4)}
 
 
