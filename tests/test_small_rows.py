@@ -9,6 +9,7 @@ from __future__ import annotations
 import sys
 
 import mlx.core as mx
+import mlx.nn as nn
 import pytest
 
 from mlxc.config import ConfigError, load_settings
@@ -19,7 +20,6 @@ on_cuda = pytest.mark.skipif(not small_rows.usable(), reason="the kernel is CUDA
 
 
 def test_it_takes_plain_float_layers_whose_rows_fill_16_byte_loads():
-    import mlx.nn as nn
 
     assert small_rows.takes(nn.Linear(64, 32))
     assert small_rows.takes(nn.Linear(64, 32, bias=False))
@@ -71,6 +71,29 @@ def test_the_switch_routes_only_inside_it(tiny_model):
     assert "SmallRowsLinear" in inside and "SmallRowsLinear" not in kinds
     assert {type(m).__name__ for _, m in model.named_modules()} == kinds
     assert module.scaled_dot_product_attention is plain_attention
+
+
+def test_under_the_compiled_step_projections_of_more_rows_stay_mlxs(tiny_model):
+    """The compiled step's switch routes projections of at most COMPILED_MAX_ROWS rows (and
+    none with 0); attention is routed either way. Needs no GPU: a projection past the cap is
+    MLX's matmul."""
+    from mlx_lm import load
+
+    from mlxc.engine.batch_kernels import BatchKernels
+
+    model, _ = load(str(tiny_model))
+    module = sys.modules[type(model).__module__]
+    plain_attention = module.scaled_dot_product_attention
+    with BatchKernels(model, max_rows=0):
+        assert module.scaled_dot_product_attention is not plain_attention
+        assert "SmallRowsLinear" not in {type(m).__name__ for _, m in model.named_modules()}
+    proj = model.layers[0].mlp.down_proj
+    x = mx.random.normal((small_rows.COMPILED_MAX_ROWS + 1, 1, proj.weight.shape[1]))
+    want = proj(x)
+    with BatchKernels(model, max_rows=small_rows.COMPILED_MAX_ROWS):
+        assert type(proj).__name__ == "SmallRowsLinear"
+        assert mx.array_equal(proj(x), want)
+    assert type(proj) is nn.Linear
 
 
 @on_cuda
