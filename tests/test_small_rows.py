@@ -20,7 +20,6 @@ on_cuda = pytest.mark.skipif(not small_rows.usable(), reason="the kernel is CUDA
 
 
 def test_it_takes_plain_float_layers_whose_rows_fill_16_byte_loads():
-
     assert small_rows.takes(nn.Linear(64, 32))
     assert small_rows.takes(nn.Linear(64, 32, bias=False))
     half = nn.Linear(64, 32)
