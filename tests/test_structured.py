@@ -180,29 +180,45 @@ def test_a_grammar_holds_through_the_batch_and_back_to_the_lone_loop(client, url
     import httpx
 
     fresh = {"Cache-Control": "no-cache, no-store"}  # generated, never a response-cache hit
+    asked = {"model": "default", "messages": [{"role": "user", "content": "Weather in Lima?"}],
+             "max_tokens": 80, "temperature": 0, "extra_headers": fresh,
+             "response_format": {"type": "json_schema", "json_schema": {
+                 "name": "weather", "schema": SCHEMA, "strict": True}}}
 
-    def schema_answer() -> str:
-        return client.chat.completions.create(
-            model="default", messages=[{"role": "user", "content": "Weather in Lima?"}],
-            max_tokens=80, temperature=0, extra_headers=fresh,
-            response_format={"type": "json_schema", "json_schema": {
-                "name": "weather", "schema": SCHEMA, "strict": True}},
-        ).choices[0].message.content
+    def streamed(started: threading.Event) -> str:
+        parts = []
+        for chunk in client.chat.completions.create(**asked, stream=True):
+            if chunk.choices and chunk.choices[0].delta.content:
+                parts.append(chunk.choices[0].delta.content)
+                started.set()  # it decodes: the short ones join it in the batch now
+        return "".join(parts)
 
-    def short(i: int) -> None:
+    def short(i: int) -> None:  # two tokens: in the batch for a step or two, then done
         client.chat.completions.create(
             model="default", messages=[{"role": "user", "content": f"Say {i}"}],
-            max_tokens=8, temperature=0, extra_headers=fresh)
+            max_tokens=2, temperature=0, extra_headers=fresh)
 
-    alone = schema_answer()
-    back = httpx.get(f"{urls}/health").json()["batch"]["back_alone"]
-    result: dict = {}
-    threads = [threading.Thread(target=lambda: result.update(text=schema_answer()))]
-    threads += [threading.Thread(target=short, args=(i,)) for i in range(3)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
-    assert follows(json.loads(result["text"]), SCHEMA)
-    assert result["text"] == alone
-    assert httpx.get(f"{urls}/health").json()["batch"]["back_alone"] > back
+    def back_alone() -> int:
+        return httpx.get(f"{urls}/health").json()["batch"]["back_alone"]
+
+    alone = client.chat.completions.create(**asked).choices[0].message.content
+    for i in range(3):  # their prompts' states cached: later they join in a step or two
+        short(i)
+    before = back_alone()
+    for _ in range(5):  # they must finish while it still decodes: timing, so retried
+        result: dict = {}
+        started = threading.Event()
+        schema = threading.Thread(
+            target=lambda result=result, started=started: result.update(text=streamed(started)))
+        schema.start()
+        assert started.wait(60)
+        shorts = [threading.Thread(target=short, args=(i,)) for i in range(3)]
+        for thread in shorts:
+            thread.start()
+        for thread in [schema, *shorts]:
+            thread.join(60)
+        assert follows(json.loads(result["text"]), SCHEMA)
+        assert result["text"] == alone
+        if back_alone() > before:
+            break
+    assert back_alone() > before
