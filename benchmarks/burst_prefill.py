@@ -28,15 +28,10 @@ def main() -> None:
     parser.add_argument("--dequantize", action="store_true")
     args = parser.parse_args()
     import mlx.core as mx
-    from mlx_lm import load
     from mlx_lm.models.cache import BatchKVCache, KVCache
+    from step_models import load_model
 
-    model, _ = load(args.model)
-    if args.dequantize:
-        from mlx_lm.utils import dequantize_model
-
-        model = dequantize_model(model)
-        mx.eval(model.parameters())
+    model = load_model(args.model, args.dequantize)
     layers = len(model.layers)
 
     def lone(prompts: list[list[int]]) -> None:

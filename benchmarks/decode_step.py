@@ -39,28 +39,13 @@ def main() -> None:
 
         small_rows.BLOCKS[4] = tuple(int(v) for v in args.block.split("x"))
     import mlx.core as mx
-    from mlx_lm import load
     from mlx_lm.models import base
-    from mlx_lm.models.cache import BatchKVCache, KVCache
+    from step_models import batch_caches, filled, load_model, lone_caches, row_lengths
 
-    model, _ = load(args.model)
-    if args.dequantize:
-        from mlx_lm.utils import dequantize_model
-
-        model = dequantize_model(model)
-        mx.eval(model.parameters())
+    model = load_model(args.model, args.dequantize)
     layers = len(model.layers)
     logits = model(mx.array([[1]]))
     vocab, dtype = logits.shape[-1], logits.dtype  # the activations' dtype
-
-    def fill(cache_of, rows: list[int]):
-        """A cache for len(rows) sequences, row r holding rows[r] tokens (left padded)."""
-        longest = max(rows)
-        caches = cache_of([longest - r for r in rows])
-        tokens = mx.array([[7] * longest for _ in rows])
-        model(tokens, cache=caches)
-        mx.eval([c.state for c in caches])
-        return caches
 
     def run(caches, size: int, additive: bool = False, forward=model) -> dict:
         original = base.create_causal_mask
@@ -95,11 +80,10 @@ def main() -> None:
                 "graph_ms": round(graph * 1000, 3), "launch_ms": round(launch * 1000, 3),
                 "tokens_per_second": round(size * args.steps / seconds, 1)}
 
-    def plain(pads):
-        return [KVCache() for _ in range(layers)]
+    plain, batch = lone_caches(model), batch_caches(model)
 
-    def batch(pads):
-        return [BatchKVCache(pads) for _ in range(layers)]
+    def fill(cache_of, rows: list[int]):
+        return filled(model, cache_of, rows)
 
     from mlxc.engine.compiled_decode import CompiledDecode
 
@@ -113,7 +97,7 @@ def main() -> None:
         for _ in range(2):  # the first round compiles
             out["lone"] = run(fill(plain, [ctx]), 1)
         for size in sizes:
-            rows = [ctx - 17 * (i % 5) for i in range(size)]
+            rows = row_lengths(ctx, size)
             for _ in range(2):
                 if "plain" in variants:
                     out[f"plain_{size}"] = run(fill(plain, [ctx] * size), size)

@@ -40,30 +40,18 @@ def marker(label: str) -> None:
 
 def profile(args) -> None:
     import mlx.core as mx
-    from mlx_lm import load
-    from mlx_lm.models.cache import BatchKVCache, KVCache
-    from mlx_lm.utils import dequantize_model
+    from step_models import batch_caches, filled, load_model, lone_caches, row_lengths
 
     from mlxc.engine.batch_kernels import BatchKernels
     from mlxc.engine.compiled_decode import CompiledDecode
 
-    model, _ = load(args.model)
-    model = dequantize_model(model)
-    mx.eval(model.parameters())
+    model = load_model(args.model)
     driver = ctypes.CDLL("libcuda.so.1")
-    layers = len(model.layers)
-
-    def filled(rows: int):
-        lengths = [args.context - 17 * (i % 5) for i in range(rows)]
-        longest = max(lengths)
-        caches = ([KVCache() for _ in range(layers)] if rows == 1
-                  else [BatchKVCache([longest - n for n in lengths]) for _ in range(layers)])
-        model(mx.array([[7] * longest] * rows), cache=caches)
-        mx.eval([c.state for c in caches])
-        return caches
 
     def steps(label: str, rows: int, forward) -> None:
-        caches, y = filled(rows), mx.array([[1]] * rows)
+        cache_of = lone_caches(model) if rows == 1 else batch_caches(model)
+        caches = filled(model, cache_of, row_lengths(args.context, rows))
+        y = mx.array([[1]] * rows)
         for _ in range(4):  # traced and warm before the profiled step
             y = mx.argmax(forward(y, cache=caches)[:, -1, :], axis=-1, keepdims=True)
             mx.eval(y)

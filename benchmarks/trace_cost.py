@@ -23,15 +23,11 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=200)
     args = parser.parse_args()
     import mlx.core as mx
-    from mlx_lm import load
-    from mlx_lm.models.cache import BatchKVCache
-    from mlx_lm.utils import dequantize_model
+    from step_models import batch_caches, filled, load_model, row_lengths
 
     from mlxc.engine.compiled_decode import CompiledDecode
 
-    model, _ = load(args.model)
-    model = dequantize_model(model)
-    mx.eval(model.parameters())
+    model = load_model(args.model)
 
     def step(forward, caches, y) -> tuple:
         started = time.perf_counter()
@@ -43,10 +39,7 @@ def main() -> None:
     for label in ("fresh process", "kernels built before"):
         compiled, figures = CompiledDecode(model), {}
         for size in [int(s) for s in args.sizes.split(",")]:
-            lengths = [args.context - 17 * (i % 5) for i in range(size)]
-            caches = [BatchKVCache([max(lengths) - n for n in lengths]) for _ in model.layers]
-            model(mx.array([[7] * max(lengths)] * size), cache=caches)
-            mx.eval([c.state for c in caches])
+            caches = filled(model, batch_caches(model), row_lengths(args.context, size))
             y, first = step(compiled, caches, mx.array([[1]] * size))
             after = []
             for _ in range(8):
