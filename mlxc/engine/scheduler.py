@@ -27,11 +27,12 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
+from mlxc.engine.batch_figures import Figures
 from mlxc.engine.lone import LoneDecoder
 from mlxc.engine.memory import MemoryWait
 from mlxc.engine.sequence import Sequence
@@ -41,7 +42,6 @@ from mlxc.stream import Failed, Finished, Generation
 
 log = logging.getLogger("mlxc.engine")
 Starter = Callable[[GenerationRequest, Generation], Sequence | Answer]
-RATE_WINDOW = 10.0  # seconds of decode the tokens/s figure looks back on
 # Of the engine's time while a prompt prefills beside running streams, the share they get.
 # Over half: their steps run ~7% slower between chunks than alone (2-core CPU: 60.9 vs 56.9
 # ms), so at half they kept 0.45-0.48 of their speed; the long prompt's first token comes ~11%
@@ -60,29 +60,13 @@ class NextTurn:
     cache: list[Any]
 
 
-@dataclass
-class Figures:
-    """What /health and /metrics show; plain numbers, updated on the engine thread."""
-
-    batch_sizes: Counter = field(default_factory=Counter)  # decode steps by batch size
-    generated_tokens: int = 0
-    back_alone: int = 0  # sequences the batch handed back to the lone loop (its last one)
-    recent: deque = field(default_factory=lambda: deque(maxlen=256))  # (time, tokens)
-
-    def tokens_per_second(self) -> float:
-        now = time.monotonic()
-        recent = [(t, n) for t, n in list(self.recent) if now - t <= RATE_WINDOW]
-        if len(recent) < 2:
-            return 0.0
-        span = recent[-1][0] - recent[0][0]
-        return sum(n for _, n in recent[1:]) / span if span > 0 else 0.0
-
-
 class Scheduler:
-    def __init__(self, engine: Any, max_batch: int, start: Starter) -> None:
+    def __init__(self, engine: Any, max_batch: int, start: Starter,
+                 collect: Callable[[], None] = lambda: None) -> None:
         self.engine = engine
         self.max_batch = max_batch
         self._start = start
+        self._collect = collect  # moves requests queued since the tick began into `waiting`
         self.batch = self._new_batch()
         self.waiting: deque[tuple[GenerationRequest, Generation]] = deque()
         self.prefilling: Sequence | None = None
@@ -158,7 +142,7 @@ class Scheduler:
 
     def _admit(self) -> None:
         room = self.max_batch - self.decoding
-        if self.prefilling is None and len(self.waiting) > 1 and room > 1:
+        if self.prefilling is None and room > 1:
             self._admit_burst(room)
         while self.prefilling is None and self.admissible and self.decoding < self.max_batch:
             self._prefill_next(self._start_next())
@@ -184,11 +168,19 @@ class Scheduler:
         return expected * DECODE_SHARE / (1 - DECODE_SHARE)
 
     def _admit_burst(self, room: int) -> None:
-        """Several requests wait: the batch prefills their prompts together (on this 2-core
-        CPU 4 prompts of 42 tokens took 0.6 s together, 1.0 s one by one), a chunk per decode
-        step of those already running, then they decode together."""
+        """Start the waiting requests, and those that come while they are started; several:
+        the batch prefills their prompts together (on this 2-core CPU 4 prompts of 42 tokens
+        took 0.6 s together, 1.0 s one by one), a chunk per decode step of those already
+        running, then they decode together. One: it is prefilled the lone way.
+        Starting one (its template, its tokens) takes ~1 ms on the H200's host: clients that
+        send together arrive that far apart, and a burst split in two costs a second prompt
+        pass and a second first step before the last ones' first tokens (burst_timeline.py)."""
         seqs: list[Sequence] = []
-        while self.admissible and len(seqs) < room:
+        while len(seqs) < room:
+            if not self.waiting:
+                self._collect()
+            if not self.admissible:
+                break
             if (seq := self._start_next()) is not None:
                 seqs.append(seq)
         if len(seqs) == 1:
@@ -239,6 +231,7 @@ class Scheduler:
             self._finish(seq, seq.cache, seq.prompt)
             return
         self.ready.append(seq)
+        self._collect()  # any that came while it prefilled
         if self.decoding < self.max_batch and self.admissible and not (self.running or self.lone):
             return  # a burst: prefill the others too, then they all join in one step
         self._release()

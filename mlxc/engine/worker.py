@@ -19,6 +19,11 @@ from concurrent.futures import Future
 from typing import Any
 
 from mlxc.config import Settings
+from mlxc.engine.limits import (
+    DEFAULT_MAX_QUEUE,
+    RETRY_AFTER_SECONDS,
+    default_max_batch,
+)
 from mlxc.engine.tools import answer_filter, prompt_messages
 from mlxc.errors import (
     EngineBusy,
@@ -31,37 +36,12 @@ from mlxc.request import Answer, GenerationRequest, Usage
 from mlxc.stream import Failed, Generation
 
 DEFAULT_PREFILL_STEP = 512
-# Sequences decoded together (`mlxc serve --max-batch`). On CUDA (MLX 0.32.4, H200, 3B 4-bit;
-# benchmarks/batch_steps.py) a batch of 4 decodes 276 tokens/s and one of 8 only 159: the
-# quantized matmul slows down past 4 rows there, so a model kept quantized on CUDA batches 4.
-# Dequantized (model/dtype.py) and elsewhere mlx-lm's batching scales further.
-DEFAULT_MAX_BATCH_QUANTIZED_CUDA = 4
-DEFAULT_MAX_BATCH_ELSEWHERE = 8
-DEFAULT_MAX_QUEUE = 64  # requests waiting for a place in the batch before 503s
-RETRY_AFTER_SECONDS = 2
 log = logging.getLogger("mlxc.prefix")
 IDLE_GRACE_SECONDS = 0.2  # longer than a client's back-to-back calls, shorter than reading
 # Once a request comes, an idle engine waits a sliver of a lone prefill for others sent with
 # it, to prefill them together: on this CPU 4 clients sent at once had first tokens after
 # 0.2/1.06/1.06/1.06 s with the first prefilled alone, 0.61 s each together.
 COMPANY_WAIT_SHARE, COMPANY_WAIT_MAX = 0.02, 0.005  # of that prefill's time; at most (s)
-
-
-def default_max_batch(ref: ModelRef, settings: Settings) -> int:
-    """The measured default for this backend and model (decided without importing MLX)."""
-    import sys
-
-    from mlxc.model.dtype import effective_dtype_without_mlx, gpu_backend, scales_dtype
-
-    if not gpu_backend() or sys.platform == "darwin":
-        return DEFAULT_MAX_BATCH_ELSEWHERE
-    try:
-        quantized = scales_dtype(ref.folder) is not None
-    except Exception:  # an unreadable folder: the loader says why
-        quantized = False
-    kept = effective_dtype_without_mlx(settings.dtype, ref.folder, settings.cache_dir) == "keep"
-    return DEFAULT_MAX_BATCH_QUANTIZED_CUDA if quantized and kept else (
-        DEFAULT_MAX_BATCH_ELSEWHERE)
 
 
 class Engine:
@@ -217,36 +197,46 @@ class Engine:
     def _serve_jobs(self) -> bool:
         """Take the queued jobs (waiting for one when the batch is empty); False to stop."""
         scheduler = self.scheduler
-        block = scheduler is None or not scheduler.busy
-        if block and self._stopping:
-            return False
-        deadline = None
-        while True:
-            try:
-                if block:
-                    job = self._next_job()
-                elif deadline is not None and (left := deadline - time.monotonic()) > 0:
-                    job = self._jobs.get(timeout=left)
-                else:
-                    job = self._jobs.get_nowait()
-            except queue.Empty:
-                return True
-            if block and scheduler is not None:
+        if scheduler is None or not scheduler.busy:
+            if self._stopping:
+                return False
+            self._take(self._next_job())
+            if scheduler is not None:  # a sliver of time for requests sent with it
                 wait = min(COMPANY_WAIT_MAX, COMPANY_WAIT_SHARE * scheduler.lone_prefill)
                 deadline = time.monotonic() + wait
-            block = False
-            if job is None:
-                self._stopping = True
-                continue
-            work, sink = job
-            if scheduler is not None:
-                scheduler.next_turns.clear()  # their states may be taken: never past a job
-            if isinstance(sink, Future):
-                self._run_call(work, sink)
-            elif self._load_error is not None:
-                sink.publish(Failed(self._load_error))
-            else:
-                scheduler.add(work, sink)
+                while (left := deadline - time.monotonic()) > 0:
+                    try:
+                        self._take(self._jobs.get(timeout=left))
+                    except queue.Empty:
+                        break
+        self._collect()
+        return True
+
+    def _collect(self) -> None:
+        """The jobs queued since the last look, taken without waiting: the scheduler calls
+        this as it admits requests, so those sent together start together."""
+        while True:
+            try:
+                job = self._jobs.get_nowait()
+            except queue.Empty:
+                return
+            self._take(job)
+
+    def _take(self, job: Any) -> None:
+        """A queued job: a request for the scheduler, a call run now, or None to stop."""
+        if job is None:
+            self._stopping = True
+            return
+        work, sink = job
+        scheduler = self.scheduler
+        if scheduler is not None:
+            scheduler.next_turns.clear()  # their states may be taken: never past a job
+        if isinstance(sink, Future):
+            self._run_call(work, sink)
+        elif self._load_error is not None:
+            sink.publish(Failed(self._load_error))
+        else:
+            scheduler.add(work, sink)
 
     def _next_job(self) -> Any:
         """The next job, once the batch is empty. An answer's idle work waits a moment first:
@@ -306,7 +296,7 @@ class Engine:
                                            self.max_kv_memory, self.prompt_cache, remembered)
         from mlxc.engine.scheduler import Scheduler
 
-        self.scheduler = Scheduler(self, self.max_batch, self._start_sequence)
+        self.scheduler = Scheduler(self, self.max_batch, self._start_sequence, self._collect)
 
     def _run_call(self, fn: Callable[[Engine], Any], future: Future) -> None:
         if self._load_error is not None:

@@ -1,0 +1,28 @@
+"""What /health and /metrics show of the batch: plain numbers, written on the engine thread
+and read from any."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter, deque
+from dataclasses import dataclass, field
+
+RATE_WINDOW = 10.0  # seconds of decode the tokens/s figure looks back on
+
+
+@dataclass
+class Figures:
+    """Decode steps by batch size, tokens made, and their recent rate."""
+
+    batch_sizes: Counter = field(default_factory=Counter)  # decode steps by batch size
+    generated_tokens: int = 0
+    back_alone: int = 0  # sequences the batch handed back to the lone loop (its last one)
+    recent: deque = field(default_factory=lambda: deque(maxlen=256))  # (time, tokens)
+
+    def tokens_per_second(self) -> float:
+        now = time.monotonic()
+        recent = [(t, n) for t, n in list(self.recent) if now - t <= RATE_WINDOW]
+        if len(recent) < 2:
+            return 0.0
+        span = recent[-1][0] - recent[0][0]
+        return sum(n for _, n in recent[1:]) / span if span > 0 else 0.0
