@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import argparse
 import functools
+import sys
 import tempfile
 import threading
 import time
+import types
 from pathlib import Path
 
 from concurrency import prompt
@@ -27,6 +29,7 @@ from mlxc.stream import Delta
 
 EVENTS: list[tuple[float, float, str, str]] = []  # (start, end, what, detail)
 LOCK = threading.Lock()
+SYNC = False  # --sync: each traced step waits for the GPU before and after it
 
 
 def note(start: float, end: float, what: str, detail: str = "") -> None:
@@ -34,16 +37,21 @@ def note(start: float, end: float, what: str, detail: str = "") -> None:
         EVENTS.append((start, end, what, detail))
 
 
-def traced(owner: type, name: str, detail=lambda *a, **k: "") -> None:
+def traced(owner: type | types.ModuleType, name: str, detail=lambda *a, **k: "") -> None:
     original, label = getattr(owner, name), f"{owner.__name__}.{name}"
+    import mlx.core as mx
 
     @functools.wraps(original)
     def wrapper(*args, **kwargs):
         said = detail(*args, **kwargs)
+        if SYNC:
+            mx.synchronize()
         started = time.perf_counter()
         try:
             return original(*args, **kwargs)
         finally:
+            if SYNC:
+                mx.synchronize()
             note(started, time.perf_counter(), label, said)
 
     setattr(owner, name, wrapper)
@@ -52,6 +60,7 @@ def traced(owner: type, name: str, detail=lambda *a, **k: "") -> None:
 def instrument() -> None:
     from mlx_lm.generate import GenerationBatch, PromptProcessingBatch
 
+    from mlxc.engine import compiled_decode
     from mlxc.engine.compiled_decode import CompiledDecode
     from mlxc.engine.lone import LoneDecoder
     from mlxc.engine.scheduler import Scheduler
@@ -69,6 +78,12 @@ def instrument() -> None:
     traced(GenerationBatch, "__init__", lambda s, model, uids, *a, **k: f"{len(uids)} rows")
     traced(GenerationBatch, "_step")
     traced(LoneDecoder, "__init__")
+    traced(PromptProcessingBatch, "split")
+    traced(PromptProcessingBatch, "generate")
+    traced(GenerationBatch, "extend")
+    traced(sys.modules["mlx_lm.generate"], "_merge_caches")  # the package's `generate` is
+    # the function of that name
+    traced(compiled_decode, "_make_room")
     traced(CompiledDecode, "__call__",
            lambda s, inputs, cache=None, **k: f"{inputs.shape} traces so far {s.traces}")
 
@@ -110,7 +125,12 @@ def main() -> None:
     parser.add_argument("--sizes", default="8")
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--sync", action="store_true",
+                        help="wait for the GPU around each traced step: its GPU work is then "
+                        "in its own time (the steps no longer overlap)")
     args = parser.parse_args()
+    global SYNC
+    SYNC = args.sync
     settings = load_settings().with_overrides(
         cache_dir=Path(tempfile.mkdtemp(prefix="mlxc-timeline-")), model=args.model,
         prefix_memory_bytes=0, prefix_disk_bytes=0)

@@ -8,8 +8,9 @@ Reports, each measured in this one run:
   request's TTFT and end-to-end time (target: <= 1 s after `mlxc serve` reports ready);
 - lone decode: mlxc tokens/s ÷ raw `mlx_lm.stream_generate` (alternating rounds; >= 0.97);
 - 4 concurrent ÷ sequential sum: wall of 4 different requests sent at once over the sum of
-  the same 4 sent one after another (<= 0.5 CPU, <= 0.35 H200);
-- aggregate tokens/s at each level of clients at once, and its ratio to one stream (8: >= 4x);
+  the same 4 sent one after another (<= 0.5 CPU, <= 0.35 H200); median of --rounds;
+- aggregate tokens/s at each level of clients at once (median of --rounds), and its ratio to
+  one stream's (8: >= 4x);
 - prefill interference: a running stream's decode speed while another request prefills
   ~2,000 tokens, as a share of its solo speed (aim >= 50%);
 - fidelity: how many of N greedy answers made in batches differ from the same request alone,
@@ -183,23 +184,33 @@ def main() -> None:
                           "mlx_lm": round(statistics.median(raw), 1),
                           "ratio": round(statistics.median(ours) / statistics.median(raw), 3)}
 
+    # The H200's speed drifts by up to a third between seconds: each figure below is the
+    # median of --rounds, sequential and together side by side in each round.
     four = [prompt(i).model_copy(update={"max_tokens": args.tokens}) for i in range(4)]
-    sequential = [timed(engine, r) for r in four]
-    wall, _ = together(engine, four)
-    seq_sum = sum(f["e2e"] for f in sequential)
-    out["four_concurrent"] = {"wall": round(wall, 3), "sequential_sum": round(seq_sum, 3),
-                              "ratio": round(wall / seq_sum, 3)}
+    walls, sums = [], []
+    for _ in range(args.rounds):
+        sums.append(sum(timed(engine, r)["e2e"] for r in four))
+        walls.append(together(engine, four)[0])
+    out["four_concurrent"] = {
+        "wall": round(statistics.median(walls), 3),
+        "sequential_sum": round(statistics.median(sums), 3),
+        "ratio": round(statistics.median(w / s for w, s in zip(walls, sums, strict=True)), 3),
+        "ratios": [round(w / s, 3) for w, s in zip(walls, sums, strict=True)]}
 
     out["levels"] = {}
     for level in levels:
         requests = [prompt(10 + i).model_copy(update={"max_tokens": args.tokens})
                     for i in range(level)]
-        wall, figures = together(engine, requests)
-        ttfts = sorted(f["ttft"] for f in figures)
-        itl = sorted(g for f in figures for g in gaps(f["times"]))
+        runs = [together(engine, requests) for _ in range(args.rounds)]
+        rates = [sum(f["tokens"] for f in figures) / wall for wall, figures in runs]
+        pooled = [f for _, figures in runs for f in figures]
+        ttfts = sorted(f["ttft"] for f in pooled)
+        itl = sorted(g for f in pooled for g in gaps(f["times"]))
         out["levels"][level] = {
-            "aggregate_tokens_per_second": round(sum(f["tokens"] for f in figures) / wall, 1),
-            "tokens": [f["tokens"] for f in figures], "wall": round(wall, 3),
+            "aggregate_tokens_per_second": round(statistics.median(rates), 1),
+            "rates": [round(r, 1) for r in rates],
+            "tokens": [f["tokens"] for f in runs[0][1]],
+            "wall": round(statistics.median(wall for wall, _ in runs), 3),
             "ttft_p50_ms": round(1000 * statistics.median(ttfts), 1),
             "ttft_max_ms": round(1000 * ttfts[-1], 1),
             "itl_p50_ms": round(1000 * statistics.median(itl), 2) if itl else None,
