@@ -81,10 +81,10 @@ class Scheduler:
         self.lone_prefill = 0.0  # seconds to the first token of the last prompt run alone
 
     def _new_batch(self) -> Any:
-        from mlx_lm.generate import BatchGenerator
+        from mlxc.engine.batch_generator import Batch
 
         eos = sorted(self.engine.tokenizer.eos_token_ids)
-        return BatchGenerator(
+        return Batch(
             self.engine.batch_model,
             stop_tokens=[[t] for t in eos],
             completion_batch_size=self.max_batch,

@@ -16,10 +16,10 @@ from typing import Any
 
 def warm_up(engine: Any) -> None:
     import mlx.core as mx
-    from mlx_lm.generate import BatchGenerator
     from mlx_lm.models.cache import make_prompt_cache
     from mlx_lm.sample_utils import greedy_sampler, make_logits_processors
 
+    from mlxc.engine.batch_generator import Batch
     from mlxc.engine.generate import generate_tokens
     from mlxc.engine.seeds import keyed_sampler
     from mlxc.model.dtype import gpu_backend
@@ -39,13 +39,15 @@ def warm_up(engine: Any) -> None:
             last_only=engine.last_only,
         ):
             pass
-    batch = BatchGenerator(engine.batch_model, prefill_step_size=step,
+    batch = Batch(engine.batch_model, prefill_step_size=step,
                            completion_batch_size=engine.max_batch)
     tokens = tokens[:14]
     with engine.batch_kernels:  # as the scheduler runs batched steps (CUDA: mlxc's kernels)
-        batch.insert([tokens], max_tokens=[3])
-        batch.next_generated()
         others = engine.max_batch - 1
+        # The first still decodes when the others join: every batch size decodes once
+        # (on CUDA each is a compiled step's shape, traced here rather than in a burst).
+        batch.insert([tokens], max_tokens=[others + 6])
+        batch.next_generated()
         if others:  # they join the running batch, then leave one by one
             batch.insert([tokens[: 5 + i] for i in range(others)],
                          max_tokens=[2 + i for i in range(others)])
