@@ -1,0 +1,57 @@
+"""Does a lone request decode slower after batches have run, or when a thread reads it?
+
+    python benchmarks/lone_after_batch.py [--model PATH] [--tokens 128] [--bursts 3]
+
+Median gap between a lone request's tokens (`concurrency.py`'s prompt 10), read by the main
+thread and by a thread of its own, on a fresh engine, then again after `--bursts` bursts of 4
+requests sent together (as `concurrency.py` runs before its level 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+from pathlib import Path
+
+from concurrency import gaps, prompt, timed, together
+
+from mlxc.config import load_settings
+from mlxc.engine.worker import Engine
+from mlxc.model.refs import resolve_model
+
+
+def itl_ms(engine: Engine, tokens: int, threaded: bool, rounds: int = 3) -> float:
+    request = prompt(10).model_copy(update={"max_tokens": tokens})
+    runs = [together(engine, [request])[1][0] if threaded else timed(engine, request)
+            for _ in range(rounds)]
+    return round(1000 * statistics.median(g for f in runs for g in gaps(f["times"])), 2)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model")
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--bursts", type=int, default=3)
+    args = parser.parse_args()
+    settings = load_settings().with_overrides(
+        cache_dir=Path(tempfile.mkdtemp(prefix="mlxc-after-")), model=args.model,
+        prefix_memory_bytes=0, prefix_disk_bytes=0)
+    engine = Engine(resolve_model(settings.model, settings), settings).start()
+    engine.wait_loaded()
+    engine.call(lambda e: e.warm_up()).result()
+    out = {"fresh": {"main": itl_ms(engine, args.tokens, False),
+                     "thread": itl_ms(engine, args.tokens, True)}}
+    four = [prompt(i).model_copy(update={"max_tokens": args.tokens}) for i in range(4)]
+    for _ in range(args.bursts):
+        together(engine, four)
+    out["after_bursts"] = {"main": itl_ms(engine, args.tokens, False),
+                           "thread": itl_ms(engine, args.tokens, True)}
+    out["after_bursts"]["main_again"] = itl_ms(engine, args.tokens, False)
+    print(json.dumps(out))
+    engine.shutdown(wait=30)
+
+
+if __name__ == "__main__":
+    main()
