@@ -14,17 +14,13 @@ from __future__ import annotations
 import argparse
 import functools
 import sys
-import tempfile
 import threading
 import time
 import types
-from pathlib import Path
 
-from concurrency import prompt
+from concurrency import prompt, warm_engine
 
-from mlxc.config import load_settings
 from mlxc.engine.worker import Engine
-from mlxc.model.refs import resolve_model
 from mlxc.stream import Delta
 
 EVENTS: list[tuple[float, float, str, str]] = []  # (start, end, what, detail)
@@ -131,13 +127,7 @@ def main() -> None:
     args = parser.parse_args()
     global SYNC
     SYNC = args.sync
-    settings = load_settings().with_overrides(
-        cache_dir=Path(tempfile.mkdtemp(prefix="mlxc-timeline-")), model=args.model,
-        prefix_memory_bytes=0, prefix_disk_bytes=0)
-    engine = Engine(resolve_model(settings.model, settings), settings, max_batch=8,
-                    max_queue=64).start()
-    engine.wait_loaded()
-    engine.call(lambda e: e.warm_up()).result()
+    engine = warm_engine(args.model)
     instrument()
     for size in [int(s) for s in args.sizes.split(",")]:
         for round_ in range(args.rounds):

@@ -22,16 +22,12 @@ import argparse
 import functools
 import json
 import statistics
-import tempfile
 import time
 from collections import defaultdict
-from pathlib import Path
 
-from concurrency import gaps, prompt, timed, together
+from concurrency import gaps, prompt, timed, together, warm_engine
 
-from mlxc.config import load_settings
 from mlxc.engine.worker import Engine
-from mlxc.model.refs import resolve_model
 
 SPENT: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
 
@@ -79,13 +75,7 @@ def main() -> None:
                         (GenerationBatch, "_step"), (LoneDecoder, "step"),
                         (Sequence, "take")]:
         timed_method(owner, name)
-    settings = load_settings().with_overrides(
-        cache_dir=Path(tempfile.mkdtemp(prefix="mlxc-burst-")), model=args.model,
-        prefix_memory_bytes=0, prefix_disk_bytes=0)
-    engine = Engine(resolve_model(settings.model, settings), settings, max_batch=8,
-                    max_queue=64).start()
-    engine.wait_loaded()
-    engine.call(lambda e: e.warm_up()).result()
+    engine = warm_engine(args.model)
     compiled = engine.batch_model
     if not isinstance(compiled, CompiledDecode):  # off a GPU: compare it all the same
         compiled = CompiledDecode(engine.model)

@@ -45,6 +45,18 @@ def prompt(i: int, words: int = 0) -> GenerationRequest:
     return GenerationRequest(messages=[{"role": "user", "content": text}])
 
 
+def warm_engine(model: str | None, max_batch: int = 8, max_queue: int = 64) -> Engine:
+    """An engine on `model` without prefix caches (every prompt is prefilled), warmed up."""
+    settings = load_settings().with_overrides(
+        cache_dir=Path(tempfile.mkdtemp(prefix="mlxc-bench-")), model=model,
+        prefix_memory_bytes=0, prefix_disk_bytes=0)
+    engine = Engine(resolve_model(settings.model, settings), settings, max_batch=max_batch,
+                    max_queue=max_queue).start()
+    engine.wait_loaded()
+    engine.call(lambda e: e.warm_up()).result()
+    return engine
+
+
 def timed(engine: Engine, request: GenerationRequest) -> dict:
     """One request: TTFT, end-to-end seconds, tokens, its delta times and its text."""
     started = time.perf_counter()

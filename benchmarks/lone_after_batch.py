@@ -12,14 +12,10 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import tempfile
-from pathlib import Path
 
-from concurrency import gaps, prompt, timed, together
+from concurrency import gaps, prompt, timed, together, warm_engine
 
-from mlxc.config import load_settings
 from mlxc.engine.worker import Engine
-from mlxc.model.refs import resolve_model
 
 
 def itl_ms(engine: Engine, tokens: int, threaded: bool, rounds: int = 3) -> float:
@@ -35,12 +31,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--bursts", type=int, default=3)
     args = parser.parse_args()
-    settings = load_settings().with_overrides(
-        cache_dir=Path(tempfile.mkdtemp(prefix="mlxc-after-")), model=args.model,
-        prefix_memory_bytes=0, prefix_disk_bytes=0)
-    engine = Engine(resolve_model(settings.model, settings), settings).start()
-    engine.wait_loaded()
-    engine.call(lambda e: e.warm_up()).result()
+    engine = warm_engine(args.model)
     out = {"fresh": {"main": itl_ms(engine, args.tokens, False),
                      "thread": itl_ms(engine, args.tokens, True)}}
     four = [prompt(i).model_copy(update={"max_tokens": args.tokens}) for i in range(4)]

@@ -14,16 +14,10 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import tempfile
 from collections import defaultdict
-from pathlib import Path
 
 from burst_trace import SPENT, timed_method
-from concurrency import prompt, raw_decode_tps
-
-from mlxc.config import load_settings
-from mlxc.engine.worker import Engine
-from mlxc.model.refs import resolve_model
+from concurrency import prompt, raw_decode_tps, warm_engine
 
 
 def main() -> None:
@@ -38,12 +32,7 @@ def main() -> None:
 
     timed_method(Sequence, "take")
     timed_method(LoneDecoder, "step")
-    settings = load_settings().with_overrides(
-        cache_dir=Path(tempfile.mkdtemp(prefix="mlxc-lone-")), model=args.model,
-        prefix_memory_bytes=0, prefix_disk_bytes=0)
-    engine = Engine(resolve_model(settings.model, settings), settings).start()
-    engine.wait_loaded()
-    engine.call(lambda e: e.warm_up()).result()
+    engine = warm_engine(args.model)
     got: dict = defaultdict(lambda: defaultdict(list))
     for _ in range(args.rounds):
         for i in [int(p) for p in args.prompts.split(",")]:
