@@ -6,7 +6,8 @@ for more chunks (mlx-lm's copy), with sequences joining a running batch."""
 from __future__ import annotations
 
 import pytest
-from mlx_lm.generate import BatchGenerator, PromptProcessingBatch
+from batch_decode import decode
+from mlx_lm.generate import PromptProcessingBatch
 from tiny_model import rescaled_copy
 
 from mlxc.engine.batch_generator import Batch
@@ -19,24 +20,6 @@ def lively_model(tiny_model, tmp_path_factory):
     return load(str(rescaled_copy(tiny_model, tmp_path_factory.mktemp("m") / "l", 4.0)))
 
 
-def decode(kind, model, prompts, max_tokens, join, step):
-    """Greedy tokens of each prompt decoded together; `join` prompts come 3 steps in."""
-    batch = kind(model, completion_batch_size=8, prefill_batch_size=8, prefill_step_size=step)
-    uids = batch.insert(prompts, max_tokens=max_tokens)
-    out: dict[int, list[int]] = {u: [] for u in uids}
-    steps = 0
-    while responses := batch.next_generated():
-        steps += 1
-        if steps == 3:
-            more = batch.insert([p for p, _ in join], max_tokens=[n for _, n in join])
-            out.update({u: [] for u in more})
-            uids += more
-        for r in responses:
-            out[r.uid].append(r.token)
-    batch.close()
-    return [out[u] for u in uids]
-
-
 @pytest.mark.parametrize("step, copies", [(512, False), (4, True)])
 def test_it_decodes_what_mlx_lm_decodes_and_copies_only_what_stays(
     lively_model, monkeypatch, step, copies
@@ -46,12 +29,12 @@ def test_it_decodes_what_mlx_lm_decodes_and_copies_only_what_stays(
     prompts = [tokenizer.encode(t) for t in texts]
     join = [(tokenizer.encode("late comer at the door"), 9), (prompts[1][:5], 6)]
     lengths = [12, 20, 7, 16]
-    want = decode(BatchGenerator, model, prompts, lengths, join, step)
+    want = decode(model, prompts, lengths, join, prefill_step=step)
     made = []
     original = PromptProcessingBatch._copy
     monkeypatch.setattr(PromptProcessingBatch, "_copy",
                         lambda self: made.append(len(self)) or original(self))
-    got = decode(Batch, model, prompts, lengths, join, step)
+    got = decode(model, prompts, lengths, join, kind=Batch, prefill_step=step)
     assert got == want
     assert [len(t) for t in got] == lengths + [9, 6]
     # One prefill chunk (512): every prompt is in at once, and the batch leaves whole.

@@ -7,6 +7,7 @@ on CUDA only, but it runs anywhere, so these tests run on the CPU too."""
 from __future__ import annotations
 
 import pytest
+from batch_decode import decode
 from tiny_model import rescaled_copy
 
 from mlxc.config import ConfigError, load_settings
@@ -20,27 +21,6 @@ def lively_model(tiny_model, tmp_path_factory):
 
     model, tokenizer = load(str(rescaled_copy(tiny_model, tmp_path_factory.mktemp("m") / "l", 4.0)))
     return model, tokenizer
-
-
-def decode(forward, prompts, max_tokens, join=(), join_after=3):
-    """Greedy tokens of each prompt, decoded together by mlx-lm's BatchGenerator calling
-    `forward`; `join` prompts are inserted `join_after` steps in."""
-    from mlx_lm.generate import BatchGenerator
-
-    batch = BatchGenerator(forward, completion_batch_size=8, prefill_batch_size=8)
-    uids = batch.insert(prompts, max_tokens=max_tokens)
-    out: dict[int, list[int]] = {u: [] for u in uids}
-    steps = 0
-    while responses := batch.next_generated():
-        steps += 1
-        if steps == join_after and join:
-            more = batch.insert([p for p, _ in join], max_tokens=[n for _, n in join])
-            out.update({u: [] for u in more})
-            uids += more
-        for r in responses:
-            out[r.uid].append(r.token)
-    batch.close()
-    return [out[u] for u in uids]
 
 
 def prompts_of(tokenizer):
