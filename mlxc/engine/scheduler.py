@@ -2,7 +2,9 @@
 decode steps.
 
 Each `tick` does at most three things, in this order:
-1. admit waiting requests while the batch has room (prompt encoded, prefix state fetched);
+1. admit waiting requests while the batch has room (prompt encoded, prefix state fetched),
+   and those that arrive while they are admitted (`collect`): clients that send at once
+   reach the engine ~1 ms apart, about the time one takes to admit;
 2. feed one prompt chunk of the sequence being prefilled, so a long prompt never stalls the
    running streams for its whole prefill; its last chunk samples the first token, which is
    published at once (the lone request's time to first token, prefix shortcuts included).
@@ -10,16 +12,17 @@ Each `tick` does at most three things, in this order:
    expected to take (DECODE_SHARE; at the rate the chunk before it was prefilled): it comes
    before each chunk, so the prompt's last chunk is paid for too and running streams keep
    at least half their speed from the moment it arrives to its first token.
-   Requests that come together while nothing decodes (a burst) are prefilled together by
-   the batch, in one pass per chunk, and then decode together, as mlx-lm's server does;
+   Requests admitted together (a burst) are prefilled together by the batch, in one pass
+   per chunk, and then decode together, as mlx-lm's server does;
 3. one decode step: of the sequence that runs alone (lone.py: mlx-lm's own loop, at raw
    speed), or of every running sequence together, by mlx-lm's `BatchGenerator`. Both queue
    step n+1 before they read the tokens of step n (pipelined on both backends). A lone
    sequence moves into the batch when a second one is ready to decode, and the batch's last
    sequence moves back when the others are done.
 
-Prefill runs on the sequence's own state, alone, exactly as a lone request's would; only
-decode steps are batched (see the README's "Batching" section for what that changes).
+A request that comes alone is prefilled on its own state exactly as a lone request's would
+be; a burst's prompts share a pass (see the README's "Batching" section for what batching
+changes).
 Engine thread only; `figures()` may be read from any thread.
 """
 
