@@ -16,6 +16,15 @@ from mlxc.model.gguf import GGUFConversionError, convert_gguf, fetch_default_ggu
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def pytest_configure(config) -> None:
+    """The optimised BLAS, loaded before any test module imports MLX, as `mlxc` loads it:
+    otherwise the first module that imports mlx at collection leaves every in-process model
+    on MLX's reference BLAS (~30x slower float32 matmuls; the suite took over 15 minutes)."""
+    from mlxc.model.blas import load_optimised_blas
+
+    load_optimised_blas()
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama")
