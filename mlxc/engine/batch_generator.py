@@ -21,7 +21,6 @@ class _PromptBatch(PromptProcessingBatch):
         if sorted(set(indices)) != list(range(len(self.uids))):
             return super().split(indices)
         whole = copy.copy(self)  # takes the caches and lists; this batch starts empty
-        whole.__class__ = PromptProcessingBatch
         self.prompt_cache = []
         self.filter([])
         return whole

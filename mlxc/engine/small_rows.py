@@ -24,9 +24,10 @@ MAX_ROWS = 8  # past this cuBLAS was faster (H200); rows are a run-time bound up
 # step's projections, H200, 3B shape, float32, under ncu: 4.40 ms vs this kernel's 4.71 at 4
 # rows, 4.51 vs 5.90 at 8; `benchmarks/step_kernels.py`), but each cuBLAS call costs the host
 # more: at 4 rows the whole step was faster with this kernel in one run (6.62 vs 8.78 ms,
-# `benchmarks/decode_step.py --kernels --variants batch_compiled`) and level in another
-# (5.56 ms both, `benchmarks/burst_trace.py --modes compiled,cublas`). Not settled; 4 is
-# what the target runs measured.
+# `benchmarks/decode_step.py --kernels --variants batch_compiled`), level in another
+# (5.56 ms both, `benchmarks/burst_trace.py --modes compiled,cublas`), and in a third 4
+# requests took 0.229 of their sequential time with it against 0.421 with cuBLAS while 8
+# streams gave 4.4x against 4.7x. Not settled; 4 is what the target runs measured.
 COMPILED_MAX_ROWS = 4
 # The block's shape by the weights' item size: (outputs it computes at once, warps splitting
 # the input features). Each x chunk a block loads serves all its outputs. float32, of 8

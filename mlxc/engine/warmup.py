@@ -40,7 +40,7 @@ def warm_up(engine: Any) -> None:
         ):
             pass
     batch = Batch(engine.batch_model, prefill_step_size=step,
-                           completion_batch_size=engine.max_batch)
+                  completion_batch_size=engine.max_batch)
     tokens = tokens[:14]
     with engine.batch_kernels:  # as the scheduler runs batched steps (CUDA: mlxc's kernels)
         others = engine.max_batch - 1
