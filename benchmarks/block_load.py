@@ -40,9 +40,9 @@ def main() -> None:
     from mlx_lm import load
     from mlx_lm.models.cache import load_prompt_cache, make_prompt_cache, save_prompt_cache
 
-    from mlxc.engine.prefix_block_disk import READERS
-    from mlxc.engine.prefix_block_file import BlockHeader, open_block, read_into, write_temp
-    from mlxc.engine.prefix_block_kv import (
+    from mlxc.engine.kv.block_disk import READERS
+    from mlxc.engine.kv.block_file import BlockHeader, open_block, read_into, write_temp
+    from mlxc.engine.kv.block_kv import (
         assemble,
         blank,
         byte_view,

@@ -56,10 +56,10 @@ def traced(owner: type | types.ModuleType, name: str, detail=lambda *a, **k: "")
 def instrument() -> None:
     from mlx_lm.generate import GenerationBatch, PromptProcessingBatch
 
-    from mlxc.engine import compiled_decode
-    from mlxc.engine.compiled_decode import CompiledDecode
-    from mlxc.engine.lone import LoneDecoder
-    from mlxc.engine.scheduler import Scheduler
+    from mlxc.engine.batch.lone import LoneDecoder
+    from mlxc.engine.batch.scheduler import Scheduler
+    from mlxc.engine.cuda import compiled_decode
+    from mlxc.engine.cuda.compiled_decode import CompiledDecode
 
     traced(Scheduler, "_admit_burst", lambda s, room: f"waiting {len(s.waiting)}")
     traced(Scheduler, "_prefill_next", lambda s, seq: "lone way" if seq else "none")

@@ -1,5 +1,5 @@
 """Requests sent together to an idle engine: where their time goes, and what the compiled
-decode step (engine/compiled_decode.py) changes, measured side by side in one process.
+decode step (engine/cuda/compiled_decode.py) changes, measured side by side in one process.
 
     python benchmarks/burst_trace.py [--model PATH] [--sizes 4,8] [--tokens 128] [--rounds 3]
 
@@ -57,18 +57,18 @@ def main() -> None:
                         help="compiled: the engine's step; plain: mlx-lm's (not compiled); "
                         "cublas: compiled, every projection by MLX's matmul")
     parser.add_argument("--block", help="FxW: the few-rows kernel's block shape for float32 "
-                        "weights (mlxc/engine/small_rows.py BLOCKS)")
+                        "weights (mlxc/engine/cuda/small_rows.py BLOCKS)")
     args = parser.parse_args()
     if args.block:
-        from mlxc.engine import small_rows
+        from mlxc.engine.cuda import small_rows
 
         small_rows.BLOCKS[4] = tuple(int(v) for v in args.block.split("x"))
     from mlx_lm.generate import GenerationBatch, PromptProcessingBatch
 
-    from mlxc.engine.compiled_decode import CompiledDecode
-    from mlxc.engine.lone import LoneDecoder
-    from mlxc.engine.scheduler import Scheduler
-    from mlxc.engine.sequence import Sequence
+    from mlxc.engine.batch.lone import LoneDecoder
+    from mlxc.engine.batch.scheduler import Scheduler
+    from mlxc.engine.batch.sequence import Sequence
+    from mlxc.engine.cuda.compiled_decode import CompiledDecode
 
     for owner, name in [(Scheduler, "_start_next"), (Scheduler, "_prefill"),
                         (Scheduler, "_decode"), (PromptProcessingBatch, "prompt"),
@@ -123,8 +123,8 @@ def main() -> None:
 
 def mode(engine: Engine, name: str, compiled) -> tuple:
     """(what BatchGenerator calls, whether it runs compiled, the kernels' switch)."""
-    from mlxc.engine.batch_kernels import BatchKernels
-    from mlxc.engine.compiled_decode import CompiledDecode
+    from mlxc.engine.cuda.batch_kernels import BatchKernels
+    from mlxc.engine.cuda.compiled_decode import CompiledDecode
 
     if name == "compiled":
         return compiled, True, engine.batch_kernels

@@ -11,7 +11,7 @@ token n) and reports ms per step, and how much of it Python spends building the 
   `BatchGenerator`;
 - batch_B_nopad: the same with every row the same length (the mask still built);
 - batch_B_additive: padded, with the mask built once per step as additive float;
-- batch_B_compiled: padded, through mlxc's compiled step (`mlxc/engine/compiled_decode.py`).
+- batch_B_compiled: padded, through mlxc's compiled step (`mlxc/engine/cuda/compiled_decode.py`).
 """
 
 from __future__ import annotations
@@ -32,10 +32,10 @@ def main() -> None:
                         help="then again with mlxc's batched-decode kernels (CUDA)")
     parser.add_argument("--variants", default="plain,batch,batch_nopad,batch_additive")
     parser.add_argument("--block", help="FxW: the few-rows kernel's block shape for float32 "
-                        "weights (mlxc/engine/small_rows.py BLOCKS)")
+                        "weights (mlxc/engine/cuda/small_rows.py BLOCKS)")
     args = parser.parse_args()
     if args.block:
-        from mlxc.engine import small_rows
+        from mlxc.engine.cuda import small_rows
 
         small_rows.BLOCKS[4] = tuple(int(v) for v in args.block.split("x"))
     import mlx.core as mx
@@ -85,7 +85,7 @@ def main() -> None:
     def fill(cache_of, rows: list[int]):
         return filled(model, cache_of, rows)
 
-    from mlxc.engine.compiled_decode import CompiledDecode
+    from mlxc.engine.cuda.compiled_decode import CompiledDecode
 
     sizes = [int(s) for s in args.sizes.split(",")]
     variants = args.variants.split(",")
@@ -105,7 +105,7 @@ def main() -> None:
                     out[f"batch_{size}"] = run(fill(batch, rows), size)
                 if "batch_nopad" in variants:
                     out[f"batch_{size}_nopad"] = run(fill(batch, [ctx] * size), size)
-                if "batch_compiled" in variants:  # mlxc's compiled step (compiled_decode.py)
+                if "batch_compiled" in variants:  # mlxc's compiled step (cuda/compiled_decode.py)
                     out[f"batch_{size}_compiled"] = run(fill(batch, rows), size, forward=compiled)
                 if "batch_additive" in variants:
                     out[f"batch_{size}_additive"] = run(fill(batch, rows), size, additive=True)
@@ -115,7 +115,7 @@ def main() -> None:
 
     out = {"layers": layers, "vocab": vocab, "context": args.context, **measure()}
     if args.kernels:
-        from mlxc.engine.batch_kernels import BatchKernels
+        from mlxc.engine.cuda.batch_kernels import BatchKernels
 
         out["small_rows_error"] = kernel_error(model, sizes, dtype)
         with BatchKernels(model):
@@ -127,7 +127,7 @@ def kernel_error(model, sizes: list[int], dtype) -> dict:
     """Largest relative difference of the kernel from MLX's matmul, by rows."""
     import mlx.core as mx
 
-    from mlxc.engine import small_rows
+    from mlxc.engine.cuda import small_rows
 
     out = {}
     for rows in sizes:

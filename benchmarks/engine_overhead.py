@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 
 from mlxc.config import load_settings
-from mlxc.engine.stops import StopMatcher
-from mlxc.engine.tools import ToolCallFilter
+from mlxc.engine.decode.stops import StopMatcher
+from mlxc.engine.decode.tools import ToolCallFilter
 from mlxc.engine.worker import Engine
 from mlxc.model.refs import resolve_model
 from mlxc.request import Answer, GenerationRequest

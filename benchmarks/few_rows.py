@@ -1,5 +1,5 @@
 """Device time of one decode step's projections at a few rows: MLX's matmul against mlxc's
-few-rows kernel (`mlxc/engine/small_rows.py`) in several block shapes. CUDA only.
+few-rows kernel (`mlxc/engine/cuda/small_rows.py`) in several block shapes. CUDA only.
 
     python benchmarks/few_rows.py [--rows 1,2,4,8] [--dtypes float32,bfloat16]
                                   [--shapes 1x4,4x4,8x2] [--layers 28]
@@ -78,7 +78,7 @@ def main() -> None:
 def measure(dtype, args, blocks: list) -> dict:
     import mlx.core as mx
 
-    from mlxc.engine import small_rows
+    from mlxc.engine.cuda import small_rows
 
     layers = layers_of(args.layers, dtype)
     mx.eval(layers)
@@ -103,7 +103,7 @@ def errors(rows: int, dtype, layer: dict, blocks: list) -> dict:
     """Each block shape's largest difference from a float32 matmul on the CPU, relative."""
     import mlx.core as mx
 
-    from mlxc.engine import small_rows
+    from mlxc.engine.cuda import small_rows
 
     worst = {}
     for f, warps in blocks:

@@ -41,7 +41,7 @@ def main() -> None:
     from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
     from mlx_lm.sample_utils import make_sampler
 
-    from mlxc.engine.generate import generate_tokens, supports_last_position_logits
+    from mlxc.engine.decode.generate import generate_tokens, supports_last_position_logits
     from mlxc.model.dtype import apply_dtype, effective_dtype_without_mlx
 
     model, tokenizer = load(str(ref.folder))

@@ -27,8 +27,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
-    from mlxc.engine.lone import LoneDecoder
-    from mlxc.engine.sequence import Sequence
+    from mlxc.engine.batch.lone import LoneDecoder
+    from mlxc.engine.batch.sequence import Sequence
 
     timed_method(Sequence, "take")
     timed_method(LoneDecoder, "step")

@@ -52,7 +52,7 @@ def turn(engine, tokens: list[int]) -> None:
 def kv_per_token(engine) -> float:
     from mlx_lm.models.cache import make_prompt_cache
 
-    from mlxc.engine.prefix_block_kv import leaves
+    from mlxc.engine.kv.block_kv import leaves
 
     state = make_prompt_cache(engine.model)
     engine.prompt_cache._prefill(state, list(range(3, 67)))

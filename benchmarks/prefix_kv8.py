@@ -88,7 +88,7 @@ def first_difference(cold: dict, other: dict) -> dict | None:
 
 def block_files(cache: Path, block: int) -> tuple[list[int], int, int]:
     """(sizes of the whole blocks' files, bytes of every block file, tokens they hold)."""
-    from mlxc.engine.prefix_block_file import read_header
+    from mlxc.engine.kv.block_file import read_header
 
     whole, total, tokens = [], 0, 0
     for path in (cache / "prefix" / "blocks").glob("*.kvb"):

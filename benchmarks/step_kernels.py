@@ -42,8 +42,8 @@ def profile(args) -> None:
     import mlx.core as mx
     from step_models import batch_caches, filled, load_model, lone_caches, row_lengths
 
-    from mlxc.engine.batch_kernels import BatchKernels
-    from mlxc.engine.compiled_decode import CompiledDecode
+    from mlxc.engine.cuda.batch_kernels import BatchKernels
+    from mlxc.engine.cuda.compiled_decode import CompiledDecode
 
     model = load_model(args.model)
     driver = ctypes.CDLL("libcuda.so.1")

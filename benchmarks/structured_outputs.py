@@ -160,7 +160,7 @@ def check_tool_calls(engine: Engine, n: int, max_tokens: int, penalty: float) ->
 
 
 def speed(engine: Engine, tokens: int, rounds: int) -> dict:
-    from mlxc.engine import grammar_mask
+    from mlxc.engine.decode import grammar_mask
 
     spent: list[float] = []
     original = grammar_mask.GrammarProcessor.__call__

@@ -1,4 +1,4 @@
-"""What a new batch shape costs the compiled decode step (`mlxc/engine/compiled_decode.py`):
+"""What a new batch shape costs the compiled decode step (`mlxc/engine/cuda/compiled_decode.py`):
 the first step at each batch size, traced, against the steps after it.
 
     python benchmarks/trace_cost.py --model PATH [--sizes 2,3,4,5,6,7,8] [--context 200]
@@ -25,7 +25,7 @@ def main() -> None:
     import mlx.core as mx
     from step_models import batch_caches, filled, load_model, row_lengths
 
-    from mlxc.engine.compiled_decode import CompiledDecode
+    from mlxc.engine.cuda.compiled_decode import CompiledDecode
 
     model = load_model(args.model)
 

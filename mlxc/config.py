@@ -84,8 +84,8 @@ class Settings:
     prefix_block_tokens: int = 256  # KV block size of the prefix cache (tokens)
     prefix_disk_bits: int = 0  # 8: the prefix cache's disk blocks as 8-bit K/V (0: as computed)
     next_turn_prefill: bool = False  # serve: prefill a follow-up's opening while idle
-    batch_kernels: bool = True  # CUDA: batched decode steps by small_rows.py, batch_attention.py
-    compiled_decode: bool = True  # CUDA: batched decode steps compiled (compiled_decode.py)
+    batch_kernels: bool = True  # CUDA: batched steps by cuda/small_rows.py, batch_attention.py
+    compiled_decode: bool = True  # CUDA: batched decode steps compiled (cuda/compiled_decode.py)
 
     @property
     def response_dir(self) -> Path:

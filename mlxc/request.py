@@ -107,7 +107,7 @@ class GenerationRequest(BaseModel):
         if self.max_tokens == 0 and not self.echo:
             raise ValueError("max_tokens must be at least 1 (0 only with echo)")
         if self.response_format or self.tool_choice not in (None, "auto", "none"):
-            from mlxc.engine.constraints import grammar_for  # llguidance: only when asked
+            from mlxc.engine.decode.constraints import grammar_for  # llguidance: only when asked
 
             grammar_for(self.response_format, self.tools, self.tool_choice)  # refuses here
         return self
@@ -147,7 +147,7 @@ class Answer(BaseModel):
     stop_sequence: str | None = None  # which of the request's stop strings ended the text
     tool_calls: list[dict[str, Any]] = Field(default_factory=list)
     usage: Usage = Field(default_factory=Usage)
-    # Per token: {"id", "token", "bytes", "logprob", "top_logprobs": [...]} (see logprobs.py).
+    # Per token: {"id", "token", "bytes", "logprob", "top_logprobs": [...]} (decode/logprobs.py).
     logprobs: list[dict[str, Any]] | None = None
     prompt_logprobs: list[dict[str, Any]] | None = None  # with echo; the first has logprob None
     model: str = ""

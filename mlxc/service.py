@@ -188,7 +188,7 @@ class Service:
         cache = getattr(engine, "prompt_cache", None) if engine is not None else None
         if cache is not None:
             return cache.stats()
-        from mlxc.engine.prefix_index import read_stats
+        from mlxc.engine.kv.index import read_stats
 
         return {
             **read_stats(self.settings.prefix_dir),

@@ -1,4 +1,4 @@
-"""engine/batch_generator.py: mlx-lm's BatchGenerator that hands a prompt batch over without a
+"""engine/batch/generator.py: mlx-lm's BatchGenerator that hands a prompt batch over without a
 copy when all of it leaves to decode. With the real tiny model, it decodes the same greedy
 tokens as mlx-lm's own, whether all prompts finish together (no copy) or some stay behind
 for more chunks (mlx-lm's copy), with sequences joining a running batch."""
@@ -10,7 +10,7 @@ from batch_decode import decode
 from mlx_lm.generate import PromptProcessingBatch
 from tiny_model import rescaled_copy
 
-from mlxc.engine.batch_generator import Batch
+from mlxc.engine.batch.generator import Batch
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Continuous batching (engine/scheduler.py) with the real tiny model: answers made together
+"""Continuous batching (engine/batch/scheduler.py) with the real tiny model: answers made together
 are complete and the same as alone, one cancelled stream leaves the others running, each
 sequence stores and reuses its own prefix state, seeds and penalties hold per sequence."""
 
@@ -67,12 +67,12 @@ def test_answers_made_together_equal_the_same_requests_alone(engine):
 
 
 def test_a_lone_request_decodes_exactly_as_mlx_lm(engine):
-    """Alone, a sequence runs mlx-lm's own loop (lone.py), penalties included."""
+    """Alone, a sequence runs mlx-lm's own loop (batch/lone.py), penalties included."""
     def theirs(e, request):
         import mlx.core as mx
         from mlx_lm import stream_generate
 
-        from mlxc.engine.sampling import build_sampling
+        from mlxc.engine.decode.sampling import build_sampling
 
         processors = build_sampling(request, e.tokenizer).processors
         return "".join(r.text for r in stream_generate(

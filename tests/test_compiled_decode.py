@@ -1,4 +1,4 @@
-"""The compiled batched decode step (engine/compiled_decode.py): with the real tiny model and
+"""The compiled batched decode step (engine/cuda/compiled_decode.py): with the real tiny model and
 mlx-lm's own BatchGenerator, a batch decoded through it gives the same greedy tokens as
 mlx-lm's step, while requests join and leave and while the buffers grow past 256 positions;
 a model its stand-in caches do not fit falls back to mlx-lm's step. The engine turns it on
@@ -11,8 +11,8 @@ from batch_decode import decode
 from tiny_model import rescaled_copy
 
 from mlxc.config import ConfigError, load_settings
-from mlxc.engine import small_rows
-from mlxc.engine.compiled_decode import CompiledDecode, for_model
+from mlxc.engine.cuda import small_rows
+from mlxc.engine.cuda.compiled_decode import CompiledDecode, for_model
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +90,7 @@ def test_the_setting_and_where_it_is_on(monkeypatch, lively_model):
 def test_it_keeps_a_few_shapes_compiled_and_says_what_it_did(lively_model, monkeypatch):
     """Batch sizes and buffer lengths each make a shape; past KEPT_SHAPES the least recently
     used is dropped and traced again when it comes back, with the same tokens."""
-    from mlxc.engine import compiled_decode
+    from mlxc.engine.cuda import compiled_decode
 
     model, tokenizer = lively_model
     monkeypatch.setattr(compiled_decode, "KEPT_SHAPES", 2)
@@ -112,7 +112,7 @@ def test_a_model_that_attends_past_its_rows_is_caught_by_the_first_step(lively_m
     compiled step's logits differ from the model's, and from then on every step is mlx-lm's."""
     import mlx.core as mx
 
-    from mlxc.engine import compiled_decode
+    from mlxc.engine.cuda import compiled_decode
 
     def unbounded(original):
         def attention(queries, keys, values, cache, scale, mask, sinks=None):

@@ -1,4 +1,4 @@
-"""mlxc's token loop (engine/generate.py) against mlx-lm's own: the same greedy tokens for the
+"""The token loop (engine/decode/generate.py) against mlx-lm's own: the same greedy tokens for the
 same prompt, whatever the chunking; logits processors see the whole prompt even when most of
 it came from the prefix cache; the state holds exactly the tokens that were fed."""
 
@@ -31,7 +31,7 @@ def ours(model, tokenizer, prompt, reused=0, cache=None, processors=(), max_toke
     from mlx_lm.models.cache import make_prompt_cache
     from mlx_lm.sample_utils import make_sampler
 
-    from mlxc.engine.generate import generate_tokens
+    from mlxc.engine.decode.generate import generate_tokens
 
     cache = make_prompt_cache(model) if cache is None else cache
     steps = list(generate_tokens(
@@ -46,7 +46,7 @@ def test_the_last_position_shortcut_is_checked_and_exact_enough(loaded):
     import mlx.core as mx
     from mlx_lm.models.cache import make_prompt_cache
 
-    from mlxc.engine.generate import last_position_logits, supports_last_position_logits
+    from mlxc.engine.decode.generate import last_position_logits, supports_last_position_logits
 
     model, tokenizer = loaded
     assert supports_last_position_logits(model)

@@ -1,4 +1,4 @@
-"""Memory-aware admission (engine/memory.py) with the real tiny model: the KV cost per token is
+"""Memory-aware admission (engine/batch/admission.py), real tiny model: the KV cost per token is
 what mlx-lm's caches really allocate; a request that can never fit the limit is refused with
 what to change, through the engine and a live server (the real openai and anthropic clients);
 requests that fit alone but not together run one after another, first come first served."""
@@ -16,7 +16,7 @@ from live_server import mlxc_server
 from tiny_model import rescaled_copy
 
 from mlxc.config import load_settings
-from mlxc.engine.memory import SAFETY_MIN, STEP, cache_cost, default_limit, measure
+from mlxc.engine.batch.admission import SAFETY_MIN, STEP, cache_cost, default_limit, measure
 from mlxc.engine.worker import Engine
 from mlxc.errors import NotEnoughMemory
 from mlxc.model.refs import resolve_model

@@ -22,8 +22,8 @@ import pytest
 import test_prefix_cache as base
 from test_prefix_cache import SYSTEM, TEXT, ask, conversation, flush, service, state_files
 
-from mlxc.engine.prefix_block_file import read_header
-from mlxc.engine.prefix_index import PrefixIndex
+from mlxc.engine.kv.block_file import read_header
+from mlxc.engine.kv.index import PrefixIndex
 
 lively, cold, sliding = base.lively, base.cold, base.sliding  # the same fixtures
 BLOCK = {"prefix_block_tokens": 64}
@@ -358,7 +358,7 @@ def test_a_block_cut_from_a_freshly_filled_buffer_owns_contiguous_bytes():
     import mlx.core as mx
     from mlx_lm.models.cache import KVCache
 
-    from mlxc.engine.prefix_block_kv import cut, nbytes, to_buffers
+    from mlxc.engine.kv.block_kv import cut, nbytes, to_buffers
 
     layer = KVCache()
     projected = mx.random.normal((1, 512, 2, 16)).transpose(0, 2, 1, 3)  # [B, heads, L, dim]

@@ -19,7 +19,7 @@ import pytest
 from tiny_model import rescaled_copy
 
 from mlxc.config import Settings
-from mlxc.engine.prefix_index import PrefixIndex
+from mlxc.engine.kv.index import PrefixIndex
 from mlxc.model.blas import load_optimised_blas
 from mlxc.request import Answer, GenerationRequest
 from mlxc.service import Service
@@ -207,7 +207,7 @@ def test_the_next_turns_opening_is_written_to_disk(smollm_folder, cold, tmp_path
 def test_next_turn_opening_is_what_the_template_puts_before_a_user_message(lively):
     from transformers import AutoTokenizer
 
-    from mlxc.engine.turns import next_turn_opening
+    from mlxc.engine.kv.turns import next_turn_opening
 
     tokenizer = AutoTokenizer.from_pretrained(lively)
     request = GenerationRequest(messages=conversation("Why?"))

@@ -21,7 +21,7 @@ import test_prefix_cache as base
 from test_prefix_cache import ask, flush, service, state_files
 
 from mlxc.config import ConfigError, load_settings
-from mlxc.engine.prefix_block_file import (
+from mlxc.engine.kv.block_file import (
     MAGIC,
     BlockHeader,
     arrays_of,
@@ -30,7 +30,7 @@ from mlxc.engine.prefix_block_file import (
     read_header,
     write_temp,
 )
-from mlxc.engine.prefix_block_kv import from_file, leaves, quantize, to_buffers
+from mlxc.engine.kv.block_kv import from_file, leaves, quantize, to_buffers
 
 lively, cold = base.lively, base.cold  # the same fixtures
 BLOCK = {"prefix_block_tokens": 16}

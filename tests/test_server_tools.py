@@ -8,8 +8,8 @@ from types import SimpleNamespace
 
 from mlx_lm.tool_parsers import json_tools
 
-from mlxc.engine.stops import StopMatcher
-from mlxc.engine.tools import ToolCallFilter, template_messages
+from mlxc.engine.decode.stops import StopMatcher
+from mlxc.engine.decode.tools import ToolCallFilter, template_messages
 from mlxc.request import Message
 
 # The four attributes mlx-lm's TokenizerWrapper exposes for a json_tools model.
@@ -76,7 +76,7 @@ PLAIN = SimpleNamespace(chat_template="{% for m in messages %}{{ m.content }}{% 
 
 
 def offered(tool_choice=None):
-    from mlxc.engine.tools import answer_filter, prompt_messages
+    from mlxc.engine.decode.tools import answer_filter, prompt_messages
     from mlxc.request import GenerationRequest
 
     request = GenerationRequest(

@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import threading
 
-from mlxc.engine.memory import KVCost, recall, remember
+from mlxc.engine.batch.admission import KVCost, recall, remember
 from mlxc.sidecar import LIMIT, read_json, write_json
 
 

@@ -1,4 +1,4 @@
-"""The few-rows projection kernel (engine/small_rows.py): which projections it takes, that
+"""The few-rows projection kernel (engine/cuda/small_rows.py): which projections it takes, that
 it computes what MLX's matmul computes, and that answers made in a batch with it routed equal
 the same requests alone. The kernel runs only on CUDA: there these tests run it for real
 (`python -m pytest tests/test_small_rows.py` on the GPU machine); elsewhere they check that
@@ -13,7 +13,7 @@ import mlx.nn as nn
 import pytest
 
 from mlxc.config import ConfigError, load_settings
-from mlxc.engine import small_rows
+from mlxc.engine.cuda import small_rows
 from mlxc.request import GenerationRequest
 
 on_cuda = pytest.mark.skipif(not small_rows.usable(), reason="the kernel is CUDA's")
@@ -43,7 +43,7 @@ def test_the_setting_turns_it_off_and_refuses_nonsense(monkeypatch):
 def test_off_cuda_the_engine_switches_nothing_on(tiny_model, tmp_path):
     from test_batching import make_engine
 
-    from mlxc.engine.batch_kernels import BatchKernels
+    from mlxc.engine.cuda.batch_kernels import BatchKernels
 
     engine = make_engine(tiny_model, tmp_path, prefix=False)
     try:
@@ -57,7 +57,7 @@ def test_the_switch_routes_only_inside_it(tiny_model):
     """Checked off CUDA as well: the switch itself needs no GPU, only its kernels do."""
     from mlx_lm import load
 
-    from mlxc.engine.batch_kernels import BatchKernels
+    from mlxc.engine.cuda.batch_kernels import BatchKernels
 
     model, _ = load(str(tiny_model))
     module = sys.modules[type(model).__module__]
@@ -78,7 +78,7 @@ def test_under_the_compiled_step_projections_of_more_rows_stay_mlxs(tiny_model):
     MLX's matmul."""
     from mlx_lm import load
 
-    from mlxc.engine.batch_kernels import BatchKernels
+    from mlxc.engine.cuda.batch_kernels import BatchKernels
 
     model, _ = load(str(tiny_model))
     module = sys.modules[type(model).__module__]
@@ -127,7 +127,7 @@ def test_every_block_shape_computes_the_matmul_with_a_partial_last_block(block):
 def test_answers_made_together_with_it_equal_the_same_requests_alone(tiny_model, tmp_path):
     from test_batching import PROMPTS, chat, make_engine
 
-    from mlxc.engine.batch_kernels import BatchKernels
+    from mlxc.engine.cuda.batch_kernels import BatchKernels
 
     engine = make_engine(tiny_model, tmp_path, prefix=False, max_batch=8)
     try:
@@ -148,7 +148,7 @@ def test_the_batch_attention_kernel_skips_each_rows_padding(dtype):
     attention, computed on the CPU."""
     from mlx_lm.models.cache import BatchKVCache
 
-    from mlxc.engine import batch_attention
+    from mlxc.engine.cuda import batch_attention
 
     mx.random.seed(3)
     pads = [0, 5, 17, 40]

@@ -1,4 +1,4 @@
-from mlxc.engine.stops import StopMatcher
+from mlxc.engine.decode.stops import StopMatcher
 
 
 def feed_all(matcher: StopMatcher, pieces: list[str]) -> str:

@@ -12,7 +12,7 @@ import openai
 import pytest
 from live_server import served  # noqa: F401  (fixture)
 
-from mlxc.engine.constraints import ConstraintError, grammar_for
+from mlxc.engine.decode.constraints import ConstraintError, grammar_for
 
 # Every value is bounded, so even a random model's answer ends well within max_tokens.
 SCHEMA = {
@@ -150,7 +150,7 @@ def test_the_grammar_advances_from_the_sampler_or_from_the_tokens(tiny_model, wa
     from mlx_lm import load
     from mlx_lm.sample_utils import make_sampler
 
-    from mlxc.engine.grammar_mask import GrammarProcessor
+    from mlxc.engine.decode.grammar_mask import GrammarProcessor
 
     _, tokenizer = load(str(tiny_model))
     grammar = grammar_for({"type": "json_schema", "json_schema": {"schema": SCHEMA}}, None, None)

@@ -43,7 +43,7 @@ def _human(n: int) -> str:
 def stats(cache_dir: CacheDirOption = None, as_json: JsonOption = False) -> None:
     """Hits, misses and size of the response cache and of the prefix (KV) cache's disk tier,
     shared by every mlxc process."""
-    from mlxc.engine.prefix_index import read_stats
+    from mlxc.engine.kv.index import read_stats
     from mlxc.store import open_store
 
     settings = settings_from(cache_dir)
@@ -125,7 +125,7 @@ def clear(
 ) -> None:
     """Delete every cached answer and saved prefix (KV) state, and reset the statistics.
     Models are kept. A running server keeps the states it holds in memory."""
-    from mlxc.engine.prefix_index import PrefixIndex
+    from mlxc.engine.kv.index import PrefixIndex
     from mlxc.errors import InputError
 
     if responses_only and prefix_only:

@@ -16,7 +16,7 @@ from mlxc.cli.options import (
     ModelOption,
     settings_from,
 )
-from mlxc.engine.limits import DEFAULT_MAX_QUEUE  # no MLX at import
+from mlxc.engine.batch.limits import DEFAULT_MAX_QUEUE  # no MLX at import
 
 EXAMPLES = """
 [bold]Examples[/bold]

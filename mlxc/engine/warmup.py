@@ -4,8 +4,8 @@ through every path a request takes, and the first client finds them compiled.
 
 The paths: prefill with the last-position shortcut, at lengths that reach each kind of
 matmul kernel (on a GPU up to a whole prefill chunk: a fresh H200 still spent 17 s compiling in
-the first request after a warm-up that prefilled only 14 tokens); a lone decode (lone.py's ops)
-greedy, and sampled with a seeded key and a penalty; batched decodes from `max_batch` sequences
+the first request after a warm-up that prefilled only 14 tokens); a lone decode (batch/lone.py's
+ops) greedy, and sampled with a seeded key and a penalty; batched decodes from `max_batch` sequences
 down to one, one of them joining a running batch. No cache is touched.
 """
 
@@ -19,9 +19,9 @@ def warm_up(engine: Any) -> None:
     from mlx_lm.models.cache import make_prompt_cache
     from mlx_lm.sample_utils import greedy_sampler, make_logits_processors
 
-    from mlxc.engine.batch_generator import Batch
-    from mlxc.engine.generate import generate_tokens
-    from mlxc.engine.seeds import keyed_sampler
+    from mlxc.engine.batch.generator import Batch
+    from mlxc.engine.decode.generate import generate_tokens
+    from mlxc.engine.decode.seeds import keyed_sampler
     from mlxc.model.dtype import gpu_backend
 
     model, step = engine.model, engine.prefill_step_size

@@ -1,7 +1,7 @@
 """The engine: ONE thread owns the model, because MLX must not be driven from two threads.
 
 Callers `submit` a request and get a `Generation` at once; the thread runs every admitted
-request in one continuous batch (scheduler.py), publishing each piece of text as it comes, so
+request in one continuous batch (batch/scheduler.py), publishing each piece of text as it comes, so
 the event loop and the Rich display never wait on MLX. Anything else that must touch MLX
 (counting tokens, prefix warm-up) goes through `call`, which runs a function on the same
 thread between decode steps. When nothing waits, the thread may use the pause after an answer
@@ -19,12 +19,12 @@ from concurrent.futures import Future
 from typing import Any
 
 from mlxc.config import Settings
-from mlxc.engine.limits import (
+from mlxc.engine.batch.limits import (
     DEFAULT_MAX_QUEUE,
     RETRY_AFTER_SECONDS,
     default_max_batch,
 )
-from mlxc.engine.tools import answer_filter, prompt_messages
+from mlxc.engine.decode.tools import answer_filter, prompt_messages
 from mlxc.errors import (
     EngineBusy,
     ModelError,
@@ -62,7 +62,7 @@ class Engine:
         self.prefill_step_size = prefill_step_size
         self.max_batch = max(1, max_batch or default_max_batch(ref, settings))
         self.max_queue = max(0, max_queue)
-        self.max_kv_memory = max_kv_memory  # bytes; None: derived from the device (memory.py)
+        self.max_kv_memory = max_kv_memory  # bytes; None: from the device (batch/admission.py)
         self.memory: Any = None  # the MemoryGate, once the model is loaded
         self._progress = progress or (lambda _msg: None)
         self._jobs: queue.Queue = queue.Queue()
@@ -272,29 +272,29 @@ class Engine:
         self.dtype = effective_dtype_without_mlx(self.settings.dtype, self.ref.folder,
                                                  self.settings.cache_dir)
         apply_dtype(self.model, self.dtype)
-        from mlxc.engine import batch_kernels, compiled_decode
+        from mlxc.engine.cuda import batch_kernels, compiled_decode
 
         self.batch_model = compiled_decode.for_model(self.model, self.settings.compiled_decode)
         self.batch_kernels = batch_kernels.for_model(
             self.model, self.settings.batch_kernels, self.batch_model is not self.model)
-        from mlxc.engine.generate import supports_last_position_logits
+        from mlxc.engine.decode.generate import supports_last_position_logits
 
         self.last_only = supports_last_position_logits(self.model)
         args = getattr(self.model, "args", None)
         self.context_length = int(getattr(args, "max_position_embeddings", 0) or 0)
-        from mlxc.engine.prefix_cache import PrefixCache
+        from mlxc.engine.kv.cache import PrefixCache
 
         fingerprint = model_fingerprint(self.ref, self.settings)
         self.prompt_cache = PrefixCache(
             self.model, self.tokenizer, fingerprint, self.settings, self.prefill_step_size,
         )
-        from mlxc.engine.memory import MemoryGate, measurement_file
+        from mlxc.engine.batch.admission import MemoryGate, measurement_file
 
         remembered = fingerprint and measurement_file(
             self.settings.cache_dir / "measured", fingerprint, self.prefill_step_size)
         self.memory = MemoryGate.for_model(self.model, self.prefill_step_size,
                                            self.max_kv_memory, self.prompt_cache, remembered)
-        from mlxc.engine.scheduler import Scheduler
+        from mlxc.engine.batch.scheduler import Scheduler
 
         self.scheduler = Scheduler(self, self.max_batch, self._start_sequence, self._collect)
 
@@ -331,7 +331,7 @@ class Engine:
         """Once idle after an answer, feed the template's opening of the next user turn (and
         the answer's last tokens, if the state stops short of them), so a follow-up prefills
         only its own text. A guess: a different next turn trims it off again."""
-        from mlxc.engine.turns import next_turn_opening
+        from mlxc.engine.kv.turns import next_turn_opening
 
         try:
             opening = next_turn_opening(self.tokenizer, turn.request, turn.text, turn.said)
@@ -344,9 +344,9 @@ class Engine:
     def _start_sequence(self, request: GenerationRequest, generation: Generation) -> Any:
         """A request's sequence: prompt encoded, prefix state fetched, sampler built; or the
         whole Answer of a request that generates nothing (echo with max_tokens 0)."""
-        from mlxc.engine.generate import Prefill
-        from mlxc.engine.sampling import build_sampling
-        from mlxc.engine.sequence import Sequence
+        from mlxc.engine.batch.sequence import Sequence
+        from mlxc.engine.decode.generate import Prefill
+        from mlxc.engine.decode.sampling import build_sampling
 
         tokens = self.encode(request)
         if self.context_length and len(tokens) + 1 > self.context_length:
@@ -359,7 +359,7 @@ class Engine:
         started = time.perf_counter()  # a state loaded from disk counts in the time to first token
         echoed = None
         if request.echo:
-            from mlxc.engine.scoring import prompt_logprobs
+            from mlxc.engine.decode.scoring import prompt_logprobs
 
             echoed = prompt_logprobs(self.model, self.tokenizer, tokens, request.top_logprobs)
             if request.max_tokens == 0:  # a log-likelihood request: nothing to generate

@@ -114,7 +114,7 @@ async def metrics(request: Request) -> Response:
         "mlxc_engine_tokens_per_second": ("Tokens/s of all sequences, last 10 s.",
                                           batch["tokens_per_second"]),
     }
-    if batch.get("kv_memory_limit_bytes"):  # memory-aware admission (engine/memory.py)
+    if batch.get("kv_memory_limit_bytes"):  # memory-aware admission (engine/batch/admission.py)
         gauges["mlxc_kv_memory_limit_bytes"] = ("KV cache memory admission allows.",
                                                 batch["kv_memory_limit_bytes"])
         gauges["mlxc_kv_memory_reserved_bytes"] = ("KV cache memory reserved by admitted "

@@ -1,4 +1,4 @@
-"""Log-probability entries (mlxc/engine/logprobs.py) in the OpenAI APIs' shapes: chat's
+"""Log-probability entries (mlxc/engine/decode/logprobs.py) in the OpenAI APIs' shapes: chat's
 `{"content": [...]}` and the legacy completions' parallel lists."""
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
-from mlxc.engine.prefix_block_file import np_dtype
+from mlxc.engine.kv.block_file import np_dtype
 
 
 def leaves(layer: Any) -> list[Any]:

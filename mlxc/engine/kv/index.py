@@ -35,7 +35,7 @@ CREATE TABLE IF NOT EXISTS entries (
     used REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS entries_used ON entries (used);
-CREATE TABLE IF NOT EXISTS blocks (         -- KV blocks (prefix_block_index.py)
+CREATE TABLE IF NOT EXISTS blocks (         -- KV blocks (kv/block_index.py)
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     hash TEXT UNIQUE NOT NULL,              -- chain hash; also the file name under blocks/
     root TEXT NOT NULL,                     -- the model's chain start

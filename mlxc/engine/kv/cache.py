@@ -5,10 +5,10 @@ Engine thread only, except `stats()`, which reads plain Python numbers from any 
 
 - Trimmable caches (full attention: KVCache, QuantizedKVCache): fixed token blocks named by a
   hash chain, the same blocks in memory and on disk, written by a writer thread
-  (prefix_block_cache.py). A turn writes only its new tokens; prefixes are shared.
+  (kv/block_cache.py). A turn writes only its new tokens; prefixes are shared.
 - Caches that cannot be trimmed (sliding window, recurrent): whole states, also kept at
   message boundaries (end of the system prompt, end of the conversation before the answer)
-  (prefix_states.py).
+  (kv/states.py).
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ from typing import Any
 from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
 
 from mlxc.config import Settings
-from mlxc.engine.prefix_index import COUNTERS, read_stats, summarize
-from mlxc.engine.prefix_memory import ALWAYS_TRIMMABLE, cache_length
-from mlxc.engine.turns import message_boundaries
+from mlxc.engine.kv.index import COUNTERS, read_stats, summarize
+from mlxc.engine.kv.memory import ALWAYS_TRIMMABLE, cache_length
+from mlxc.engine.kv.turns import message_boundaries
 
 log = logging.getLogger("mlxc.prefix")
 MIN_REUSE = 8  # fewer shared tokens (a chat template's header) are not worth a lookup
@@ -69,13 +69,13 @@ class PrefixCache:
             args = (model, self.fingerprint, self.classes, self.directory, self.memory_limit,
                     self.disk_limit)
             if self.trimmable:
-                from mlxc.engine.prefix_block_cache import BlockTiers
+                from mlxc.engine.kv.block_cache import BlockTiers
 
                 self.tiers = BlockTiers(*args, block_size=settings.prefix_block_tokens,
                                         min_reuse=MIN_REUSE,
                                         disk_bits=settings.prefix_disk_bits)
             else:
-                from mlxc.engine.prefix_states import WholeStates
+                from mlxc.engine.kv.states import WholeStates
 
                 self.tiers = WholeStates(*args, min_reuse=MIN_REUSE)
         self.totals = Counter({name: read_stats(self.directory)[name] for name in COUNTERS})
@@ -133,7 +133,7 @@ class PrefixCache:
     def _prefill(self, cache: list[Any], tokens: list[int]) -> None:
         import mlx.core as mx
 
-        from mlxc.engine.generate import prefill_states
+        from mlxc.engine.decode.generate import prefill_states
 
         prefill_states(self.model, mx.array(tokens), cache, self.step)
 
@@ -207,7 +207,7 @@ class PrefixCache:
 
     def shed(self, nbytes: int) -> int:
         """Drop at least `nbytes` (or all) from the memory tier, least recently used first
-        (what is on disk stays there), to make room for a request's KV cache (memory.py).
+        (what is on disk stays there), to make room for a request's KV cache (batch/admission.py).
         Returns the bytes dropped."""
         tree = getattr(self.tiers, "tree", None)
         if tree is not None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from mlxc.engine.tools import template_messages  # messages as the engine renders them
+from mlxc.engine.decode.tools import template_messages  # messages as the engine renders them
 
 
 def _render(tokenizer: Any, messages: list[dict], tools: Any) -> list[int]:

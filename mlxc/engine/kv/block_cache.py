@@ -1,5 +1,5 @@
 """The prefix cache for trimmable models, in blocks: memory and disk hold the same blocks,
-named by a hash chain (prefix_blocks.py), so a turn writes only its new tokens and one system
+named by a hash chain (kv/blocks.py), so a turn writes only its new tokens and one system
 prompt is stored once for every conversation that starts with it.
 
 Engine thread only, except `figures()`. The engine's cost per stored state: slicing and
@@ -17,8 +17,8 @@ from typing import Any
 import mlx.core as mx
 from mlx_lm.models.cache import make_prompt_cache
 
-from mlxc.engine.prefix_block_disk import DISK_ERRORS, BlockDisk
-from mlxc.engine.prefix_block_kv import (
+from mlxc.engine.kv.block_disk import DISK_ERRORS, BlockDisk
+from mlxc.engine.kv.block_kv import (
     assemble,
     blank,
     byte_view,
@@ -31,7 +31,7 @@ from mlxc.engine.prefix_block_kv import (
     split,
     to_buffers,
 )
-from mlxc.engine.prefix_blocks import Block, BlockTree, chain_hash, root_hash, token_array
+from mlxc.engine.kv.blocks import Block, BlockTree, chain_hash, root_hash, token_array
 
 log = logging.getLogger("mlxc.prefix")
 BLOCK_SIZE = 256

@@ -9,8 +9,8 @@ import json
 import uuid
 from typing import Any
 
-from mlxc.engine.constraints import forced_tools, tool_name, tool_parameters
-from mlxc.engine.stops import StopMatcher
+from mlxc.engine.decode.constraints import forced_tools, tool_name, tool_parameters
+from mlxc.engine.decode.stops import StopMatcher
 from mlxc.request import GenerationRequest, Message
 
 

@@ -20,7 +20,7 @@ import time
 from collections import OrderedDict
 from typing import Any
 
-from mlxc.engine import batch_attention, small_rows
+from mlxc.engine.cuda import batch_attention, small_rows
 
 STEP = 256  # positions a buffer grows by: mlx-lm's BatchKVCache.step
 # Shapes (batch size x buffer length) kept compiled; the least recently used one is dropped

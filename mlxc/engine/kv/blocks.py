@@ -8,7 +8,7 @@ block's own tokens: equal names mean equal KV, stored once, whoever made it.
 Blocks are aligned on `block_size` positions (a run never crosses a multiple of it), so two
 conversations with one system prompt share its blocks. A state's trailing partial block is kept
 too; a later turn appends a further run after it, or rewrites it as a longer one when that costs
-little (see prefix_block_cache.py). A sequence that diverges inside a block continues from the
+little (see kv/block_cache.py). A sequence that diverges inside a block continues from the
 block's first k tokens: its next block's parent is named "<block>@k", so nothing is rewritten.
 
 No MLX here: blocks carry their arrays as opaque objects. Thread-safe (one lock): the engine
@@ -208,7 +208,7 @@ class BlockTree:
 
     def shed(self, nbytes: int) -> int:
         """Drop at least `nbytes` of arrays (or all), least recently used first; returns the
-        bytes dropped (room for a request's KV cache: memory.py)."""
+        bytes dropped (room for a request's KV cache: batch/admission.py)."""
         with self.lock:
             before, limit = self.memory_bytes, self.memory_limit
             self.memory_limit = max(before - nbytes, 0)

@@ -1,5 +1,5 @@
-"""mlxc's CUDA kernels for batched decode steps (small_rows.py: projections of a few rows;
-batch_attention.py: attention over a left-padded batch), switched on around each batched
+"""mlxc's CUDA kernels for batched decode steps (cuda/small_rows.py: projections of a few rows;
+cuda/batch_attention.py: attention over a left-padded batch), switched on around each batched
 step only. A lone sequence's step and every prefill run mlx-lm's code untouched, without
 even the routing's per-call checks (on the H200 a lone step is ~4 ms, set by the host, and
 ~200 checks would cost it ~5%)."""
@@ -10,7 +10,7 @@ import contextlib
 import sys
 from typing import Any
 
-from mlxc.engine import batch_attention, small_rows
+from mlxc.engine.cuda import batch_attention, small_rows
 
 
 class BatchKernels:
@@ -45,7 +45,7 @@ class BatchKernels:
 def for_model(model: Any, enabled: bool, compiled: bool = False
               ) -> contextlib.AbstractContextManager:
     """The kernels' switch for `model` on CUDA (when `enabled`; `compiled`: the batched step
-    runs compiled, where the projection kernel takes fewer rows, see small_rows.py);
+    runs compiled, where the projection kernel takes fewer rows, see cuda/small_rows.py);
     elsewhere a switch that does nothing."""
     if enabled and small_rows.usable():
         return BatchKernels(

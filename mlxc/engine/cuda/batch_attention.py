@@ -8,7 +8,7 @@ unpadded (`benchmarks/decode_step.py --kernels`), and the host sets a decode ste
 with this kernel, 6.1 against 5.7 in another run. It is MLX's one-pass vector attention
 (32 warps over the keys, an online softmax each, merged at the end) with each row starting
 at its own first real key, so it needs no mask. Everything else (prefill, one sequence,
-other caches, sinks) keeps MLX's; batch_kernels.py routes it around batched steps only.
+other caches, sinks) keeps MLX's; cuda/batch_kernels.py routes it around batched steps only.
 """
 
 from __future__ import annotations

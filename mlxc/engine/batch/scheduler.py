@@ -14,7 +14,7 @@ Each `tick` does at most three things, in this order:
    at least half their speed from the moment it arrives to its first token.
    Requests admitted together (a burst) are prefilled together by the batch, in one pass
    per chunk, and then decode together, as mlx-lm's server does;
-3. one decode step: of the sequence that runs alone (lone.py: mlx-lm's own loop, at raw
+3. one decode step: of the sequence that runs alone (batch/lone.py: mlx-lm's own loop, at raw
    speed), or of every running sequence together, by mlx-lm's `BatchGenerator`. Both queue
    step n+1 before they read the tokens of step n (pipelined on both backends). A lone
    sequence moves into the batch when a second one is ready to decode, and the batch's last
@@ -35,10 +35,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from mlxc.engine.batch_figures import Figures
-from mlxc.engine.lone import LoneDecoder
-from mlxc.engine.memory import MemoryWait
-from mlxc.engine.sequence import Sequence
+from mlxc.engine.batch.admission import MemoryWait
+from mlxc.engine.batch.figures import Figures
+from mlxc.engine.batch.lone import LoneDecoder
+from mlxc.engine.batch.sequence import Sequence
 from mlxc.errors import PromptTooLong
 from mlxc.request import Answer, GenerationRequest
 from mlxc.stream import Failed, Finished, Generation
@@ -84,7 +84,7 @@ class Scheduler:
         self.lone_prefill = 0.0  # seconds to the first token of the last prompt run alone
 
     def _new_batch(self) -> Any:
-        from mlxc.engine.batch_generator import Batch
+        from mlxc.engine.batch.generator import Batch
 
         eos = sorted(self.engine.tokenizer.eos_token_ids)
         return Batch(
@@ -110,7 +110,7 @@ class Scheduler:
 
     @property
     def admissible(self) -> bool:
-        """Someone waits, and the first in line is not waiting for memory (memory.py)."""
+        """Someone waits, and the first in line is not waiting for memory (batch/admission.py)."""
         return bool(self.waiting) and self.engine.memory.lets_in(self.waiting[0])
 
     def add(self, request: GenerationRequest, generation: Generation) -> None:
@@ -332,7 +332,7 @@ class Scheduler:
 
     def _demote(self) -> None:
         """The batch's last sequence goes back to the lone loop: `BatchGenerator` decodes one
-        sequence at 0.64x mlx-lm's own loop on the H200 (lone.py). Its next token, already
+        sequence at 0.64x mlx-lm's own loop on the H200 (batch/lone.py). Its next token, already
         being computed (with its processors: a grammar must not see it twice), moves with it.
         Reads mlx-lm's generation batch; without it (another mlx-lm) the sequence stays."""
         batch = self.batch

@@ -18,8 +18,8 @@ from typing import Any
 
 from mlx_lm.models.cache import PromptTrie, load_prompt_cache, save_prompt_cache
 
-from mlxc.engine.prefix_block_file import open_regular
-from mlxc.engine.prefix_index import IndexRow, PrefixIndex
+from mlxc.engine.kv.block_file import open_regular
+from mlxc.engine.kv.index import IndexRow, PrefixIndex
 
 log = logging.getLogger("mlxc.prefix")
 FORMAT = "mlxc-prefix-1"

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from mlxc.engine.sequence import Sequence
+from mlxc.engine.batch.sequence import Sequence
 
 
 class LoneDecoder:

@@ -12,9 +12,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from mlxc.engine.generate import Prefill
-from mlxc.engine.sampling import SequenceSampling
-from mlxc.engine.tools import ForcedCall, ToolCallFilter
+from mlxc.engine.decode.generate import Prefill
+from mlxc.engine.decode.sampling import SequenceSampling
+from mlxc.engine.decode.tools import ForcedCall, ToolCallFilter
 from mlxc.request import Answer, GenerationRequest, Usage
 from mlxc.stream import Delta, Generation
 

@@ -17,8 +17,8 @@ from array import array
 from dataclasses import dataclass
 from pathlib import Path
 
-from mlxc.engine.prefix_block_file import SUFFIX, BadBlock, read_header
-from mlxc.engine.prefix_index import PrefixIndex, pack_tokens
+from mlxc.engine.kv.block_file import SUFFIX, BadBlock, read_header
+from mlxc.engine.kv.index import PrefixIndex, pack_tokens
 
 log = logging.getLogger("mlxc.prefix")
 BLOCKS_DIR = "blocks"

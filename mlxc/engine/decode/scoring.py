@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from mlxc.engine.logprobs import TokenNames, entry
+from mlxc.engine.decode.logprobs import TokenNames, entry
 
 
 def prompt_logprobs(

@@ -14,8 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from mlxc.engine.constraints import grammar_for
-from mlxc.engine.logprobs import LogprobRecorder
+from mlxc.engine.decode.constraints import grammar_for
+from mlxc.engine.decode.logprobs import LogprobRecorder
 from mlxc.request import GenerationRequest
 
 
@@ -46,7 +46,7 @@ def build_sampling(request: GenerationRequest, tokenizer: Any) -> SequenceSampli
     from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
     if request.seed is not None and request.temperature > 0:  # its own key: holds in a batch
-        from mlxc.engine.seeds import keyed_sampler
+        from mlxc.engine.decode.seeds import keyed_sampler
 
         sampler = keyed_sampler(
             request.seed, request.temperature, request.top_p, request.min_p, request.top_k
@@ -64,7 +64,7 @@ def build_sampling(request: GenerationRequest, tokenizer: Any) -> SequenceSampli
     )
     grammar = grammar_for(request.response_format, request.tools, request.tool_choice)
     if grammar is not None:  # last: penalties must not lift a token the grammar forbids
-        from mlxc.engine.grammar_mask import GrammarProcessor
+        from mlxc.engine.decode.grammar_mask import GrammarProcessor
 
         grammar_processor = GrammarProcessor(grammar, tokenizer)
         processors.append(grammar_processor)

@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from mlxc.engine.prefix_block_file import (
+from mlxc.engine.kv.block_file import (
     BadBlock,
     BlockHeader,
     OpenBlock,
@@ -24,8 +24,8 @@ from mlxc.engine.prefix_block_file import (
     read_into,
     write_temp,
 )
-from mlxc.engine.prefix_block_index import BlockIndex, BlockRow, _unlink
-from mlxc.engine.prefix_blocks import Block, BlockTree, chain_hash, token_array
+from mlxc.engine.kv.block_index import BlockIndex, BlockRow, _unlink
+from mlxc.engine.kv.blocks import Block, BlockTree, chain_hash, token_array
 
 log = logging.getLogger("mlxc.prefix")
 QUEUE_BLOCKS = 256  # jobs waiting for the writer at most
@@ -228,7 +228,7 @@ class BlockDisk:
 
     def _write_now(self, index: BlockIndex, block: Block, header: BlockHeader,
                    views: list) -> None:
-        from mlxc.engine.prefix_block_file import data_offset, encode_header
+        from mlxc.engine.kv.block_file import data_offset, encode_header
 
         size = data_offset(len(encode_header(header))) + sum(v.nbytes for v in views)
         dropped = index.reserve(self.root, block.hash, block.parent, block.start,

@@ -1,6 +1,6 @@
 """Whole states, for models whose caches cannot be cut into blocks (sliding windows,
 recurrent layers): kept at message boundaries and after answers, in memory (mlx-lm's trie + LRU,
-prefix_memory.py) and written through to disk (prefix_disk.py). Engine thread only.
+kv/memory.py) and written through to disk (kv/state_disk.py). Engine thread only.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from typing import Any
 
 from mlx_lm.models.cache import make_prompt_cache
 
-from mlxc.engine.prefix_disk import DiskTier, state_nbytes
-from mlxc.engine.prefix_memory import MemoryTier, best_match
+from mlxc.engine.kv.memory import MemoryTier, best_match
+from mlxc.engine.kv.state_disk import DiskTier, state_nbytes
 
 log = logging.getLogger("mlxc.prefix")
 DISK_ERRORS = (OSError, sqlite3.Error)  # a full or broken disk costs reuse, never an answer
