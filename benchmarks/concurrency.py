@@ -27,92 +27,20 @@ import threading
 import time
 from pathlib import Path
 
+from shared import (
+    decode_tps,
+    gaps,
+    mlx_lm_text,
+    prompt,
+    raw_decode_tps,
+    timed,
+    together,
+)
+
 from mlxc.config import load_settings
 from mlxc.engine.worker import Engine
 from mlxc.model.refs import resolve_model
-from mlxc.request import GenerationRequest
 from mlxc.stream import Delta
-
-TOPICS = ["a lighthouse keeper", "a city under the sea", "the first computer", "a red fox",
-          "a mountain village", "the moon landing", "a jazz musician", "an old library",
-          "a desert caravan", "a robot gardener"]
-
-
-def prompt(i: int, words: int = 0) -> GenerationRequest:
-    text = f"Request {i}: write a long story about {TOPICS[i % len(TOPICS)]}."
-    if words:
-        text += " Context: " + " ".join(f"word{k % 97}" for k in range(words))
-    return GenerationRequest(messages=[{"role": "user", "content": text}])
-
-
-def warm_engine(model: str | None, max_batch: int = 8, max_queue: int = 64) -> Engine:
-    """An engine on `model` without prefix caches (every prompt is prefilled), warmed up."""
-    settings = load_settings().with_overrides(
-        cache_dir=Path(tempfile.mkdtemp(prefix="mlxc-bench-")), model=model,
-        prefix_memory_bytes=0, prefix_disk_bytes=0)
-    engine = Engine(resolve_model(settings.model, settings), settings, max_batch=max_batch,
-                    max_queue=max_queue).start()
-    engine.wait_loaded()
-    engine.call(lambda e: e.warm_up()).result()
-    return engine
-
-
-def timed(engine: Engine, request: GenerationRequest) -> dict:
-    """One request: TTFT, end-to-end seconds, tokens, its delta times and its text."""
-    started = time.perf_counter()
-    times, answer = [], None
-    generation = engine.submit(request)
-    for event in generation.events():
-        if isinstance(event, Delta):
-            times.append(time.perf_counter())
-    answer = generation.result()
-    end = time.perf_counter()
-    return {"ttft": (times[0] if times else end) - started, "e2e": end - started,
-            "tokens": answer.usage.completion_tokens, "times": times, "text": answer.text}
-
-
-def together(engine: Engine, requests: list[GenerationRequest]) -> tuple[float, list[dict]]:
-    """Send all at once (one thread each); (wall seconds, per-request figures)."""
-    out: list[dict | None] = [None] * len(requests)
-
-    def run(i: int) -> None:
-        out[i] = timed(engine, requests[i])
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(requests))]
-    started = time.perf_counter()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    return time.perf_counter() - started, out  # type: ignore[return-value]
-
-
-def raw_decode_tps(engine: Engine, request: GenerationRequest, n: int) -> float:
-    import mlx.core as mx
-    from mlx_lm import stream_generate
-
-    *_, last = stream_generate(engine.model, engine.tokenizer, mx.array(engine.encode(request)),
-                               max_tokens=n, prefill_step_size=engine.prefill_step_size)
-    return last.generation_tps
-
-
-def gaps(times: list[float]) -> list[float]:
-    return [b - a for a, b in zip(times, times[1:], strict=False)]
-
-
-def mlx_lm_text(engine: Engine, request: GenerationRequest) -> str:
-    import mlx.core as mx
-    from mlx_lm import stream_generate
-
-    return "".join(r.text for r in stream_generate(
-        engine.model, engine.tokenizer, mx.array(engine.encode(request)),
-        max_tokens=request.max_tokens, prefill_step_size=engine.prefill_step_size,
-    ))
-
-
-def decode_tps(figures: dict) -> float:
-    times = figures["times"]
-    return (len(times) - 1) / (times[-1] - times[0]) if len(times) > 2 else 0.0
 
 
 def interference(engine: Engine, tokens: int, long_words: int) -> dict:

@@ -30,7 +30,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from mlx_lm_peer import free_port  # noqa: E402
+from shared import free_port  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 TOPICS = ["the sea", "a mountain", "a library", "the moon", "a fox", "a city", "rain", "bread"]

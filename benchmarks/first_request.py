@@ -22,7 +22,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from concurrency_servers import chat  # noqa: E402
-from mlx_lm_peer import free_port  # noqa: E402
+from shared import free_port  # noqa: E402
 
 
 def main() -> None:

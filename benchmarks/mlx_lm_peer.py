@@ -9,7 +9,6 @@ dtype change), so compare it with mlxc at `--dtype keep`.
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -17,12 +16,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import httpx
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from shared import free_port
 
 
 @contextmanager

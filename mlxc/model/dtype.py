@@ -4,8 +4,8 @@ On MLX's CPU backend only float32 matmuls go through BLAS (see `blas.py`): quant
 and fp16 matmuls run MLX's own unvectorised loops. A small quantized model dequantized to
 float32 at load time prefills ~15x faster there; on Metal the quantized kernels are the fast
 path, so it stays as shipped. On CUDA (MLX 0.32.4) the quantized matmul slows down past 4
-rows, so batches barely gain (H200, 3B shape, `benchmarks/batch_steps.py`: 4-bit 276 tok/s
-at batch 4, 159 at 8; dequantized 532 and 1,000, and one sequence as fast as 4-bit): a
+rows, so batches barely gain (H200, 3B shape, `benchmarks/diagnostics/batch_steps.py`: 4-bit 276
+tok/s at batch 4, 159 at 8; dequantized 532 and 1,000, and one sequence as fast as 4-bit): a
 quantized model that fits dequantized in a quarter of the GPU's memory is dequantized to its
 scales' dtype there. Dequantizing is exact up to float rounding.
 

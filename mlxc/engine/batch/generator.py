@@ -5,7 +5,7 @@ deep-copies the whole batch's caches, then filters both copies, which reads each
 padding back to the host. When every sequence in the prompt batch leaves at once (a burst
 prefilled together, or sequences joining with their prompts already in), nothing stays
 behind to copy for: the split hands the batch over as it is. On the H200 that copy took
-15-17 ms of a burst's first token (`benchmarks/burst_timeline.py --sync`, 3B, 4-8 rows).
+15-17 ms of a burst's first token (`benchmarks/diagnostics/burst_timeline.py --sync`, 3B, 4-8 rows).
 """
 
 from __future__ import annotations

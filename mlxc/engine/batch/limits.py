@@ -7,8 +7,8 @@ from mlxc.config import Settings
 from mlxc.model.refs import ModelRef
 
 # Sequences decoded together (`mlxc serve --max-batch`). On CUDA (MLX 0.32.4, H200, 3B 4-bit;
-# benchmarks/batch_steps.py) a batch of 4 decodes 276 tokens/s and one of 8 only 159: the
-# quantized matmul slows down past 4 rows there, so a model kept quantized on CUDA batches 4.
+# benchmarks/diagnostics/batch_steps.py) a batch of 4 decodes 276 tokens/s and one of 8 only 159:
+# the quantized matmul slows down past 4 rows there, so a model kept quantized on CUDA batches 4.
 # Dequantized (model/dtype.py) and elsewhere mlx-lm's batching scales further.
 DEFAULT_MAX_BATCH_QUANTIZED_CUDA = 4
 DEFAULT_MAX_BATCH_ELSEWHERE = 8

@@ -1,7 +1,7 @@
 """The decode loop of a sequence that runs alone: mlx-lm's `generate_step`, one step per
 scheduler tick, at raw mlx-lm speed.
 
-Measured on an H200 (benchmarks/batch_steps.py, 3B-shape 4-bit model): mlx-lm's
+Measured on an H200 (benchmarks/diagnostics/batch_steps.py, 3B-shape 4-bit model): mlx-lm's
 `BatchGenerator` decodes one sequence at 0.64x `stream_generate` (its batch cache builds a mask
 every step and the attention takes the masked path), so a sequence that is alone decodes here on
 its own cache. When a second sequence is ready to decode, the lone one moves into the batch

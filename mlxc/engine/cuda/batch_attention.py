@@ -4,8 +4,8 @@ mlx-lm's `BatchKVCache` left-pads shorter sequences and masks the padding with a
 array. MLX 0.32's CUDA backend has no vector kernel for a masked query, so each layer of a
 batched decode step goes to cuDNN, whose launch costs the host more than the GPU's work: on
 the H200 a 3B model's step at 4 rows took 6.7 ms in the padded batch cache against 5.3 ms
-unpadded (`benchmarks/decode_step.py --kernels`), and the host sets a decode step's pace;
-with this kernel, 6.1 against 5.7 in another run. It is MLX's one-pass vector attention
+unpadded (`benchmarks/diagnostics/decode_step.py --kernels`), and the host sets a decode step's
+pace; with this kernel, 6.1 against 5.7 in another run. It is MLX's one-pass vector attention
 (32 warps over the keys, an online softmax each, merged at the end) with each row starting
 at its own first real key, so it needs no mask. Everything else (prefill, one sequence,
 other caches, sinks) keeps MLX's; cuda/batch_kernels.py routes it around batched steps only.

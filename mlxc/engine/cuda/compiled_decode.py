@@ -2,7 +2,7 @@
 
 On the H200 a decode step is paced by the host: Python builds ~700 operations a step for a
 3B model (~2.5 ms) before the GPU has work, and a batch of 4 cost ~1.5-2x a lone step
-(`benchmarks/decode_step.py`). A compiled step replays its graph from C++ instead.
+(`benchmarks/diagnostics/decode_step.py`). A compiled step replays its graph from C++ instead.
 
 `mx.compile` needs the same shapes and no Python state that changes, and mlx-lm's
 `BatchKVCache` grows by Python-int slices: its `_idx` moves every step. So the step runs

@@ -5,11 +5,11 @@ A batched decode step multiplies a few rows (one per sequence) by each weight ma
 launches cost the host far more, and without the compiled step (cuda/compiled_decode.py) the host
 sets a decode step's pace: on the H200 a 3B model's step (float32 weights, no padding) took
 9.6 ms at 4 rows and 10.4 at 8 against 6.0 at one; with this kernel 6.6 and 8.1
-(`benchmarks/decode_step.py --kernels`, one run). A block reads a few weight rows (BLOCKS) and
-computes them for every row of x, so each x chunk it loads serves them all: one step's
+(`benchmarks/diagnostics/decode_step.py --kernels`, one run). A block reads a few weight rows
+(BLOCKS) and computes them for every row of x, so each x chunk it loads serves them all: one step's
 projections chained as in the model took 5.9 ms at 4 rows and 7.6 at 8, against 6.7 and 8.8
-with one weight row a block (`benchmarks/few_rows.py`, H200). Past 8 rows an earlier version
-lost to cuBLAS (13.3 vs 8.1 ms at 16), so more rows keep MLX's matmul, as do Metal and the
+with one weight row a block (`benchmarks/diagnostics/few_rows.py`, H200). Past 8 rows an earlier
+version lost to cuBLAS (13.3 vs 8.1 ms at 16), so more rows keep MLX's matmul, as do Metal and the
 CPU; cuda/batch_kernels.py switches it on around batched steps only. It sums in float32 at full
 precision, where cuBLAS's float32 goes through TF32 (~3e-4 apart).
 """
@@ -22,10 +22,10 @@ from typing import Any
 MAX_ROWS = 8  # past this cuBLAS was faster (H200); rows are a run-time bound up to it
 # Under the compiled decode step (cuda/compiled_decode.py) cuBLAS's device time is lower (one
 # step's projections, H200, 3B shape, float32, under ncu: 4.40 ms vs this kernel's 4.71 at 4
-# rows, 4.51 vs 5.90 at 8; `benchmarks/step_kernels.py`), but each cuBLAS call costs the host
-# more: at 4 rows the whole step was faster with this kernel in one run (6.62 vs 8.78 ms,
-# `benchmarks/decode_step.py --kernels --variants batch_compiled`), level in another
-# (5.56 ms both, `benchmarks/burst_trace.py --modes compiled,cublas`), and in a third 4
+# rows, 4.51 vs 5.90 at 8; `benchmarks/diagnostics/step_kernels.py`), but each cuBLAS call costs
+# the host more: at 4 rows the whole step was faster with this kernel in one run (6.62 vs 8.78 ms,
+# `benchmarks/diagnostics/decode_step.py --kernels --variants batch_compiled`), level in another
+# (5.56 ms both, `benchmarks/diagnostics/burst_trace.py --modes compiled,cublas`), and in a third 4
 # requests took 0.229 of their sequential time with it against 0.421 with cuBLAS while 8
 # streams gave 4.4x against 4.7x. Not settled; 4 is what the target runs measured.
 COMPILED_MAX_ROWS = 4

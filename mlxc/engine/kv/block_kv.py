@@ -109,8 +109,8 @@ def blank(nbytes: int, stream: Any = None) -> Any:
     """An evaluated byte array to read a block file's arrays into, one per block (not one per
     array), zero-filled on `stream`: by default the default device's, so on a GPU the fill
     runs there and the host's reads then fault pages over on many threads. H200, the blocks
-    of an 8,000-token 3B prefix (1.9 GB; benchmarks/block_load.py): zero-filled on the GPU,
-    allocate 0.02 s + read 0.26 s; on the CPU, 0.80 s + 0.07 s (one thread touches every
+    of an 8,000-token 3B prefix (1.9 GB; benchmarks/diagnostics/block_load.py): zero-filled on the
+    GPU, allocate 0.02 s + read 0.26 s; on the CPU, 0.80 s + 0.07 s (one thread touches every
     fresh page). Metal's memory is unified either way."""
     flat = mx.zeros((nbytes,), mx.uint8, stream=stream or mx.default_stream(mx.default_device()))
     mx.eval(flat)

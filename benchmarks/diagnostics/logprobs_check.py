@@ -4,7 +4,8 @@
   computation with mlx-lm: one forward pass and log-softmax, on `mlx_lm.load` of the same
   folder (as shipped) and on the engine's own loaded weights.
 
-    PYTHONPATH=$PWD .venv/bin/python benchmarks/logprobs_check.py [--model PATH] [--json]
+    PYTHONPATH=$PWD .venv/bin/python benchmarks/diagnostics/logprobs_check.py [--model PATH]
+        [--json]
 """
 
 from __future__ import annotations

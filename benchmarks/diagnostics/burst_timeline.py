@@ -1,6 +1,7 @@
 """What the engine thread does from a burst's first request to its last first token, in order.
 
-    python benchmarks/burst_timeline.py [--model PATH] [--sizes 8] [--tokens 32] [--rounds 2]
+    python benchmarks/diagnostics/burst_timeline.py [--model PATH] [--sizes 8] [--tokens 32]
+        [--rounds 2]
 
 Sends N requests at once from N threads (as `concurrency.py` does) to an idle, warmed-up
 engine and prints, per round, a timeline relative to the first `submit`: when each request
@@ -17,8 +18,10 @@ import sys
 import threading
 import time
 import types
+from pathlib import Path
 
-from concurrency import prompt, warm_engine
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: shared.py
+from shared import prompt, warm_engine
 
 from mlxc.engine.worker import Engine
 from mlxc.stream import Delta

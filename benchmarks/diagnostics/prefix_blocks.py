@@ -9,9 +9,9 @@ PrefixCache (fetch, prefill, store, as a request does) on token lists:
 - memory: memory tier bytes (and MLX active memory) for 200 distinct short prompts / their KV
   bytes (<= 10)
 
-    python benchmarks/prefix_blocks.py                  # a tiny random model (seconds)
-    python benchmarks/prefix_blocks.py --model default  # mlxc's default model
-    python benchmarks/prefix_blocks.py --block 128 --json
+    python benchmarks/diagnostics/prefix_blocks.py                  # a tiny random model (seconds)
+    python benchmarks/diagnostics/prefix_blocks.py --model default  # mlxc's default model
+    python benchmarks/diagnostics/prefix_blocks.py --block 128 --json
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
 
 
 def open_service(model: str, cache: Path, block: int, memory: int = 8 << 30):

@@ -1,7 +1,7 @@
 """Where a restart's block load goes: the parts of reading a long prefix back from the disk
 tier's block files, each timed on its own, against mlx-lm loading the same state from one file.
 
-    python benchmarks/block_load.py --model /tmp/m3b --tokens 8192
+    python benchmarks/diagnostics/block_load.py --model /tmp/m3b --tokens 8192
 
 Writes the blocks with the disk tier's own file writer, then times (medians of --reps) the way
 the disk tier loads them (prefix_block_cache.BlockTiers._load): opening the files and making
@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 
 def main() -> None:

@@ -2,7 +2,7 @@
 random model. Reports the server's open files (peak and after), /health latency during the
 flood and how much the server log grew. Issue 14's before/after figures come from it:
 
-    PYTHONPATH=. .venv/bin/python benchmarks/slow_clients.py /tmp/slow 3000
+    PYTHONPATH=. .venv/bin/python benchmarks/diagnostics/slow_clients.py /tmp/slow 3000
 
 Run it with an older tree on PYTHONPATH to compare. Linux only (/proc)."""
 
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import httpx
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
 from tiny_model import make_tiny_model  # noqa: E402
 
 

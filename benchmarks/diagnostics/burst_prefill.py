@@ -1,7 +1,7 @@
 """Where a burst's prompt pass goes: N short prompts prefilled one by one, or together the
 way mlx-lm's `PromptProcessingBatch.prompt` does it, with and without its steps.
 
-    python benchmarks/burst_prefill.py --model PATH [--prompts 8] [--dequantize]
+    python benchmarks/diagnostics/burst_prefill.py --model PATH [--prompts 8] [--dequantize]
 
 Variants (ms, median of 3 after one warm pass, the same lengths; then once with lengths
 never seen, which pays for any shape-specific set-up):
@@ -18,7 +18,11 @@ import argparse
 import json
 import random
 import statistics
+import sys
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: shared.py
 
 
 def main() -> None:
@@ -29,7 +33,7 @@ def main() -> None:
     args = parser.parse_args()
     import mlx.core as mx
     from mlx_lm.models.cache import BatchKVCache, KVCache
-    from step_models import load_model
+    from shared import load_model
 
     model = load_model(args.model, args.dequantize)
     layers = len(model.layers)

@@ -1,6 +1,6 @@
 """One request at a time: mlxc's decode speed against raw mlx-lm's, per prompt.
 
-    python benchmarks/lone_prompts.py [--model PATH] [--prompts 0,10,11] [--tokens 128]
+    python benchmarks/diagnostics/lone_prompts.py [--model PATH] [--prompts 0,10,11] [--tokens 128]
                                       [--rounds 3]
 
 For each prompt of `concurrency.py` and round (alternating): raw `mlx_lm.stream_generate`'s
@@ -14,10 +14,14 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 from collections import defaultdict
+from pathlib import Path
 
 from burst_trace import SPENT, timed_method
-from concurrency import prompt, raw_decode_tps, warm_engine
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: shared.py
+from shared import prompt, raw_decode_tps, warm_engine
 
 
 def main() -> None:

@@ -1,7 +1,8 @@
 """Requests sent together to an idle engine: where their time goes, and what the compiled
 decode step (engine/cuda/compiled_decode.py) changes, measured side by side in one process.
 
-    python benchmarks/burst_trace.py [--model PATH] [--sizes 4,8] [--tokens 128] [--rounds 3]
+    python benchmarks/diagnostics/burst_trace.py [--model PATH] [--sizes 4,8] [--tokens 128]
+        [--rounds 3]
 
 For each size N and round: N requests one after another (the sequential sum, and one
 stream's tokens/s), then N sent together in each mode (`--modes`; rounds rotate which goes
@@ -22,10 +23,13 @@ import argparse
 import functools
 import json
 import statistics
+import sys
 import time
 from collections import defaultdict
+from pathlib import Path
 
-from concurrency import gaps, prompt, timed, together, warm_engine
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: shared.py
+from shared import gaps, prompt, timed, together, warm_engine
 
 from mlxc.engine.worker import Engine
 

@@ -2,8 +2,9 @@
 
     ncu --profile-from-start off --cache-control none --clock-control none \\
         --metrics gpu__time_duration.sum --csv --print-units base \\
-        python benchmarks/step_kernels.py --model PATH --rows 1,4,8 > kernels.csv 2> steps.txt
-    python benchmarks/step_kernels.py --summarise kernels.csv --labels steps.txt
+        python benchmarks/diagnostics/step_kernels.py --model PATH --rows 1,4,8 > kernels.csv 2>
+            steps.txt
+    python benchmarks/diagnostics/step_kernels.py --summarise kernels.csv --labels steps.txt
 
 Runs, for each row count, one decode step of a float32-dequantized model (context ~200):
 1 row as mlx-lm's lone step (`KVCache`), more through mlxc's compiled batched step over
@@ -20,6 +21,10 @@ import ctypes
 import json
 import sys
 from collections import defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: shared.py
+
 
 MARKER = "mlxc_step_marker"
 PREFIX = "profiled step: "
@@ -40,7 +45,7 @@ def marker(label: str) -> None:
 
 def profile(args) -> None:
     import mlx.core as mx
-    from step_models import batch_caches, filled, load_model, lone_caches, row_lengths
+    from shared import batch_caches, filled, load_model, lone_caches, row_lengths
 
     from mlxc.engine.cuda.batch_kernels import BatchKernels
     from mlxc.engine.cuda.compiled_decode import CompiledDecode

@@ -1,6 +1,6 @@
 """Does a lone request decode slower after batches have run, or when a thread reads it?
 
-    python benchmarks/lone_after_batch.py [--model PATH] [--tokens 128] [--bursts 3]
+    python benchmarks/diagnostics/lone_after_batch.py [--model PATH] [--tokens 128] [--bursts 3]
 
 Median gap between a lone request's tokens (`concurrency.py`'s prompt 10), read by the main
 thread and by a thread of its own, on a fresh engine, then again after `--bursts` bursts of 4
@@ -12,8 +12,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
+from pathlib import Path
 
-from concurrency import gaps, prompt, timed, together, warm_engine
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: shared.py
+from shared import gaps, prompt, timed, together, warm_engine
 
 from mlxc.engine.worker import Engine
 

@@ -1,7 +1,7 @@
 """What a new batch shape costs the compiled decode step (`mlxc/engine/cuda/compiled_decode.py`):
 the first step at each batch size, traced, against the steps after it.
 
-    python benchmarks/trace_cost.py --model PATH [--sizes 2,3,4,5,6,7,8] [--context 200]
+    python benchmarks/diagnostics/trace_cost.py --model PATH [--sizes 2,3,4,5,6,7,8] [--context 200]
 
 Two passes over the sizes, each with a fresh `CompiledDecode`: in the first, the process has
 never run those shapes (kernels MLX builds for them at run time included); in the second,
@@ -13,7 +13,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: shared.py
 
 
 def main() -> None:
@@ -23,7 +27,7 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=200)
     args = parser.parse_args()
     import mlx.core as mx
-    from step_models import batch_caches, filled, load_model, row_lengths
+    from shared import batch_caches, filled, load_model, row_lengths
 
     from mlxc.engine.cuda.compiled_decode import CompiledDecode
 

@@ -5,8 +5,9 @@ Both runs start from a KV state holding the first `--cached` prompt tokens (trim
 each run) and feed the rest; they alternate, so machine noise hits both alike. Also checks
 that both give the same greedy tokens.
 
-    python benchmarks/first_token.py                 # 44 new tokens and an exact repeat (1)
-    python benchmarks/first_token.py --new 1 44 200 --json
+    python benchmarks/diagnostics/first_token.py                 # 44 new tokens and an exact
+        repeat (1)
+    python benchmarks/diagnostics/first_token.py --new 1 44 200 --json
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ and a few JSON schemas: compile time, then per token the time to compute the all
 mask and advance the matcher along a valid answer; and whether each engine accepts the valid
 answer and rejects a wrong one.
 
-    PYTHONPATH=$PWD .venv/bin/python benchmarks/grammar_engines.py [model folder]
+    PYTHONPATH=$PWD .venv/bin/python benchmarks/diagnostics/grammar_engines.py [model folder]
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Where a batched decode step's time goes, on mlx-lm alone (no mlxc code in the loop).
 
-    python benchmarks/batch_steps.py --model PATH [--sizes 1,2,4,8,16] [--tokens 64]
+    python benchmarks/diagnostics/batch_steps.py --model PATH [--sizes 1,2,4,8,16] [--tokens 64]
                                      [--dequantize keep|bfloat16]
 
 - raw: `mlx_lm.stream_generate` decode tokens/s (one sequence, KVCache);

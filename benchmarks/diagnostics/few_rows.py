@@ -1,7 +1,7 @@
 """Device time of one decode step's projections at a few rows: MLX's matmul against mlxc's
 few-rows kernel (`mlxc/engine/cuda/small_rows.py`) in several block shapes. CUDA only.
 
-    python benchmarks/few_rows.py [--rows 1,2,4,8] [--dtypes float32,bfloat16]
+    python benchmarks/diagnostics/few_rows.py [--rows 1,2,4,8] [--dtypes float32,bfloat16]
                                   [--shapes 1x4,4x4,8x2] [--layers 28]
 
 The weights are random, of a Llama-3.2-3B-like shape (what `make_model.py 3b` builds; 12 GB

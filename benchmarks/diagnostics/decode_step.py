@@ -1,6 +1,7 @@
 """What one batched decode step costs, part by part, on mlx-lm's model code alone.
 
-    python benchmarks/decode_step.py --model PATH [--sizes 1,4,8] [--steps 64] [--context 200]
+    python benchmarks/diagnostics/decode_step.py --model PATH [--sizes 1,4,8] [--steps 64]
+        [--context 200]
 
 Each variant runs the model's decode step pipelined as mlx-lm does (queue step n+1, then read
 token n) and reports ms per step, and how much of it Python spends building the step
@@ -18,7 +19,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: shared.py
 
 
 def main() -> None:
@@ -40,7 +45,7 @@ def main() -> None:
         small_rows.BLOCKS[4] = tuple(int(v) for v in args.block.split("x"))
     import mlx.core as mx
     from mlx_lm.models import base
-    from step_models import batch_caches, filled, load_model, lone_caches, row_lengths
+    from shared import batch_caches, filled, load_model, lone_caches, row_lengths
 
     model = load_model(args.model, args.dequantize)
     layers = len(model.layers)
