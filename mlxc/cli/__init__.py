@@ -12,7 +12,9 @@ os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "__all__")
 import typer  # noqa: E402
 
 from mlxc import __version__  # noqa: E402
-from mlxc.cli import ask, bench, cache, serve
+from mlxc.cli import ask, bench, cache, help_format, serve
+
+help_format.install()
 
 app = typer.Typer(
     name="mlxc",

