@@ -17,7 +17,8 @@ from typing import Any
 from mlxc.config import Settings
 from mlxc.model.refs import ModelRef, model_fingerprint, prepare_model, resolve_model
 from mlxc.request import Answer, GenerationRequest
-from mlxc.store import ResponseStore, open_store, private_folders
+from mlxc.store import open_store, private_folders
+from mlxc.store_guard import GuardedStore
 from mlxc.stream import Delta, Event, Finished, Generation
 
 # A replayed hit is re-chunked into a few words per event, as a live stream would be.
@@ -85,7 +86,8 @@ class Service:
         self.ref: ModelRef = resolve_model(model or settings.model, settings)
         self.progress = progress or (lambda _msg: None)
         self._engine_options = engine_options or {}
-        self._store: ResponseStore | None = None
+        # Opened on first use; a full disk or a Redis gone is "degraded", not an error.
+        self._store = GuardedStore(lambda: open_store(settings))
         self._engine = None
         self._fingerprint: str | None = None
         self._inflight: dict[str, Generation] = {}
@@ -95,11 +97,8 @@ class Service:
     # -- parts, made on first use --------------------------------------------------------
 
     @property
-    def store(self) -> ResponseStore:
-        with self._lock:
-            if self._store is None:
-                self._store = open_store(self.settings)
-            return self._store
+    def store(self) -> GuardedStore:
+        return self._store
 
     @property
     def fingerprint(self) -> str | None:
@@ -152,7 +151,8 @@ class Service:
         key = self.key_for(request)
         if read and (answer := self.lookup(key)) is not None:
             return Reply("hit", key, answer=answer)
-        status = "miss" if read or write else "bypass"
+        # A store that is unavailable (full disk, Redis gone) was not used: a bypass.
+        status = "miss" if (read or write) and not self.store.degraded else "bypass"
         engine = self.engine()
         with self._lock:
             generation = self._inflight.get(key)
@@ -209,5 +209,4 @@ class Service:
             import gc
 
             gc.collect()
-        if self._store is not None:
-            self._store.close()
+        self._store.close()

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from mlxc.config import Settings
+from mlxc.disk_full import disk_refused, sound
 
 log = logging.getLogger("mlxc.store")
 DB_FILES = ("cache.db", "cache.db-wal", "cache.db-shm")
@@ -27,6 +28,15 @@ class StoreError(RuntimeError):
 
 class StoreDamaged(StoreError):
     """SQLite cannot read the store's database; `mlxc cache clear` removes it."""
+
+
+class StoreUnavailable(StoreError):
+    """The store is sound but cannot be used now (a full disk, Redis away): answers are
+    generated uncached until it works again (mlxc.store_guard). `reason` names no path."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 @dataclass
@@ -105,19 +115,37 @@ class DiskStore:
             for name in DB_FILES:
                 if (self.directory / name).exists():
                     os.chmod(self.directory / name, 0o600)
-        except sqlite3.DatabaseError as exc:
-            raise damaged(self.directory, exc) from exc
         except (OSError, sqlite3.Error) as exc:
-            raise StoreError(
+            raise self._failure(exc, "open") from exc
+
+    def _failure(self, exc: OSError | sqlite3.Error, doing: str = "write") -> StoreError:
+        """What a failed call means: a full disk while the file is sound is unavailable (the
+        next call may work), a file SQLite cannot read is damaged, anything else an error."""
+        if disk_refused(exc) and sound(self.directory / "cache.db"):
+            try:
+                full = os.statvfs(self.directory).f_bavail == 0
+            except OSError:
+                full = True
+            what = "is full" if full else "refused a write"
+            return StoreUnavailable(
+                f"the disk holding the response cache {self.directory} {what} ({exc}); the "
+                "cache itself is intact: free some space",
+                reason=f"the response cache's disk {what}",
+            )
+        if isinstance(exc, sqlite3.DatabaseError):
+            return damaged(self.directory, exc)
+        if doing == "open":
+            return StoreError(
                 f"cannot open the response cache in {self.directory}: {exc}. "
                 "Choose a writable folder with --cache-dir or MLXC_CACHE_DIR."
-            ) from exc
+            )
+        return StoreError(f"cannot {doing} the response cache in {self.directory}: {exc}")
 
     def get(self, key: str) -> dict[str, Any] | None:
         try:
             value = self._cache.get(key)
-        except sqlite3.DatabaseError as exc:
-            raise damaged(self.directory, exc) from exc
+        except (OSError, sqlite3.Error) as exc:
+            raise self._failure(exc, "read") from exc
         if value is None and (reason := self._cache.disk.take_refusal()):
             self._drop(key, reason)
         return value
@@ -136,22 +164,20 @@ class DiskStore:
     def contains(self, key: str) -> bool:
         try:
             return key in self._cache
-        except sqlite3.DatabaseError as exc:
-            raise damaged(self.directory, exc) from exc
+        except (OSError, sqlite3.Error) as exc:
+            raise self._failure(exc, "read") from exc
 
     def set(self, key: str, value: dict[str, Any]) -> None:
         try:
             self._cache.set(key, value, expire=self.ttl)
-        except sqlite3.DatabaseError as exc:
-            raise damaged(self.directory, exc) from exc
         except (OSError, sqlite3.Error) as exc:
-            raise StoreError(f"cannot write the response cache in {self.directory}: {exc}") from exc
+            raise self._failure(exc) from exc
 
     def stats(self) -> StoreStats:
         try:
             return self._stats()
-        except sqlite3.DatabaseError as exc:
-            raise damaged(self.directory, exc) from exc
+        except (OSError, sqlite3.Error) as exc:
+            raise self._failure(exc, "read") from exc
 
     def _stats(self) -> StoreStats:
         hits, misses = self._cache.stats()
@@ -171,8 +197,8 @@ class DiskStore:
         try:
             removed = self._cache.clear()
             self._cache.stats(reset=True)
-        except sqlite3.DatabaseError as exc:
-            raise damaged(self.directory, exc) from exc
+        except (OSError, sqlite3.Error) as exc:
+            raise self._failure(exc, "clear") from exc
         return removed
 
     def close(self) -> None:

@@ -165,24 +165,28 @@ def _clear_stored_conversations(settings) -> None:
 
 def _clear_responses(settings) -> None:
     """Empty the response store; one SQLite cannot read is removed instead, so that clearing
-    always works (the fix that a damaged store's error message names)."""
-    from mlxc.store import DiskStore, StoreDamaged, open_store
+    always works (the fix that a damaged store's error message names), and so is one on a
+    full disk (SQLite needs space to delete rows; removing the files frees it)."""
+    from mlxc.store import DiskStore, StoreDamaged, StoreError, StoreUnavailable, open_store
 
     try:
         store = open_store(settings)
-    except StoreDamaged as exc:
-        broken: StoreDamaged | None = exc
+    except (StoreDamaged, StoreUnavailable) as exc:
+        broken: StoreError | None = exc
     else:
         try:
             typer.echo(f"removed {store.clear()} cached answers from {_response_place(settings)}")
             return
-        except StoreDamaged as exc:
+        except (StoreDamaged, StoreUnavailable) as exc:
             broken = exc
         finally:
             store.close()
+    if settings.redis_url:  # Redis away: nothing on this disk to remove
+        raise broken
     DiskStore.destroy(settings.response_dir)
-    typer.echo(f"removed the damaged response cache in {settings.response_dir} "
-               f"(SQLite: {broken.__cause__})")
+    what = "damaged response cache" if isinstance(broken, StoreDamaged) else (
+        "response cache on a full disk")
+    typer.echo(f"removed the {what} in {settings.response_dir} (SQLite: {broken.__cause__})")
 
 
 WARM_EXAMPLES = """

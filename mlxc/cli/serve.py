@@ -141,7 +141,8 @@ def serve(
     Routes: /v1/chat/completions, /v1/completions, /v1/responses, /v1/messages,
     /v1/messages/count_tokens, /v1/models, /health, /metrics.
 
-    Answers share the cache with `mlxc ask`; responses carry X-Mlxc-Cache: hit|miss|bypass."""
+    Answers share the cache with `mlxc ask`; responses carry X-Mlxc-Cache: hit|miss|bypass
+    (bypass also while the cache is unavailable, as on a full disk: /health says degraded)."""
     import uvicorn
     from rich.console import Console
     from rich.markup import escape
@@ -155,6 +156,7 @@ def serve(
     from mlxc.server.limits import Throttle, ThrottledLog, guarded_protocol
     from mlxc.server.state import ServerOptions
     from mlxc.service import Service
+    from mlxc.store import StoreUnavailable
 
     if not 0.0 <= temperature <= 2.0:
         raise InputError("--temperature must be between 0 and 2")
@@ -190,7 +192,10 @@ def serve(
             engine.wait_loaded()
             status.update("warming up (compiling kernels)")
             engine.call(lambda e: e.warm_up()).result()  # the first client does not pay it
-            stats = service.store.stats()
+            try:
+                stats = service.store.stats()
+            except StoreUnavailable:  # a full disk, Redis gone: serve uncached (degraded)
+                stats = None
             _ = service.fingerprint  # hashed now, not on the first request
         finally:
             status.stop()
@@ -217,12 +222,16 @@ def serve(
         table = Table.grid(padding=(0, 2))
         table.add_row("[bold]model[/bold]", f"{app.state.mlxc.model_id} ({engine.dtype})")
         table.add_row("[bold]URL[/bold]", f"{url}  (OpenAI: {url}/v1 · Anthropic: {url})")
-        table.add_row("[bold]cache[/bold]", f"{stats.directory}")
-        table.add_row(
-            "[bold]cache size[/bold]",
-            f"{stats.cached_items} answers · {_human(stats.size_bytes)} of "
-            f"{_human(stats.size_limit)} · policy {settings.cache_policy}",
-        )
+        if stats is None:
+            table.add_row("[bold]cache[/bold]", "[yellow]degraded[/yellow]: "
+                          f"{escape(service.store.degraded.reason)}; answering uncached")
+        else:
+            table.add_row("[bold]cache[/bold]", f"{stats.directory}")
+            table.add_row(
+                "[bold]cache size[/bold]",
+                f"{stats.cached_items} answers · {_human(stats.size_bytes)} of "
+                f"{_human(stats.size_limit)} · policy {settings.cache_policy}",
+            )
         table.add_row("[bold]API key[/bold]", "required" if api_key else "off")
         table.add_row("[bold]browsers[/bold]",
                       f"CORS for {', '.join(guard.cors)}" if guard.cors else "refused (--cors)")

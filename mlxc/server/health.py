@@ -61,15 +61,29 @@ def _both_stats(state: ServerState) -> tuple[dict[str, Any] | None, dict[str, An
     return _store_stats(state), prefix
 
 
+def _degraded(state: ServerState, status: str) -> tuple[str, dict[str, str]]:
+    """A healthy server whose cache is off for now (a full disk, Redis gone) is `degraded`:
+    it answers, uncached (mlxc.store_guard). The reason names no path: the open body has it."""
+    problem = state.service.store.degraded
+    if problem is None or status != "healthy":
+        return status, {}
+    return "degraded", {"reason": problem.reason}
+
+
 @router.get("/health")
 async def health(request: Request) -> Response:
     state = get_state(request)
     status, loaded, depth = _engine_status(state)
     if not key_given(request.headers, state.options.api_key):  # no paths, no figures
-        body = {"status": status, "model_loaded": loaded, "version": __version__}
+        status, reason = _degraded(state, status)
+        body = {"status": status, **reason, "model_loaded": loaded, "version": __version__}
         return JSONResponse(body, status_code=503 if status == "error" else 200)
     stats, prefix = await run_in_threadpool(_both_stats, state)
+    status, reason = _degraded(state, status)  # after the figures: reading them may find it
     cache: dict[str, Any] = {"error": "the response store cannot be read"}
+    if (problem := state.service.store.degraded) is not None:
+        cache = {"error": problem.detail,
+                 "retry_in_seconds": round(problem.retry_in(time.monotonic()), 1)}
     if stats is not None:
         cache = {
             "hits": stats["hits"],
@@ -85,6 +99,7 @@ async def health(request: Request) -> Response:
     served = state.metrics.snapshot()
     body = {
         "status": status,
+        **reason,
         "model": state.model_id,
         "model_loaded": loaded,
         "cache": cache,
