@@ -32,11 +32,14 @@ class Running:
     env: dict[str, str]
 
 
-def start_server(root: Path, model: Path, *args: str) -> Running:
-    """`python -m mlxc serve` on the model with its own cache folder, once it has loaded."""
+def start_server(root: Path, model: Path, *args: str, env: dict[str, str] | None = None
+                 ) -> Running:
+    """`python -m mlxc serve` on the model with its own cache folder, once it has loaded;
+    `env` adds variables (MLXC_REDIS_URL, ...)."""
+    extra = env or {}
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLXC_")}
     env.update(MLXC_MODEL=str(model), MLXC_CACHE_DIR=str(root / "cache"),
-               MLXC_MODELS_DIR=str(root / "models"))
+               MLXC_MODELS_DIR=str(root / "models"), **extra)
     port = free_port()
     log_path = root / "server.log"
     with open(log_path, "w") as log:
