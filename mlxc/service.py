@@ -149,7 +149,11 @@ class Service:
         if not self.is_cacheable(request):
             return Reply("bypass", None, generation=self.engine().submit(request))
         key = self.key_for(request)
-        if read and (answer := self.lookup(key)) is not None:
+        # `contains` counts nothing: a miss is counted once the engine has taken the request
+        # (below), so one refused with 503 (queue full) is a refusal, not a miss. A degraded
+        # store is tried again only by `get`: then it looks up first, as before.
+        held = read and (self.store.degraded is not None or self.store.contains(key))
+        if held and (answer := self.lookup(key)) is not None:
             return Reply("hit", key, answer=answer)
         # A store that is unavailable (full disk, Redis gone) was not used: a bypass.
         status = "miss" if (read or write) and not self.store.degraded else "bypass"
@@ -157,12 +161,17 @@ class Service:
         with self._lock:
             generation = self._inflight.get(key)
             # An abandoned run is stopping and will not be stored: start afresh instead.
-            if generation is not None and not generation.cancelled.is_set():
-                return Reply(status, key, generation=generation, shared=True)
-            generation = engine.submit(request)
-            self._inflight[key] = generation
-        generation.add_done_callback(lambda event: self._finish(key, event, write))
-        return Reply(status, key, generation=generation)
+            shared = generation is not None and not generation.cancelled.is_set()
+            if not shared:
+                generation = engine.submit(request)  # EngineBusy when the queue is full
+                self._inflight[key] = generation
+        try:
+            if read and not held:
+                self.lookup(key)  # the miss, counted now that it is one (before _finish stores)
+        finally:
+            if not shared:
+                generation.add_done_callback(lambda event: self._finish(key, event, write))
+        return Reply(status, key, generation=generation, shared=shared)
 
     def _finish(self, key: str, event: Event, write: bool) -> None:
         with self._lock:

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import logging
 import time
+from http import HTTPStatus
 
 from fastapi import FastAPI
 from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
-from starlette.responses import Response
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mlxc import __version__
@@ -111,12 +112,24 @@ def create_app(
         return error_response(exc, request)
 
     @app.exception_handler(ClientGone)
-    async def _client_gone(_request: Request, _exc: ClientGone) -> Response:
+    @app.exception_handler(ClientDisconnect)  # it hung up before its whole body was sent
+    async def _client_gone(request: Request, exc: Exception) -> Response:
+        if isinstance(exc, ClientDisconnect):  # the client's doing: a line, no traceback
+            request.state.error = "the client disconnected before sending its whole body"
         return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
 
     @app.exception_handler(HTTPException)
     async def _http_error(request: Request, exc: HTTPException) -> Response:
-        return error_response(ApiError(exc.status_code, str(exc.detail)), request)
+        message, status = str(exc.detail), exc.status_code
+        if status in (404, 405) and message == HTTPStatus(status).phrase:  # the router's own
+            what = "URL" if status == 404 else "method for URL"
+            message = f"Invalid {what} ({request.method} {request.url.path})"  # OpenAI's words
+        error = ApiError(status, message, headers=exc.headers)  # 405 keeps its Allow
+        return error_response(error, request)
+
+    @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
+    async def _root() -> Response:  # what clients (Claude Code) probe before they start
+        return JSONResponse({"name": "mlxc", "version": __version__, "status": "ok"})
 
     app.add_middleware(RequestLog, state=state)
     if guard.cors:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import re
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
@@ -21,6 +22,8 @@ from mlxc.server.depth import MAX_DEPTH, json_depth
 from mlxc.store import StoreError
 
 Body = TypeVar("Body", bound=BaseModel)
+# \ud800-\udfff as JSON escapes them: only a body that has one is searched for a lone one.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89abcdefABCDEF]")
 
 _ANTHROPIC_TYPES = {
     400: "invalid_request_error",
@@ -141,7 +144,38 @@ async def parse_body(request: Request, model: type[Body], limit: int) -> Body:
         raise ApiError(400, f"the body is not valid JSON: {exc}", code="invalid_json") from None
     if not isinstance(data, dict):
         raise ApiError(400, "the body must be a JSON object", code="invalid_json")
+    if _SURROGATE_ESCAPE.search(raw) and (where := lone_surrogate(data)) is not None:
+        # Valid JSON, but not text: it cannot be encoded, hashed into a key or tokenized.
+        raise ApiError(400, f"{where or 'the body'} holds a lone UTF-16 surrogate: not valid "
+                       "Unicode (send characters past U+FFFF as UTF-8 or as a surrogate pair)",
+                       param=where or None, code="invalid_value")
     try:
         return model.model_validate(data)
     except ValidationError as exc:
         raise as_api_error(exc) from None
+
+
+def lone_surrogate(data: Any, path: str = "") -> str | None:
+    """Where parsed JSON holds a string (value or key) with a lone UTF-16 surrogate, as a
+    dotted path ('messages.0.content'; '' for the top); None if nowhere."""
+    if isinstance(data, str):
+        try:
+            data.encode("utf-8")
+        except UnicodeEncodeError:
+            return path
+        return None
+    if isinstance(data, dict):
+        items = data.items()
+    elif isinstance(data, list):
+        items = enumerate(data)
+    else:
+        return None
+    for name, value in items:
+        # the path goes into the error body: a key's own surrogate is written as an escape
+        shown = str(name).encode("utf-8", "backslashreplace").decode()
+        here = f"{path}.{shown}" if path else shown
+        if isinstance(name, str) and lone_surrogate(name) is not None:
+            return here
+        if (where := lone_surrogate(value, here)) is not None:
+            return where
+    return None

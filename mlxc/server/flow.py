@@ -15,6 +15,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers
 from starlette.requests import Request
 
+from mlxc.errors import EngineBusy
 from mlxc.request import Answer, GenerationRequest
 from mlxc.server.errors import ApiError, as_api_error
 from mlxc.server.state import ServerState
@@ -104,6 +105,8 @@ async def start(
     try:
         reply = await run_in_threadpool(state.service.start, generation_request, read, write)
     except Exception as exc:
+        if isinstance(exc, EngineBusy):
+            state.metrics.on_refused()
         raise as_api_error(exc) from None
     request.state.cache = reply.status
     state.metrics.on_reply(reply)

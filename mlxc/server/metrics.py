@@ -46,6 +46,7 @@ class Metrics:
         self.latency: dict[tuple[str, str], Histogram] = defaultdict(Histogram)
         self.replies: dict[str, int] = defaultdict(int)  # hit / miss / bypass
         self.shared = 0  # requests that joined an identical generation in flight
+        self.refused = 0  # 503s for a full queue: neither hits nor misses (never generated)
         self.generations: dict[str, int] = defaultdict(int)  # by finish reason
         self.prompt_tokens = 0
         self.completion_tokens = 0
@@ -58,6 +59,10 @@ class Metrics:
             self.shared += reply.shared
         if reply.generation is not None and not reply.shared:
             reply.generation.add_done_callback(self._on_generation_done)
+
+    def on_refused(self) -> None:
+        with self._lock:
+            self.refused += 1
 
     def _on_generation_done(self, event: Event) -> None:
         with self._lock:
@@ -87,6 +92,7 @@ class Metrics:
             return {
                 "replies": dict(self.replies),
                 "shared": self.shared,
+                "refused": self.refused,
                 "generations": dict(self.generations),
                 "prompt_tokens": self.prompt_tokens,
                 "completion_tokens": self.completion_tokens,
@@ -114,6 +120,9 @@ class Metrics:
             head("mlxc_cache_total", "counter", "Generation requests by cache outcome.")
             for status, n in sorted(self.replies.items()):
                 out.append(f'mlxc_cache_total{{result="{status}"}} {n}')
+            head("mlxc_refused_total", "counter",
+                 "Generation requests refused with 503 (queue full); not cache misses.")
+            out.append(f"mlxc_refused_total {self.refused}")
             head("mlxc_single_flight_joins_total", "counter", "Requests that shared a run.")
             out.append(f"mlxc_single_flight_joins_total {self.shared}")
             head("mlxc_generations_total", "counter", "Engine runs by finish reason.")

@@ -34,6 +34,9 @@ from mlxc.server.state import ServerState
 from mlxc.stream import Delta
 
 router = APIRouter(dependencies=[Depends(dialect("openai")), Depends(authorized)])
+# OpenAI's default for /v1/completions (chat's is the model's own limit: mlxc's 512). Filled
+# in before the request is keyed, so leaving it out and sending 16 share one cache entry.
+COMPLETION_MAX_TOKENS = 16
 
 
 class _Body(BaseModel):
@@ -69,11 +72,11 @@ class Sampling(_Body):
     stream_options: StreamOptions | None = None
     n: int | None = None
     logit_bias: dict[str, float] | None = None
-    ignore_eos: bool | None = None  # vLLM / mlx-lm extension
+    ignore_eos: bool | None = None  # vLLM extension (benchmark clients): decode to max_tokens
 
     def sampling(self) -> dict[str, Any]:
         names = ("temperature", "top_p", "top_k", "min_p", "presence_penalty",
-                 "frequency_penalty", "repetition_penalty", "seed", "stop")
+                 "frequency_penalty", "repetition_penalty", "seed", "stop", "ignore_eos")
         return {name: getattr(self, name) for name in names}
 
     @property
@@ -241,7 +244,8 @@ class CompletionAdapter(Adapter[CompletionBody]):
         if body.echo and body.stream:
             raise ApiError(400, "echo is not supported with stream", param="echo")
         return state.generation_request(
-            prompt=_one_prompt(body), max_tokens=body.max_tokens,
+            prompt=_one_prompt(body), max_tokens=_first_given(body.max_tokens,
+                                                              COMPLETION_MAX_TOKENS),
             logprobs=body.logprobs is not None, top_logprobs=body.logprobs or 0,
             echo=body.echo or None, **body.sampling())
 
