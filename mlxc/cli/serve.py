@@ -132,6 +132,13 @@ def serve(
                           "'auto': the device's memory less the weights and a margin of 5% (at "
                           "least 512 MB); 'off': not checked [env: MLXC_MAX_KV_MEMORY]")
     ] = "auto",
+    shutdown_timeout: Annotated[
+        float, typer.Option(envvar="MLXC_SHUTDOWN_TIMEOUT",
+                            help="On SIGTERM or Ctrl-C: seconds the requests in flight have to "
+                            "finish before they are cancelled; then the prefix cache's last "
+                            "blocks and counters are written (SIGTERM exits 0) "
+                            "[env: MLXC_SHUTDOWN_TIMEOUT]")
+    ] = 10.0,
     cache_dir: CacheDirOption = None,
     cache_policy: CachePolicyOption = None,
     dtype: DtypeOption = None,
@@ -154,6 +161,7 @@ def serve(
     from mlxc.server.app import create_app
     from mlxc.server.guard import GuardOptions, host_names
     from mlxc.server.limits import Throttle, ThrottledLog, guarded_protocol
+    from mlxc.server.shutdown import serve_until_stopped
     from mlxc.server.state import ServerOptions
     from mlxc.service import Service
     from mlxc.store import StoreUnavailable
@@ -164,6 +172,8 @@ def serve(
         raise InputError("--keepalive must be a positive number of seconds")
     if request_timeout <= 0:
         raise InputError("--request-timeout must be a positive number of seconds")
+    if shutdown_timeout < 0:
+        raise InputError("--shutdown-timeout must be 0 or more seconds")
     if max_connections < 1:
         raise InputError("--max-connections must be at least 1")
     if (max_batch is not None and max_batch < 1) or max_queue < 0:
@@ -248,7 +258,7 @@ def serve(
             log_level="warning",
             access_log=False,  # RequestLog writes one line per request instead
             lifespan="off",
-            timeout_graceful_shutdown=3,  # open streams must not hold up Ctrl-C
+            timeout_graceful_shutdown=shutdown_timeout,  # then what is left is cancelled
             timeout_keep_alive=5,  # idle keep-alive connections are closed
             http=guarded_protocol(request_timeout, cap, Throttle(log)),
             # asyncio accepts up to `backlog` sockets before any protocol sees one: kept
@@ -257,7 +267,7 @@ def serve(
         )
         for name in ("uvicorn.error", "asyncio"):  # one line per cause and minute
             logging.getLogger(name).addFilter(ThrottledLog())
-        uvicorn.Server(config).run(sockets=[sock])
+        serve_until_stopped(config, sock, log)  # SIGTERM returns too: the clean-up runs
     finally:
         sock.close()
         service.close()

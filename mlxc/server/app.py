@@ -8,6 +8,7 @@ thread) or on disk in the event loop (store calls run in the thread pool).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from http import HTTPStatus
@@ -64,6 +65,9 @@ class RequestLog:
             await self.app(scope, receive, send_with_header)
         except ClientTooSlow:
             info["error"] = "the client stopped reading; closed"
+        except asyncio.CancelledError:  # the end of `--shutdown-timeout`: said, then passed on
+            info["error"] = "cancelled: the server is stopping"
+            raise
         except Exception as exc:  # what no handler answered: a bug, said once with its cause
             error = as_api_error(exc)
             info["error"] = f"{type(exc).__name__}: {exc}"
