@@ -20,7 +20,7 @@ DEFAULT_MAX_TOKENS = 512
 MAX_TOKENS_LIMIT = 32768
 
 
-_KEYED_ONLY_WHEN_SET = {"logprobs": False, "top_logprobs": 0, "echo": False}
+_KEYED_ONLY_WHEN_SET = {"logprobs": False, "top_logprobs": 0, "echo": False, "ignore_eos": False}
 
 
 class Message(BaseModel):
@@ -76,6 +76,9 @@ class GenerationRequest(BaseModel):
     logprobs: bool = False
     top_logprobs: int = Field(0, ge=0, le=20)
     echo: bool = False
+    # vLLM's extension (sent by guidellm, genai-perf, llmperf): decode to max_tokens, past the
+    # model's end tokens; stop strings still stop. Keyed only when set, as the three above.
+    ignore_eos: bool = False
 
     @field_validator("tools")
     @classmethod
@@ -109,7 +112,10 @@ class GenerationRequest(BaseModel):
         if self.response_format or self.tool_choice not in (None, "auto", "none"):
             from mlxc.engine.decode.constraints import grammar_for  # llguidance: only when asked
 
-            grammar_for(self.response_format, self.tools, self.tool_choice)  # refuses here
+            grammar = grammar_for(self.response_format, self.tools, self.tool_choice)  # refuses
+            if grammar and self.ignore_eos:  # a finished grammar allows nothing but an end token
+                raise ValueError("ignore_eos cannot be used with a structured output or a "
+                                 "forced tool call: the grammar ends the answer")
         return self
 
     @property

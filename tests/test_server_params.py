@@ -14,7 +14,7 @@ HI = [{"role": "user", "content": "hi"}]
 
 
 @pytest.mark.parametrize("extra", [
-    {"n": 2}, {"ignore_eos": True}, {"logit_bias": {"1": 5}}, {"frobnicate": True},
+    {"n": 2}, {"logit_bias": {"1": 5}}, {"frobnicate": True},
     {"functions": [{"name": "f"}]}, {"modalities": ["text", "audio"]}, {"verbosity": "high"},
 ])
 def test_chat_refuses_what_it_cannot_honour(oai, extra):

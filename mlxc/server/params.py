@@ -38,8 +38,6 @@ def check_openai_sampling(body: Any) -> None:
     """The OpenAI fields that exist but cannot be honoured here."""
     if body.n not in (None, 1):
         raise refuse("n", "only n=1 is supported: ask again for another answer")
-    if body.ignore_eos:
-        raise refuse("ignore_eos", "ignore_eos is not supported: the model stops at its end")
     if body.logit_bias:
         raise refuse("logit_bias", "logit_bias is not supported")
     if (getattr(body, "best_of", None) or 1) != 1:

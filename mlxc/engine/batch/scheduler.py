@@ -84,12 +84,15 @@ class Scheduler:
         self.lone_prefill = 0.0  # seconds to the first token of the last prompt run alone
 
     def _new_batch(self) -> Any:
+        from mlx_lm.generate import StopSequences
+
         from mlxc.engine.batch.generator import Batch
 
-        eos = sorted(self.engine.tokenizer.eos_token_ids)
+        # Given per sequence (`_insert`): the end tokens, or none with ignore_eos.
+        ends = StopSequences([[t] for t in sorted(self.engine.tokenizer.eos_token_ids)])
+        self._stop_tokens = {False: ends, True: StopSequences()}
         return Batch(
             self.engine.batch_model,
-            stop_tokens=[[t] for t in eos],
             completion_batch_size=self.max_batch,
             prefill_batch_size=self.max_batch,  # those that join in one step, together
             prefill_step_size=self.engine.prefill_step_size,
@@ -279,6 +282,7 @@ class Scheduler:
             samplers=[None if _is_greedy(seq.sampling.sampler) else seq.sampling.sampler
                       for seq in seqs],
             logits_processors=[seq.sampling.processors for seq in seqs],
+            stop_sequences=[self._stop_tokens[seq.request.ignore_eos] for seq in seqs],
         )
         for uid, seq in zip(uids, seqs, strict=True):
             seq.uid, seq.cache = uid, []  # the batch holds (a copy of) its cache now

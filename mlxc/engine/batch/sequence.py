@@ -55,13 +55,16 @@ class Sequence:
         a stop string, max_tokens, or every listener gone)."""
         self.first_token_at = self.first_token_at or time.perf_counter()
         self.taken.append(token)
-        end_token = token in self.eos
+        # With ignore_eos an end token is an answer token (counted, fed back) that shows no
+        # text, as vLLM's default skip_special_tokens has it; the batch does not stop on it.
+        end_token = token in self.eos and not self.request.ignore_eos
         if end_token:
             self.detokenizer.finalize()
         else:
             self.sampling.observe(token, logprobs)
             self.generated.append(token)
-            self.detokenizer.add_token(token)
+            if token not in self.eos:
+                self.detokenizer.add_token(token)
             if finish_reason == "length" or self.remaining <= 0:
                 self.detokenizer.finalize()
         emit, stopped = self.stops.feed(self.detokenizer.last_segment)
