@@ -43,8 +43,14 @@ def template_knows_tools(tokenizer: Any) -> bool:
 
 def described_tools(request: GenerationRequest, tokenizer: Any) -> list[dict] | None:
     """The tools to describe in the system message: those on offer when the template knows
-    none (a forced call, or `auto`), never for `tool_choice: none`."""
-    if not request.tools or template_knows_tools(tokenizer):
+    none."""
+    return None if template_knows_tools(tokenizer) else tools_on_offer(request)
+
+
+def tools_on_offer(request: GenerationRequest) -> list[dict] | None:
+    """The tools the model may call: a forced call's, or all of them (`auto`); none for
+    `tool_choice: none`."""
+    if not request.tools:
         return None
     forced = forced_tools(request.tools, request.tool_choice)
     if forced:
@@ -87,15 +93,17 @@ def answer_filter(
     request: GenerationRequest, tokenizer: Any
 ) -> ToolCallFilter | ForcedCall | OptionalCall:
     """What cuts tool calls out of the answer: the model's own markup; for a forced call
-    (whose whole answer the grammar makes one JSON call) the answer itself; for tools
-    described in the prompt, an answer that is one such JSON call."""
+    (whose whole answer the grammar makes one JSON call) the answer itself; for tools on
+    offer, also an answer that is one such JSON call."""
     stops = StopMatcher(request.stop)
     if forced_tools(request.tools, request.tool_choice):
         return ForcedCall(stops)
-    offered = described_tools(request, tokenizer)
-    if offered:
-        return OptionalCall(stops, {tool_name(t) for t in offered})
-    return ToolCallFilter(stops, tokenizer, request.tools)
+    offered = {tool_name(t) for t in tools_on_offer(request) or []}
+    if described_tools(request, tokenizer):
+        return OptionalCall(stops, offered)
+    # Models whose template knows tools (Qwen2.5-Coder) also write a call as bare JSON, with
+    # no markup: the same recovery as for described tools, for a tool on offer only.
+    return ToolCallFilter(stops, tokenizer, request.tools, offered)
 
 
 def _partial_marker(text: str, marker: str) -> int:
@@ -108,12 +116,16 @@ def _partial_marker(text: str, marker: str) -> int:
 
 class ToolCallFilter:
     """A StopMatcher (same `feed`/`flush`) that also holds back the text between the
-    model's tool-call markers and parses each call when it closes. Without tools in the
-    request, or a tokenizer that knows no tool-call format, text passes straight through."""
+    model's tool-call markers and parses each call when it closes, and, with `names` (the
+    tools on offer), holds an answer that may be one bare JSON call for one of them (see
+    `BareCall`). Without tools in the request, or a tokenizer that knows no tool-call format,
+    other text passes straight through."""
 
-    def __init__(self, stops: StopMatcher, tokenizer: Any = None, tools: list | None = None):
+    def __init__(self, stops: StopMatcher, tokenizer: Any = None, tools: list | None = None,
+                 names: set[str] | frozenset[str] = frozenset()):
         self.stops = stops
         self.tool_calls: list[dict[str, Any]] = []
+        self._bare = BareCall(names) if names else None
         enabled = bool(tools) and bool(getattr(tokenizer, "has_tool_calling", False))
         self._start = tokenizer.tool_call_start if enabled else None
         self._end = (tokenizer.tool_call_end or "") if enabled else ""
@@ -124,10 +136,17 @@ class ToolCallFilter:
 
     def feed(self, segment: str) -> tuple[str, bool]:
         emit, stopped = self.stops.feed(segment)
+        if self._bare is not None:
+            emit = self._bare.feed(emit)
         return self._split(emit), stopped
 
     def flush(self) -> str:
-        shown = self._split(self.stops.flush())
+        tail = self.stops.flush()
+        if self._bare is not None:
+            call, tail = self._bare.flush(tail)
+            if call is not None:
+                self.tool_calls.append(call)
+        shown = self._split(tail)
         rest, self._buffer = self._buffer, ""
         if self._in_call:  # a format without an end marker, or a call cut off by max_tokens
             self._in_call = False
@@ -228,34 +247,49 @@ def _as_call(text: str, names: set[str] | None = None) -> dict[str, Any] | None:
     }
 
 
-class OptionalCall(ForcedCall):
-    """The filter for tools described in the prompt (`auto` with a template that knows no
-    tools): an answer that opens like a JSON object is held back and becomes a call if the
-    whole of it is one `{"name", "arguments"}` for a tool on offer; any other answer streams
-    as text (held text is shown as written, never lost)."""
+class BareCall:
+    """An answer that may be one bare `{"name", "arguments"}` call for a tool on offer: held
+    back while it opens like a JSON object (or a ```json fence), a call if the whole of it is
+    one; any other answer streams as text (held text is shown as written, never lost)."""
 
-    def __init__(self, stops: StopMatcher, names: set[str]) -> None:
-        super().__init__(stops)
+    def __init__(self, names: set[str] | frozenset[str]) -> None:
         self.names = names
         self._held: str | None = ""  # None once the answer is known to be text
 
-    def feed(self, segment: str) -> tuple[str, bool]:
-        emit, stopped = self.stops.feed(segment)
+    def feed(self, text: str) -> str:
+        """What may be shown now of the answer's next `text`."""
         if self._held is None:
-            return emit, stopped
-        self._held += emit
+            return text
+        self._held += text
         start = self._held.lstrip()
         if not start or start.startswith(("{", "```")) or "```".startswith(start):
-            return "", stopped
+            return ""
         text, self._held = self._held, None
-        return text, stopped
+        return text
+
+    def flush(self, tail: str) -> tuple[dict[str, Any] | None, str]:
+        """At the answer's end: (its call, "") or (None, the text still to show)."""
+        if self._held is None:
+            return None, tail
+        text, self._held = self._held + tail, None
+        call = _as_call(text, self.names)
+        return (call, "") if call else (None, text)
+
+
+class OptionalCall(ForcedCall):
+    """The filter for tools described in the prompt (`auto` with a template that knows no
+    tools): the answer may be one bare JSON call (`BareCall`)."""
+
+    def __init__(self, stops: StopMatcher, names: set[str]) -> None:
+        super().__init__(stops)
+        self._bare = BareCall(names)
+
+    def feed(self, segment: str) -> tuple[str, bool]:
+        emit, stopped = self.stops.feed(segment)
+        return self._bare.feed(emit), stopped
 
     def flush(self) -> str:
-        tail = self.stops.flush()
-        if self._held is None:
-            return tail
-        text, self._held = self._held + tail, None
-        if call := _as_call(text, self.names):
+        call, text = self._bare.flush(self.stops.flush())
+        if call is not None:
             self.tool_calls.append(call)
-            return ""
         return text
