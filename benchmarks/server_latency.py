@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -27,38 +25,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from shared import free_port  # noqa: E402
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
-
-
-def start_server(args, cache_dir: Path, log_path: Path) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    cmd = [sys.executable, "-m", "mlxc", "serve", "--port", str(port), "--cache-dir",
-           str(cache_dir)]
-    if args.model:
-        cmd += ["--model", args.model]
-    env = {k: v for k, v in os.environ.items() if k != "MLXC_API_KEY"}
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + args.startup_timeout
-    while True:
-        if proc.poll() is not None:
-            raise SystemExit(f"the server exited:\n{log_path.read_text()}")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).json().get("model_loaded"):
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            proc.terminate()
-            raise SystemExit(f"the server did not start in time:\n{log_path.read_text()}")
-        time.sleep(0.25)
+from shared import percentile, start_server  # noqa: E402
 
 
 def ask(client: httpx.Client, question: str, max_tokens: int, **headers) -> tuple[float, str]:
@@ -166,7 +133,8 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="mlxc-bench-") as tmp:
-        proc, url = start_server(args, Path(tmp) / "cache", Path(tmp) / "server.log")
+        proc, url = start_server(args.model, Path(tmp) / "cache", Path(tmp) / "server.log",
+                                 args.startup_timeout)
         try:
             result = measure(args, url)
         finally:

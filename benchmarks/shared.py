@@ -1,19 +1,24 @@
 """What the benchmarks share (imported by the suites here and by diagnostics/):
 - an engine warmed up without caches, requests to it, and their timings (concurrency.py and
   the burst diagnostics);
-- a free port for a server under test;
+- a real `mlxc serve` on a free port, and percentiles of its latencies;
 - for the decode-step diagnostics: a model loaded as they measure it, and caches filled to a
   context, left-padded as mlx-lm's batch holds them.
 """
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
+import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import Any
+
+import httpx
 
 from mlxc.config import load_settings
 from mlxc.engine.worker import Engine
@@ -155,3 +160,36 @@ def filled(model: Any, cache_of: Any, lengths: list[int]) -> list:
     model(mx.array([[7] * longest for _ in lengths]), cache=caches)
     mx.eval([c.state for c in caches])
     return caches
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
+def start_server(model: str | None, cache_dir: Path, log_path: Path, startup_timeout: float,
+                 extra: tuple[str, ...] = ()) -> tuple[subprocess.Popen, str]:
+    """A real `mlxc serve` on a free port with its own cache folder, once its model is loaded."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "mlxc", "serve", "--port", str(port), "--cache-dir",
+           str(cache_dir), *extra]
+    if model:
+        cmd += ["--model", model]
+    env = {k: v for k, v in os.environ.items() if k != "MLXC_API_KEY"}
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + startup_timeout
+    while True:
+        if proc.poll() is not None:
+            raise SystemExit(f"the server exited:\n{log_path.read_text()}")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).json().get("model_loaded"):
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            proc.terminate()
+            raise SystemExit(f"the server did not start in time:\n{log_path.read_text()}")
+        time.sleep(0.25)
