@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import run_mlxc, run_mlxc_light
+from conftest import run_mlxc, run_mlxc_light, sigint_default
 
 
 def ask_json(env, *args, input=None):
@@ -136,6 +136,7 @@ def test_ctrl_c_stops_generation_and_caches_nothing(mlxc_env):
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlxc", "ask", "Tell me a very long story", "--max-tokens", "30000"],
         env=mlxc_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+        preexec_fn=sigint_default,
     )
     assert proc.stdout.read(1)  # generation has started
     time.sleep(0.5)

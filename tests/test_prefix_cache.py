@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from conftest import let_go_of_stopped_engines
 from tiny_model import rescaled_copy
 
 from mlxc.config import Settings
@@ -64,6 +65,7 @@ def service(model: Path, cache: Path, **overrides):
         yield svc
     finally:
         svc.close()
+        let_go_of_stopped_engines()  # before the next engine of the test loads its model
 
 
 def ask(svc: Service, messages=None, prompt=None, max_tokens: int = 10, **params) -> Answer:
@@ -398,6 +400,7 @@ def test_smollm2_follow_up_from_memory_and_disk_equals_cold(tmp_path):
             return [ask(svc, messages, max_tokens=8) for messages in conversations]
         finally:
             svc.close()
+            let_go_of_stopped_engines()
 
     system = "You are a concise assistant. Answer in one short sentence. " * 12
     turn1 = [{"role": "system", "content": system}, {"role": "user", "content": "Capital of Peru?"}]

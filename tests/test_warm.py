@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import run_mlxc
+from conftest import run_mlxc, sigint_default
 from live_server import free_port, not_openai, served  # noqa: F401  (fixtures)
 
 from mlxc.config import Settings
@@ -126,6 +126,7 @@ def test_ctrl_c_keeps_what_finished_and_a_rerun_resumes(mlxc_env, tmp_path):
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlxc", "cache", "warm", str(prompts), "--json"],
         env=mlxc_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=sigint_default,
     )
     deadline = time.monotonic() + 120
     while not Path(mlxc_env["MLXC_CACHE_DIR"], "responses").exists() or stored(mlxc_env) < 1:
