@@ -11,6 +11,7 @@ import anthropic
 import openai
 import pytest
 from live_server import served  # noqa: F401  (fixture)
+from pydantic import BaseModel, Field
 
 from mlxc.engine.decode.constraints import ConstraintError, grammar_for
 
@@ -89,6 +90,25 @@ def test_json_schema_answers_parse_and_follow_the_schema(client):
     )
     if sampled.choices[0].finish_reason == "stop":  # free strings may run past max_tokens
         assert isinstance(json.loads(sampled.choices[0].message.content), dict)
+
+
+class Person(BaseModel):
+    name: str = Field(min_length=2)  # so that the random model writes (and loops) in it
+    age: int
+
+
+def test_a_value_that_loops_is_closed_so_the_answer_parses(client):
+    """A small model stuck in a loop inside a free string or number (the random model here:
+    "ityity...", "-1111...") wrote until max_tokens, and the client's parse (LangChain's
+    with_structured_output too) raised LengthFinishReasonError; the loop guard
+    (engine/decode/loop_guard.py) closes the value and the rest of the schema follows."""
+    for question in ("Who is Ada?", "Name and age of Linus"):
+        done = client.chat.completions.parse(
+            model="default", messages=[{"role": "user", "content": question}], max_tokens=80,
+            temperature=0, response_format=Person)
+        assert done.choices[0].finish_reason == "stop"
+        person = done.choices[0].message.parsed
+        assert len(person.name) >= 2 and isinstance(person.age, int)
 
 
 def test_forced_tool_calls_name_the_tool_and_follow_its_schema(client):

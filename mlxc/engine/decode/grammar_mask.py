@@ -2,7 +2,8 @@
 next gets -inf. One `GrammarProcessor` per sequence (it holds the matcher's state); it takes
 mlx-lm's processor signature, `processor(tokens, logits) -> logits`, and advances its matcher
 from `tokens` itself (the sequence so far), so it needs no other hook from the engine and works
-the same in mlx-lm's BatchGenerator. Engine thread only."""
+the same in mlx-lm's BatchGenerator. A loop inside a JSON string or number is closed
+(loop_guard.py). Engine thread only."""
 
 from __future__ import annotations
 
@@ -38,10 +39,14 @@ class GrammarProcessor:
     def __init__(self, grammar: str, tokenizer: Any) -> None:
         import llguidance
 
-        self._matcher = llguidance.LLMatcher(llguidance_tokenizer(tokenizer), grammar)
+        from mlxc.engine.decode.loop_guard import LoopGuard, tables_for
+
+        lltokenizer = llguidance_tokenizer(tokenizer)
+        self._matcher = llguidance.LLMatcher(lltokenizer, grammar)
         if self._matcher.is_error():
             raise ValueError(f"the grammar cannot be used: {self._matcher.get_error()}")
         self._vocab = len(tokenizer)
+        self._guard = LoopGuard(tables_for(tokenizer, lltokenizer, self._vocab))
         self._mask = np.zeros((self._vocab + 31) // 32, dtype=np.int32)
         self._seen: int | None = None  # tokens of the sequence already fed to the matcher
         self._sampled: Any = None  # the token array the sampler gave last (see `watch`)
@@ -72,10 +77,12 @@ class GrammarProcessor:
                 if not self._matcher.consume_token(token):
                     raise RuntimeError(f"the grammar refused token {token}: "
                                        f"{self._matcher.get_error()}")
+                self._guard.consume(token)
             self._seen = size
         self._matcher.unsafe_compute_mask_ptr(self._mask.ctypes.data, self._mask.nbytes)
         allowed = np.unpackbits(self._mask.view(np.uint8), bitorder="little")[: self._vocab]
+        allowed = self._guard.restrict(allowed.astype(bool))
         width = logits.shape[-1]
         if width > allowed.size:  # a padded output layer: its extra rows are no tokens
-            allowed = np.concatenate([allowed, np.zeros(width - allowed.size, np.uint8)])
-        return mx.where(mx.array(allowed[:width].astype(bool)), logits, -mx.inf)
+            allowed = np.concatenate([allowed, np.zeros(width - allowed.size, bool)])
+        return mx.where(mx.array(allowed[:width]), logits, -mx.inf)
