@@ -9,10 +9,8 @@ quantization error of the full one); greedy answers are compared in benchmarks/p
 
 from __future__ import annotations
 
-import json
 import logging
 import random
-import struct
 
 import mlx.core as mx
 import numpy as np
@@ -22,7 +20,6 @@ from test_prefix_cache import ask, flush, service, state_files
 
 from mlxc.config import ConfigError, load_settings
 from mlxc.engine.kv.block_file import (
-    MAGIC,
     BlockHeader,
     arrays_of,
     np_dtype,
@@ -129,11 +126,13 @@ def test_the_setting_off_ignores_8bit_blocks_and_leaves_them(lively, cold, tmp_p
 
 
 def _rewrite_header(path, change) -> None:
+    """A header changed and written with a checksum that matches it: what the reader's own
+    checks must catch, past the checksum."""
     header, data, start = read_block(path)
     meta = header.to_json()
     change(meta)
-    encoded = json.dumps(meta).encode()
-    path.write_bytes(MAGIC + struct.pack("<Q", len(encoded)) + encoded + bytes(data[start:]))
+    temp, _ = write_temp(path, BlockHeader(**meta), [memoryview(data)[start:]], fsync=False)
+    temp.replace(path)
 
 
 def _bad_recipe(meta) -> None:

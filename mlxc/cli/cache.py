@@ -94,6 +94,8 @@ def stats(cache_dir: CacheDirOption = None, as_json: JsonOption = False) -> None
                  f"{_human(prefix['disk_bytes'])} of {_human(prefix['disk_limit'])}"),
                 ("bytes written", f"{_human(prefix['bytes_written'])} "
                  f"({prefix['writes_skipped']} writes skipped, queue full)"),
+                ("damaged blocks",
+                 f"{prefix['blocks_damaged']} (failed their checks when read; dropped)"),
                 ("where", prefix["directory"]),
             ],
         )

@@ -9,7 +9,8 @@ Invariants (each is tested; break one and answers change or the disk fills):
 2. The store never holds the engine up on the disk: blocks are written by one writer thread
    (temporary file, fsync, rename), so a `kill -9` leaves each file whole or absent.
 3. Whatever is on disk is checked before it is trusted: a file that is not a whole block (size,
-   header) is dropped and the request prefills as if it were absent.
+   header) or whose bytes fail its checksum is dropped (counted in `blocks_damaged`) and the
+   request prefills as if it were absent.
 4. Memory and disk hold the same blocks; memory is a cache of the disk tier, bounded by
    `prefix_memory` bytes, and the disk by `prefix_disk` bytes (least recently used go first).
 5. MLX is touched on the engine thread only; the index (SQLite WAL) and block files are

@@ -19,6 +19,7 @@ from typing import Any
 from mlxc.engine.kv.block_file import (
     BadBlock,
     BlockHeader,
+    OldBlock,
     OpenBlock,
     open_block,
     read_into,
@@ -48,6 +49,7 @@ class BlockDisk:
         self._seq = 0
         self.bytes_written = 0  # by this process
         self.writes_skipped = 0
+        self.blocks_damaged = 0  # files that failed their checks when read (engine thread)
         self.nbytes, self.nblocks = self.index.total_bytes(), self.index.block_count()
         self._jobs: queue.Queue = queue.Queue(queue_blocks)
         self.queue_bytes, self._queued = queue_bytes, 0  # bytes of blocks not yet written
@@ -148,24 +150,29 @@ class BlockDisk:
         return None
 
     def read(self, jobs: list[tuple[Block, OpenBlock, list[memoryview]]]) -> list[bool]:
-        """Read opened blocks' arrays into their buffers, several at once (reads release the
-        GIL: a restart's 8,000-token prefix is 32 files); which ones were read whole."""
-        def one(job) -> bool:
-            block, opened, buffers = job
+        """Read opened blocks' arrays into their buffers and check their checksums, several at
+        once (reads and hashing release the GIL: a restart's 8,000-token prefix is 32 files);
+        which ones were read whole and intact. The others are dropped and counted."""
+        def one(job) -> Exception | None:
+            _, opened, buffers = job
             try:
                 read_into(opened, buffers)
-                return True
             except (BadBlock, OSError) as exc:
-                self._unusable(block, exc)
-                return False
+                return exc
+            return None
 
-        if len(jobs) < 2:
-            return [one(job) for job in jobs]
-        return list(self._readers.map(one, jobs))
+        failed = ([one(job) for job in jobs] if len(jobs) < 2
+                  else list(self._readers.map(one, jobs)))
+        for (block, _, _), exc in zip(jobs, failed, strict=True):
+            if exc is not None:  # here, not on the readers: the tree is the engine thread's
+                self._unusable(block, exc)
+        return [exc is None for exc in failed]
 
     def _unusable(self, block: Block, exc: Exception) -> None:
         path = self.index.block_path(block.hash)
         log.warning("prefix cache: removing unusable block file %s (%s)", path.name, exc)
+        if not isinstance(exc, OldBlock):  # (an older mlxc's, on a shared folder)
+            self.blocks_damaged += 1
         _unlink(path)
         self._forget(block)
 

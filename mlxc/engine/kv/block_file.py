@@ -2,6 +2,12 @@
 tokens, its arrays' shapes) followed by the arrays' raw bytes. No MLX here (numpy only), so the
 writer thread never touches MLX and `cache stats` stays light.
 
+A checksum (xxh3-64 of the header and the arrays' bytes, after the magic) is written with the
+block and checked when it is read from disk: a file damaged in place (bit rot, a sync tool) with
+its size and header intact would otherwise be reused as KV, and answer garbage. xxh3 rather
+than zlib.crc32: ~5x faster here (4.9 against 0.9 GB/s on 256 MB; both release the GIL).
+Format 1 files (no checksum) are not trusted: they are swept at start (kv/block_index.py).
+
 Files are written to a temporary name and renamed into place, so a reader (or a restart after a
 kill -9) sees a block whole or not at all. Reading opens without following symlinks and without
 blocking (a FIFO under a block's name must not hang the engine) and accepts regular files only.
@@ -17,8 +23,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import xxhash
 
-MAGIC = b"MLXCKVB1"
+MAGIC = b"MLXCKVB2"  # format 2: checksummed
+OLD_MAGICS = (b"MLXCKVB1",)
+FORMAT = 2
+PREAMBLE = len(MAGIC) + 16  # magic, header length, checksum
 SUFFIX = ".kvb"
 HEADER_LIMIT = 1 << 22  # 256 tokens and a few hundred arrays fit in far less
 # MLX dtypes numpy has no name for travel as raw 16-bit words.
@@ -27,6 +37,14 @@ _RAW = {"bfloat16": np.uint16}
 
 class BadBlock(ValueError):
     """A file that is not a whole, matching block (truncated, foreign, not a regular file)."""
+
+
+class OldBlock(BadBlock):
+    """A block file of an earlier format (no checksum): never read."""
+
+
+class DamagedBlock(BadBlock):
+    """A block file whose bytes fail its checksum."""
 
 
 @dataclass
@@ -56,12 +74,15 @@ def write_temp(path: Path, header: BlockHeader, buffers: list, fsync: bool) -> t
     returns that name and the bytes written. `buffers` have the buffer protocol (memoryviews
     of evaluated MLX arrays)."""
     meta = encode_header(header)
+    digest = xxhash.xxh3_64(meta)
+    for buffer in buffers:
+        digest.update(buffer)
     temp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
         total = 0
         with os.fdopen(fd, "wb", closefd=False) as f:
-            total += f.write(MAGIC + struct.pack("<Q", len(meta)) + meta)
+            total += f.write(MAGIC + struct.pack("<QQ", len(meta), digest.intdigest()) + meta)
             for buffer in buffers:
                 total += f.write(buffer)
         if fsync:
@@ -75,7 +96,7 @@ def write_temp(path: Path, header: BlockHeader, buffers: list, fsync: bool) -> t
 
 
 def data_offset(meta_len: int) -> int:
-    return len(MAGIC) + 8 + meta_len
+    return PREAMBLE + meta_len
 
 
 def open_regular(path: Path) -> int:
@@ -131,12 +152,14 @@ class OpenBlock:
     fd: int
     header: BlockHeader
     start: int  # where the arrays begin
+    checksum: int = 0  # as written
+    digest: object = None  # xxh3 of the header so far; the arrays' bytes are added as read
 
     def close(self) -> None:
         os.close(self.fd)
 
 
-IOV_MAX = 512  # buffers per readv call (POSIX guarantees at least 16; Linux and macOS 1024)
+CHUNK = 1 << 18  # read and hash in pieces: the hash finds each one still in the CPU cache
 
 
 def open_block(path: Path) -> OpenBlock:
@@ -145,14 +168,17 @@ def open_block(path: Path) -> OpenBlock:
     fd = open_regular(path)
     try:
         size = os.fstat(fd).st_size
-        head = os.pread(fd, len(MAGIC) + 8, 0)
-        if len(head) != len(MAGIC) + 8 or head[: len(MAGIC)] != MAGIC:
+        head = os.pread(fd, PREAMBLE, 0)
+        if head[: len(MAGIC)] in OLD_MAGICS:
+            raise OldBlock("an earlier format, without a checksum")
+        if len(head) != PREAMBLE or head[: len(MAGIC)] != MAGIC:
             raise BadBlock("not a block file")
-        (meta_len,) = struct.unpack_from("<Q", head, len(MAGIC))
+        meta_len, checksum = struct.unpack_from("<QQ", head, len(MAGIC))
         if meta_len > min(HEADER_LIMIT, size):
             raise BadBlock("bad header length")
+        meta = os.pread(fd, meta_len, PREAMBLE)
         try:
-            header = BlockHeader(**json.loads(os.pread(fd, meta_len, len(MAGIC) + 8)))
+            header = BlockHeader(**json.loads(meta))
         except (ValueError, TypeError) as exc:
             raise BadBlock(f"unreadable header ({exc})") from exc
         start, offset = data_offset(meta_len), 0
@@ -168,23 +194,30 @@ def open_block(path: Path) -> OpenBlock:
     except BaseException:
         os.close(fd)
         raise
-    return OpenBlock(fd, header, start)
+    return OpenBlock(fd, header, start, checksum, xxhash.xxh3_64(meta))
 
 
 def read_into(block: OpenBlock, buffers: list[memoryview]) -> None:
     """Read the block's arrays straight into `buffers` (writable, one per array, in order: no
-    copy in between), then close the file. BadBlock if the file ends early. Releases the GIL
-    while it reads, so several blocks load at once on threads."""
+    copy in between) and check them against the checksum, then close the file. BadBlock if the
+    file ends early, DamagedBlock if its bytes fail the checksum. Releases the GIL while it
+    reads and hashes, so several blocks load at once on threads."""
     try:
         os.lseek(block.fd, block.start, os.SEEK_SET)
-        todo = [b for b in buffers if b.nbytes]
-        while todo:
-            n = os.readv(block.fd, todo[:IOV_MAX])
-            if n == 0:
-                raise BadBlock("truncated while reading")
-            while todo and n >= todo[0].nbytes:
-                n -= todo.pop(0).nbytes
-            if n:
-                todo[0] = todo[0][n:]
+        for buffer in buffers:
+            for at in range(0, buffer.nbytes, CHUNK):
+                piece = buffer[at : at + CHUNK]
+                _read_whole(block.fd, piece)
+                block.digest.update(piece)
     finally:
         block.close()
+    if block.digest.intdigest() != block.checksum:
+        raise DamagedBlock("its bytes fail its checksum (damaged on disk)")
+
+
+def _read_whole(fd: int, piece: memoryview) -> None:
+    while piece.nbytes:
+        n = os.readv(fd, [piece])
+        if n == 0:
+            raise BadBlock("truncated while reading")
+        piece = piece[n:]

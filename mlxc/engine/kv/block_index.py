@@ -17,7 +17,7 @@ from array import array
 from dataclasses import dataclass
 from pathlib import Path
 
-from mlxc.engine.kv.block_file import SUFFIX, BadBlock, read_header
+from mlxc.engine.kv.block_file import FORMAT, SUFFIX, BadBlock, OldBlock, read_header
 from mlxc.engine.kv.index import PrefixIndex, pack_tokens
 
 log = logging.getLogger("mlxc.prefix")
@@ -95,9 +95,10 @@ class BlockIndex(PrefixIndex):
                 # (a kill here leaves rows without files, swept at the next start).
                 self.delete_files(dropped)
             db.execute(
-                "INSERT INTO blocks (hash, root, parent, start, n_tokens, tokens, nbytes, used)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (h, root, parent, start, len(tokens), pack_tokens(tokens), nbytes, time.time()),
+                "INSERT INTO blocks (hash, root, parent, start, n_tokens, tokens, nbytes, used,"
+                " format) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (h, root, parent, start, len(tokens), pack_tokens(tokens), nbytes, time.time(),
+                 FORMAT),
             )
             db.execute("COMMIT")
         except BaseException:
@@ -148,8 +149,10 @@ class BlockIndex(PrefixIndex):
     # -- start-up ------------------------------------------------------------------------------
 
     def reconcile(self, grace: float = 30.0) -> None:
-        """Make rows and files agree after a crash or damage: sweep dead temporary files, drop
-        rows whose file never came, adopt whole files that have no row, remove the rest."""
+        """Make rows and files agree after a crash or damage: remove blocks of an earlier
+        format, sweep dead temporary files, drop rows whose file never came, adopt whole files
+        that have no row, remove the rest."""
+        old = self._sweep_old_format()
         rows = dict(self._db.execute("SELECT hash, used FROM blocks").fetchall())
         names = set()
         for entry in os.scandir(self.blocks):
@@ -171,16 +174,32 @@ class BlockIndex(PrefixIndex):
                     raise BadBlock("named after another block")
             except FileNotFoundError:
                 continue
+            except OldBlock:
+                _unlink(path)
+                old += 1
+                continue
             except (BadBlock, OSError) as exc:
                 log.warning("prefix cache: removing unusable block file %s (%s)", path.name, exc)
                 _unlink(path)
                 continue
             self._db.execute(
                 "INSERT OR IGNORE INTO blocks (hash, root, parent, start, n_tokens, tokens, "
-                "nbytes, used, writing) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0)",
+                "nbytes, used, writing, format) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0, ?)",
                 (h, header.root, header.parent, header.start, len(header.tokens),
-                 pack_tokens(header.tokens), path.stat().st_size, 0.0),
+                 pack_tokens(header.tokens), path.stat().st_size, 0.0, FORMAT),
             )
+        if old:
+            log.warning("prefix cache: removed %d block files of an earlier format (no "
+                        "checksum: their KV cannot be trusted)", old)
+
+    def _sweep_old_format(self) -> int:
+        """Blocks recorded in an earlier format (no checksum), rows and files: a damaged one
+        would be reused unnoticed, and a prefill writes them again."""
+        old = [row[0] for row in self._db.execute(
+            "SELECT hash FROM blocks WHERE format < ?", (FORMAT,))]
+        for h in old:
+            self.remove_block(h)
+        return len(old)
 
     def sweep_old_states(self) -> None:
         """Whole states saved by versions before blocks (format 1): never read now."""

@@ -27,6 +27,7 @@ from mlxc.engine.kv.memory import ALWAYS_TRIMMABLE, cache_length
 from mlxc.engine.kv.turns import message_boundaries
 
 log = logging.getLogger("mlxc.prefix")
+DISK_COUNTERS = ("bytes_written", "writes_skipped", "blocks_damaged")  # kv/block_disk.py's
 MIN_REUSE = 8  # fewer shared tokens (a chat template's header) are not worth a lookup
 MEMORY_SHARE = 0.25  # of the memory available at start, when no budget is set
 
@@ -80,7 +81,7 @@ class PrefixCache:
                 self.tiers = WholeStates(*args, min_reuse=MIN_REUSE)
         self.totals = Counter({name: read_stats(self.directory)[name] for name in COUNTERS})
         self._unsaved: Counter = Counter()
-        self._written_seen = self._skipped_seen = 0
+        self._disk_seen: Counter = Counter()  # the disk tier's own counts, already added
         self.last_reused = 0  # prompt tokens the last fetch took from a tier (not prefilled)
 
     @property
@@ -178,13 +179,18 @@ class PrefixCache:
         self.store(tokens, cache, "system")
         return len(tokens)
 
-    def _save_counts(self) -> None:
+    def _disk_counts(self) -> dict[str, int]:
+        """What the blocks' disk tier counted itself (its writer's bytes and skipped writes,
+        damaged files) since the last save."""
         disk = getattr(self.tiers, "disk", None) if self.trimmable else None
-        if disk is not None:  # the writer thread's bytes, since the last save
-            written, skipped = disk.bytes_written, disk.writes_skipped
-            self._add({"bytes_written": written - self._written_seen,
-                       "writes_skipped": skipped - self._skipped_seen})
-            self._written_seen, self._skipped_seen = written, skipped
+        if disk is None:
+            return {}
+        return {name: getattr(disk, name) - self._disk_seen[name] for name in DISK_COUNTERS}
+
+    def _save_counts(self) -> None:
+        new = self._disk_counts()
+        self._add(new)
+        self._disk_seen.update(new)
         counts = {k: v for k, v in self._unsaved.items() if v}
         if counts and self.tiers is not None and self.tiers.add_counts(counts):
             self._unsaved.clear()
@@ -231,10 +237,8 @@ class PrefixCache:
             disk_bytes, disk_entries = disk.nbytes, disk.entries
         else:
             disk_bytes = disk_entries = 0
-        totals = dict(self.totals)
-        if disk is not None and self.trimmable:  # the writer's bytes not yet counted
-            totals["bytes_written"] += disk.bytes_written - self._written_seen
-            totals["writes_skipped"] += disk.writes_skipped - self._skipped_seen
+        totals = self.totals + Counter(self._disk_counts())  # with those not yet counted
+        totals = {name: totals[name] for name in COUNTERS}
         return {
             **summarize(totals, disk_bytes, disk_entries),
             "memory_bytes": 0,

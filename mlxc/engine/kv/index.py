@@ -20,6 +20,7 @@ log = logging.getLogger("mlxc.prefix")
 COUNTERS = (
     "hits", "misses", "memory_hits", "disk_hits", "tokens_reused", "tokens_prefilled",
     "memory_tokens_reused", "disk_tokens_reused", "bytes_written", "writes_skipped",
+    "blocks_damaged",  # block files that failed their checks when read, and were dropped
 )
 STATE_VERSION = 2  # whole states (untrimmable caches); 1: every model, before blocks
 
@@ -45,7 +46,8 @@ CREATE TABLE IF NOT EXISTS blocks (         -- KV blocks (kv/block_index.py)
     tokens BLOB NOT NULL,
     nbytes INTEGER NOT NULL,                -- the file's size
     used REAL NOT NULL,
-    writing INTEGER NOT NULL DEFAULT 1      -- reserved, its file not yet in place
+    writing INTEGER NOT NULL DEFAULT 1,     -- reserved, its file not yet in place
+    format INTEGER NOT NULL DEFAULT 1       -- the file's (kv/block_file.py); 1: no checksum
 );
 CREATE INDEX IF NOT EXISTS blocks_used ON blocks (used);
 CREATE INDEX IF NOT EXISTS blocks_new ON blocks (root, seq);  -- each lookup asks what is new
@@ -99,6 +101,8 @@ class PrefixIndex:
             columns = [row[1] for row in db.execute("PRAGMA table_info(blocks)")]
             if "writing" not in columns:  # blocks written before the flag: all in place
                 db.execute("ALTER TABLE blocks ADD COLUMN writing INTEGER NOT NULL DEFAULT 0")
+            if "format" not in columns:  # blocks written before checksums: format 1
+                db.execute("ALTER TABLE blocks ADD COLUMN format INTEGER NOT NULL DEFAULT 1")
         except sqlite3.DatabaseError:
             db.close()
             raise
