@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pydantic import ValidationError
-
 from mlxc.config import ConfigError
 from mlxc.store import StoreError
 
@@ -32,17 +30,20 @@ class EngineBusy(RuntimeError):
         self.retry_after = retry_after
 
 
-USER_ERRORS: tuple[type[Exception], ...] = (
-    ConfigError,
-    ModelError,
-    StoreError,
-    InputError,
-    ValidationError,
-)
+def __getattr__(name: str):
+    # USER_ERRORS holds pydantic's ValidationError, imported only when it is asked for: the
+    # modules that take an error class from here are on `mlxc ask`'s hit path, pydantic not.
+    if name == "USER_ERRORS":
+        from pydantic import ValidationError
+
+        return (ConfigError, ModelError, StoreError, InputError, ValidationError)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def describe(exc: Exception) -> str:
     """One line: pydantic's list of problems reads as 'field: problem; field: problem'."""
+    from pydantic import ValidationError
+
     if isinstance(exc, ValidationError):
         parts = []
         for err in exc.errors():

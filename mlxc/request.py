@@ -6,21 +6,15 @@ in by the model itself, so two requests that generate the same way hash the same
 
 from __future__ import annotations
 
-import hashlib
-import json
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from mlxc.request_key import cache_key, canonical_json
 from mlxc.shapes import check_text_part, check_tool_calls, check_tools
 
-# Bump when the key's shape or the stored answer's meaning changes: old entries then miss.
-SCHEMA_VERSION = 1
 DEFAULT_MAX_TOKENS = 512
 MAX_TOKENS_LIMIT = 32768
-
-
-_KEYED_ONLY_WHEN_SET = {"logprobs": False, "top_logprobs": 0, "echo": False, "ignore_eos": False}
 
 
 class Message(BaseModel):
@@ -124,19 +118,11 @@ class GenerationRequest(BaseModel):
         return self.temperature == 0.0 or self.seed is not None
 
     def canonical_json(self, model_fingerprint: str) -> str:
-        payload = {
-            "schema": SCHEMA_VERSION,
-            "model": model_fingerprint,
-            **self.model_dump(mode="json"),
-        }
-        for name, default in _KEYED_ONLY_WHEN_SET.items():
-            if payload[name] == default:
-                del payload[name]
-        return json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        return canonical_json(self.model_dump(mode="json"), model_fingerprint)
 
     def cache_key(self, model_fingerprint: str) -> str:
         """SHA-256 of the canonical request: equal in every process and on every machine."""
-        return hashlib.sha256(self.canonical_json(model_fingerprint).encode()).hexdigest()
+        return cache_key(self.model_dump(mode="json"), model_fingerprint)
 
 
 class Usage(BaseModel):

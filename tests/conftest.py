@@ -124,15 +124,16 @@ def sigint_default() -> None:
 HEAVY = ("mlx", "mlx.core", "mlx_lm", "transformers")
 
 
-def run_mlxc_light(*args: str, env: dict[str, str]) -> tuple[dict, list[str]]:
-    """Run the CLI in a new process; return its JSON output and the heavy modules it imported
-    (the cache-hit path and `cache stats` must import none of them)."""
+def run_mlxc_light(*args: str, env: dict[str, str],
+                   heavy: tuple[str, ...] = HEAVY) -> tuple[dict, list[str]]:
+    """Run the CLI in a new process; return its JSON output and the `heavy` modules it
+    imported (the cache-hit path and `cache stats` must import none of them)."""
     probe = (
         "import sys, runpy\n"
         f"sys.argv = ['mlxc', *{list(args)!r}]\n"
         "try:\n    runpy.run_module('mlxc', run_name='__main__')\n"
         "except SystemExit:\n    pass\n"
-        f"print('HEAVY', [m for m in {HEAVY!r} if m in sys.modules], file=sys.stderr)\n"
+        f"print('HEAVY', [m for m in {heavy!r} if m in sys.modules], file=sys.stderr)\n"
     )
     result = subprocess.run(
         [sys.executable, "-c", probe], env=env, capture_output=True, text=True, input=""

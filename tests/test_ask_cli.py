@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import run_mlxc, run_mlxc_light, sigint_default
+from conftest import HEAVY, run_mlxc, run_mlxc_light, sigint_default
 
 
 def ask_json(env, *args, input=None):
@@ -38,13 +38,35 @@ def test_streamed_text_equals_the_cached_text(mlxc_env):
     assert hit["cached"] and plain.stdout == hit["text"] + ending
 
 
+# What a hit needs none of: MLX, the command-line framework (typer, Rich), pydantic (the key
+# is built without it: 0.1 s of a 0.2 s hit), the server's packages, Redis's client (no URL).
+HIT_HEAVY = (*HEAVY, "pydantic", "typer", "rich", "fastapi", "uvicorn", "httpx", "redis")
+
+
 def test_hit_path_imports_no_mlx(mlxc_env):
     ask_json(mlxc_env, "What is MLX?")
     out, heavy = run_mlxc_light(
-        "ask", "What is MLX?", "--max-tokens", "12", "--json", env=mlxc_env
+        "ask", "What is MLX?", "--max-tokens", "12", "--json", env=mlxc_env, heavy=HIT_HEAVY
     )
     assert out["cached"] is True
     assert heavy == []
+
+
+def test_a_hit_reads_the_same_through_typer(mlxc_env):
+    """`-t0` is left to typer (an attached value): the same hit as the typer-free path."""
+    args = ("ask", "Why is the sky blue?", "--max-tokens", "12")
+    miss, fast, typer = (run_mlxc(*args, *more, env=mlxc_env) for more in ((), (), ("-t0",)))
+    assert miss.stderr.startswith("miss") and miss.returncode == fast.returncode == 0
+    assert fast.stdout == typer.stdout == miss.stdout
+    assert fast.stderr.startswith("cache hit ·") and typer.stderr.startswith("cache hit ·")
+    assert fast.stderr.split("key")[1] == typer.stderr.split("key")[1]
+    as_json = [json.loads(run_mlxc(*args, *more, "--json", env=mlxc_env).stdout)
+               for more in ((), ("-t0",))]
+    for body in as_json:
+        del body["latency_ms"]
+    assert as_json[0] == as_json[1] and as_json[0]["cached"]
+    stats = json.loads(run_mlxc("cache", "stats", "--json", env=mlxc_env).stdout)
+    assert (stats["hits"], stats["misses"]) == (4, 1)  # a miss counted once, not twice
 
 
 def test_stdin_comes_before_the_prompt_and_joins_the_key(mlxc_env):

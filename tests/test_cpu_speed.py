@@ -146,6 +146,20 @@ def test_gpu_backend_on_macos(monkeypatch):
     assert dtype_mod.gpu_backend()
 
 
+@pytest.mark.parametrize("folder, cuda", [("mlx_cuda_13-0.32.4.dist-info", True),
+                                          ("mlx_cuda-0.30.0.dist-info", True),
+                                          ("mlx_cpu-0.32.4.dist-info", False)])
+def test_a_cuda_build_of_mlx_is_found_by_its_dist_info(folder, cuda, tmp_path, monkeypatch):
+    (tmp_path / folder).mkdir()
+    monkeypatch.setattr(sys, "platform", "linux")
+    monkeypatch.setattr(sys, "path", [str(tmp_path / "gone"), str(tmp_path)])
+    dtype_mod._cuda_build_installed.cache_clear()
+    try:
+        assert dtype_mod.gpu_backend() is cuda
+    finally:
+        dtype_mod._cuda_build_installed.cache_clear()
+
+
 @pytest.fixture(scope="module")
 def quantized_model(tiny_model, tmp_path_factory) -> Path:
     """The tiny llama quantized like SmolLM2's GGUF: 4-bit group 32, embedding 8-bit."""

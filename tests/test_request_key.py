@@ -6,9 +6,13 @@ import subprocess
 import sys
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pydantic import ValidationError
 
+from mlxc.conversation import build_messages
 from mlxc.request import GenerationRequest
+from mlxc.request_key import cache_key, chat_payload
 
 FP = "f" * 64
 BASE = {"messages": [{"role": "user", "content": "What is MLX?"}]}
@@ -101,3 +105,21 @@ def test_determinism_rule():
     assert GenerationRequest(**BASE).is_deterministic
     assert GenerationRequest(**BASE, temperature=0.8, seed=3).is_deterministic
     assert not GenerationRequest(**BASE, temperature=0.8).is_deterministic
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    prompt=st.text(min_size=1).filter(str.strip), system=st.none() | st.text(min_size=1),
+    max_tokens=st.integers(1, 32768), temperature=st.floats(0, 2) | st.integers(0, 2),
+    top_p=st.floats(0.01, 1), seed=st.none() | st.integers(0, 2**64 - 1),
+)
+def test_the_hit_paths_key_without_pydantic_is_the_requests(prompt, system, max_tokens,
+                                                             temperature, top_p, seed):
+    """`mlxc ask`'s hit path keys its chat request by hand (request_key.chat_payload): the
+    dump must be pydantic's exactly, a field added to GenerationRequest included."""
+    messages = build_messages(prompt, system, None)
+    request = GenerationRequest(messages=messages, max_tokens=max_tokens,
+                                temperature=temperature, top_p=top_p, seed=seed)
+    payload = chat_payload(messages, max_tokens, temperature, top_p, seed)
+    assert payload == request.model_dump(mode="json")
+    assert cache_key(payload, FP) == request.cache_key(FP)

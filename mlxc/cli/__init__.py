@@ -1,7 +1,11 @@
-"""The `mlxc` command line: thin commands over mlxc.service, rendered with Rich."""
+"""The `mlxc` command line: thin commands over mlxc.service, rendered with Rich.
+
+`main` answers the common forms of `mlxc ask` without building the Typer app (cli/commands.py):
+a cache hit is then mostly Python's start-up, pydantic and SQLite."""
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 
@@ -9,73 +13,53 @@ import sys
 # for a cache hit that should take a blink. mlxc's command line uses no pydantic plugin.
 os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "__all__")
 
-import typer  # noqa: E402
 
-from mlxc import __version__  # noqa: E402
-from mlxc.cli import ask, bench, cache, help_format, serve
+def __getattr__(name: str):
+    if name == "app":  # `from mlxc.cli import app`: the Typer app, built when asked for
+        from mlxc.cli.commands import app
 
-help_format.install()
-
-app = typer.Typer(
-    name="mlxc",
-    help="Run local language models with MLX from the shell and behind an OpenAI/Anthropic "
-    "API, with response and prefix caches that survive restarts.",
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    rich_markup_mode="rich",
-    context_settings={"help_option_names": ["-h", "--help"]},
-)
-app.command("ask", epilog=ask.EXAMPLES)(ask.ask)
-app.command("serve", epilog=serve.EXAMPLES)(serve.serve)
-app.command("bench", epilog=bench.EXAMPLES)(bench.bench)
-app.add_typer(cache.app, name="cache")
-
-
-def _version(value: bool) -> None:
-    if value:
-        typer.echo(f"mlxc {__version__}")
-        typer.echo(_backend_lines())
-        raise typer.Exit()
-
-
-def _backend_lines() -> str:
-    """Which backend and device generation runs on; the BLAS only where MLX's CPU backend
-    runs (on a GPU the matmuls never reach it)."""
-    from mlxc.model.dtype import gpu_backend
-
-    lines = []
-    gpu = gpu_backend()
-    if not gpu:
-        from mlxc.model.blas import load_optimised_blas
-
-        blas = load_optimised_blas()  # what a generating command would load: before MLX
-        where = f", {blas.path}" if blas.path else (f": {blas.note}" if blas.note else "")
-        lines.append(f"BLAS: {blas.name} ({blas.source}{where})")
-    try:
-        import mlx.core as mx
-    except ImportError as exc:
-        return "\n".join([f"backend: none (MLX cannot be loaded: {exc})", *lines])
-    device = mx.default_device()
-    kind = "cpu" if device.type == mx.cpu else "metal" if mx.metal.is_available() else "cuda"
-    name = mx.device_info().get("device_name", "?")
-    return "\n".join([f"backend: MLX {mx.__version__} {kind} · device: {name}", *lines])
-
-
-@app.callback()
-def _root(
-    version: bool = typer.Option(
-        False, "--version", callback=_version, is_eager=True, help="Show version, backend, device."
-    ),
-) -> None:
-    pass
+        return app
+    raise AttributeError(name)
 
 
 def main() -> None:
     """Entry point: known errors become one line on stderr and exit code 1, not a traceback."""
-    from mlxc.errors import USER_ERRORS, describe
+    try:
+        if (code := _ask_without_typer(sys.argv[1:])) is None:
+            from mlxc.cli.commands import app
+
+            app()
+    except Exception as exc:
+        from mlxc.errors import USER_ERRORS, describe  # pydantic's error among them
+
+        if not isinstance(exc, USER_ERRORS):
+            raise
+        print(f"mlxc: error: {describe(exc)}", file=sys.stderr)
+        sys.exit(1)
+    sys.exit(code)
+
+
+def _ask_without_typer(argv: list[str]) -> int | None:
+    """`mlxc ask ...` run directly when ask_argv reads it; None for typer to run. Ends as
+    typer's commands end: Ctrl-C 130, a closed stdout 1 without a traceback."""
+    if argv[:1] != ["ask"]:
+        return None
+    from mlxc.cli.ask_argv import parse_ask
+
+    if (args := parse_ask(argv[1:])) is None:
+        return None
+    from mlxc.cli.ask_flow import run_ask
+    from mlxc.cli.ask_hit import look_up, print_hit
 
     try:
-        app()
-    except USER_ERRORS as exc:
-        typer.echo(f"mlxc: error: {describe(exc)}", err=True)
-        sys.exit(1)
+        if (found := look_up(args)).answer is not None:
+            print_hit(args, found)
+            return 0
+        return run_ask(args, missed_key=found.key)  # a miss: Rich, pydantic, the engine
+    except KeyboardInterrupt:
+        return 130
+    except OSError as exc:
+        if exc.errno != errno.EPIPE:
+            raise
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no flush error at exit
+        return 1

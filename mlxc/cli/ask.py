@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-import json
-import sys
-import time
 from typing import Annotated
 
 import typer
 
+from mlxc.cli.ask_flow import AskArgs, run_ask
 from mlxc.cli.options import (
     CacheDirOption,
     CachePolicyOption,
     DtypeOption,
     JsonOption,
     ModelOption,
-    settings_from,
 )
 
 EXAMPLES = """
@@ -39,11 +36,11 @@ def ask(
     ] = None,
     system: Annotated[str | None, typer.Option("--system", "-s", help="System prompt.")] = None,
     model: ModelOption = None,
-    max_tokens: Annotated[int, typer.Option(help="Most tokens to generate.")] = 512,
+    max_tokens: Annotated[int, typer.Option(help="Most tokens to generate.")] = AskArgs.max_tokens,
     temperature: Annotated[
         float, typer.Option("--temperature", "-t", help="0 is greedy (and cached).")
-    ] = 0.0,
-    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = 1.0,
+    ] = AskArgs.temperature,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = AskArgs.top_p,
     seed: Annotated[
         int | None, typer.Option(help="Random seed: makes sampling repeatable.")
     ] = None,
@@ -65,61 +62,11 @@ def ask(
     """Ask the model one question; the answer streams as it is generated.
 
     A repeat (same model, messages and settings) comes from the disk cache in a blink."""
-    from mlxc.cli.render import Display
-    from mlxc.conversation import build_messages, continue_with, load_last, save_last
-    from mlxc.errors import InputError
-    from mlxc.request import GenerationRequest
-    from mlxc.service import Service
-
-    stdin_text = None if sys.stdin is None or sys.stdin.isatty() else sys.stdin.read()
-    if not (prompt or "").strip() and not (stdin_text or "").strip():
-        raise InputError('the prompt is empty: mlxc ask "your question" (or pipe text in)')
-    messages = build_messages(prompt, system, stdin_text)
-    settings = settings_from(cache_dir, cache_policy, dtype, model)
-    if continue_:
-        if (last := load_last(settings)) is None:
-            raise InputError("there is no conversation to continue: ask something first")
-        settings = settings if model else settings.with_overrides(model=last[0])
-        messages = continue_with(last[1], messages)
-    request = GenerationRequest(
-        messages=messages,
-        max_tokens=max_tokens,
-        temperature=temperature,
-        top_p=top_p,
-        seed=seed,
-    )
-    display = Display(quiet=as_json)
-    started = time.perf_counter()
-    service = Service(settings, progress=display.status)
-    display.log_progress = not service.ref.is_ready  # the first run fetches or converts it
-    try:
-        with display:
-            reply = service.start(request, read=not (no_cache or refresh), write=not no_cache)
-            answer = display.stream(reply, print_text=not as_json)
-    finally:
-        service.close()
-    latency_ms = (time.perf_counter() - started) * 1000
-    if answer.finish_reason != "cancelled":
-        save_last(settings, settings.model, messages, answer.text)
-    if as_json:
-        typer.echo(
-            json.dumps(
-                {
-                    "text": answer.text,
-                    "cached": reply.cached,
-                    "key": reply.key,
-                    "model": service.ref.name,
-                    "latency_ms": round(latency_ms, 1),
-                    "finish_reason": answer.finish_reason,
-                    "usage": {
-                        "prompt_tokens": answer.usage.prompt_tokens,
-                        "completion_tokens": answer.usage.completion_tokens,
-                    },
-                },
-                ensure_ascii=False,
-            )
-        )
-    else:
-        display.footer(reply, answer, latency_ms)
-    if answer.finish_reason == "cancelled":
-        raise typer.Exit(130)
+    code = run_ask(AskArgs(
+        prompt=prompt, system=system, model=model, max_tokens=max_tokens,
+        temperature=temperature, top_p=top_p, seed=seed, no_cache=no_cache, refresh=refresh,
+        as_json=as_json, cache_dir=cache_dir, cache_policy=cache_policy, dtype=dtype,
+        continue_=continue_,
+    ))
+    if code:
+        raise typer.Exit(code)

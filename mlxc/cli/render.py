@@ -1,5 +1,5 @@
 """Live terminal display for generating commands: a status line on stderr while the model
-loads or prefills, the answer on stdout as it streams, and a one-line footer."""
+loads or prefills, and the answer on stdout as it streams (the footer: cli/ask_flow.py)."""
 
 from __future__ import annotations
 
@@ -13,9 +13,8 @@ from mlxc.stream import Delta, Failed, Finished
 
 
 class Display:
-    def __init__(self, quiet: bool = False) -> None:
+    def __init__(self) -> None:
         self.console = Console(stderr=True, highlight=False)
-        self.quiet = quiet
         self._status = None
         # Not a terminal (a log, CI): no live status line, but a first run's minutes of fetching
         # and converting the model are said in plain lines (set by `ask` while it is not ready).
@@ -81,19 +80,3 @@ class Display:
             self.status(f"prefilling {gen.prompt_tokens_done}/{gen.prompt_tokens_total} tokens")
         else:
             self.status("loading the model")
-
-    def footer(self, reply: Reply, answer: Answer, latency_ms: float) -> None:
-        if self.quiet or answer.finish_reason == "cancelled":
-            return
-        if reply.cached:
-            line = f"cache hit · {latency_ms:.0f} ms · key {reply.key[:12]}"
-        else:
-            usage = answer.usage
-            line = (
-                f"{reply.status} · {usage.completion_tokens} tokens · "
-                f"{answer.tokens_per_second:.1f} tok/s · prefill {answer.prefill_seconds:.2f} s "
-                f"({usage.prompt_tokens} tokens"
-                + (f", {usage.cached_tokens} reused" if usage.cached_tokens else "")
-                + f") · {answer.finish_reason}"
-            )
-        self.console.print(f"[dim]{line}[/dim]")

@@ -15,6 +15,7 @@ model fingerprint, which the cache-hit path computes without loading MLX.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -74,16 +75,21 @@ def effective_dtype_without_mlx(requested: str, model_dir: Path,
 def gpu_backend() -> bool:
     """Whether MLX will run on a GPU here, decided without importing mlx: Metal on macOS, or
     a CUDA build of mlx on Linux (`mlx[cuda*]`)."""
-    if sys.platform == "darwin":
-        return True
-    from importlib import metadata
+    return sys.platform == "darwin" or _cuda_build_installed()
 
-    for dist in ("mlx-cuda-12", "mlx-cuda-13", "mlx-cuda"):
+
+@functools.cache
+def _cuda_build_installed() -> bool:
+    """Whether a `mlx-cuda*` distribution is on sys.path, by its .dist-info folder's name (as
+    importlib.metadata finds it, without that module's ~8 ms import on the cache-hit path)."""
+    names = ("mlx_cuda_12-", "mlx_cuda_13-", "mlx_cuda-")
+    for entry in sys.path:
         try:
-            metadata.distribution(dist)
-            return True
-        except metadata.PackageNotFoundError:
+            found = os.listdir(entry or ".")
+        except OSError:  # a zip file, a folder gone
             continue
+        if any(n.lower().startswith(names) and n.endswith(".dist-info") for n in found):
+            return True
     return False
 
 
