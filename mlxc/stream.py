@@ -12,6 +12,7 @@ import queue
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from mlxc.request import Answer
 
@@ -53,6 +54,7 @@ class Generation:
         # that a stream can report its usage up front (Anthropic's message_start).
         self.prompt_tokens = 0
         self.reused_tokens = 0
+        self.prefix: Any = None  # kv/divergence.py's PrefixReport: why that much was reused
 
     def publish(self, event: Event) -> None:
         final = not isinstance(event, Delta)

@@ -40,13 +40,29 @@ def _human(n: int) -> str:
     epilog="[bold]Examples[/bold]\n\n  mlxc cache stats\n\n  mlxc cache stats --json | jq .hit_rate"
     "\n\n  mlxc cache stats --json | jq .prefix.tokens_reused"
 )
-def stats(cache_dir: CacheDirOption = None, as_json: JsonOption = False) -> None:
+def stats(
+    cache_dir: CacheDirOption = None,
+    as_json: JsonOption = False,
+    watch: Annotated[bool, typer.Option("--watch", help="Redraw every second until Ctrl-C "
+                                        "(with --url: a running server's figures).")] = False,
+    url: Annotated[str | None, typer.Option("--url", help="With --watch: a running "
+                                            "`mlxc serve`.", show_default=False)] = None,
+    api_key: ApiKeyOption = None,
+    watch_times: Annotated[int | None, typer.Option(hidden=True)] = None,  # tests
+) -> None:
     """Hits, misses and size of the response cache and of the prefix (KV) cache's disk tier,
     shared by every mlxc process."""
     from mlxc.engine.kv.index import read_stats
     from mlxc.store import open_store
 
     settings = settings_from(cache_dir)
+    if watch:  # a live view (cli/cache_live.py)
+        from mlxc.cli import cache_live
+
+        read = (cache_live.remote_figures(url, api_key) if url
+                else cache_live.local_figures(settings))
+        cache_live.watch_stats(read, times=watch_times)
+        return
     store = open_store(settings)
     try:
         figures = store.stats().as_dict()
@@ -239,3 +255,8 @@ def warm(
 
     settings = settings_from(cache_dir, cache_policy, dtype, model)
     run(file, settings, model, url, api_key, strict, prefix_only, as_json)
+
+
+from mlxc.cli.cache_live import MISSES_EXAMPLES, misses  # noqa: E402 - light: typer and rich
+
+app.command(epilog=MISSES_EXAMPLES)(misses)

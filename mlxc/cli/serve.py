@@ -139,6 +139,12 @@ def serve(
                             "blocks and counters are written (SIGTERM exits 0) "
                             "[env: MLXC_SHUTDOWN_TIMEOUT]")
     ] = 10.0,
+    miss_excerpts: Annotated[
+        bool, typer.Option("--miss-excerpts/--no-miss-excerpts", envvar="MLXC_MISS_EXCERPTS",
+                           help="Keep ~60 characters of old and new text around where a prompt "
+                           "parted from the stored prefix, in memory only, for "
+                           "/v1/cache/misses and the dashboard [env: MLXC_MISS_EXCERPTS]")
+    ] = True,
     cache_dir: CacheDirOption = None,
     cache_policy: CachePolicyOption = None,
     dtype: DtypeOption = None,
@@ -225,7 +231,11 @@ def serve(
             max_body_bytes=parse_size(max_body),
             aliases=tuple(alias or ()),
             log=log,
+            miss_excerpts=miss_excerpts,
         )
+        from mlxc.server.misses import log_to
+
+        log_to(log)  # each generation's prefix line (INFO), beside the request lines
         guard = GuardOptions(
             hosts=host_names(host, [h for v in allowed_hosts or () for h in v.split(",")]),
             cors=tuple(c for v in cors or () for c in v.split(",") if c.strip()),

@@ -370,6 +370,10 @@ class Engine:
         reused = len(tokens) - len(todo)
         generation.prompt_tokens_total = len(todo)
         generation.prompt_tokens, generation.reused_tokens = len(tokens), reused
+        report = self.prompt_cache.last_report
+        if report is not None:  # why it reused that much (kv/divergence.py); resolved later
+            report.attach(self.tokenizer, request, tokens)
+            generation.prefix = report
         sampling = build_sampling(request, self.tokenizer)
         return Sequence(
             request=request,

@@ -21,7 +21,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mlxc import __version__
-from mlxc.server import anthropic, health, models, openai, responses
+from mlxc.server import anthropic, dashboard, health, misses, models, openai, responses
 from mlxc.server.errors import ApiError, as_api_error, error_response
 from mlxc.server.flow import ClientGone
 from mlxc.server.guard import ClientTooSlow, Guard, GuardOptions
@@ -108,6 +108,8 @@ def create_app(
     app.include_router(models.router)
     app.include_router(responses.router)
     app.include_router(health.router)
+    app.include_router(misses.router)
+    app.include_router(dashboard.router)
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> Response:
@@ -132,7 +134,9 @@ def create_app(
         return error_response(error, request)
 
     @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
-    async def _root() -> Response:  # what clients (Claude Code) probe before they start
+    async def _root(request: Request) -> Response:  # what clients (Claude Code) probe
+        if dashboard.wants_page(request):  # a browser: the dashboard (server/dashboard.py)
+            return dashboard.page()
         return JSONResponse({"name": "mlxc", "version": __version__, "status": "ok"})
 
     app.add_middleware(RequestLog, state=state)
@@ -141,7 +145,7 @@ def create_app(
 
         app.add_middleware(
             CORSMiddleware, allow_origins=list(guard.cors), allow_methods=["*"],
-            allow_headers=["*"], expose_headers=["X-Mlxc-Cache"], max_age=600,
+            allow_headers=["*"], expose_headers=["X-Mlxc-Cache", "X-Mlxc-Prefix"], max_age=600,
         )
     app.add_middleware(Guard, options=guard, say=state.options.log or log.warning)
     return app

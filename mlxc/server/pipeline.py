@@ -27,7 +27,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from mlxc.request import Answer, GenerationRequest
-from mlxc.server import sse
+from mlxc.server import misses, sse
 from mlxc.server.errors import ApiError, as_api_error, check_api_key, parse_body
 from mlxc.server.flow import Call, start
 from mlxc.server.state import ServerState, get_state
@@ -128,6 +128,7 @@ class EventWriter:
                 chunks = self.delta(event)
             elif isinstance(event, Finished):
                 await self.adapter.completed(self.turn, event.answer)
+                await misses.note(self.turn.state, self.turn.call.reply, self.turn.extra["route"])
                 chunks = self.finish(event.answer)
             elif isinstance(event, Failed):
                 chunks = self.failed(as_api_error(event.error))
@@ -163,11 +164,22 @@ class Adapter(Generic[Body]):
         stream = bool(getattr(body, "stream", False))
         call = await start(state, generation_request, request, stream)
         turn = Turn(body, model, generation_request, call, state, self.new_id())
+        turn.extra["route"] = request.url.path
         if stream:
-            return sse.EventStream(self.writer(self, turn)())
+            headers = await _prefix_header(turn, call.reply.answer)
+            return sse.EventStream(self.writer(self, turn)(), headers)
         answer = await call.answer(request)
         await self.completed(turn, answer)
-        return JSONResponse(self.render(turn, answer))
+        return JSONResponse(self.render(turn, answer), headers=await _prefix_header(turn, answer))
+
+
+async def _prefix_header(turn: Turn, answer: Answer | None) -> dict[str, str]:
+    """`X-Mlxc-Prefix`: how much of the prompt was reused, and where it parted
+    (server/misses.py); a stored answer reused all of it."""
+    if turn.call.reply.cached and answer is not None:
+        return {misses.HEADER: misses.hit_header(answer.usage.prompt_tokens)}
+    value = await misses.note(turn.state, turn.call.reply, turn.extra["route"])
+    return {misses.HEADER: value} if value else {}
 
 
 def refuse(param: str, message: str) -> ApiError:

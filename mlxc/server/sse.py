@@ -37,11 +37,11 @@ class EventStream(StreamingResponse):
     once (rather than whenever the garbage collector gets to it), so the engine stops
     within a token or two."""
 
-    def __init__(self, body: AsyncIterator[str]) -> None:
+    def __init__(self, body: AsyncIterator[str], headers: dict[str, str] | None = None) -> None:
         super().__init__(
             body,
             media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **(headers or {})},
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

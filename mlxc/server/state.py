@@ -29,6 +29,7 @@ class ServerOptions:
     # More model names to answer to, globs allowed: clients such as Claude Code send their own.
     aliases: tuple[str, ...] = ()
     log: Callable[[str], None] | None = None
+    miss_excerpts: bool = True  # text around a prefix divergence in /v1/cache/misses
 
 
 @dataclass
@@ -42,6 +43,13 @@ class ServerState:
     def conversations(self) -> Conversations:
         """Stored Responses (previous_response_id), next to the response cache."""
         return Conversations(self.service.settings.cache_dir / "conversations")
+
+    @cached_property
+    def misses(self) -> Any:
+        """The last generations' prefix reports (server/misses.py)."""
+        from mlxc.server.misses import Misses  # it imports this module
+
+        return Misses(self.options.miss_excerpts)
 
     @property
     def model_id(self) -> str:

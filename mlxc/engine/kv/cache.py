@@ -22,6 +22,8 @@ from typing import Any
 from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
 
 from mlxc.config import Settings
+from mlxc.engine.kv.blocks import token_array
+from mlxc.engine.kv.divergence import PrefixReport, explain
 from mlxc.engine.kv.index import COUNTERS, read_stats, summarize
 from mlxc.engine.kv.memory import ALWAYS_TRIMMABLE, cache_length
 from mlxc.engine.kv.turns import message_boundaries
@@ -83,6 +85,7 @@ class PrefixCache:
         self._unsaved: Counter = Counter()
         self._disk_seen: Counter = Counter()  # the disk tier's own counts, already added
         self.last_reused = 0  # prompt tokens the last fetch took from a tier (not prefilled)
+        self.last_report: PrefixReport | None = None  # why the last counted fetch reused that
 
     @property
     def keeps_states(self) -> bool:
@@ -93,13 +96,17 @@ class PrefixCache:
     def fetch(self, tokens: list[int], request: Any = None, count: bool = True):
         """(state to extend, tokens still to prefill): the longest cached prefix from either
         tier, or a fresh state. At least one token is always left to feed."""
+        key = tokens
         if self.tiers is not None:
-            cache, reused, per_tier = self.tiers.reuse(tokens)
+            if self.trimmable:  # blocks compare C arrays: made once, for lookup and explanation
+                key = token_array(tokens)
+            cache, reused, per_tier = self.tiers.reuse(key)
         else:
             cache, reused, per_tier = make_prompt_cache(self.model), 0, {}
         self.last_reused = reused
         if count:
             self._count(per_tier, reused, len(tokens) - reused)
+            self.last_report = explain(self.tiers, key, reused, per_tier)
         if not self.trimmable and request is not None and self.keeps_states:
             reused = self._checkpoint(cache, tokens, reused, request)
         return cache, tokens[reused:]
