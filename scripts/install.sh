@@ -20,6 +20,8 @@ apt_packages=()
 if [ "$(uname -s)" = "Linux" ] && command -v apt-get >/dev/null 2>&1; then
   [ $cuda = 1 ] || ls /usr/lib/*/libopenblas*.so* >/dev/null 2>&1 || apt_packages+=(libopenblas0-pthread)
   [ $dev = 1 ] && ! command -v redis-server >/dev/null 2>&1 && apt_packages+=(redis-server)
+  # The dashboard's browser test (tests/test_dashboard_browser.py) drives Debian's chromium.
+  [ $dev = 1 ] && ! command -v chromedriver >/dev/null 2>&1 && apt_packages+=(chromium chromium-driver)
 fi
 if [ ${#apt_packages[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
