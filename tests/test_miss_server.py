@@ -73,9 +73,11 @@ def test_a_full_reuse_says_so_and_a_stored_answer_reused_everything(server):
     _ask(client, SYSTEM + " Again.")
     time.sleep(0.5)
     # Past the response cache (no-cache), the same prompt is all in the prefix cache.
-    headers, answer = _ask(client, SYSTEM + " Again.", extra_headers={"Cache-Control": "no-cache"})
+    headers, answer = _ask(client, SYSTEM + " Again.",
+                           extra_headers={"Cache-Control": "no-cache"})
     n = answer.usage.prompt_tokens
-    assert headers["x-mlxc-prefix"] == f"reused={n - 1}/{n}; tier=memory; diverged=none (full reuse)"
+    full = f"reused={n - 1}/{n}; tier=memory; diverged=none (full reuse)"
+    assert headers["x-mlxc-prefix"] == full
     headers, answer = _ask(client, SYSTEM + " Again.")
     assert headers["x-mlxc-cache"] == "hit"
     assert headers["x-mlxc-prefix"] == f"reused={n}/{n}; tier=response; diverged=none"

@@ -20,6 +20,8 @@ Two layouts of one store, chosen by the model's cache (`cache.py`):
 - blocks (`block_*.py`, `blocks.py`) for trimmable caches (full attention);
 - whole states (`states.py`, `state_disk.py`, `memory.py`) for caches that cannot be cut
   (sliding windows, recurrent layers), kept at message boundaries (`turns.py`).
+`divergence.py` says why a prompt missed (tokens reused, tier, where the stored neighbour
+parts), by token comparison on the engine thread; its text is worked out later, off it.
 `index.py` holds both layouts' rows and the counters in one SQLite file. May import
 `decode/` (the chat template's messages, the prefill loop), never `batch/`; the modules without
 MLX (`index.py`, `blocks.py`, `block_file.py`, `block_index.py`, `turns.py`) are what
