@@ -150,3 +150,11 @@ def test_excerpts_switched_off(tmp_path, tiny_model):
         assert "excerpt" not in body["data"][-1]["diverged"]
     finally:
         stop_server(running)
+
+
+def test_stats_watch_reads_the_local_folder(server):
+    run = subprocess.run(
+        [sys.executable, "-m", "mlxc", "cache", "stats", "--watch", "--watch-times", "1"],
+        capture_output=True, text=True, timeout=60, env={**server.env, "COLUMNS": "120"})
+    assert run.returncode == 0, run.stderr
+    assert "response hits / misses" in run.stdout and "prefix disk" in run.stdout
