@@ -35,14 +35,29 @@ def read_json(path: Path, limit: int = LIMIT) -> Any:
         os.close(fd)
 
 
+def make_private_dirs(folder: Path) -> None:
+    """Create `folder` and any missing parents 0700 whatever the umask (mkdir's mode is masked
+    by it: 0777 under umask 000); folders already there are left as they are (a model's own)."""
+    missing = []
+    for each in (folder, *folder.parents):
+        if each.exists():
+            break
+        missing.append(each)
+    for each in reversed(missing):
+        each.mkdir(mode=0o700, exist_ok=True)
+        os.chmod(each, 0o700)
+
+
 def write_json(path: Path, value: Any) -> bool:
-    """Write `value` under a temporary name and rename it into place; False if it cannot be
-    written (a read-only folder: the slow work is done again next time)."""
+    """Write `value` under a temporary name and rename it into place, 0600 (a folder it makes,
+    0700); False if it cannot be written (a read-only folder: the slow work is done again next
+    time)."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        make_private_dirs(path.parent)
         temp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         with os.fdopen(fd, "w") as f:
+            os.fchmod(fd, 0o600)  # a leftover temporary file keeps its mode through O_TRUNC
             json.dump(value, f, ensure_ascii=False)
         os.replace(temp, path)
     except OSError:

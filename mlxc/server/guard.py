@@ -5,8 +5,9 @@ request body's deadline. Pure ASGI middleware, outermost, so refusals cost no pa
   interface, and `--allowed-hosts`. A DNS-rebinding page reaches 127.0.0.1 under its own
   name, so a foreign name is refused (`403`).
 - Origin: browsers send it on cross-site requests (and on every POST); one that is not this
-  server itself nor named by `--cors` is refused (`403`), so a page cannot use the API
-  with the user's network position. `--cors` also answers preflights (Starlette's CORS).
+  server itself (`http://` and its Host: `https://` or `ws://` there is another origin) nor
+  named by `--cors` is refused (`403`), so a page cannot use the API with the user's network
+  position. `--cors` also answers preflights (Starlette's CORS).
 - Content-Type: a body must be `application/json` (`415`). A cross-site form or
   `fetch(..., {mode: "no-cors"})` can send `text/plain` without a preflight; JSON cannot.
 - `/metrics` needs the API key when one is set (`/health` then shows only the basics).
@@ -109,14 +110,15 @@ class Guard:
         name = _hostname(host)
         return name in self.hosts or _is_safe_literal(name)
 
-    def origin_ok(self, origin: str | None, host: str | None) -> bool:
+    def origin_ok(self, origin: str | None, host: str | None, scheme: str = "http") -> bool:
         if origin is None or "*" in self.cors:
             return True
         origin = origin.rstrip("/").lower()
         if origin in self.cors:
             return True
-        own = urlsplit(origin).netloc if "://" in origin else None
-        return own is not None and host is not None and own == host.lower()
+        # This server itself: its Host, and the scheme it speaks (a page of https:// or ws://
+        # on the same host and port is another origin).
+        return host is not None and origin == f"{scheme}://{host.lower()}"
 
     def refusal(self, scope: Scope, headers: Headers) -> ApiError | None:
         host, origin = headers.get("host"), headers.get("origin")
@@ -125,7 +127,7 @@ class Guard:
                       "server (a DNS-rebinding page?); allow it with --allowed-hosts")
             return ApiError(403, f"Host {host!r} is not allowed here; start the server "
                             "with --allowed-hosts to allow it", code="host_not_allowed")
-        if not self.origin_ok(origin, host):
+        if not self.origin_ok(origin, host, scope.get("scheme", "http")):
             self.note("origin", f"refused browser requests from Origin {origin!r}; "
                       "allow it with --cors")
             return ApiError(403, f"cross-origin requests from {origin!r} are not allowed; "

@@ -44,6 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mlxc.config import private_dir
 from mlxc.errors import NotEnoughMemory
 from mlxc.sidecar import read_json, write_json
 
@@ -187,8 +188,12 @@ def recall(path: Path | None, chunk: int) -> KVCost | None:
 
 
 def remember(path: Path | None, cost: KVCost) -> KVCost:
-    """Keep `cost` for the next process."""
+    """Keep `cost` for the next process (its folder 0700, as every cache folder)."""
     if path is not None:
+        try:
+            private_dir(path.parent)  # an earlier version made it 0755
+        except OSError:
+            return cost  # not writable: measured again next time
         write_json(path, dataclasses.asdict(cost))
     return cost
 

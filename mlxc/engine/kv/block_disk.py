@@ -50,7 +50,7 @@ class BlockDisk:
         self.bytes_written = 0  # by this process
         self.writes_skipped = 0
         self.blocks_damaged = 0  # files that failed their checks when read (engine thread)
-        self.nbytes, self.nblocks = self.index.total_bytes(), self.index.block_count()
+        self._totals(self.index)
         self._jobs: queue.Queue = queue.Queue(queue_blocks)
         self.queue_bytes, self._queued = queue_bytes, 0  # bytes of blocks not yet written
         self._queued_lock = threading.Lock()
@@ -193,7 +193,7 @@ class BlockDisk:
     # -- writer thread -------------------------------------------------------------------------
 
     def _run(self) -> None:
-        index = BlockIndex(self.directory)
+        index = BlockIndex(self.directory, writer=True)
         try:
             while True:
                 job = self._jobs.get()
@@ -223,7 +223,13 @@ class BlockDisk:
                 index.remove_block(h)
         elif kind == "counts":
             index.add_counts(args[0])
-        self.nbytes, self.nblocks = index.total_bytes(), index.block_count()
+        index.bound_wal()
+        self._totals(index)
+
+    def _totals(self, index: BlockIndex) -> None:
+        self.index_bytes = index.index_bytes()  # in the budget, and in `nbytes`
+        self.nbytes = index.rows_bytes() + self.index_bytes
+        self.nblocks = index.block_count()
 
     def _write(self, index: BlockIndex, block: Block, header: BlockHeader, views: list,
                size: int, _arrays: list) -> None:

@@ -19,11 +19,16 @@ from pathlib import Path
 
 from mlxc.engine.kv.block_file import FORMAT, SUFFIX, BadBlock, OldBlock, read_header
 from mlxc.engine.kv.index import PrefixIndex, pack_tokens
+from mlxc.sidecar import make_private_dirs
 
 log = logging.getLogger("mlxc.prefix")
 BLOCKS_DIR = "blocks"
 TEMP_AGE = 600.0  # a temporary file this old belongs to no live writer
 WRITE_TIMEOUT = 120.0  # a reserved block not in place after this long: its writer died
+# Room kept for the index to grow past what a reservation counts: the database's new pages,
+# and the WAL past WAL_LIMIT by each writer's job since it last cut it (a job writes at most
+# ~6 pages of 4 KiB; measured: 20.6 KB between two reservations).
+INDEX_GROWTH = 64 << 10
 
 
 @dataclass(frozen=True)
@@ -41,10 +46,12 @@ class BlockIndex(PrefixIndex):
     """Block rows: reserve (make room, then record), list since a sequence number, touch,
     remove; and the start-up sweep that reconciles rows with files."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, writer: bool = False) -> None:
+        if writer:  # it checkpoints the WAL itself (`bound_wal`)
+            self.wal_pages = 0
         super().__init__(directory)
         self.blocks = self.directory / BLOCKS_DIR
-        self.blocks.mkdir(exist_ok=True, mode=0o700)
+        make_private_dirs(self.blocks)
 
     def block_path(self, h: str) -> Path:
         return self.blocks / (h + SUFFIX)
@@ -64,8 +71,10 @@ class BlockIndex(PrefixIndex):
     def reserve(self, root: str, h: str, parent: str, start: int, tokens: list[int],
                 nbytes: int, budget: int) -> list[tuple[str, str]] | None:
         """Record a block about to be written, first dropping least recently used rows and files
-        (blocks or whole states, any model) until it fits the budget. None if it is there
-        already or cannot fit; else the (kind, id) of what was dropped."""
+        (blocks or whole states, any model) until it fits the budget, which counts the index's
+        own files too. None if it is there already or cannot fit (then nothing is dropped);
+        else the (kind, id) of what was dropped."""
+        budget -= INDEX_GROWTH
         if nbytes > budget:
             return None
         db = self._db
@@ -74,7 +83,7 @@ class BlockIndex(PrefixIndex):
             if db.execute("SELECT 1 FROM blocks WHERE hash = ?", (h,)).fetchone():
                 db.execute("COMMIT")
                 return None
-            total = self.total_bytes()
+            total = self.budgeted_bytes()
             dropped: list[tuple[str, str]] = []
             if total + nbytes > budget:
                 # Not a block another writer is still writing (unless it died long ago).
@@ -88,6 +97,9 @@ class BlockIndex(PrefixIndex):
                         break
                     dropped.append((kind, key))
                     total -= size
+                if total + nbytes > budget:  # the index and blocks being written leave no room
+                    db.execute("COMMIT")
+                    return None
                 for kind, key in dropped:
                     table, column = ("blocks", "hash") if kind == "block" else ("entries", "id")
                     db.execute(f"DELETE FROM {table} WHERE {column} = ?", (key,))

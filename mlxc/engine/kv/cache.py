@@ -247,7 +247,7 @@ class PrefixCache:
         totals = self.totals + Counter(self._disk_counts())  # with those not yet counted
         totals = {name: totals[name] for name in COUNTERS}
         return {
-            **summarize(totals, disk_bytes, disk_entries),
+            **summarize(totals, disk_bytes, disk_entries, getattr(disk, "index_bytes", 0)),
             "memory_bytes": 0,
             "memory_entries": 0,
             "disk_blocks": 0,

@@ -8,13 +8,23 @@ belongs to the thread that opened it.
 from __future__ import annotations
 
 import logging
+import os
 import sqlite3
+import stat
 import time
 from array import array
 from dataclasses import dataclass
 from pathlib import Path
 
+from mlxc.sidecar import make_private_dirs
+
 INDEX_FILE = "index.sqlite"
+INDEX_FILES = (INDEX_FILE, INDEX_FILE + "-wal", INDEX_FILE + "-shm")  # in the disk budget
+# The WAL counts in the disk budget: checkpointed at 64 pages (256 KiB) and cut back to that
+# after (by default it grows to 4 MiB and stays, a fifth of a 20 MB budget). Writing a block
+# adds ~12 pages: a checkpoint (and an fsync of the index) every ~5 blocks.
+WAL_PAGES = 64
+WAL_LIMIT = 256 << 10
 STATE_SUFFIX = ".safetensors"
 log = logging.getLogger("mlxc.prefix")
 COUNTERS = (
@@ -78,9 +88,11 @@ class PrefixIndex:
     """Which states are on disk (by model fingerprint and tokens), their sizes and last use,
     and the hit/miss counters that survive restarts."""
 
+    wal_pages = WAL_PAGES  # SQLite's own checkpoints; 0: its owner calls `bound_wal` instead
+
     def __init__(self, directory: Path) -> None:
         self.directory = Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        make_private_dirs(self.directory)
         try:
             self._db = self._open()
         except sqlite3.DatabaseError as exc:  # a damaged index: its states cannot be trusted
@@ -90,10 +102,13 @@ class PrefixIndex:
             self._db = self._open()
 
     def _open(self) -> sqlite3.Connection:
+        self._private_files()
         db = sqlite3.connect(self.directory / INDEX_FILE, timeout=30, isolation_level=None)
         try:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
+            db.execute(f"PRAGMA wal_autocheckpoint={self.wal_pages}")
+            db.execute(f"PRAGMA journal_size_limit={WAL_LIMIT}")
             db.executescript(_SCHEMA)
             columns = [row[1] for row in db.execute("PRAGMA table_info(entries)")]
             if "version" not in columns:  # an index from before blocks: its states are format 1
@@ -107,6 +122,49 @@ class PrefixIndex:
             db.close()
             raise
         return db
+
+    def _private_files(self) -> None:
+        """The index 0600 whatever the umask: created so before SQLite opens it (SQLite gives
+        its -wal and -shm files the database's mode), and tightened if an earlier version
+        left it (or them) readable by others."""
+        try:
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+            os.close(os.open(self.directory / INDEX_FILE, flags, 0o600))
+        except FileExistsError:
+            pass
+        for name in INDEX_FILES:
+            try:
+                if stat.S_IMODE(os.stat(self.directory / name).st_mode) != 0o600:
+                    os.chmod(self.directory / name, 0o600)
+            except OSError:  # absent, or another user's (a read-only look is still fine)
+                pass
+
+    def index_bytes(self, wal_at_most: bool = False) -> int:
+        """The index's own files on disk (database, WAL, shared memory); `wal_at_most`: the
+        WAL as the budget counts it, at the most it grows to before it is cut (WAL_LIMIT), so
+        writes that reserve nothing (touches, counters, blocks there already) never take
+        room that blocks were given."""
+        total = 0
+        for name in INDEX_FILES:
+            try:
+                size = os.stat(self.directory / name).st_size
+            except OSError:
+                size = 0
+            total += max(size, WAL_LIMIT) if wal_at_most and name == INDEX_FILES[1] else size
+        return total
+
+    def bound_wal(self) -> None:
+        """Checkpoint the WAL and cut it to nothing once it is past WAL_LIMIT. SQLite's own
+        (passive) checkpoints never restart it while some connection is always reading, and
+        hold off this one (two busy servers on one folder grew it to 4 MB in 20 s): the block
+        writers turn theirs off and call this after each job. Waits for readers to catch up
+        (ms) and holds other writers meanwhile: for a writer thread, not the engine's."""
+        try:
+            if os.stat(self.directory / INDEX_FILES[1]).st_size <= WAL_LIMIT:
+                return
+        except OSError:
+            return
+        self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
 
     def _state_files(self) -> list[Path]:
         return list(self.directory.glob("*" + STATE_SUFFIX))
@@ -154,7 +212,7 @@ class PrefixIndex:
     def evict_to(self, budget: int) -> list[str]:
         """Drop least recently used entries (any model) until the total fits the budget."""
         removed: list[str] = []
-        total = self.total_bytes()
+        total = self.budgeted_bytes()
         if total <= budget:
             return removed
         for entry_id, nbytes in self._db.execute("SELECT id, nbytes FROM entries ORDER BY used"):
@@ -167,7 +225,16 @@ class PrefixIndex:
         return removed
 
     def total_bytes(self) -> int:
-        """Bytes on disk: whole states and blocks, every model (one budget for all)."""
+        """Bytes on disk: whole states and blocks, every model, and the index itself (one
+        budget for all)."""
+        return self.rows_bytes() + self.index_bytes()
+
+    def budgeted_bytes(self) -> int:
+        """What the budget holds: `total_bytes` with the WAL at the most it grows to."""
+        return self.rows_bytes() + self.index_bytes(wal_at_most=True)
+
+    def rows_bytes(self) -> int:
+        """Bytes of the whole states and blocks the index lists."""
         return int(self._db.execute(
             "SELECT (SELECT COALESCE(SUM(nbytes), 0) FROM entries)"
             " + (SELECT COALESCE(SUM(nbytes), 0) FROM blocks)"
@@ -231,8 +298,10 @@ class PrefixIndex:
         self._db.close()
 
 
-def summarize(counters: dict[str, int], disk_bytes: int, disk_entries: int) -> dict:
-    """The figures `cache stats` and /health show, from raw counters and disk totals."""
+def summarize(counters: dict[str, int], disk_bytes: int, disk_entries: int,
+              index_bytes: int = 0) -> dict:
+    """The figures `cache stats` and /health show, from raw counters and disk totals
+    (`disk_bytes` counts the index's own files, `index_bytes`, as the budget does)."""
     lookups = counters["hits"] + counters["misses"]
     prompt = counters["tokens_reused"] + counters["tokens_prefilled"]
     return {
@@ -242,6 +311,7 @@ def summarize(counters: dict[str, int], disk_bytes: int, disk_entries: int) -> d
         "prefill_saved_fraction": counters["tokens_reused"] / prompt if prompt else 0.0,
         "disk_bytes": disk_bytes,
         "disk_entries": disk_entries,
+        "index_bytes": index_bytes,
     }
 
 
@@ -260,7 +330,8 @@ def read_stats(directory: Path) -> dict:
             "SELECT COUNT(*) FROM (SELECT parent FROM blocks GROUP BY parent "
             "HAVING COUNT(*) > 1) WHERE parent IN (SELECT hash FROM blocks)"
         ).fetchone()[0])
-        figures = summarize(index.counters(), index.total_bytes(), index.count())
+        own = index.index_bytes()
+        figures = summarize(index.counters(), index.rows_bytes() + own, index.count(), own)
         return {**figures, "disk_blocks": blocks, "shared_blocks": shared}
     finally:
         index.close()

@@ -70,7 +70,7 @@ class DiskTier:
         self.trie = PromptTrie()
         self._rows: dict[str, IndexRow] = {}  # by id
         self._seq = 0
-        self.nbytes = 0
+        self.nbytes = self.index_bytes = 0
         self.entries = 0
         self.refresh()
 
@@ -85,7 +85,9 @@ class DiskTier:
             self._update_totals()
 
     def _update_totals(self) -> None:
-        self.nbytes, self.entries = self.index.total_bytes(), self.index.count()
+        self.index_bytes = self.index.index_bytes()  # in the budget, and in `nbytes`
+        self.nbytes = self.index.rows_bytes() + self.index_bytes
+        self.entries = self.index.count()
 
     def _forget(self, key: list[int]) -> None:
         try:
@@ -148,6 +150,7 @@ class DiskTier:
         meta = {"format": FORMAT, "fingerprint": self.fingerprint, "id": row_id}
         try:
             save_prompt_cache(str(temp), cache, meta)
+            os.chmod(temp, 0o600)  # MLX creates it 0666 less the umask: all of it under 000
             os.replace(temp, final)
         except (OSError, RuntimeError, ValueError) as exc:  # MLX reports a full disk its own way
             temp.unlink(missing_ok=True)
