@@ -24,6 +24,7 @@ INDEX_FILES = (INDEX_FILE, INDEX_FILE + "-wal", INDEX_FILE + "-shm")  # in the d
 # after (by default it grows to 4 MiB and stays, a fifth of a 20 MB budget). Writing a block
 # adds ~12 pages: a checkpoint (and an fsync of the index) every ~5 blocks.
 WAL_PAGES = 64
+OPEN_TRIES = 5  # opening while another process creates the index fails at once: retried
 WAL_LIMIT = 256 << 10
 STATE_SUFFIX = ".safetensors"
 log = logging.getLogger("mlxc.prefix")
@@ -93,13 +94,21 @@ class PrefixIndex:
     def __init__(self, directory: Path) -> None:
         self.directory = Path(directory)
         make_private_dirs(self.directory)
-        try:
-            self._db = self._open()
-        except sqlite3.DatabaseError as exc:  # a damaged index: its states cannot be trusted
-            log.warning("prefix cache: rebuilding the unreadable index in %s (%s)", directory, exc)
-            for path in [*self.directory.glob(INDEX_FILE + "*"), *self._state_files()]:
-                path.unlink(missing_ok=True)
-            self._db = self._open()
+        for attempt in range(OPEN_TRIES):
+            try:
+                self._db = self._open()
+                return
+            except sqlite3.OperationalError:  # not damage: another process is creating it
+                if attempt == OPEN_TRIES - 1:  # (WAL mode being set: "locked"; a column it
+                    raise  # has just added: "duplicate column"), never rebuilt for that
+                time.sleep(0.05 * (attempt + 1))
+            except sqlite3.DatabaseError as exc:  # a damaged index: its states cannot be trusted
+                log.warning("prefix cache: rebuilding the unreadable index in %s (%s)",
+                            directory, exc)
+                for path in [*self.directory.glob(INDEX_FILE + "*"), *self._state_files()]:
+                    path.unlink(missing_ok=True)
+                self._db = self._open()
+                return
 
     def _open(self) -> sqlite3.Connection:
         self._private_files()
