@@ -272,7 +272,9 @@ class Engine:
         self.dtype = effective_dtype_without_mlx(self.settings.dtype, self.ref.folder,
                                                  self.settings.cache_dir)
         apply_dtype(self.model, self.dtype)
-        from mlxc.engine.cuda import batch_kernels, compiled_decode
+        from mlxc.engine.cuda import batch_kernels, compiled_decode, quant_rows
+
+        quant_rows.install(self.model)  # CUDA: quantized projections of 1-16 rows, kept packed
 
         self.batch_model = compiled_decode.for_model(self.model, self.settings.compiled_decode)
         self.batch_kernels = batch_kernels.for_model(
@@ -392,4 +394,7 @@ class Engine:
             cache=cache,
             started=started,
             prompt_logprobs=echoed,
+            speculate=self.settings.speculate,
+            prediction=self.tokenizer.encode(request.prediction, add_special_tokens=False)
+            if request.prediction else None,
         )
