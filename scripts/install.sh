@@ -22,6 +22,8 @@ if [ "$(uname -s)" = "Linux" ] && command -v apt-get >/dev/null 2>&1; then
   [ $dev = 1 ] && ! command -v redis-server >/dev/null 2>&1 && apt_packages+=(redis-server)
   # The dashboard's browser test (tests/test_dashboard_browser.py) drives Debian's chromium.
   [ $dev = 1 ] && ! command -v chromedriver >/dev/null 2>&1 && apt_packages+=(chromium chromium-driver)
+  # The replicas test (tests/test_replicas.py) puts two servers behind Debian's HAProxy.
+  [ $dev = 1 ] && ! command -v haproxy >/dev/null 2>&1 && apt_packages+=(haproxy)
 fi
 if [ ${#apt_packages[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
