@@ -79,15 +79,21 @@ class Service:
         model: str | None = None,
         progress: Callable[[str], None] | None = None,
         engine_options: dict[str, Any] | None = None,
+        store: GuardedStore | None = None,
+        before_start: Callable[[Service], None] | None = None,
     ) -> None:
+        """`store`: one shared with other services (several models behind one server);
+        `before_start(self)` runs before the engine starts (the model pool makes room)."""
         self.settings = settings
         with contextlib.suppress(OSError):  # 0700 before the engine writes (harden);
             private_folders(settings)  # an unwritable folder is reported by open_store
         self.ref: ModelRef = resolve_model(model or settings.model, settings)
         self.progress = progress or (lambda _msg: None)
         self._engine_options = engine_options or {}
+        self._before_start = before_start
         # Opened on first use; a full disk or a Redis gone is "degraded", not an error.
-        self._store = GuardedStore(lambda: open_store(settings))
+        self._owns_store = store is None
+        self._store = store or GuardedStore(lambda: open_store(settings))
         self._engine = None
         self._fingerprint: str | None = None
         self._inflight: dict[str, Generation] = {}
@@ -117,6 +123,8 @@ class Service:
                 from mlxc.engine.worker import Engine
 
                 prepare_model(self.ref, self.progress)
+                if self._before_start is not None:
+                    self._before_start(self)
                 self._engine = Engine(
                     self.ref, self.settings, self.progress, **self._engine_options
                 ).start()
@@ -147,7 +155,7 @@ class Service:
     def start(self, request: GenerationRequest, read: bool = True, write: bool = True) -> Reply:
         """Answer from the store, join an identical generation in flight, or start one."""
         if not self.is_cacheable(request):
-            return Reply("bypass", None, generation=self.engine().submit(request))
+            return Reply("bypass", None, generation=self._submit(request))
         key = self.key_for(request)
         # `contains` counts nothing: a miss is counted once the engine has taken the request
         # (below), so one refused with 503 (queue full) is a refusal, not a miss. A degraded
@@ -157,14 +165,18 @@ class Service:
             return Reply("hit", key, answer=answer)
         # A store that is unavailable (full disk, Redis gone) was not used: a bypass.
         status = "miss" if (read or write) and not self.store.degraded else "bypass"
-        engine = self.engine()
-        with self._lock:
-            generation = self._inflight.get(key)
-            # An abandoned run is stopping and will not be stored: start afresh instead.
-            shared = generation is not None and not generation.cancelled.is_set()
-            if not shared:
-                generation = engine.submit(request)  # EngineBusy when the queue is full
-                self._inflight[key] = generation
+        while True:
+            engine = self.engine()
+            with self._lock:
+                if engine is not self._engine:
+                    continue  # unloaded meanwhile (model pool): load it again
+                generation = self._inflight.get(key)
+                # An abandoned run is stopping and will not be stored: start afresh instead.
+                shared = generation is not None and not generation.cancelled.is_set()
+                if not shared:
+                    generation = engine.submit(request)  # EngineBusy when the queue is full
+                    self._inflight[key] = generation
+                break
         try:
             if read and not held:
                 self.lookup(key)  # the miss, counted now that it is one (before _finish stores)
@@ -172,6 +184,15 @@ class Service:
             if not shared:
                 generation.add_done_callback(lambda event: self._finish(key, event, write))
         return Reply(status, key, generation=generation, shared=shared)
+
+    def _submit(self, request: GenerationRequest) -> Generation:
+        """Submit to the engine that is current when the request is queued: `unload` checks
+        for queued work under the same lock, so nothing is queued on an engine stopping."""
+        while True:
+            engine = self.engine()
+            with self._lock:
+                if engine is self._engine:
+                    return engine.submit(request)
 
     def _finish(self, key: str, event: Event, write: bool) -> None:
         with self._lock:
@@ -209,13 +230,43 @@ class Service:
             "trimmable": None,  # known once the model is loaded
         }
 
+    def unload(self) -> bool:
+        """Stop the engine and free its model, if it has nothing queued, running or in
+        flight (the model pool's eviction); False if busy. The next request loads it again."""
+        with self._engine_lock, self._lock:
+            engine = self._engine
+            if engine is None or engine.busy or self._inflight:
+                return False
+            self._engine = None
+        _stop(engine)
+        return True
+
     def close(self) -> None:
         if self._engine is not None:
-            self._engine.shutdown(wait=30)  # let the last prefix state reach the disk
+            _stop(self._engine)
             self._engine = None
-            # Free MLX arrays now: left to interpreter exit, their teardown can race MLX's
-            # own threads and abort the process ("terminate called without an active...").
-            import gc
+        if self._owns_store:
+            self._store.close()
 
-            gc.collect()
-        self._store.close()
+
+# What holds a stopped engine's arrays (its KV caches too, through the scheduler).
+_ENGINE_ARRAYS = ("model", "batch_model", "batch_kernels", "scheduler", "memory", "prompt_cache")
+
+
+def _stop(engine: Any) -> None:
+    """Stop an engine, its last prefix state written, and let go of its model's memory."""
+    import gc
+
+    engine.shutdown(wait=30)  # let the last prefix state reach the disk
+    # A stopped engine parks its thread for good (MLX's thread-local teardown must not run
+    # at exit), and the parked frame keeps the engine, so its arrays are dropped here.
+    if engine._stopped.is_set():  # noqa: SLF001 - nothing runs on it any more
+        for name in _ENGINE_ARRAYS:
+            setattr(engine, name, None)
+    # Free MLX arrays now: left to interpreter exit, their teardown can race MLX's own
+    # threads and abort the process ("terminate called without an active...").
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):  # glibc keeps a thread arena's pages
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)

@@ -13,7 +13,6 @@ from mlxc.cli.options import (
     CacheDirOption,
     CachePolicyOption,
     DtypeOption,
-    ModelOption,
     settings_from,
 )
 from mlxc.engine.batch.limits import DEFAULT_MAX_QUEUE  # no MLX at import
@@ -24,6 +23,9 @@ EXAMPLES = """
   mlxc serve                                    # http://127.0.0.1:8081, the default model
 
   mlxc serve --port 9000 --api-key "$KEY" -m ./my-mlx-model
+
+  mlxc serve -m main=./Qwen3-Coder-30B -m small=./SmolLM2 --alias 'claude-haiku*=small' \\
+             --alias 'claude-*'          # two models, loaded on first use, by `model`
 
   OPENAI_BASE_URL=http://127.0.0.1:8081/v1 OPENAI_API_KEY=none  my-openai-tool
 
@@ -75,7 +77,20 @@ def _connection_cap(wanted: int) -> int:
 def serve(
     host: Annotated[str, typer.Option(help="Address to bind; loopback by default.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8081,
-    model: ModelOption = None,
+    model: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--model", "-m",
+            help="Model to serve: MLX folder, .gguf file or Hugging Face repo id; repeatable "
+            "(NAME=PATH names one; the first is the default, the others load on first use) "
+            "\\[env: MLXC_MODEL] \\[default: SmolLM2-135M-Instruct]",
+            show_default=False,
+        ),
+    ] = None,
+    max_models: Annotated[
+        int, typer.Option(help="Models loaded at once; past it, or past the memory, the least "
+                          "recently used idle one is unloaded.")
+    ] = 3,
     api_key: Annotated[
         str | None,
         typer.Option(
@@ -90,8 +105,9 @@ def serve(
     ] = 0.0,
     alias: Annotated[
         list[str] | None,
-        typer.Option(help="Another model name to answer to (repeatable, globs allowed), "
-                     "e.g. 'claude-*' for Claude Code."),
+        typer.Option(help="Another model name to answer to (repeatable, globs allowed, "
+                     "tried in order), e.g. 'claude-*' for Claude Code; NAME=MODEL for a "
+                     "model other than the default, e.g. 'claude-haiku*=small'."),
     ] = None,
     keepalive: Annotated[
         float, typer.Option(help="Seconds of silence before a stream sends a keep-alive.")
@@ -167,9 +183,9 @@ def serve(
     from mlxc.server.app import create_app
     from mlxc.server.guard import GuardOptions, host_names
     from mlxc.server.limits import Throttle, ThrottledLog, guarded_protocol
+    from mlxc.server.model_pool import ModelPool
     from mlxc.server.shutdown import serve_until_stopped
     from mlxc.server.state import ServerOptions
-    from mlxc.service import Service
     from mlxc.store import StoreUnavailable
 
     if not 0.0 <= temperature <= 2.0:
@@ -189,17 +205,19 @@ def serve(
     if chosen not in ("auto", "off") and (kv_limit := parse_size(chosen)) <= 0:
         raise InputError("--max-kv-memory must be a size such as 8GB, auto or off")
     # A server sits idle between a reply and the follow-up: a good time to prefill its opening.
-    settings = settings_from(cache_dir, cache_policy, dtype, model).with_overrides(
+    settings = settings_from(cache_dir, cache_policy, dtype).with_overrides(
         next_turn_prefill=True
     )
     sock = _listen(host, port)  # before the model loads: a busy port fails at once
     console = Console(stderr=True, highlight=False)
     status = console.status("starting", spinner="dots")
-    service = Service(
-        settings, progress=status.update,
+    pool = ModelPool(  # one service per model, on one store (server/model_pool.py)
+        settings, model or [settings.model], tuple(alias or ()), progress=status.update,
         engine_options={"max_batch": max_batch, "max_queue": max_queue,
                         "max_kv_memory": kv_limit},
+        max_models=max_models,
     )
+    service = pool.default.service  # loaded now; the others on their first request
     try:
         if console.is_terminal:
             status.start()
@@ -242,10 +260,12 @@ def serve(
             body_timeout=request_timeout,
             api_key=options.api_key,
         )
-        app = create_app(service, options, guard)
+        app = create_app(pool, options, guard)
         url = f"http://{host if ':' not in host else f'[{host}]'}:{port}"
         table = Table.grid(padding=(0, 2))
         table.add_row("[bold]model[/bold]", f"{app.state.mlxc.model_id} ({engine.dtype})")
+        for other in pool.models[1:]:
+            table.add_row("", f"{other.name} (loads on first use)")
         table.add_row("[bold]URL[/bold]", f"{url}  (OpenAI: {url}/v1 · Anthropic: {url})")
         if stats is None:
             table.add_row("[bold]cache[/bold]", "[yellow]degraded[/yellow]: "
@@ -285,4 +305,4 @@ def serve(
         serve_until_stopped(config, sock, log)  # SIGTERM returns too: the clean-up runs
     finally:
         sock.close()
-        service.close()
+        pool.close()

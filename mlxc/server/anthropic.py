@@ -279,6 +279,7 @@ async def messages(request: Request, body: MessagesRequest, state: State) -> Res
 
 @router.post("/v1/messages/count_tokens")
 async def count_tokens(body: PromptRequest, state: State) -> Response:
-    state.check_model(body.model)
+    _name, served = state.route(body.model)
     generation_request = _prompt_request(state, body)
-    return JSONResponse({"input_tokens": await count_prompt_tokens(state, generation_request)})
+    tokens = await count_prompt_tokens(state, generation_request, served)
+    return JSONResponse({"input_tokens": tokens})

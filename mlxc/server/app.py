@@ -25,6 +25,7 @@ from mlxc.server import anthropic, dashboard, health, misses, models, openai, re
 from mlxc.server.errors import ApiError, as_api_error, error_response
 from mlxc.server.flow import ClientGone
 from mlxc.server.guard import ClientTooSlow, Guard, GuardOptions
+from mlxc.server.model_pool import ModelPool
 from mlxc.server.state import ServerOptions, ServerState
 from mlxc.service import Service
 
@@ -92,10 +93,14 @@ class RequestLog:
 
 
 def create_app(
-    service: Service, options: ServerOptions | None = None, guard: GuardOptions | None = None
+    service: Service | ModelPool, options: ServerOptions | None = None,
+    guard: GuardOptions | None = None,
 ) -> FastAPI:
-    """The app; `guard` says which hosts and origins may call it (loopback only by default)."""
-    state = ServerState(service, options or ServerOptions())
+    """The app on one model's service, or on several (a ModelPool, routed by `model`);
+    `guard` says which hosts and origins may call it (loopback only by default)."""
+    pool = service if isinstance(service, ModelPool) else None
+    state = ServerState(pool.default.service if pool else service, options or ServerOptions(),
+                        pool=pool)
     guard = guard or GuardOptions(api_key=state.options.api_key)
     # Bodies are parsed by hand (mlxc.server.errors.parse_body) so that each API gets its
     # own error shape; FastAPI's generated docs would not describe them, so they are off.

@@ -18,8 +18,9 @@ from starlette.requests import Request
 from mlxc.errors import EngineBusy
 from mlxc.request import Answer, GenerationRequest
 from mlxc.server.errors import ApiError, as_api_error
+from mlxc.server.model_pool import ServedModel
 from mlxc.server.state import ServerState
-from mlxc.service import Reply
+from mlxc.service import Reply, Service
 from mlxc.stream import Delta, Event, Failed, Finished
 
 BILLING_HEADER = "x-anthropic-billing-header:"
@@ -97,13 +98,16 @@ class Call:
 
 
 async def start(
-    state: ServerState, generation_request: GenerationRequest, request: Request, stream: bool
+    state: ServerState, generation_request: GenerationRequest, request: Request, stream: bool,
+    model: ServedModel | None = None,
 ) -> Call:
-    """Hit, join or start a generation through the service (in a worker thread: the store
-    and a first model preparation may block), then wait for the first event or silence."""
+    """Hit, join or start a generation through the model's service (the default's if None;
+    in a worker thread: the store, a first model preparation and making room for a model
+    may block), then wait for the first event or silence."""
     read, write = cache_directives(request.headers)
+    service = state.pool.use(model or state.pool.default)
     try:
-        reply = await run_in_threadpool(state.service.start, generation_request, read, write)
+        reply = await run_in_threadpool(service.start, generation_request, read, write)
     except Exception as exc:
         if isinstance(exc, EngineBusy):
             state.metrics.on_refused()
@@ -125,19 +129,21 @@ async def start(
     return Call(reply, first, rest, request.state)
 
 
-def _count(state: ServerState, request: GenerationRequest) -> int:
-    engine = state.service.engine()
+def _count(service: Service, request: GenerationRequest) -> int:
+    engine = service.engine()
     engine.wait_loaded()
     return len(engine.encode(request))
 
 
-async def count_prompt_tokens(state: ServerState, request: GenerationRequest) -> int:
+async def count_prompt_tokens(state: ServerState, request: GenerationRequest,
+                              model: ServedModel | None = None) -> int:
     """The prompt's length in tokens, made exactly as a generation makes it (engine.encode:
     the same chat template, tools and tokenizer). Runs in a worker thread, not on the engine
     thread, so a count never waits behind a long generation: the tokenizer and the template
     only read shared state."""
     try:
-        return await run_in_threadpool(_count, state, request)
+        service = state.pool.use(model or state.pool.default)
+        return await run_in_threadpool(_count, service, request)
     except Exception as exc:
         raise as_api_error(exc) from None
 

@@ -61,6 +61,19 @@ def _both_stats(state: ServerState) -> tuple[dict[str, Any] | None, dict[str, An
     return _store_stats(state), prefix
 
 
+def _models(state: ServerState) -> list[dict[str, Any]]:
+    """Each model served (server/model_pool.py), with its own prefix cache's figures once
+    loaded (all models share the folder; each counts its own hits)."""
+    rows = state.pool.figures()
+    for row, model in zip(rows, state.pool.models, strict=True):
+        if row["state"] == "loaded":
+            try:
+                row["prefix_cache"] = model.service.prefix_stats()
+            except Exception:
+                row["prefix_cache"] = None
+    return rows
+
+
 def _degraded(state: ServerState, status: str) -> tuple[str, dict[str, str]]:
     """A healthy server whose cache is off for now (a full disk, Redis gone) is `degraded`:
     it answers, uncached (mlxc.store_guard). The reason names no path: the open body has it."""
@@ -79,6 +92,7 @@ async def health(request: Request) -> Response:
         body = {"status": status, **reason, "model_loaded": loaded, "version": __version__}
         return JSONResponse(body, status_code=503 if status == "error" else 200)
     stats, prefix = await run_in_threadpool(_both_stats, state)
+    models = _models(state)
     status, reason = _degraded(state, status)  # after the figures: reading them may find it
     cache: dict[str, Any] = {"error": "the response store cannot be read"}
     if (problem := state.service.store.degraded) is not None:
@@ -106,6 +120,7 @@ async def health(request: Request) -> Response:
         "prefix_cache": prefix,
         "queue_depth": depth,
         "batch": _batch_figures(state),
+        "models": models,  # every model served, loaded or not; the first is the default
         "requests_in_flight": served.pop("in_flight"),
         "tokens_per_second": served.pop("tokens_per_second"),
         "server": served,
@@ -142,6 +157,36 @@ async def metrics(request: Request) -> Response:
         gauges["mlxc_cache_store_misses"] = ("Misses counted by the store (all processes).",
                                              stats["misses"])
     return PlainTextResponse(
-        state.metrics.render(gauges, batch["batch_sizes"]),
+        state.metrics.render(gauges, batch["batch_sizes"], _per_model(state)),
         media_type="text/plain; version=0.0.4; charset=utf-8",
     )
+
+
+def _per_model(state: ServerState) -> dict[str, tuple[str, str, dict[str, float]]]:
+    """Families labelled by model: name -> (kind, help, {model: value})."""
+    rows = state.pool.figures()
+
+    def by_model(read) -> dict[str, float]:
+        return {row["name"]: read(row) for row in rows}
+
+    def batch(key: str):
+        return lambda row: (row["batch"] or {}).get(key, 0)
+
+    return {
+        "mlxc_model_up": ("gauge", "1 while the model is loaded (0: not yet, or unloaded).",
+                          by_model(lambda row: int(row["state"] == "loaded"))),
+        "mlxc_model_queue_depth": ("gauge", "Generations running or waiting, per model.",
+                                   by_model(lambda row: row["queue_depth"])),
+        "mlxc_model_running_sequences": ("gauge", "Sequences prefilling or decoding.",
+                                         by_model(batch("running"))),
+        "mlxc_model_tokens_per_second": ("gauge", "Tokens/s of the model's sequences, last "
+                                         "10 s.", by_model(batch("tokens_per_second"))),
+        "mlxc_model_weights_bytes": ("gauge", "The model's weights in memory, once loaded.",
+                                     by_model(lambda row: row["weights_bytes"] or 0)),
+        "mlxc_model_requests_total": ("counter", "Requests routed to the model.",
+                                      by_model(lambda row: row["requests"])),
+        "mlxc_model_loads_total": ("counter", "Times the model was loaded.",
+                                   by_model(lambda row: row["loads"])),
+        "mlxc_model_unloads_total": ("counter", "Times it was unloaded to make room.",
+                                     by_model(lambda row: row["unloads"])),
+    }

@@ -101,10 +101,12 @@ class Metrics:
             }
 
     def render(
-        self, gauges: dict[str, tuple[str, float]], batch_sizes: dict[int, int] | None = None
+        self, gauges: dict[str, tuple[str, float]], batch_sizes: dict[int, int] | None = None,
+        per_model: dict[str, tuple[str, str, dict[str, float]]] | None = None,
     ) -> str:
         """Prometheus text format 0.0.4; `gauges` adds name -> (help, value) readings,
-        `batch_sizes` the engine's decode steps by batch size."""
+        `batch_sizes` the engine's decode steps by batch size, `per_model` families labelled
+        by model: name -> (kind, help, {model: value})."""
         out: list[str] = []
 
         def head(name: str, kind: str, text: str) -> None:
@@ -154,6 +156,11 @@ class Metrics:
             head(name, "gauge", text)
             # Integers whole (byte gauges: `:g` keeps 6 digits), other values as floats.
             out.append(f"{name} {value}" if isinstance(value, int) else f"{name} {value:g}")
+        for name, (kind, text, values) in (per_model or {}).items():
+            head(name, kind, text)
+            for model, value in values.items():
+                label = model.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+                out.append(f'{name}{{model="{label}"}} {value:g}')
         if batch_sizes is not None:
             head("mlxc_batch_size", "histogram", "Sequences decoded together, per decode step.")
             count = total = 0

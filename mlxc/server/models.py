@@ -11,22 +11,24 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from mlxc.server.errors import is_anthropic
+from mlxc.server.model_pool import ServedModel
 from mlxc.server.pipeline import State, authorized
 from mlxc.server.state import ServerState
 
 router = APIRouter(dependencies=[Depends(authorized)])
 
 
-def _listed(state: ServerState) -> list[str]:
-    return [state.model_id, *(a for a in state.options.aliases if not set(a) & set("*?["))]
+def _listed(state: ServerState) -> list[tuple[str, ServedModel]]:
+    """Every model served, loaded or not, then the aliases that are not globs."""
+    return [(name, state.pool.models[i]) for name, i in state.pool.names.listed()]
 
 
-def _openai(state: ServerState, name: str) -> dict[str, Any]:
+def _openai(state: ServerState, name: str, model: ServedModel) -> dict[str, Any]:
     return {"id": name, "object": "model", "created": int(state.started), "owned_by": "mlxc"}
 
 
-def _anthropic(state: ServerState, name: str) -> dict[str, Any]:
-    engine = state.service._engine if state.service.engine_started else None
+def _anthropic(state: ServerState, name: str, model: ServedModel) -> dict[str, Any]:
+    engine = model.service._engine  # noqa: SLF001 - a look, never a start
     context = getattr(engine, "context_length", 0) or None
     created = datetime.fromtimestamp(state.started, timezone.utc)
     return {"type": "model", "id": name, "display_name": name,
@@ -36,15 +38,15 @@ def _anthropic(state: ServerState, name: str) -> dict[str, Any]:
 
 @router.get("/v1/models")
 async def list_models(request: Request, state: State) -> Response:
-    names = _listed(state)
+    rows = _listed(state)
     if is_anthropic(request):
-        return JSONResponse({"data": [_anthropic(state, n) for n in names], "has_more": False,
-                             "first_id": names[0], "last_id": names[-1]})
-    return JSONResponse({"object": "list", "data": [_openai(state, n) for n in names]})
+        return JSONResponse({"data": [_anthropic(state, *row) for row in rows],
+                             "has_more": False, "first_id": rows[0][0], "last_id": rows[-1][0]})
+    return JSONResponse({"object": "list", "data": [_openai(state, *row) for row in rows]})
 
 
 @router.get("/v1/models/{name:path}")
 async def get_model(name: str, request: Request, state: State) -> Response:
-    name = state.check_model(name)
+    name, model = state.route(name)
     shape = _anthropic if is_anthropic(request) else _openai
-    return JSONResponse(shape(state, name))
+    return JSONResponse(shape(state, name, model))

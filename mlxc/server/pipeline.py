@@ -159,10 +159,10 @@ class Adapter(Generic[Body]):
 
     async def __call__(self, state: ServerState, body: Body, request: Request) -> Response:
         """The pipeline: body -> GenerationRequest -> reply -> body or stream."""
-        model = state.check_model(getattr(body, "model", None))
+        model, served = state.route(getattr(body, "model", None))
         generation_request = await self.prepare(state, body)
         stream = bool(getattr(body, "stream", False))
-        call = await start(state, generation_request, request, stream)
+        call = await start(state, generation_request, request, stream, served)
         turn = Turn(body, model, generation_request, call, state, self.new_id())
         turn.extra["route"] = request.url.path
         if stream:

@@ -185,9 +185,9 @@ async def create_response(request: Request, body: ResponsesRequest, state: State
 @router.post("/v1/responses/input_tokens")
 async def count_input_tokens(body: ResponsesRequest, state: State) -> Response:
     """The prompt a create with this body would make, counted exactly (see count_tokens)."""
-    state.check_model(body.model)
+    _name, served = state.route(body.model)
     generation_request = await responses_adapter.prepare(state, body)
-    tokens = await count_prompt_tokens(state, generation_request)
+    tokens = await count_prompt_tokens(state, generation_request, served)
     return JSONResponse({"object": "response.input_tokens", "input_tokens": tokens})
 
 

@@ -1,13 +1,12 @@
-"""What every route shares: the service, the server's options and its metrics."""
+"""What every route shares: the models (a pool of services), the server's options and its
+metrics."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from fnmatch import fnmatchcase
 from functools import cached_property
-from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
@@ -17,6 +16,7 @@ from mlxc.request import GenerationRequest
 from mlxc.server.conversations import Conversations
 from mlxc.server.errors import ApiError, as_api_error
 from mlxc.server.metrics import Metrics
+from mlxc.server.model_pool import ModelPool, ServedModel
 from mlxc.service import Service
 
 
@@ -34,10 +34,15 @@ class ServerOptions:
 
 @dataclass
 class ServerState:
-    service: Service
+    service: Service  # the default model's (the first -m)
     options: ServerOptions
     metrics: Metrics = field(default_factory=Metrics)
     started: float = field(default_factory=time.time)
+    pool: ModelPool | None = None  # None: this one service, under its name and the aliases
+
+    def __post_init__(self) -> None:
+        if self.pool is None:
+            self.pool = ModelPool.of(self.service, self.options.aliases)
 
     @cached_property
     def conversations(self) -> Conversations:
@@ -53,33 +58,28 @@ class ServerState:
 
     @property
     def model_id(self) -> str:
-        """The name /v1/models lists: the user's name for hub and default models, the
-        folder or file name (not a whole path) for local ones."""
-        ref = self.service.ref
-        return ref.name if ref.source in ("default", "hub") else Path(ref.name).name
+        """The default model's name in /v1/models (server/model_names.py)."""
+        return self.pool.default.name
 
-    def model_names(self) -> list[str]:
-        ref = self.service.ref
-        names = [self.model_id, *self.options.aliases, ref.name, ref.folder.name]
-        if ref.source == "gguf":
-            names.append(Path(ref.name).stem)
-        return list(dict.fromkeys(names))
-
-    def check_model(self, name: str | None) -> str:
-        """The model name to echo back; an unknown name is a 404 (this server runs one)."""
+    def route(self, name: str | None) -> tuple[str, ServedModel]:
+        """(the name to echo back, the model that answers); an unknown name is a 404."""
         if not name or name == "default":
-            return self.model_id
-        wanted = name.lower()
-        known = wanted in {n.lower() for n in self.model_names()}
-        if not known and not any(fnmatchcase(wanted, a.lower()) for a in self.options.aliases):
+            return self.model_id, self.pool.default
+        model = self.pool.find(name)
+        if model is None:
+            served = ", ".join(repr(m.name) for m in self.pool.models)
             raise ApiError(
                 404,
-                f"model {name!r} is not served here; this server runs {self.model_id!r} "
+                f"model {name!r} is not served here; this server runs {served} "
                 "(see /v1/models, or start it with --alias)",
                 param="model",
                 code="model_not_found",
             )
-        return name
+        return name, model
+
+    def check_model(self, name: str | None) -> str:
+        """The model name to echo back; an unknown name is a 404."""
+        return self.route(name)[0]
 
     def generation_request(self, **fields: Any) -> GenerationRequest:
         """The canonical request: omitted fields take the defaults `mlxc ask` uses (so the
