@@ -55,6 +55,7 @@ class Sample:
     completion_tokens: int
     cached_tokens: int  # prompt tokens not recomputed: reused prefix, or all of them on a hit
     text: str = ""
+    server: str = ""  # which --url answered, when several were given
 
     @property
     def tpot(self) -> float | None:
@@ -135,10 +136,13 @@ class RemoteBenchClient:
         self.name = self.model or "?"
 
     def run(self, request: GenerationRequest, store: bool = True) -> Sample:
+        from mlxc.bench_servers import SESSION_HEADER, session_id
         from mlxc.remote import chat_body
 
-        # mlxc serve honours Cache-Control: the warm-up neither reads nor leaves an answer.
-        headers = None if store else {"Cache-Control": "no-cache, no-store"}
+        # A balancer hashing on it keeps a conversation on one replica (examples/haproxy.cfg).
+        headers = {SESSION_HEADER: session_id(request)}
+        if not store:  # mlxc serve honours it: the warm-up neither reads nor leaves an answer
+            headers["Cache-Control"] = "no-cache, no-store"
         result = self.client.chat(chat_body(request, self.model), headers=headers)
         times = result.chunk_times
         n = result.completion_tokens if result.completion_tokens is not None else len(times)

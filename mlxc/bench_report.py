@@ -84,6 +84,18 @@ def as_json(meta: dict[str, Any], result: Result) -> dict[str, Any]:
     return {**meta, **summarize(result), "samples": samples}
 
 
+def servers_line(result: Result) -> str:
+    """How the requests spread over several servers: 'url: n requests (h hits), ...'."""
+    counts: dict[str, list[int]] = {}
+    for samples in result.samples.values():
+        for sample in samples:
+            figures = counts.setdefault(sample.server, [0, 0])
+            figures[0] += 1
+            figures[1] += sample.status == "hit"
+    return "servers: " + ", ".join(f"{server} {n} requests ({hits} hits)"
+                                   for server, (n, hits) in sorted(counts.items()))
+
+
 def _ms(value: float) -> str:
     if value < 0.01:
         return "<0.01"  # a replayed hit: its pieces come back to back

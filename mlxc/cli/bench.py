@@ -14,7 +14,6 @@ from mlxc.cli.options import (
     ApiKeyOption,
     DtypeOption,
     ModelOption,
-    UrlOption,
     settings_from,
 )
 
@@ -28,6 +27,8 @@ EXAMPLES = """
   mlxc bench --url http://127.0.0.1:8081       # a running mlxc serve
 
   mlxc bench --url http://127.0.0.1:8080 --model my-model   # e.g. mlx_lm.server
+
+  mlxc bench --url :8081 --url :8082 -c 1,4    # two replicas, round-robin by conversation
 
   mlxc bench --prompts prompts.jsonl -c 8      # your prompts, 8 clients at once
 
@@ -57,7 +58,14 @@ def bench(
         typer.Option(help="JSONL requests to use (as for `mlxc cache warm`) instead of the "
                      "built-in prompts.", show_default=False),
     ] = None,
-    url: UrlOption = None,
+    urls: Annotated[
+        list[str] | None,
+        typer.Option("--url", help="A running `mlxc serve` (or other OpenAI-compatible "
+                     "server), e.g. http://127.0.0.1:8081; the model is not loaded here. "
+                     "Repeat it to measure replicas together: conversations go round-robin, "
+                     "each staying on one server; every request carries X-Session-Id for a "
+                     "balancer.", show_default=False),
+    ] = None,
     api_key: ApiKeyOption = None,
     model: ModelOption = None,
     json_file: Annotated[
@@ -93,6 +101,7 @@ def bench(
     from mlxc.cli.bench_view import BenchDisplay, load_prompts, meta_for
 
     levels = _levels(concurrency)
+    url = ", ".join(urls) if urls else None
     _writable(json_file, "--json")
     _writable(plot_file, "--plot")
     if plot_file is not None:
@@ -111,7 +120,11 @@ def bench(
         client = None
         try:
             with display:
-                if url:
+                if urls and len(urls) > 1:
+                    from mlxc.bench_servers import ServersBenchClient
+
+                    client = ServersBenchClient(urls, api_key, model)
+                elif url:
                     client = core.RemoteBenchClient(url, api_key, model)
                 else:
                     client = core.LocalClient(settings, progress=display.status)
@@ -132,6 +145,8 @@ def bench(
     summary = report.summarize(result)
     title = f"mlxc bench · {meta['model']} · {meta['target']} · max_tokens {max_tokens}"
     Console().print(report.table(summary, title))
+    if urls and len(urls) > 1:
+        console.print(report.servers_line(result))
     if json_file is not None:
         json_file.write_text(json.dumps(report.as_json(meta, result), indent=2) + "\n")
         console.print(f"wrote {json_file}")
