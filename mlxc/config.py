@@ -17,6 +17,8 @@ APP = "mlxc"
 DEFAULT_MODEL = "smollm2-135m-instruct"
 CACHE_POLICIES = ("deterministic", "all", "off")
 EVICTION_POLICIES = ("least-recently-used", "least-frequently-used", "least-recently-stored")
+# auto: prompt lookup (and a request's prediction); ngram: the same; draft: a draft model.
+SPECULATE_MODES = ("auto", "off", "ngram", "draft")
 DTYPES = ("auto", "float32", "bfloat16", "float16", "keep")
 
 
@@ -86,6 +88,7 @@ class Settings:
     next_turn_prefill: bool = False  # serve: prefill a follow-up's opening while idle
     batch_kernels: bool = True  # CUDA: batched steps by cuda/small_rows.py, batch_attention.py
     compiled_decode: bool = True  # CUDA: batched decode steps compiled (cuda/compiled_decode.py)
+    speculate: str = "auto"  # speculative decoding of greedy answers (engine/decode/speculate.py)
 
     @property
     def response_dir(self) -> Path:
@@ -120,6 +123,12 @@ class Settings:
             raise ConfigError("the prefix block size must be 16 to 4096 tokens")
         if self.prefix_disk_bits not in (0, 8):
             raise ConfigError("the prefix cache's disk bits must be 0 (off) or 8")
+        if self.speculate not in SPECULATE_MODES:
+            raise ConfigError(f"unknown speculate mode {self.speculate!r}: "
+                              f"use one of {', '.join(SPECULATE_MODES)}")
+        if self.speculate == "draft":
+            raise ConfigError("--speculate draft needs a draft model (--draft-model), which "
+                              "this version does not have yet: use auto (prompt lookup)")
         if self.ttl_seconds is not None and self.ttl_seconds <= 0:
             raise ConfigError("the cache TTL must be a positive number of seconds")
         return self
@@ -151,6 +160,7 @@ def load_settings() -> Settings:
         prefix_disk_bits=_int_env("PREFIX_DISK_BITS", base.prefix_disk_bits),
         batch_kernels=_bool_env("BATCH_KERNELS", base.batch_kernels),
         compiled_decode=_bool_env("COMPILED_DECODE", base.compiled_decode),
+        speculate=_env("SPECULATE", base.speculate),
     ).validated()
 
 

@@ -73,6 +73,9 @@ class GenerationRequest(BaseModel):
     # vLLM's extension (sent by guidellm, genai-perf, llmperf): decode to max_tokens, past the
     # model's end tokens; stop strings still stop. Keyed only when set, as the three above.
     ignore_eos: bool = False
+    # OpenAI's Predicted Output: what most of the answer will be, a draft source for
+    # speculative decoding. It cannot change the answer, so it is in no key (not dumped).
+    prediction: str | None = Field(None, exclude=True)
 
     @field_validator("tools")
     @classmethod
@@ -129,6 +132,12 @@ class Usage(BaseModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0  # prompt tokens whose KV state was reused, not recomputed
+    # Speculative decoding (engine/decode/speculate.py): draft tokens verified and taken; of
+    # a Predicted Output's, those taken and those drafted but not taken.
+    drafted_tokens: int = 0
+    accepted_tokens: int = 0
+    accepted_prediction_tokens: int = 0
+    rejected_prediction_tokens: int = 0
 
 
 class Answer(BaseModel):

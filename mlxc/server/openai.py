@@ -30,6 +30,7 @@ from mlxc.server.pipeline import (
     check_fields,
     dialect,
 )
+from mlxc.server.prediction import check_prediction, prediction_text, prediction_usage
 from mlxc.server.state import ServerState
 from mlxc.stream import Delta
 
@@ -93,6 +94,7 @@ class ChatBody(Sampling):
     response_format: dict[str, Any] | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = None
+    prediction: Any = None  # Predicted Outputs: server/prediction.py
 
 
 class CompletionBody(Sampling):
@@ -130,6 +132,7 @@ def usage(turn: Turn, answer: Answer) -> dict[str, Any]:
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
         "prompt_tokens_details": {"cached_tokens": turn.call.cached_tokens(answer)},
+        **(prediction_usage(turn, answer) if turn.request.prediction is not None else {}),
     }
 
 
@@ -185,7 +188,7 @@ class ChatAdapter(Adapter[ChatBody]):
         check_openai_sampling(body)
         # tool_choice "none": the model must not see the tools at all.
         tools = None if body.tool_choice == "none" else body.tools
-        return state.generation_request(
+        request = state.generation_request(
             messages=chat_messages(body.messages),
             tools=tools,
             tool_choice=body.tool_choice,
@@ -193,8 +196,11 @@ class ChatAdapter(Adapter[ChatBody]):
             max_tokens=_first_given(body.max_completion_tokens, body.max_tokens),
             logprobs=body.logprobs,
             top_logprobs=body.top_logprobs,
+            prediction=prediction_text(body),
             **body.sampling(),
         )
+        check_prediction(request, state.service.settings.speculate)
+        return request
 
     def render(self, turn: Turn[ChatBody], answer: Answer) -> dict[str, Any]:
         message: dict[str, Any] = {"role": "assistant", "content": answer.text}

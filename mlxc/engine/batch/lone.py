@@ -12,6 +12,10 @@ mlx-lm's greedy answers.
 Pipelined as mlx-lm does on both backends: the step that feeds token n is queued before token n
 is read, so the GPU computes while Python publishes. The first token (sampled by the prefill) is
 published before the second one's step is queued: on the CPU, queuing a step runs most of it.
+
+A greedy sequence may speculate (decode/speculate.py): a step with a draft reads the pending
+token, verifies it and the draft in one pass and takes the agreeing run; a step without one is
+the plain pipelined step.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ class LoneDecoder:
         self.context = mx.array(seq.prompt) if seq.sampling.processors else None
         self.pending, self.pending_row = self._queue(first)  # not yet read nor fed
         self.steps = 0
+        self.drafter = _drafter(seq)
 
     @classmethod
     def resume(cls, model: Any, seq: Sequence, pending: Any, row: Any) -> LoneDecoder:
@@ -45,6 +50,7 @@ class LoneDecoder:
         self.context = mx.array(self.held) if seq.sampling.processors else None
         self.pending, self.pending_row = pending, row
         self.steps = 0
+        self.drafter = _drafter(seq)
         return self
 
     def _queue(self, token: Any) -> tuple[Any, Any]:
@@ -71,14 +77,55 @@ class LoneDecoder:
         import mlx.core as mx
 
         token, row = self.pending, self.pending_row
-        self.pending, self.pending_row = self._queue(token)
         self.steps += 1
         if self.steps % 256 == 0:
             mx.clear_cache()
+        if self.drafter is not None and self.drafter.pause == 0:
+            self.drafter.catch_up(self.held)
+            draft = self.drafter.propose(token.item(), self.seq.remaining - 1)
+            if draft:
+                return self._speculate(token, row, draft)
+            # None found: the plain step; the drafter looks again next time
+        elif self.drafter is not None:
+            self.drafter.pause -= 1
+        self.pending, self.pending_row = self._queue(token)
         return self.seq.take(token.item(), row)
+
+    def _speculate(self, token: Any, row: Any, draft: list[int]) -> bool:
+        """Feed the pending `token` and `draft` in one pass, take `token` and the drafts the
+        model agrees with, and cut the cache back to what was taken."""
+        import mlx.core as mx
+        from mlx_lm.models.cache import trim_prompt_cache
+
+        from mlxc.engine.decode.speculate import accepted_run, verify
+
+        best, rows = verify(self.model, self.cache, token, draft)
+        accepted = accepted_run(draft, best)
+        self.drafter.verified(len(draft), accepted)
+        run = [(token.item(), row)] + [(draft[i], rows[i]) for i in range(accepted)]
+        for taken, (t, t_row) in enumerate(run, 1):
+            if self.seq.take(t, t_row):  # done inside the run: the cache holds what was taken
+                trim_prompt_cache(self.cache, len(draft) + 1 - taken)
+                return True
+        trim_prompt_cache(self.cache, len(draft) - accepted)
+        self.pending, self.pending_row = mx.array([best[accepted]]), rows[accepted]
+        return False
 
     def handover(self) -> tuple[int, bool]:
         """Read and publish the pending token for a move into the batch: (token, done). The
         batch feeds the token itself; the cache holds every token before it."""
         token = self.pending.item()
         return token, self.seq.take(token, self.pending_row)
+
+
+def _drafter(seq: Sequence) -> Any:
+    """The sequence's drafter, kept on it across moves in and out of the batch; None when it
+    does not speculate."""
+    if seq.drafter is None and seq.speculate != "off":
+        from mlxc.engine.decode.speculate import can_speculate, drafter_for
+
+        if can_speculate(seq, seq.speculate, seq.cache):
+            seq.drafter = drafter_for(seq, seq.speculate)
+        else:
+            seq.speculate = "off"  # decided once
+    return seq.drafter

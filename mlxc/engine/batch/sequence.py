@@ -40,6 +40,9 @@ class Sequence:
     first_token_at: float | None = None
     finish: str | None = None  # set once the sequence is done: stop, length, cancelled
     prompt_logprobs: list[dict] | None = None  # with echo: the prompt's own log-probabilities
+    speculate: str = "off"  # --speculate; "off" once it is found unable to (decode/speculate.py)
+    prediction: list[int] | None = None  # a Predicted Output's tokens: a draft source
+    drafter: Any = None  # its Drafter, once it speculates
 
     @property
     def said(self) -> list[int]:
@@ -84,6 +87,16 @@ class Sequence:
             self.parts.append(text)
             self.generation.publish(Delta(text, self.sampling.take_logprobs()))
 
+    def _speculation_usage(self) -> dict[str, int]:
+        """Drafted/accepted figures; a prediction's as OpenAI counts them: its tokens that
+        made it into the answer, and those drafted from it that did not."""
+        f = self.drafter.figures if self.drafter is not None else None
+        if f is None:
+            return {}
+        return {"drafted_tokens": f.drafted, "accepted_tokens": f.accepted,
+                "accepted_prediction_tokens": f.predicted_accepted,
+                "rejected_prediction_tokens": f.predicted_drafted - f.predicted_accepted}
+
     def answer(self, model_name: str) -> Answer:
         """The finished answer (the held-back tail of the text published first)."""
         self._publish(self.stops.flush())
@@ -98,6 +111,7 @@ class Sequence:
                 prompt_tokens=len(self.prompt),
                 completion_tokens=len(self.generated),
                 cached_tokens=self.cached,
+                **self._speculation_usage(),
             ),
             model=model_name,
             logprobs=self.sampling.logprobs,
