@@ -1,0 +1,79 @@
+"""Work mirrored from rank 0 to every rank, as mlx_lm.server does: rank 0 decides what runs
+next and shares it; every rank then runs the same steps on its shard, whose collectives
+(tensor parallel's all_sum, pipeline's send/recv and all_gather) meet in the same order.
+
+Shared objects are JSON (never pickle, unlike mlx_lm.server: a peer's bytes must not run
+code here), sent as two all_sums: the length, then the bytes (others add zeros)."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+
+def share(group: Any, obj: Any = None) -> Any:
+    """Rank 0's `obj` on every rank (others pass nothing). Every rank must call it together."""
+    import mlx.core as mx
+
+    if group.size() == 1:
+        return obj
+    if group.rank() == 0:
+        data = json.dumps(obj, separators=(",", ":")).encode()
+        mx.eval(mx.distributed.all_sum(mx.array(len(data)), group=group, stream=mx.cpu))
+        mx.eval(mx.distributed.all_sum(mx.array(list(data), dtype=mx.uint8), group=group,
+                                       stream=mx.cpu))
+        return obj
+    size = mx.distributed.all_sum(mx.array(0), group=group, stream=mx.cpu).item()
+    data = mx.distributed.all_sum(mx.zeros(size, dtype=mx.uint8), group=group, stream=mx.cpu)
+    return json.loads(bytes(memoryview(data)))
+
+
+@dataclass
+class Greedy:
+    """One lone sequence's greedy tokens, and at each step the gap between the two highest
+    log-probabilities (how close a reduction-order change came to flipping the choice)."""
+
+    tokens: list[int] = field(default_factory=list)
+    gaps: list[float] = field(default_factory=list)
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+
+
+def greedy(model: Any, prompt: list[int], max_tokens: int, eos: set[int]) -> Greedy:
+    """mlx-lm's generate_step, argmax; run on every rank with the same prompt."""
+    import mlx.core as mx
+    from mlx_lm.generate import generate_step
+
+    out, started = Greedy(), time.perf_counter()
+    steps: Iterator = generate_step(mx.array(prompt), model, max_tokens=max_tokens,
+                                    sampler=lambda logprobs: mx.argmax(logprobs, axis=-1))
+    for token, logprobs in steps:
+        token = int(token)
+        top2 = mx.topk(logprobs, 2).tolist()
+        out.gaps.append(abs(top2[0] - top2[1]))
+        out.tokens.append(token)
+        if len(out.tokens) == 1:
+            out.prefill_s = time.perf_counter() - started
+        if token in eos:
+            break
+    out.decode_s = time.perf_counter() - started - out.prefill_s
+    return out
+
+
+def serve_jobs(group: Any, model: Any, eos: set[int], jobs: list[dict] | None = None
+               ) -> list[Greedy]:
+    """Rank 0 hands out `jobs` ({"prompt": [ids], "max_tokens": n}) one by one, then a stop;
+    the other ranks follow until the stop. Returns rank 0's results (others: [])."""
+    results = []
+    pending = list(jobs or [])
+    while True:
+        job = share(group, (pending.pop(0) if pending else {"stop": True})
+                    if group.rank() == 0 else None)
+        if job.get("stop"):
+            return results
+        result = greedy(model, job["prompt"], job["max_tokens"], eos)
+        if group.rank() == 0:
+            results.append(result)

@@ -1,0 +1,53 @@
+"""A local MLX model folder loaded as this rank's shard, with mlx-lm's own sharding: tensor
+parallel (`model.shard`, llama/qwen-family models) or pipeline parallel
+(`model.model.pipeline`, models with mlx-lm's PipelineMixin). mlx-lm's `sharded_load` does
+the same for hub repos; it needs a safetensors index to pick files, which a one-file local
+folder lacks, so the folder is loaded lazily and only this rank's weights are evaluated."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+LAYOUTS = ("tensor", "pipeline", "auto")
+
+
+class ShardingError(ValueError):
+    pass
+
+
+def layout_for(model: Any, wanted: str) -> str:
+    """'tensor' or 'pipeline': what `wanted` (tensor|pipeline|auto) means for this model."""
+    can_tensor = hasattr(model, "shard")
+    can_pipeline = hasattr(getattr(model, "model", None), "pipeline")
+    if wanted == "auto":  # tensor splits every layer's work; pipeline only the weights
+        if can_tensor:
+            return "tensor"
+        if can_pipeline:
+            return "pipeline"
+    elif wanted == "tensor" and can_tensor or wanted == "pipeline" and can_pipeline:
+        return wanted
+    able = [n for n, ok in (("tensor", can_tensor), ("pipeline", can_pipeline)) if ok]
+    raise ShardingError(
+        f"{type(model).__module__.rsplit('.', 1)[-1]} models cannot be split by --parallel "
+        f"{wanted}; " + (f"use --parallel {' or '.join(able)}" if able
+                         else "mlx-lm has no sharding for this architecture"))
+
+
+def load_shard(folder: Path, group: Any, wanted: str = "auto") -> tuple[Any, Any, str]:
+    """(model, tokenizer, layout) of this rank's shard; every rank must call it together."""
+    import mlx.core as mx
+    from mlx_lm.utils import load_model, load_tokenizer
+
+    model, config = load_model(folder, lazy=True, strict=False)
+    layout = layout_for(model, wanted)
+    if group.size() > 1:
+        if layout == "tensor":
+            model.shard(group)
+        else:
+            model.model.pipeline(group)
+    mx.eval(model.parameters())
+    tokenizer = load_tokenizer(folder, eos_token_ids=config.get("eos_token_id"))
+    # Every rank loaded: a slow loader must not time out the first collective.
+    mx.eval(mx.distributed.all_sum(mx.array(1.0), group=group, stream=mx.cpu))
+    return model, tokenizer, layout
