@@ -6,7 +6,7 @@ from __future__ import annotations
 import typer
 
 from mlxc import __version__
-from mlxc.cli import ask, bench, cache, help_format, serve
+from mlxc.cli import ask, bench, cache, help_format, models, serve
 
 help_format.install()
 
@@ -23,6 +23,7 @@ app.command("ask", epilog=ask.EXAMPLES)(ask.ask)
 app.command("serve", epilog=serve.EXAMPLES)(serve.serve)
 app.command("bench", epilog=bench.EXAMPLES)(bench.bench)
 app.add_typer(cache.app, name="cache")
+app.add_typer(models.app, name="models")
 
 
 def _version(value: bool) -> None:
