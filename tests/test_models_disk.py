@@ -116,3 +116,24 @@ def test_damaged_ggufs_are_named_with_what_is_wrong(tmp_path):
     assert "not a GGUF file" in describe_gguf(tmp_path / "junk.gguf").problems[0]
     info = describe_gguf(write_gguf(tmp_path / "g.gguf", arch="gemma9"))
     assert "architecture 'gemma9'" in info.problems[0]
+
+
+def test_cli_lists_as_json_and_removes_only_its_own_copies(places, tmp_path, tiny_model):
+    from conftest import run_mlxc
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLXC_")}
+    env.update(MLXC_MODELS_DIR=str(places.models_dir), MLXC_CACHE_DIR=str(places.cache_dir))
+    shutil.copytree(tiny_model, places.models_dir / "my-copy")
+    extra = write_gguf(tmp_path / "extra" / "x.gguf") if (tmp_path / "extra").mkdir() is None \
+        else None
+    result = run_mlxc("models", "--json", "--path", str(extra.parent), env=env)
+    assert result.returncode == 0, result.stderr
+    rows = {(r["source"], r["name"]): r for r in json.loads(result.stdout)}
+    assert rows["mlxc", "my-copy"]["runnable"] is True
+    assert rows["path", "x.gguf"]["architecture"] == "qwen2"
+    assert rows["ollama", "tinyq:broken"]["runnable"] is False
+    refused = run_mlxc("models", "rm", "org/tiny", env=env)
+    assert refused.returncode == 1 and "not a copy mlxc made" in refused.stderr
+    assert (tmp_path / "hf" / "models--org--tiny" / "snapshots" / "abc123").is_dir()
+    assert run_mlxc("models", "rm", "my-copy", env=env).returncode == 0
+    assert not (places.models_dir / "my-copy").exists()
