@@ -291,9 +291,11 @@ class Scheduler:
     def _decode_lone(self) -> None:
         lone = self.lone
         self.figures.batch_sizes[1] += 1
-        self.figures.generated_tokens += 1
-        self.figures.recent.append((time.monotonic(), 1))
-        if lone.step():  # done (cancelled too): the cache holds the token just read
+        before = len(lone.seq.taken)
+        done = lone.step()  # a speculative step may take several tokens
+        self.figures.generated_tokens += len(lone.seq.taken) - before
+        self.figures.recent.append((time.monotonic(), len(lone.seq.taken) - before))
+        if done:  # done (cancelled too): the cache holds the token just read
             self.lone = None
             self._finish(lone.seq, lone.cache, lone.held)
 

@@ -1,0 +1,95 @@
+"""Speculative decoding (issue 25): tokens/s of code-edit tasks (the prompt holds a 60-150-line
+source file of this repo, the request asks for it back with a small change) and of free-form
+chat, with speculation off, with prompt lookup (auto), and with `prediction` set to the
+original file; one engine per mode, run side by side, medians and ratios.
+
+    .venv/bin/python benchmarks/speculative.py [--max-tokens 160] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+from pathlib import Path
+
+from mlxc.config import load_settings
+from mlxc.engine.worker import Engine
+from mlxc.model.refs import resolve_model
+from mlxc.request import GenerationRequest
+
+ROOT = Path(__file__).resolve().parent.parent
+FILES = {  # file -> the small change asked for
+    "mlxc/engine/decode/stops.py": "rename the class StopFilter to StopStrings",
+    "mlxc/engine/decode/seeds.py": "add a one-line comment at the top of the file",
+    "mlxc/engine/batch/figures.py": "rename RATE_WINDOW to WINDOW_SECONDS",
+}
+CHATS = ["Write a short story about a lighthouse keeper.", "Explain how rainbows form."]
+
+
+def edit(path: str, change: str, max_tokens: int, predicted: bool) -> GenerationRequest:
+    source = (ROOT / path).read_text()
+    text = f"Here is {path}:\n```python\n{source}```\nGive back the whole file, with one " \
+           f"change: {change}. Answer with the file only."
+    return GenerationRequest(messages=[{"role": "user", "content": text}],
+                             max_tokens=max_tokens, prediction=source if predicted else None)
+
+
+def run(mode: str, requests: list[GenerationRequest]) -> list:
+    settings = load_settings().with_overrides(
+        cache_dir=tempfile.mkdtemp(), speculate=mode, prefix_memory_bytes=0,
+        prefix_disk_bytes=0, cache_policy="off")
+    engine = Engine(resolve_model(settings.model, settings), settings).start()
+    engine.wait_loaded()
+    try:
+        return [engine.submit(r).result() for r in requests]
+    finally:
+        engine.shutdown(wait=30)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--max-tokens", type=int, default=160)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    rows = {}
+    plain_edits = [edit(p, c, args.max_tokens, False) for p, c in FILES.items()]
+    predicted = [edit(p, c, args.max_tokens, True) for p, c in FILES.items()]
+    chats = [GenerationRequest(messages=[{"role": "user", "content": c}],
+                               max_tokens=args.max_tokens) for c in CHATS]
+    for mode, requests in (("off", plain_edits + chats), ("auto", plain_edits + chats),
+                           ("auto+prediction", predicted)):
+        answers = run(mode.split("+")[0], requests)
+        rows[mode] = answers
+    off, auto, pred = rows["off"], rows["auto"], rows["auto+prediction"]
+    n = len(FILES)
+
+    def med(answers):
+        return statistics.median(a.tokens_per_second for a in answers)
+
+    report = {
+        "edit_tok_s": {"off": med(off[:n]), "auto": med(auto[:n]), "prediction": med(pred)},
+        "chat_tok_s": {"off": med(off[n:]), "auto": med(auto[n:])},
+        "identical": [a.text == b.text for a, b in zip(off, auto, strict=True)]
+        + [a.text == b.text for a, b in zip(off[:n], pred, strict=True)],
+        "acceptance": {m: [(a.usage.accepted_tokens, a.usage.drafted_tokens) for a in rows[m]]
+                       for m in rows},
+    }
+    e, c = report["edit_tok_s"], report["chat_tok_s"]
+    report["ratios"] = {"edit_auto": e["auto"] / e["off"], "edit_prediction":
+                        e["prediction"] / e["off"], "chat_auto": c["auto"] / c["off"]}
+    if args.json:
+        print(json.dumps(report, indent=1))
+        return
+    print(f"code edit tok/s (median of {n}): off {e['off']:.1f}, auto {e['auto']:.1f} "
+          f"({report['ratios']['edit_auto']:.2f}x), prediction {e['prediction']:.1f} "
+          f"({report['ratios']['edit_prediction']:.2f}x)")
+    print(f"chat tok/s (median of {len(CHATS)}): off {c['off']:.1f}, auto {c['auto']:.1f} "
+          f"({report['ratios']['chat_auto']:.2f}x)")
+    print(f"identical answers: {sum(report['identical'])} of {len(report['identical'])}")
+    print("accepted/drafted:", report["acceptance"])
+
+
+if __name__ == "__main__":
+    main()
