@@ -148,6 +148,11 @@ def serve(
                           "'auto': the device's memory less the weights and a margin of 5% (at "
                           "least 512 MB); 'off': not checked [env: MLXC_MAX_KV_MEMORY]")
     ] = "auto",
+    speculate: Annotated[
+        str | None, typer.Option(help="Speculative decoding of greedy answers: auto (prompt "
+                                 "lookup and a request's prediction) or off [env: "
+                                 "MLXC_SPECULATE]")
+    ] = None,
     shutdown_timeout: Annotated[
         float, typer.Option(envvar="MLXC_SHUTDOWN_TIMEOUT",
                             help="On SIGTERM or Ctrl-C: seconds the requests in flight have to "
@@ -206,7 +211,7 @@ def serve(
         raise InputError("--max-kv-memory must be a size such as 8GB, auto or off")
     # A server sits idle between a reply and the follow-up: a good time to prefill its opening.
     settings = settings_from(cache_dir, cache_policy, dtype).with_overrides(
-        next_turn_prefill=True
+        next_turn_prefill=True, speculate=speculate
     )
     sock = _listen(host, port)  # before the model loads: a busy port fails at once
     console = Console(stderr=True, highlight=False)
