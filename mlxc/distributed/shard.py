@@ -43,6 +43,12 @@ def load_shard(folder: Path, group: Any, wanted: str = "auto") -> tuple[Any, Any
     layout = layout_for(model, wanted)
     if group.size() > 1:
         if layout == "tensor":
+            heads = [config.get(k) for k in ("num_attention_heads", "num_key_value_heads")]
+            if any(h and h % group.size() for h in heads):
+                raise ShardingError(
+                    f"tensor parallel splits attention heads evenly: {heads[0]} query and "
+                    f"{heads[1]} key/value heads do not split over {group.size()} ranks; "
+                    "use a world size that divides both, or --parallel pipeline")
             model.shard(group)
         else:
             model.model.pipeline(group)
