@@ -68,6 +68,8 @@ def test_the_switch_routes_quantized_layers_and_gives_them_back(monkeypatch):
     assert type(model.layers[0]) is nn.QuantizedLinear
     monkeypatch.setenv(quant_rows.ENV, "0")
     assert not quant_rows.enabled() and quant_rows.install(model) == 0
+    monkeypatch.delenv(quant_rows.ENV)
+    assert not quant_rows.enabled()  # off by default until measured on a GPU
 
 
 @pytest.mark.skipif(quant_rows.usable(), reason="on CUDA the layers route to the kernel")
@@ -112,9 +114,10 @@ def test_the_kernel_takes_other_activation_dtypes(dtype):
 
 
 @on_cuda
-def test_greedy_answers_with_it_equal_mlxs_own(tiny_model):
+def test_greedy_answers_with_it_equal_mlxs_own(tiny_model, monkeypatch):
     from mlx_lm import load, stream_generate
 
+    monkeypatch.setenv(quant_rows.ENV, "1")
     model, tokenizer = load(str(tiny_model))
     nn.quantize(model, group_size=64, bits=4)
     prompts = ["the fox", "a b c d", "once upon a time"]

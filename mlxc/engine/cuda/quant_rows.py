@@ -11,7 +11,8 @@ scale * (q . x) + bias * sum(x) for every row, in float32.
 MLX's affine layout (`mx.quantize`): a row of K values packs into K*bits/32 uint32 words, value
 j of a word in bits [bits*j, bits*(j+1)), lowest first; one scale and one bias per group of
 `group_size` values along K. `install` swaps the class of the model's QuantizedLinear layers
-(and a tied head's QuantizedEmbedding) on CUDA only; MLXC_QUANT_KERNEL=0 leaves them MLX's.
+(and a tied head's QuantizedEmbedding) on CUDA only, with MLXC_QUANT_KERNEL=1 (off by default
+until measured on a GPU: see `enabled`).
 Prompt chunks of LONG_ROWS rows or more go through `dequantized_matmul` instead.
 """
 
@@ -139,8 +140,10 @@ _SOURCE = """
 
 
 def enabled() -> bool:
-    """The off switch: MLXC_QUANT_KERNEL=0 (or off/false/no) keeps MLX's quantized matmul."""
-    return os.environ.get(ENV, "1").strip().lower() not in ("0", "off", "false", "no")
+    """The switch: MLXC_QUANT_KERNEL=1 routes quantized layers to the kernel; 0 (the default
+    until tests/test_quant_kernels.py and benchmarks/gpu_decode.py have run on a GPU) keeps
+    MLX's quantized matmul."""
+    return os.environ.get(ENV, "0").strip().lower() in ("1", "on", "true", "yes")
 
 
 def usable() -> bool:
