@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import httpx
 import openai
 import pytest
 from live_server import start_server, stop_server
@@ -146,6 +147,9 @@ def test_predicted_outputs_through_the_openai_client(oai):
     details = predicted.usage.completion_tokens_details
     assert details.accepted_prediction_tokens > 0
     assert details.rejected_prediction_tokens >= 0
+    health = httpx.get(str(oai.base_url).removesuffix("/").removesuffix("/v1") + "/health")
+    speculation = health.json()["batch"]["speculation"]
+    assert speculation["accepted"] > 0 and 0 < speculation["acceptance_rate"] <= 1
     with pytest.raises(openai.BadRequestError) as refused:
         oai.chat.completions.create(model="smollm2", messages=messages, max_tokens=8,
                                     temperature=0.7, prediction={"type": "content",

@@ -128,6 +128,7 @@ class Engine:
             "batch_sizes": dict(figures.batch_sizes) if figures else {},
             "generated_tokens": figures.generated_tokens if figures else 0,
             "back_alone": figures.back_alone if figures else 0,
+            "speculation": _speculation(figures),
             "tokens_per_second": round(figures.tokens_per_second(), 2) if figures else 0.0,
             **(self.memory.figures() if self.memory is not None else {}),
             **getattr(getattr(self, "batch_model", None), "figures", dict)(),  # CUDA: compiled
@@ -398,3 +399,10 @@ class Engine:
             prediction=self.tokenizer.encode(request.prediction, add_special_tokens=False)
             if request.prediction else None,
         )
+
+
+def _speculation(figures: Any) -> dict[str, Any]:
+    """Draft tokens verified and accepted (decode/speculate.py), and the acceptance rate."""
+    drafted, accepted = (figures.drafted, figures.accepted) if figures else (0, 0)
+    return {"drafted": drafted, "accepted": accepted,
+            "acceptance_rate": round(accepted / drafted, 3) if drafted else 0.0}

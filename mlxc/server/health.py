@@ -144,6 +144,12 @@ async def metrics(request: Request) -> Response:
         "mlxc_engine_tokens_per_second": ("Tokens/s of all sequences, last 10 s.",
                                           batch["tokens_per_second"]),
     }
+    if spec := batch.get("speculation"):  # speculative decoding (engine/decode/speculate.py)
+        gauges["mlxc_speculative_drafted_tokens"] = ("Draft tokens verified.", spec["drafted"])
+        gauges["mlxc_speculative_accepted_tokens"] = ("Draft tokens accepted.",
+                                                      spec["accepted"])
+        gauges["mlxc_speculative_acceptance_rate"] = ("Accepted / drafted.",
+                                                      spec["acceptance_rate"])
     if batch.get("kv_memory_limit_bytes"):  # memory-aware admission (engine/batch/admission.py)
         gauges["mlxc_kv_memory_limit_bytes"] = ("KV cache memory admission allows.",
                                                 batch["kv_memory_limit_bytes"])

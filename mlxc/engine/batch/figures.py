@@ -17,6 +17,8 @@ class Figures:
     batch_sizes: Counter = field(default_factory=Counter)  # decode steps by batch size
     generated_tokens: int = 0
     back_alone: int = 0  # sequences the batch handed back to the lone loop (its last one)
+    drafted: int = 0  # speculative decoding: draft tokens verified, of finished sequences
+    accepted: int = 0  # and of them, taken into answers
     recent: deque = field(default_factory=lambda: deque(maxlen=256))  # (time, tokens)
 
     def tokens_per_second(self) -> float:

@@ -365,6 +365,9 @@ class Scheduler:
         the next request), then publish its answer."""
         engine = self.engine
         kept = None
+        if seq.drafter is not None:
+            self.figures.drafted += seq.drafter.figures.drafted
+            self.figures.accepted += seq.drafter.figures.accepted
         if cache and held:
             try:
                 kept = engine.prompt_cache.store(list(held), cache)
