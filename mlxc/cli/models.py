@@ -20,7 +20,9 @@ EXAMPLES = (
     "  mlxc models rm SmolLM2-135M-Instruct"
 )
 PathOption = Annotated[list[Path] | None, typer.Option(
-    "--path", help="Also look in this folder (repeatable; MLXC_MODEL_PATH too).",
+    "--path",
+    help="Also look in this folder (repeatable; with the ':'-separated folders of "
+    "\\[env: MLXC_MODEL_PATH]).",
     show_default=False)]
 
 app = typer.Typer(help="List the models on this machine, or remove mlxc's own copies.",

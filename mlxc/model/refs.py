@@ -184,7 +184,7 @@ def _refuse_unimportable(ref: ModelRef) -> None:
     from mlxc.model.describe import describe_gguf
 
     if problems := describe_gguf(ref.gguf).problems:
-        raise ModelError(f"{ref.name} ({ref.gguf}) cannot be imported: {'; '.join(problems)}")
+        raise ModelError(f"{ref.gguf} cannot be imported: {'; '.join(problems)}")
 
 
 def _download_from_hub(ref: ModelRef, say: Callable[[str], None]) -> None:
