@@ -10,6 +10,8 @@ import errno
 import sqlite3
 from pathlib import Path
 
+DISK_ERRORS = (OSError, sqlite3.Error)  # a full or broken disk: costs reuse, never an answer
+
 
 def disk_refused(exc: BaseException) -> bool:
     """Whether `exc` (or what it was raised while handling: diskcache's ROLLBACK can fail

@@ -141,8 +141,6 @@ def repeated_until_hit(client: openai.OpenAI, question: str, seconds: float = 30
     return statuses
 
 
-@pytest.mark.xfail(strict=True, reason="engine/kv/index.py: PrefixIndex takes a full disk for "
-                   "a damaged index, deletes the prefix states and fails the engine's start")
 def test_ask_answers_when_the_whole_cache_folder_is_full(mlxc_env, tmp_path):
     with small_disk(tmp_path / "cache") as small:
         assert run_mlxc("ask", "Kept?", "--max-tokens", "4", env=mlxc_env).returncode == 0

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import logging
 import queue
-import sqlite3
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from mlxc.disk_full import DISK_ERRORS
 from mlxc.engine.kv.block_file import (
     BadBlock,
     BlockHeader,
@@ -31,7 +31,6 @@ from mlxc.engine.kv.blocks import Block, BlockTree, chain_hash, token_array
 log = logging.getLogger("mlxc.prefix")
 QUEUE_BLOCKS = 256  # jobs waiting for the writer at most
 QUEUE_BYTES = 1 << 30  # KV waiting for the disk at most (held in memory until written)
-DISK_ERRORS = (OSError, sqlite3.Error)
 READERS = 8  # threads reading one lookup's blocks at once
 
 

@@ -22,6 +22,7 @@ from typing import Any
 from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
 
 from mlxc.config import Settings
+from mlxc.disk_full import DISK_ERRORS
 from mlxc.engine.kv.blocks import token_array
 from mlxc.engine.kv.divergence import PrefixReport, explain
 from mlxc.engine.kv.index import COUNTERS, read_stats, summarize
@@ -81,11 +82,21 @@ class PrefixCache:
                 from mlxc.engine.kv.states import WholeStates
 
                 self.tiers = WholeStates(*args, min_reuse=MIN_REUSE)
-        self.totals = Counter({name: read_stats(self.directory)[name] for name in COUNTERS})
+        self.totals = Counter(self._persisted_totals())
         self._unsaved: Counter = Counter()
         self._disk_seen: Counter = Counter()  # the disk tier's own counts, already added
         self.last_reused = 0  # prompt tokens the last fetch took from a tier (not prefilled)
         self.last_report: PrefixReport | None = None  # why the last counted fetch reused that
+
+    def _persisted_totals(self) -> dict[str, int]:
+        """The counters earlier runs left; zeros when the disk refuses to open the index (a
+        full disk: the index and its states stay as they are, this run counts from zero)."""
+        try:
+            stats = read_stats(self.directory)
+        except DISK_ERRORS as exc:
+            log.warning("prefix cache: earlier counts unreadable, counting from zero (%s)", exc)
+            return dict.fromkeys(COUNTERS, 0)
+        return {name: stats[name] for name in COUNTERS}
 
     @property
     def keeps_states(self) -> bool:

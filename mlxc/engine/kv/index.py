@@ -16,6 +16,7 @@ from array import array
 from dataclasses import dataclass
 from pathlib import Path
 
+from mlxc.disk_full import disk_refused
 from mlxc.sidecar import make_private_dirs
 
 INDEX_FILE = "index.sqlite"
@@ -98,17 +99,22 @@ class PrefixIndex:
             try:
                 self._db = self._open()
                 return
-            except sqlite3.OperationalError:  # not damage: another process is creating it
-                if attempt == OPEN_TRIES - 1:  # (WAL mode being set: "locked"; a column it
-                    raise  # has just added: "duplicate column"), never rebuilt for that
-                time.sleep(0.05 * (attempt + 1))
-            except sqlite3.DatabaseError as exc:  # a damaged index: its states cannot be trusted
-                log.warning("prefix cache: rebuilding the unreadable index in %s (%s)",
-                            directory, exc)
-                for path in [*self.directory.glob(INDEX_FILE + "*"), *self._state_files()]:
-                    path.unlink(missing_ok=True)
-                self._db = self._open()
-                return
+            except sqlite3.DatabaseError as exc:
+                if disk_refused(exc):  # a full disk is no damage: raised, nothing deleted
+                    raise
+                if not isinstance(exc, sqlite3.OperationalError):
+                    self._rebuild(exc)  # a damaged index: its states cannot be trusted
+                    return
+                if attempt == OPEN_TRIES - 1:  # not damage: another process is creating it
+                    raise  # (WAL mode being set: "locked"; a column it has just added:
+                time.sleep(0.05 * (attempt + 1))  # "duplicate column"), never rebuilt for that
+
+    def _rebuild(self, exc: Exception) -> None:
+        log.warning("prefix cache: rebuilding the unreadable index in %s (%s)",
+                    self.directory, exc)
+        for path in [*self.directory.glob(INDEX_FILE + "*"), *self._state_files()]:
+            path.unlink(missing_ok=True)
+        self._db = self._open()
 
     def _open(self) -> sqlite3.Connection:
         self._private_files()

@@ -7,17 +7,16 @@ from __future__ import annotations
 
 import copy
 import logging
-import sqlite3
 from pathlib import Path
 from typing import Any
 
 from mlx_lm.models.cache import make_prompt_cache
 
+from mlxc.disk_full import DISK_ERRORS
 from mlxc.engine.kv.memory import MemoryTier, best_match
 from mlxc.engine.kv.state_disk import DiskTier, state_nbytes
 
 log = logging.getLogger("mlxc.prefix")
-DISK_ERRORS = (OSError, sqlite3.Error)  # a full or broken disk costs reuse, never an answer
 
 
 class WholeStates:
@@ -27,7 +26,12 @@ class WholeStates:
                  memory_limit: int, disk_limit: int, min_reuse: int = 8) -> None:
         self.model, self.fingerprint, self.min_reuse = model, fingerprint, min_reuse
         self.memory = MemoryTier(memory_limit, fingerprint) if memory_limit > 0 else None
-        self.disk = DiskTier(directory, fingerprint, disk_limit, classes) if disk_limit else None
+        self.disk = None
+        if disk_limit:
+            try:
+                self.disk = DiskTier(directory, fingerprint, disk_limit, classes)
+            except DISK_ERRORS as exc:
+                log.warning("prefix cache: disk tier unusable, memory only (%s)", exc)
 
     def reuse(self, tokens: list[int]) -> tuple[list[Any], int, dict[str, int]]:
         """(state, tokens reused, tokens per tier): the longest exact prefix kept in a tier."""
