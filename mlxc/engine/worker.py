@@ -267,9 +267,13 @@ class Engine:
                 f"MLX cannot be loaded on this machine ({exc}); cached answers still work, "
                 "new ones need `pip install mlx-lm` and mlx (mlx[cpu] on Linux)."
             ) from exc
+        from mlxc.distributed import serving
         from mlxc.model.dtype import apply_dtype, effective_dtype_without_mlx
 
-        self.model, self.tokenizer = load(str(self.ref.folder))
+        if serving.ROLE is not None:  # rank 0 of `mlxc serve --distributed`: its shard, leading
+            self.model, self.tokenizer = serving.load_leader(self.ref.folder)
+        else:
+            self.model, self.tokenizer = load(str(self.ref.folder))
         self.dtype = effective_dtype_without_mlx(self.settings.dtype, self.ref.folder,
                                                  self.settings.cache_dir)
         apply_dtype(self.model, self.dtype)
@@ -312,7 +316,11 @@ class Engine:
 
     def warm_up(self) -> None:
         """Compile what the first client would otherwise wait for (engine thread)."""
+        from mlxc.distributed import serving
         from mlxc.engine.warmup import warm_up
+
+        if serving.ROLE is not None:  # its batch path is not mirrored to the other ranks
+            return
 
         warm_up(self)
 
