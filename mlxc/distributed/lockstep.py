@@ -1,0 +1,144 @@
+"""Every model call rank 0's engine makes, run on every rank in the same order (mlxc serve
+--distributed): rank 0's engine is the unchanged single-process engine, whose model's inner
+network (`model.model`, where mlx-lm's tensor and pipeline parallel collectives live) shares
+each call's token ids and KV cache before running it; the other ranks `follow`, running the
+same call on their shard with their own cache for it.
+
+Caches are named by rank 0: a fresh (empty) cache gets a number on first use, the followers
+make their own fresh one for it, and drop it when rank 0's is garbage collected. A cache
+changed outside a model call (trimmed, merged into a batch, filled from the prefix cache)
+could not be followed, so rank 0 refuses such a call before sharing anything (the ranks stay
+in step) and `mlxc serve --distributed` turns off what would do it: batching past one sequence,
+prefix reuse, speculation. Each call is evaluated before it returns, so the collectives of
+two calls never interleave with the sharing between them."""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any
+
+from mlxc.distributed.mirror import share
+
+
+class OutOfStep(RuntimeError):
+    """A model call the other ranks could not repeat; raised before anything was shared."""
+
+
+class Leader:
+    """Rank 0's side: installed on the model's inner network by `lead`."""
+
+    def __init__(self, group: Any, model: Any) -> None:
+        from mlx_lm.models.cache import make_prompt_cache
+
+        self.group = group
+        self.classes = [type(c).__name__ for c in make_prompt_cache(model)]
+        self.calls = 0
+        self._next = 0
+        self._freed: list[int] = []  # appended by GC finalizers, sent with the next call
+        self._offsets: dict[int, int] = {}  # where each named cache stood after its last call
+        self.stopped = False
+
+    def before(self, inputs: Any, cache: Any, embeddings: Any) -> None:
+        """Share this call with the followers (engine thread), or refuse it first."""
+        if self.stopped:
+            raise OutOfStep("the other ranks have been stopped; restart the server")
+        if embeddings is not None:
+            raise OutOfStep("input embeddings are not mirrored to the other ranks")
+        key = None
+        if cache is not None:
+            key, offset = self._name(cache)
+            self._offsets[key] = offset + int(inputs.shape[1])
+        job = {"call": inputs.tolist(), "cache": key,
+               "offset": None if key is None else self._offsets[key] - int(inputs.shape[1])}
+        if self._freed:
+            job["free"], self._freed = self._freed, []
+        share(self.group, job)
+        self.calls += 1
+
+    def _name(self, cache: list[Any]) -> tuple[int, int]:
+        """(number, offset) of a cache the followers know or can make fresh."""
+        first = cache[0]
+        offset = getattr(first, "offset", 0)
+        key = getattr(first, "_mlxc_lockstep", None)
+        if key is not None:
+            if self._offsets.get(key) != offset:
+                raise OutOfStep(f"a KV cache was changed outside a model call (at {offset}, "
+                                f"the other ranks at {self._offsets.get(key)}): "
+                                "sharded serving cannot follow it")
+            return key, offset
+        classes = [type(c).__name__ for c in cache]
+        if classes != self.classes or not all(_empty(c) for c in cache):
+            raise OutOfStep(f"a KV cache the other ranks cannot make ({classes[0]}, "
+                            f"{'filled' if classes == self.classes else 'not fresh'}): "
+                            "sharded serving runs one sequence at a time, without prefix reuse")
+        key, self._next = self._next, self._next + 1
+        first._mlxc_lockstep = key
+        weakref.finalize(first, self._forget, key)
+        return key, 0
+
+    def _forget(self, key: int) -> None:
+        self._offsets.pop(key, None)
+        self._freed.append(key)
+
+    def stop(self) -> None:
+        """Let the followers return (engine thread, or any thread once the engine is done)."""
+        if not self.stopped:
+            self.stopped = True
+            share(self.group, {"stop": True})
+
+
+def _empty(cache: Any) -> bool:
+    try:
+        return bool(cache.empty())
+    except NotImplementedError:
+        return False
+
+
+def lead(group: Any, model: Any) -> Leader:
+    """Make every call of `model.model` (its inner network) shared first, then evaluated."""
+    import mlx.core as mx
+
+    leader = Leader(group, model)
+    inner = model.model
+    base = type(inner)
+
+    class Lockstep(base):  # the same module, its parameters untouched: only the call wraps
+        def __call__(self, inputs, cache=None, input_embeddings=None, **kwargs):
+            leader.before(inputs, cache, input_embeddings)
+            out = base.__call__(self, inputs, cache, input_embeddings, **kwargs)
+            mx.eval(out)  # its collectives now, before the next share
+            return out
+
+    Lockstep.__name__ = Lockstep.__qualname__ = base.__name__
+    inner.__class__ = Lockstep
+    return leader
+
+
+def follow(group: Any, model: Any) -> int:
+    """A follower rank's loop: run rank 0's model calls until it stops; returns the calls run.
+    A cache out of step with rank 0's is a clear error (the rank ends, and with it the server)
+    rather than an answer from wrong positions."""
+    import mlx.core as mx
+    from mlx_lm.models.cache import make_prompt_cache
+
+    inner, caches, calls = model.model, {}, 0
+    while True:
+        job = share(group)
+        for key in job.get("free", ()):
+            caches.pop(key, None)
+        if job.get("stop"):
+            return calls
+        key, cache = job["cache"], None
+        if key is not None:
+            cache = caches.get(key)
+            if cache is None:
+                cache = caches[key] = make_prompt_cache(model)
+            mine = getattr(cache[0], "offset", 0)
+            if mine != job["offset"]:
+                raise OutOfStep(f"rank {group.rank()}: KV cache {key} holds {mine} tokens, "
+                                f"rank 0's {job['offset']}")
+        out = inner(mx.array(job["call"]), cache)
+        mx.eval(out)
+        calls += 1
+        if calls % 256 == 0:
+            mx.clear_cache()

@@ -1,0 +1,109 @@
+"""This process's part in `mlxc serve --distributed`: rank 0 serves HTTP with the ordinary
+engine, whose model is loaded as its shard and leads (lockstep.py); every other rank loads its
+shard the same way and follows until rank 0 stops. Importing this module imports no MLX."""
+
+from __future__ import annotations
+
+import fcntl
+import sys
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mlxc.distributed.world import World
+
+
+@dataclass
+class Role:
+    group: Any
+    world: World
+    parallel: str  # as asked: tensor | pipeline | auto
+    layout: str = ""  # as loaded: tensor | pipeline
+    leader: Any = None  # rank 0's lockstep.Leader, once the model is loaded
+    hosts: list[str] = field(default_factory=list)
+
+    def describe(self) -> dict[str, Any]:
+        """For /health: the world, and how the model is split over it."""
+        return {"ranks": self.world.size, "rank": self.world.rank, "hosts": self.hosts,
+                "backend": self.world.backend, "parallel": self.layout or self.parallel,
+                "mirrored_calls": self.leader.calls if self.leader else 0}
+
+
+ROLE: Role | None = None  # set by `join_world` before the engine loads; None: not sharded
+
+
+def join_world(parallel: str) -> Role:
+    """Join the `mx.distributed` world the launcher made (mlx.launch or --shards)."""
+    global ROLE
+    from mlxc.model.blas import load_optimised_blas
+
+    load_optimised_blas()  # before the first `import mlx.core`
+    from mlxc.distributed.world import join
+
+    group, world = join()
+    hosts = [world.host]
+    if world.size > 1:  # every rank's host name, gathered for /health (rank 0 keeps them)
+        hosts = [share_from(group, r, world.host) for r in range(world.size)]
+    ROLE = Role(group, world, parallel, hosts=hosts)
+    return ROLE
+
+
+def share_from(group: Any, rank: int, value: Any) -> Any:
+    """`value` of `rank` on every rank (all_sum of its JSON bytes, zeros from the others)."""
+    import json
+
+    import mlx.core as mx
+
+    data = json.dumps(value).encode() if group.rank() == rank else b""
+    size = mx.distributed.all_sum(mx.array(len(data)), group=group, stream=mx.cpu).item()
+    mine = mx.array(list(data), dtype=mx.uint8) if data else mx.zeros(size, dtype=mx.uint8)
+    got = mx.distributed.all_sum(mine, group=group, stream=mx.cpu)
+    return json.loads(bytes(memoryview(got)))
+
+
+@contextmanager
+def preparing(folder: Path):
+    """One rank at a time fetches or converts a model on a host (ranks on one host share the
+    models folder; two conversions at once would race for its name)."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.parent / ".prepare.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def load_leader(folder: Path) -> tuple[Any, Any]:
+    """Rank 0's shard (engine thread), its inner network leading the followers."""
+    from mlxc.distributed.lockstep import lead
+    from mlxc.distributed.shard import load_shard
+
+    role = ROLE
+    model, tokenizer, role.layout = load_shard(folder, role.group, role.parallel)
+    role.leader = lead(role.group, model)
+    return model, tokenizer
+
+
+def run_follower(ref: Any, settings: Any) -> int:
+    """A rank other than 0: its shard, loaded as rank 0 loads its own (same dtype), then
+    rank 0's model calls until it stops. Returns the exit code."""
+    from mlxc.distributed.lockstep import follow
+    from mlxc.distributed.shard import load_shard
+    from mlxc.model.dtype import apply_dtype, effective_dtype_without_mlx
+    from mlxc.model.refs import prepare_model
+
+    role = ROLE
+    rank = role.world.rank
+    with preparing(ref.folder):
+        prepare_model(ref, lambda msg: print(f"rank {rank}: {msg}", file=sys.stderr))
+    model, _tokenizer, role.layout = load_shard(ref.folder, role.group, role.parallel)
+    apply_dtype(model, effective_dtype_without_mlx(settings.dtype, ref.folder,
+                                                   settings.cache_dir))
+    print(f"rank {rank} of {role.world.size} ({role.world.host}): {ref.name} loaded, "
+          f"{role.layout} parallel; following rank 0", file=sys.stderr, flush=True)
+    calls = follow(role.group, model)
+    print(f"rank {rank}: rank 0 stopped after {calls} model calls", file=sys.stderr,
+          flush=True)
+    return 0
