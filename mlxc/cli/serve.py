@@ -15,6 +15,7 @@ from mlxc.cli.options import (
     DtypeOption,
     settings_from,
 )
+from mlxc.cli.serve_distributed import PARALLEL_HELP
 from mlxc.engine.batch.limits import DEFAULT_MAX_QUEUE  # no MLX at import
 
 EXAMPLES = """
@@ -32,6 +33,10 @@ EXAMPLES = """
   ANTHROPIC_BASE_URL=http://127.0.0.1:8081 ANTHROPIC_MODEL=smollm2-135m-instruct claude
 
   curl -s localhost:8081/health | jq .cache.hit_rate
+
+  mlxc serve --shards 2 -m ./Qwen2.5-0.5B --parallel pipeline   # one model over 2 processes
+
+  mlx.launch --hostfile hosts.json --backend ring -- mlxc serve --distributed -m ./model
 """
 
 
@@ -166,6 +171,16 @@ def serve(
                            "parted from the stored prefix, in memory only, for "
                            "/v1/cache/misses and the dashboard [env: MLXC_MISS_EXCERPTS]")
     ] = True,
+    distributed: Annotated[
+        bool, typer.Option("--distributed", help="Be one rank of a model split over the "
+                           "processes mlx.launch started: rank 0 serves, the others follow.")
+    ] = False,
+    shards: Annotated[
+        int | None, typer.Option(help="Split the model over N processes on this host (MLX's "
+                                 "ring backend on loopback), started and stopped here.",
+                                 show_default=False)
+    ] = None,
+    parallel: Annotated[str, typer.Option(help=PARALLEL_HELP)] = "auto",
     cache_dir: CacheDirOption = None,
     cache_policy: CachePolicyOption = None,
     dtype: DtypeOption = None,
@@ -209,10 +224,23 @@ def serve(
     kv_limit = {"auto": None, "off": 0}.get(chosen, None)
     if chosen not in ("auto", "off") and (kv_limit := parse_size(chosen)) <= 0:
         raise InputError("--max-kv-memory must be a size such as 8GB, auto or off")
+    if shards is not None:  # this process only starts and watches the ranks
+        import sys
+
+        from mlxc.cli.serve_distributed import launch_shards
+
+        raise typer.Exit(launch_shards(shards, sys.argv[1:], shutdown_timeout))
     # A server sits idle between a reply and the follow-up: a good time to prefill its opening.
     settings = settings_from(cache_dir, cache_policy, dtype).with_overrides(
         next_turn_prefill=True, speculate=speculate
     )
+    role = None
+    if distributed:  # ranks other than 0 follow rank 0 and exit inside become_rank
+        from mlxc.cli import serve_distributed as sharded
+
+        max_batch = sharded.check_options(max_batch, model, parallel)
+        settings = sharded.sharded_settings(settings)
+        role = sharded.become_rank(parallel, settings, (model or [None])[0])
     sock = _listen(host, port)  # before the model loads: a busy port fails at once
     console = Console(stderr=True, highlight=False)
     status = console.status("starting", spinner="dots")
@@ -289,6 +317,8 @@ def serve(
             "[bold]batch[/bold]", f"up to {engine.max_batch} together, {max_queue} waiting"
         )
         table.add_row("[bold]memory[/bold]", engine.memory.describe())
+        if role is not None:
+            table.add_row("[bold]world[/bold]", sharded.describe(role))
         console.print(Panel(table, title="mlxc serve", title_align="left", expand=False))
         cap = _connection_cap(max_connections)
         config = uvicorn.Config(
@@ -311,3 +341,5 @@ def serve(
     finally:
         sock.close()
         pool.close()
+        if role is not None:
+            sharded.stop_followers(role)

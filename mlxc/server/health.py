@@ -84,6 +84,13 @@ def _degraded(state: ServerState, status: str) -> tuple[str, dict[str, str]]:
 
 
 @router.get("/health")
+def _world() -> dict[str, Any]:
+    """A sharded server's world (mlxc serve --distributed/--shards): ranks, hosts, backend."""
+    from mlxc.distributed import serving
+
+    return {"world": serving.ROLE.describe()} if serving.ROLE is not None else {}
+
+
 async def health(request: Request) -> Response:
     state = get_state(request)
     status, loaded, depth = _engine_status(state)
@@ -121,6 +128,7 @@ async def health(request: Request) -> Response:
         "queue_depth": depth,
         "batch": _batch_figures(state),
         "models": models,  # every model served, loaded or not; the first is the default
+        **_world(),
         "requests_in_flight": served.pop("in_flight"),
         "tokens_per_second": served.pop("tokens_per_second"),
         "server": served,
