@@ -83,7 +83,6 @@ def _degraded(state: ServerState, status: str) -> tuple[str, dict[str, str]]:
     return "degraded", {"reason": problem.reason}
 
 
-@router.get("/health")
 def _world() -> dict[str, Any]:
     """A sharded server's world (mlxc serve --distributed/--shards): ranks, hosts, backend."""
     from mlxc.distributed import serving
@@ -91,6 +90,7 @@ def _world() -> dict[str, Any]:
     return {"world": serving.ROLE.describe()} if serving.ROLE is not None else {}
 
 
+@router.get("/health")
 async def health(request: Request) -> Response:
     state = get_state(request)
     status, loaded, depth = _engine_status(state)
