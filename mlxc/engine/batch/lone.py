@@ -20,15 +20,17 @@ the plain pipelined step.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from mlxc.engine.batch.sequence import Sequence
 
 
 class LoneDecoder:
-    def __init__(self, model: Any, seq: Sequence, first: Any) -> None:
+    def __init__(self, model: Any, seq: Sequence, first: Any, costs: Any = None) -> None:
         """`seq` has taken its first token (`first`, an evaluated mx.array of shape (1,)),
-        which its cache does not hold yet."""
+        which its cache does not hold yet. `costs`: the scheduler's StepCosts, which this
+        loop's plain steps and verify passes feed (decode/speculate.py)."""
         import mlx.core as mx
 
         self.model, self.seq = model, seq
@@ -36,10 +38,13 @@ class LoneDecoder:
         self.context = mx.array(seq.prompt) if seq.sampling.processors else None
         self.pending, self.pending_row = self._queue(first)  # not yet read nor fed
         self.steps = 0
-        self.drafter = _drafter(seq)
+        self.costs = costs
+        self.drafter = _drafter(seq, costs)
+        self._pipelined = False  # the pending token's step was queued behind a plain one
 
     @classmethod
-    def resume(cls, model: Any, seq: Sequence, pending: Any, row: Any) -> LoneDecoder:
+    def resume(cls, model: Any, seq: Sequence, pending: Any, row: Any,
+               costs: Any = None) -> LoneDecoder:
         """Continue a sequence that leaves the batch: its cache holds its prompt and every
         token it took, and `pending` (shape (1,)), the token after them, is being computed
         with its log-probabilities `row`."""
@@ -50,7 +55,9 @@ class LoneDecoder:
         self.context = mx.array(self.held) if seq.sampling.processors else None
         self.pending, self.pending_row = pending, row
         self.steps = 0
-        self.drafter = _drafter(seq)
+        self.costs = costs
+        self.drafter = _drafter(seq, costs)
+        self._pipelined = False
         return self
 
     def _queue(self, token: Any) -> tuple[Any, Any]:
@@ -77,6 +84,7 @@ class LoneDecoder:
         import mlx.core as mx
 
         token, row = self.pending, self.pending_row
+        started = time.perf_counter()
         self.steps += 1
         if self.steps % 256 == 0:
             mx.clear_cache()
@@ -89,7 +97,11 @@ class LoneDecoder:
         elif self.drafter is not None:
             self.drafter.pause -= 1
         self.pending, self.pending_row = self._queue(token)
-        return self.seq.take(token.item(), row)
+        done = self.seq.take(token.item(), row)
+        if self.costs is not None and self._pipelined:  # one step's time, in steady state
+            self.costs.saw_plain(time.perf_counter() - started)
+        self._pipelined = True
+        return done
 
     def _speculate(self, token: Any, row: Any, draft: list[int]) -> bool:
         """Feed the pending `token` and `draft` in one pass, take `token` and the drafts the
@@ -99,7 +111,10 @@ class LoneDecoder:
 
         from mlxc.engine.decode.speculate import accepted_run, verify
 
+        self._pipelined = False
+        started = time.perf_counter()
         best, rows = verify(self.model, self.cache, token, draft)
+        self.drafter.costs.saw_verify(len(draft), time.perf_counter() - started)
         accepted = accepted_run(draft, best)
         self.drafter.verified(len(draft), accepted)
         run = [(token.item(), row)] + [(draft[i], rows[i]) for i in range(accepted)]
@@ -118,14 +133,14 @@ class LoneDecoder:
         return token, self.seq.take(token, self.pending_row)
 
 
-def _drafter(seq: Sequence) -> Any:
+def _drafter(seq: Sequence, costs: Any) -> Any:
     """The sequence's drafter, kept on it across moves in and out of the batch; None when it
     does not speculate."""
     if seq.drafter is None and seq.speculate != "off":
         from mlxc.engine.decode.speculate import can_speculate, drafter_for
 
         if can_speculate(seq, seq.speculate, seq.cache):
-            seq.drafter = drafter_for(seq, seq.speculate)
+            seq.drafter = drafter_for(seq, seq.speculate, costs)
         else:
             seq.speculate = "off"  # decided once
     return seq.drafter

@@ -39,6 +39,7 @@ from mlxc.engine.batch.admission import MemoryWait
 from mlxc.engine.batch.figures import Figures
 from mlxc.engine.batch.lone import LoneDecoder
 from mlxc.engine.batch.sequence import Sequence
+from mlxc.engine.decode.speculate import StepCosts
 from mlxc.errors import PromptTooLong
 from mlxc.request import Answer, GenerationRequest
 from mlxc.stream import Failed, Finished, Generation
@@ -75,6 +76,7 @@ class Scheduler:
         self.prefilling: Sequence | None = None
         self.running: dict[int, Sequence] = {}  # in the batch, by its uid there
         self.lone: LoneDecoder | None = None  # the sequence that decodes alone, if one does
+        self.step_costs = StepCosts()  # this model's plain step and verify pass, measured
         self.ready: list[Sequence] = []  # prefilled in a burst, waiting to join together
         self.next_turns: list[NextTurn] = []
         self.figures = Figures()
@@ -249,7 +251,8 @@ class Scheduler:
         if len(ready) == 1 and not self.running and self.lone is None:
             import mlx.core as mx
 
-            self.lone = LoneDecoder(self.engine.model, ready[0], mx.array(ready[0].taken[-1:]))
+            self.lone = LoneDecoder(self.engine.model, ready[0], mx.array(ready[0].taken[-1:]),
+                                    self.step_costs)
             return
         self._join(self._take_lone() + ready)  # not alone any more: all decode in the batch
 
@@ -355,7 +358,7 @@ class Scheduler:
         cache, _ = batch.remove([uid], return_prompt_caches=True)[uid]
         del self.running[uid]
         seq.uid, seq.cache = None, cache  # holds the prompt and every token taken
-        self.lone = LoneDecoder.resume(self.engine.model, seq, pending, row)
+        self.lone = LoneDecoder.resume(self.engine.model, seq, pending, row, self.step_costs)
         self.figures.back_alone += 1
 
     # -- leaving --------------------------------------------------------------------------

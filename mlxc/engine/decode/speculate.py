@@ -8,10 +8,15 @@ rejected drafts, so the cache then holds exactly the tokens a plain decode would
 Only greedy sequences without logits processors speculate (sampling.py decides nothing
 here): their answer is the argmax at each position whatever was drafted, so it cannot change.
 
-Adaptive per sequence: the draft length grows while drafts are taken whole and shrinks to
-what was taken when they are not; after a few drafts in a row that miss at once, drafting
-pauses for a growing number of steps, so chat that does not repeat its prompt decodes plain.
-Engine thread only.
+A draft is made only when it is expected to pay (Leviathan et al., 2023): with the sequence's
+acceptance rate a (a decayed count of drafted tokens taken) a draft of k tokens yields
+(1 - a^(k+1)) / (1 - a) tokens a pass, and a pass costs verify(k) / plain steps, both measured
+on this model and machine (`StepCosts`). The draft length is the k that yields most per unit
+of time; when no k beats a plain step, drafting pauses for a growing number of steps, then
+looks again. On a GPU a pass of 13 positions costs little more than one step, so drafts pay
+at a low acceptance; on a CPU a pass costs ~1.2-2.2 steps (SmolLM2-135M,
+benchmarks/diagnostics/verify_cost.py), so chat that does not repeat its prompt decodes
+plain. Engine thread only.
 """
 
 from __future__ import annotations
@@ -21,9 +26,50 @@ from typing import Any
 
 LONGEST_NGRAM = 4  # the suffix lengths looked up, longest first
 SHORTEST_NGRAM = 2  # in the prompt and answer; a prediction is also matched on one token
-FIRST_DRAFT, SHORTEST_DRAFT, LONGEST_DRAFT = 6, 2, 12
-MISSES_BEFORE_PAUSE = 3  # drafts in a row that miss at once
+LONGEST_DRAFT = 12
 FIRST_PAUSE, LONGEST_PAUSE = 16, 256  # steps without drafting; doubles each time
+DECAY = 0.8  # weight of the past in the acceptance count and the cost fit
+PRIOR_TAKEN, PRIOR_TRIALS = 1.0, 1.5  # acceptance 2/3 before any draft: the first one is made
+PRIOR_SLOPE = 0.05  # verify cost per drafted token, in plain steps, until two lengths are seen
+GAIN_NEEDED = 1.05  # tokens per unit of time over a plain step: below it, no draft
+
+
+class StepCosts:
+    """What a plain step and a verify pass of k drafts cost on this model and machine, in
+    seconds: a decayed mean of plain steps and a decayed least-squares line through the verify
+    passes (fixed + per_token * k). One per scheduler (one model), engine thread only."""
+
+    def __init__(self) -> None:
+        self.plain: float | None = None
+        self._w = self._k = self._t = self._kk = self._kt = 0.0  # decayed sums of the passes
+
+    def saw_plain(self, seconds: float) -> None:
+        self.plain = seconds if self.plain is None else DECAY * self.plain + (1 - DECAY) * seconds
+
+    def saw_verify(self, k: int, seconds: float) -> None:
+        d = DECAY
+        self._w, self._k, self._t = d * self._w + 1, d * self._k + k, d * self._t + seconds
+        self._kk, self._kt = d * self._kk + k * k, d * self._kt + k * seconds
+
+    def ratio(self, k: int) -> float:
+        """verify(k) / plain step; a cheap guess before both have been seen, so drafting is
+        tried and measured."""
+        if self.plain is None or self._w == 0:
+            return 1.0 + PRIOR_SLOPE * k
+        mean_k, mean_t = self._k / self._w, self._t / self._w
+        spread = self._kk / self._w - mean_k * mean_k
+        slope = (self._kt / self._w - mean_k * mean_t) / spread if spread > 0.5 else None
+        if slope is None or slope < 0:
+            slope = PRIOR_SLOPE * self.plain
+        return max(mean_t + slope * (k - mean_k), self.plain) / self.plain
+
+
+def expected_tokens(acceptance: float, k: int) -> float:
+    """Tokens a verify pass of k drafts yields when each is taken with `acceptance`: the taken
+    run plus the model's own token after it."""
+    if acceptance >= 1.0:
+        return k + 1.0
+    return (1 - acceptance ** (k + 1)) / (1 - acceptance)
 
 
 class NgramIndex:
@@ -60,16 +106,31 @@ class SpeculationFigures:
 class Drafter:
     """One sequence's draft source and its adaptive draft length."""
 
-    def __init__(self, context: list[int], prediction: list[int] | None, ngram: bool) -> None:
+    def __init__(self, context: list[int], prediction: list[int] | None, ngram: bool,
+                 costs: StepCosts | None = None) -> None:
         self.context = NgramIndex(context) if ngram else None
         self._seen = list(context)  # the sequence's tokens, for the suffix (without ngram too)
         self.prediction = NgramIndex(prediction) if prediction else None
-        self.length = FIRST_DRAFT
-        self.misses = 0
+        self.costs = costs or StepCosts()
+        self._taken, self._trials = PRIOR_TAKEN, PRIOR_TRIALS
         self.pause = 0  # steps left without drafting
         self._next_pause = FIRST_PAUSE
         self.figures = SpeculationFigures()
         self._from_prediction = False
+
+    @property
+    def acceptance(self) -> float:
+        return self._taken / self._trials
+
+    def best_length(self, limit: int) -> int:
+        """The draft length that yields most tokens per unit of time, 0 when none beats a
+        plain step."""
+        best, best_gain = 0, GAIN_NEEDED
+        for k in range(1, min(limit, LONGEST_DRAFT) + 1):
+            gain = expected_tokens(self.acceptance, k) / self.costs.ratio(k)
+            if gain > best_gain:
+                best, best_gain = k, gain
+        return best
 
     def catch_up(self, seen: list[int]) -> None:
         """`seen`: every token of the sequence so far (prompt and taken); those not added
@@ -81,8 +142,10 @@ class Drafter:
 
     def propose(self, last: int, limit: int) -> list[int]:
         """Up to `limit` tokens to follow `last` (the token after those caught up with)."""
-        k = min(self.length, limit)
+        k = self.best_length(limit)
         if k <= 0:
+            if limit > 0:
+                self._rest()
             return []
         tail = [*self._seen[-(LONGEST_NGRAM - 1) :], last]
         for n in range(LONGEST_NGRAM, 0, -1):
@@ -107,16 +170,19 @@ class Drafter:
         if self._from_prediction:
             f.predicted_drafted += drafted
             f.predicted_accepted += accepted
-        if accepted == drafted:
-            self.length = min(self.length + 2, LONGEST_DRAFT)
-        else:
-            self.length = max(accepted + 1, SHORTEST_DRAFT)
-        self.misses = self.misses + 1 if accepted == 0 else 0
-        if self.misses >= MISSES_BEFORE_PAUSE:
-            self.pause, self.misses = self._next_pause, 0
-            self._next_pause = min(self._next_pause * 2, LONGEST_PAUSE)
-        elif accepted:
+        # a run of `accepted` successes, then one failure unless the whole draft was taken
+        self._taken = DECAY * self._taken + accepted
+        self._trials = DECAY * self._trials + accepted + (accepted < drafted)
+        if accepted:
             self._next_pause = FIRST_PAUSE
+
+    def _rest(self) -> None:
+        """No draft pays now: decode plain for a while (longer each time), then look again
+        with the acceptance count back at its prior, so a sequence that starts repeating its
+        prompt later is drafted for again."""
+        self.pause = self._next_pause
+        self._next_pause = min(self._next_pause * 2, LONGEST_PAUSE)
+        self._taken, self._trials = PRIOR_TAKEN, PRIOR_TRIALS
 
 
 def can_speculate(seq: Any, mode: str, cache: list[Any]) -> bool:
@@ -130,8 +196,8 @@ def can_speculate(seq: Any, mode: str, cache: list[Any]) -> bool:
     return bool(cache) and can_trim_prompt_cache(cache)
 
 
-def drafter_for(seq: Any, mode: str) -> Drafter:
-    return Drafter(seq.prompt, seq.prediction, ngram=mode in ("auto", "ngram"))
+def drafter_for(seq: Any, mode: str, costs: StepCosts | None = None) -> Drafter:
+    return Drafter(seq.prompt, seq.prediction, ngram=mode in ("auto", "ngram"), costs=costs)
 
 
 def verify(model: Any, cache: list[Any], last: Any, draft: list[int]) -> tuple[list[int], Any]:

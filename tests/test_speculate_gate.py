@@ -1,0 +1,53 @@
+"""The drafter's cost gate (engine/decode/speculate.py): drafts are made only where the tokens
+a pass is expected to yield beat the pass's measured cost in plain steps."""
+
+from __future__ import annotations
+
+import pytest
+
+from mlxc.engine.decode.speculate import Drafter, StepCosts, expected_tokens
+
+PROMPT = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10] * 3
+
+
+def costs(plain: float, fixed: float, per_token: float) -> StepCosts:
+    c = StepCosts()
+    c.saw_plain(plain)
+    for k in (2, 6, 12, 4, 8):
+        c.saw_verify(k, fixed + per_token * k)
+    return c
+
+
+def test_the_cost_line_is_fitted_from_passes_of_several_lengths():
+    c = costs(plain=0.080, fixed=0.086, per_token=0.007)  # SmolLM2-135M on this CPU
+    assert c.ratio(1) == pytest.approx(93 / 80, rel=0.01)
+    assert c.ratio(12) == pytest.approx(170 / 80, rel=0.01)
+
+
+def test_expected_tokens_of_a_draft():
+    assert expected_tokens(0.0, 8) == 1.0  # only the model's own token
+    assert expected_tokens(1.0, 8) == 9.0
+    assert expected_tokens(0.5, 2) == pytest.approx(1.75)
+
+
+def test_a_cpu_drafts_only_where_drafts_are_taken_and_a_gpu_at_lower_acceptance():
+    cpu, gpu = costs(0.080, 0.086, 0.007), costs(0.005, 0.0052, 0.00004)
+    for drafter_costs, drafts_at_low in ((cpu, False), (gpu, True)):
+        low = Drafter(PROMPT, None, ngram=True, costs=drafter_costs)
+        for _ in range(4):
+            low.verified(4, 0)  # drafts that miss at once
+        assert (low.best_length(100) > 0) is drafts_at_low
+        high = Drafter(PROMPT, None, ngram=True, costs=drafter_costs)
+        for _ in range(4):
+            high.verified(8, 8)
+        assert high.best_length(100) >= 8
+
+
+def test_a_sequence_whose_drafts_stop_paying_rests_then_looks_again():
+    d = Drafter(PROMPT, None, ngram=True, costs=costs(0.080, 0.086, 0.007))
+    draft = d.propose(1, 50)  # ... 9, 10, 1: the prompt goes on with 2, 3, ...
+    assert draft and draft == PROMPT[1 : 1 + len(draft)]
+    for _ in range(4):
+        d.verified(4, 0)
+    assert d.propose(1, 50) == [] and d.pause > 0
+    assert d.best_length(50) > 0  # after the pause, the acceptance is back at its prior
