@@ -109,13 +109,13 @@ def test_non_gguf_raises_and_leaves_no_folder(tmp_path, content):
 def test_other_architecture_is_refused(tmp_path):
     import mlx.core as mx
 
-    path = tmp_path / "gemma.gguf"
+    path = tmp_path / "mamba.gguf"
     mx.save_gguf(
-        str(path), {"token_embd.weight": mx.zeros((4, 8))}, {"general.architecture": "gemma"}
+        str(path), {"token_embd.weight": mx.zeros((4, 8))}, {"general.architecture": "mamba"}
     )
-    with pytest.raises(GGUFConversionError, match="'gemma'.*llama, qwen2, qwen3"):
+    with pytest.raises(GGUFConversionError, match="'mamba'.*llama, qwen2, qwen3, qwen3moe"):
         convert_gguf(path, tmp_path / "out")
-    _assert_nothing_left(tmp_path, "gemma.gguf")
+    _assert_nothing_left(tmp_path, "mamba.gguf")
 
 
 def test_missing_file_raises(tmp_path):

@@ -16,23 +16,32 @@ from gguf import GGMLQuantizationType as T  # noqa: E402
 from gguf.quants import dequantize, quantize  # noqa: E402
 
 from mlxc.model.gguf import GGUFConversionError, _read, convert_gguf  # noqa: E402
+from mlxc.model.gguf_tensors import DEQUANTIZED  # noqa: E402
 
-# Where each K-quant block keeps its float16 scales (the rest is packed bits and sub-scales,
-# any byte value valid): random bytes there could be inf/nan, so sane values are put in.
-K_SCALES = {T.Q2_K: (80, 82), T.Q3_K: (108,), T.Q4_K: (0, 2), T.Q5_K: (0, 2), T.Q6_K: (208,)}
+# Where each K-quant and i-quant block keeps its float16 scales (the rest is packed bits and
+# sub-scales, any byte value valid): random bytes there could be inf/nan, so sane values are put in.
+K_SCALES = {T.Q2_K: (80, 82), T.Q3_K: (108,), T.Q4_K: (0, 2), T.Q5_K: (0, 2), T.Q6_K: (208,),
+            **{kind: (0,) for kind in (T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ3_XXS, T.IQ3_S,
+                                       T.IQ1_S, T.IQ4_NL, T.IQ4_XS)}}
+QUANTIZABLE = {T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.BF16, T.TQ1_0, T.TQ2_0, T.MXFP4}
 ROWS, COLS = 8, 512
 
 
 def blocks(kind: T, rng: np.random.Generator) -> np.ndarray:
     """A quantized (ROWS, COLS) tensor: quantized by the gguf package where it can, else
-    random K-quant blocks (it has no K-quant quantizer)."""
-    if kind not in K_SCALES:
+    random blocks with sane scales (it has no quantizer for those)."""
+    if kind in QUANTIZABLE:
         return quantize(rng.standard_normal((ROWS, COLS)).astype(np.float32), kind)
     size, nbytes = gguf.GGML_QUANT_SIZES[kind]
     raw = rng.integers(0, 256, (ROWS, COLS // size, nbytes), dtype=np.uint8)
-    for offset in K_SCALES[kind]:
+    for offset in K_SCALES.get(kind, ()):
         scale = (rng.random((ROWS, COLS // size)) * 0.02 + 0.001).astype(np.float16)
         raw[:, :, offset : offset + 2] = scale.view(np.uint8).reshape(ROWS, COLS // size, 2)
+    if kind == T.IQ1_M:  # its float16 scale is the top 4 bits of its last four uint16s
+        raw[:, :, -7:-1:2] &= 0x0F
+        raw[:, :, -1] = (raw[:, :, -1] & 0x0F) | 0x20  # 0x2000: 2**-7
+    if kind == T.NVFP4:  # four FP8 (E4M3) sub-block scales first: 1.0 each
+        raw[:, :, :4] = 0x38
     return raw.reshape(ROWS, -1)
 
 
@@ -75,8 +84,7 @@ def test_mlx_exact_types_stay_packed_and_equal_the_reference(tmp_path):
         assert error <= 1e-3 * np.abs(reference).max(), kind.name
 
 
-@pytest.mark.parametrize("kind", [T.Q5_0, T.Q5_1, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K,
-                                  T.BF16])
+@pytest.mark.parametrize("kind", sorted(T[name] for name in DEQUANTIZED), ids=lambda k: k.name)
 def test_other_types_are_dequantized_like_the_reference(tmp_path, kind):
     rng = np.random.default_rng(1)
     data = blocks(kind, rng)
@@ -95,11 +103,11 @@ def test_other_types_are_dequantized_like_the_reference(tmp_path, kind):
 
 def test_types_without_an_exact_reader_are_refused_by_name(tmp_path):
     rng = np.random.default_rng(2)
-    size, nbytes = gguf.GGML_QUANT_SIZES[T.IQ4_NL]
+    size, nbytes = gguf.GGML_QUANT_SIZES[T.Q8_K]  # llama.cpp's scratch type: no dequantizer
     raw = rng.integers(0, 256, (ROWS, COLS // size * nbytes), dtype=np.uint8)
-    write(tmp_path / "iq.gguf", {"blk.0.ffn_up.weight": (raw, T.IQ4_NL)})
-    with pytest.raises(GGUFConversionError, match="IQ4_NL"):
-        _read(tmp_path / "iq.gguf")
+    write(tmp_path / "q8k.gguf", {"blk.0.ffn_up.weight": (raw, T.Q8_K)})
+    with pytest.raises(GGUFConversionError, match="Q8_K"):
+        _read(tmp_path / "q8k.gguf")
 
 
 def _tokenizer_metadata(writer) -> int:

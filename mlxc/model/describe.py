@@ -70,8 +70,9 @@ def describe_gguf(path: Path) -> ModelInfo:
 
 def gguf_problems(header, types: set[str]) -> list[str]:
     """Why mlxc's GGUF import (gguf.py) would refuse this file, in its own words."""
-    from mlxc.model.gguf import ARCHITECTURES
+    from mlxc.model.gguf_arch import ARCHITECTURES, SUPPORTED
     from mlxc.model.gguf_tensors import DEQUANTIZED, MLX_EXACT
+    from mlxc.model.gguf_tokenizer import TOKENIZERS
 
     problems = []
     arch = header.get("general.architecture")
@@ -79,14 +80,17 @@ def gguf_problems(header, types: set[str]) -> list[str]:
         problems.append(f"split GGUF ({parts} parts): join them with "
                         "`llama-gguf-split --merge` first")
     if arch not in ARCHITECTURES:
-        problems.append(f"architecture {arch!r}: mlxc imports {', '.join(ARCHITECTURES)} GGUFs")
+        problems.append(f"architecture {arch!r}: mlxc imports {SUPPORTED} GGUFs")
     if unknown := sorted(types - MLX_EXACT - DEQUANTIZED):
         problems.append(f"tensor types {', '.join(unknown)} are not imported")
-    if (kind := header.get("tokenizer.ggml.model")) != "gpt2":
-        problems.append(f"tokenizer {kind!r}: only byte-level BPE ('gpt2') is rebuilt")
+    if (kind := header.get("tokenizer.ggml.model")) not in TOKENIZERS:
+        problems.append(f"tokenizer {kind!r}: only byte-level BPE ('gpt2') and sentencepiece "
+                        "('llama') are rebuilt")
     if "rope_freqs.weight" in header.tensors:
         problems.append("Llama 3 rope frequency scaling is not imported")
-    if (scaling := header.get(f"{arch}.rope.scaling.type", "none")) not in ("none", None):
+    scaling = header.get(f"{arch}.rope.scaling.type", "none")
+    taken = ARCHITECTURES[arch].rope_scaling if arch in ARCHITECTURES else ()
+    if scaling not in ("none", None, *taken):
         problems.append(f"{scaling!r} rope scaling is not imported")
     return problems
 

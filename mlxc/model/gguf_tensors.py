@@ -6,28 +6,57 @@ F16/F32, but K-quants came out wrong from it (Q4_K: relative error up to 0.96 ag
 `gguf` package's reference dequantization) and files with Q5_0/Q5_1/Q2_K... fail to load at
 all. So a file whose tensors are all of MLX's exact types goes through `mx.load`; any other
 goes through the `gguf` package (llama.cpp's own Python reader), which dequantizes every
-quantized tensor to float16 with its reference code. Types neither reads are refused by name.
+quantized tensor with its reference code: every type it has a dequantizer for (K-quants,
+i-quants, ternary, MXFP4/NVFP4). Types neither reads are refused by name.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 MLX_EXACT = {"F32", "F16", "Q4_0", "Q4_1", "Q8_0"}
+
+
+def _dequantizable() -> set[str]:
+    try:
+        from gguf.quants import _type_traits  # the types gguf.quants.dequantize decodes
+    except ImportError:  # an older gguf package: the types it has had since 0.10
+        return {"BF16", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"}
+    return {t.name for t in _type_traits} - MLX_EXACT
+
+
 # What the gguf package dequantizes and tests/test_gguf_quants.py checks against it.
-DEQUANTIZED = {"BF16", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"}
+DEQUANTIZED = _dequantizable()
+# Bytes a value takes once converted: MLX's packed words plus a float16 scale and bias per 32.
+_CONVERTED = {"F32": 4.0, "F16": 2.0, "Q4_0": 0.625, "Q4_1": 0.625, "Q8_0": 1.125}
 
 
 class UnsupportedQuantization(ValueError):
     pass
 
 
-def tensor_types(path: Path) -> dict[str, str]:
-    """Tensor name -> GGML type name (F16, Q4_K ...), from the header only (memory-mapped)."""
-    from gguf import GGUFReader
+def tensor_types(header: Any) -> dict[str, str]:
+    """Tensor name -> GGML type name (F16, Q4_K ...), from a gguf_header.GGUFHeader."""
+    from mlxc.model.gguf_header import type_name
 
-    return {t.name: t.tensor_type.name for t in GGUFReader(str(path)).tensors}
+    return {name: type_name(kind) for name, (_shape, kind, _off) in header.tensors.items()}
+
+
+def converted_bytes(header: Any) -> int:
+    """About how many bytes the converted weights take: packed where MLX keeps the type,
+    float16 (bfloat16 for BF16) where it is dequantized, unless the whole file is read by MLX."""
+    types = tensor_types(header)
+    exact = not any(t not in MLX_EXACT for t in types.values())
+    total = 0
+    for name, (shape, _kind, _off) in header.tensors.items():
+        count = 1
+        for d in shape:
+            count *= d
+        kind = types[name]
+        total += int(count * (_CONVERTED[kind] if exact or kind in ("F32", "F16") else 2.0))
+    return total
 
 
 def needs_gguf_reader(types: dict[str, str]) -> bool:
@@ -41,27 +70,37 @@ def needs_gguf_reader(types: dict[str, str]) -> bool:
     return any(t not in MLX_EXACT for t in types.values())
 
 
-def read_with_gguf(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+def read_with_gguf(
+    path: Path, say: Callable[[str], None] = lambda _msg: None
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """(tensors as mx arrays, metadata as Python values) through the gguf package: float
     tensors keep their type, quantized ones are dequantized to float16 (values a K-quant
-    block can hold fit it)."""
+    block can hold fit it), BF16 to bfloat16 (float16's range is too small for it)."""
     import mlx.core as mx
     import numpy as np
     from gguf import GGMLQuantizationType, GGUFReader
     from gguf.quants import dequantize
 
     reader = GGUFReader(str(path))
+    total = sum(int(t.n_bytes) for t in reader.tensors)
+    done, told = 0, -1
     tensors = {}
     for t in reader.tensors:
         kind = t.tensor_type
         shape = [int(d) for d in reversed(t.shape)]  # GGUF lists the innermost first
         if kind in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
             tensors[t.name] = mx.array(np.array(t.data).reshape(shape))
-        elif kind == GGMLQuantizationType.BF16:  # float16's range is too small for it
+        elif kind == GGMLQuantizationType.BF16:
             values = dequantize(t.data, kind).reshape(shape)
             tensors[t.name] = mx.array(values).astype(mx.bfloat16)
-        else:
-            tensors[t.name] = mx.array(dequantize(t.data, kind).astype(np.float16).reshape(shape))
+        else:  # float16 holds what a block can, unless its scales run past float16's range
+            values = dequantize(t.data, kind).reshape(shape)
+            wide = values.size and np.abs(values).max() > np.finfo(np.float16).max
+            tensors[t.name] = mx.array(values).astype(mx.bfloat16 if wide else mx.float16)
+        done += int(t.n_bytes)
+        if (percent := done * 100 // max(total, 1)) >= told + 5:  # every 5%
+            told = percent
+            say(f"reading weights {done / 1e9:.1f} / {total / 1e9:.1f} GB")
     return tensors, metadata(reader)
 
 

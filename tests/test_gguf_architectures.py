@@ -1,0 +1,217 @@
+"""GGUF import of each architecture mlxc converts: a tiny random mlx-lm model (2 layers, hidden
+64, 4 experts where it has them) is saved as an MLX folder and written as a GGUF the way
+llama.cpp's convert_hf_to_gguf.py writes it — tensor names from the `gguf` package's own
+TensorNameMap, Gemma's norms stored as 1 + w, Llama's Q/K rows permuted — and the converted
+folder must give the folder's logits."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from mlxc.model.blas import load_optimised_blas
+
+load_optimised_blas()  # before MLX is imported, as the engine does
+gguf = pytest.importorskip("gguf")
+from gguf import GGMLQuantizationType as T  # noqa: E402
+
+from mlxc.model.describe import describe_gguf  # noqa: E402
+from mlxc.model.gguf import GGUFConversionError, convert_gguf  # noqa: E402
+
+BASE = {"hidden_size": 64, "num_hidden_layers": 2, "intermediate_size": 96,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+        "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "max_position_embeddings": 512,
+        "tie_word_embeddings": False}
+MOE = {"num_experts_per_tok": 2, "moe_intermediate_size": 32}
+# name: (GGUF architecture, mlx-lm config, GGUF metadata beyond the common keys)
+CASES = {
+    "qwen3moe": ("qwen3moe", {**BASE, **MOE, "model_type": "qwen3_moe", "num_experts": 4,
+                              "decoder_sparse_step": 1, "mlp_only_layers": [],
+                              "norm_topk_prob": True, "rope_theta": 1e6},
+                 {"expert_count": 4, "expert_used_count": 2, "expert_feed_forward_length": 32}),
+    "mixtral": ("llama", {**BASE, "model_type": "mixtral", "num_local_experts": 4,
+                          "num_experts_per_tok": 2, "intermediate_size": 32},
+                {"expert_count": 4, "expert_used_count": 2}),
+    "mistral": ("llama", {**BASE, "model_type": "llama"}, {}),
+    "gemma": ("gemma", {**BASE, "model_type": "gemma", "tie_word_embeddings": True}, {}),
+    "gemma2": ("gemma2", {**BASE, "model_type": "gemma2", "attn_logit_softcapping": 20.0,
+                          "final_logit_softcapping": 10.0, "query_pre_attn_scalar": 16,
+                          "tie_word_embeddings": True},
+               {"attn_logit_softcapping": 20.0, "final_logit_softcapping": 10.0}),
+    # 6 layers: llama.cpp's gemma3 makes every 6th global, the rest see a window of 8.
+    "gemma3": ("gemma3", {**BASE, "model_type": "gemma3_text", "num_hidden_layers": 6,
+                          "query_pre_attn_scalar": 16, "sliding_window": 8,
+                          "sliding_window_pattern": 6, "rope_local_base_freq": 10000.0,
+                          "rope_theta": 1e6, "rope_scaling": {"rope_type": "linear",
+                                                              "factor": 8.0}},
+               {"attention.sliding_window": 8, "rope.scaling.type": "linear",
+                "rope.scaling.factor": 8.0}),
+    # Phi-4-mini's shape: 3/4 of each head rotated.
+    "phi3": ("phi3", {**BASE, "model_type": "phi3", "num_key_value_heads": 4,
+                      "partial_rotary_factor": 0.75}, {"rope.dimension_count": 12}),
+}
+PROMPT = "Hello, GGUF! 12345 and some more words"  # 38 byte tokens: past gemma3's window
+
+
+def _tokenizer_metadata(writer, spm: bool = False) -> int:
+    """Every byte a token: byte-level BPE (ChatML's control tokens after), or a sentencepiece
+    vocabulary of byte pieces (<0x41> ...) and '▁'."""
+    if spm:
+        tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + ["▁"]
+        writer.add_tokenizer_model("llama")
+        writer.add_token_list(tokens)
+        writer.add_token_scores([0.0] * len(tokens))
+        writer.add_token_types([2, 3, 3] + [6] * 256 + [1])  # unknown, control, byte, normal
+        writer.add_bos_token_id(1)
+        writer.add_eos_token_id(2)
+        writer.add_unk_token_id(0)
+        return len(tokens)
+    from mlx_lm.tokenizer_utils import _byte_decoder
+
+    tokens = sorted(_byte_decoder(), key=_byte_decoder().get)
+    tokens += ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("qwen2")
+    writer.add_token_list(tokens)
+    writer.add_token_types([1] * 256 + [3, 3, 3])
+    writer.add_token_merges([])
+    writer.add_eos_token_id(len(tokens) - 1)
+    return len(tokens)
+
+
+def _hf_name(name: str, model_type: str) -> str:
+    """mlx-lm's name -> the Hugging Face name llama.cpp's TensorNameMap knows."""
+    if model_type == "mixtral":
+        for mine, theirs in (("gate_proj", "w1"), ("down_proj", "w2"), ("up_proj", "w3")):
+            name = name.replace(f"switch_mlp.{mine}", f"experts.{theirs}")
+    return name.replace("switch_mlp.", "experts.")
+
+
+def _permute(w: np.ndarray, heads: int) -> np.ndarray:
+    """llama.cpp's LlamaModel.permute: Q/K rows reordered for its interleaved rotary."""
+    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(
+        w.shape)
+
+
+def _make(tmp_path, case: str, spm: bool = False, quantize_experts: bool = False):
+    """(MLX folder, GGUF) holding the same random weights."""
+    import importlib
+
+    import mlx.core as mx
+    from gguf.quants import dequantize, quantize
+    from mlx.utils import tree_flatten
+
+    arch, config, extra = CASES[case]
+    path = tmp_path / f"{case}.gguf"
+    writer = gguf.GGUFWriter(str(path), arch)
+    config = {**config, "vocab_size": _tokenizer_metadata(writer, spm)}
+    module = importlib.import_module(f"mlx_lm.models.{config['model_type']}")
+    model = module.Model(module.ModelArgs.from_dict(config))
+    mx.random.seed(0)
+    weights = {k: np.array(mx.random.normal(v.shape) * 0.2)
+               for k, v in tree_flatten(model.parameters())}
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], config["num_hidden_layers"])
+    for name, value in weights.items():
+        gguf_name = names.get_name(_hf_name(name, config["model_type"]), (".weight", ".bias"))
+        assert gguf_name, name
+        kind = T.F32
+        if arch.startswith("gemma") and name.endswith("norm.weight"):
+            value = value + 1  # convert_hf_to_gguf's Gemma models: norm_shift
+        if arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
+            heads = config["num_attention_heads" if "q_proj" in name else "num_key_value_heads"]
+            value = _permute(value, heads)
+        if quantize_experts and "switch_mlp" in name:
+            value, kind = quantize(value, T.Q4_0), T.Q4_0  # kept packed, 3-D
+            weights[name] = dequantize(value, T.Q4_0)  # the folder holds the same values
+        writer.add_tensor(gguf_name, value, raw_dtype=kind)
+    meta = {"block_count": config["num_hidden_layers"], "context_length": 512,
+            "embedding_length": 64, "feed_forward_length": config["intermediate_size"],
+            "attention.head_count": 4, "attention.head_count_kv": config["num_key_value_heads"],
+            "attention.key_length": 16, "attention.value_length": 16,
+            "attention.layer_norm_rms_epsilon": 1e-6, "rope.freq_base": config["rope_theta"],
+            **extra}
+    for key, value in meta.items():
+        add = {int: writer.add_uint32, float: writer.add_float32, str: writer.add_string}
+        add[type(value)](f"{arch}.{key}", value)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+    folder = tmp_path / f"{case}-mlx"
+    folder.mkdir()
+    mx.save_safetensors(str(folder / "model.safetensors"),
+                        {k: mx.array(v) for k, v in weights.items()})
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder, path
+
+
+def _logits(folder, tokens):
+    import mlx.core as mx
+    from mlx_lm.utils import load_model
+
+    model, _ = load_model(folder)
+    return np.array(model(mx.array([tokens])).astype(mx.float32))
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_gguf_gives_the_logits_of_the_same_weights_as_an_mlx_folder(tmp_path, case):
+    from mlx_lm import load
+
+    folder, path = _make(tmp_path, case)
+    assert describe_gguf(path).problems == []
+    converted = convert_gguf(path, tmp_path / f"{case}-converted")
+    _, tokenizer = load(str(converted))
+    tokens = tokenizer.encode(PROMPT, add_special_tokens=False)
+    assert len(tokens) == len(PROMPT) and tokenizer.decode(tokens) == PROMPT
+    expected, got = _logits(folder, tokens), _logits(converted, tokens)
+    error = float(np.abs(got - expected).max())
+    print(f"{case}: max abs logit error {error:.2e} (logits up to {np.abs(expected).max():.1f})")
+    assert error < 1e-4, case
+    config = json.loads((converted / "config.json").read_text())
+    assert config["model_type"] == CASES[case][1]["model_type"]
+
+
+def test_qwen3moe_experts_stay_packed_as_mlx_quantized_switch_layers(tmp_path):
+    """Q4_0 experts ([expert, out, in]) are kept packed; the router stays float."""
+    folder, path = _make(tmp_path, "qwen3moe", quantize_experts=True)
+    converted = convert_gguf(path, tmp_path / "converted")
+    config = json.loads((converted / "config.json").read_text())
+    assert config["quantization"] == {"group_size": 32, "bits": 4}
+    from mlx_lm.utils import load_model
+
+    model, _ = load_model(converted)
+    assert type(model.model.layers[0].mlp.switch_mlp.up_proj).__name__ == "QuantizedSwitchLinear"
+    tokens = list(range(3, 40))
+    error = float(np.abs(_logits(converted, tokens) - _logits(folder, tokens)).max())
+    print(f"qwen3moe Q4_0 experts: max abs logit error {error:.2e}")
+    assert error < 2e-3  # MLX keeps Q4_0's bias (-8 d) in float16
+
+
+@pytest.mark.parametrize("case", ["mixtral", "gemma2", "phi3"])
+def test_sentencepiece_vocabularies_are_rebuilt(tmp_path, case):
+    from mlx_lm import load
+
+    _folder, path = _make(tmp_path, case, spm=True)
+    converted = convert_gguf(path, tmp_path / "converted")
+    _, tokenizer = load(str(converted))
+    tokens = tokenizer.encode(PROMPT)
+    assert tokens[0] == 1  # <s>: llama.cpp adds BOS to a sentencepiece vocabulary
+    assert tokenizer.decode(tokens, skip_special_tokens=True) == PROMPT
+
+
+def test_unknown_architecture_is_refused_from_the_header_by_name(tmp_path):
+    writer = gguf.GGUFWriter(str(tmp_path / "mamba.gguf"), "mamba")
+    _tokenizer_metadata(writer)
+    writer.add_tensor("token_embd.weight", np.zeros((259, 64), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    problems = describe_gguf(tmp_path / "mamba.gguf").problems
+    assert problems and "'mamba'" in problems[0] and "qwen3moe" in problems[0]
+    with pytest.raises(GGUFConversionError, match="'mamba'.*qwen3moe"):
+        convert_gguf(tmp_path / "mamba.gguf", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
