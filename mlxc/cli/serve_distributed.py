@@ -146,9 +146,9 @@ def _watch(procs: list[subprocess.Popen], shutdown_timeout: float) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     deadline, code = None, None
-    while any(p.poll() is None for p in procs):
+    while any([p.poll() is None for p in procs]):  # a list: every rank polled each time
         now = time.monotonic()
-        lead = procs[0].poll()
+        lead = procs[0].returncode
         dead = [(r, p.returncode) for r, p in enumerate(procs[1:], 1)
                 if p.returncode not in (None, 0)]
         if deadline is None and (stop.is_set() or dead or lead is not None):

@@ -14,14 +14,21 @@ two calls never interleave with the sharing between them."""
 
 from __future__ import annotations
 
+import os
+import signal
 import weakref
 from typing import Any
 
 from mlxc.distributed.mirror import share
+from mlxc.errors import ModelError
 
 
-class OutOfStep(RuntimeError):
+class OutOfStep(ModelError):
     """A model call the other ranks could not repeat; raised before anything was shared."""
+
+
+class RankLost(ModelError):
+    """A peer of the world is gone: the model is incomplete, so the server stops."""
 
 
 class Leader:
@@ -41,7 +48,8 @@ class Leader:
     def before(self, inputs: Any, cache: Any, embeddings: Any) -> None:
         """Share this call with the followers (engine thread), or refuse it first."""
         if self.stopped:
-            raise OutOfStep("the other ranks have been stopped; restart the server")
+            raise RankLost("the other ranks of the sharded model have stopped (see the log); "
+                           "restart every rank")
         if embeddings is not None:
             raise OutOfStep("input embeddings are not mirrored to the other ranks")
         key = None
@@ -52,8 +60,20 @@ class Leader:
                "offset": None if key is None else self._offsets[key] - int(inputs.shape[1])}
         if self._freed:
             job["free"], self._freed = self._freed, []
-        share(self.group, job)
+        try:
+            share(self.group, job)
+        except RuntimeError as exc:
+            self.lost(exc)
         self.calls += 1
+
+    def lost(self, exc: Exception) -> None:
+        """A collective failed (MLX's ring: 'connection to a peer was lost'): stop the server
+        (SIGTERM: its usual shutdown) and say why to the request that found it."""
+        if not self.stopped:
+            self.stopped = True
+            os.kill(os.getpid(), signal.SIGTERM)
+        raise RankLost(f"another rank of the sharded model is gone ({exc}); the server stops: "
+                       "restart every rank") from exc
 
     def _name(self, cache: list[Any]) -> tuple[int, int]:
         """(number, offset) of a cache the followers know or can make fresh."""
@@ -105,8 +125,11 @@ def lead(group: Any, model: Any) -> Leader:
     class Lockstep(base):  # the same module, its parameters untouched: only the call wraps
         def __call__(self, inputs, cache=None, input_embeddings=None, **kwargs):
             leader.before(inputs, cache, input_embeddings)
-            out = base.__call__(self, inputs, cache, input_embeddings, **kwargs)
-            mx.eval(out)  # its collectives now, before the next share
+            try:
+                out = base.__call__(self, inputs, cache, input_embeddings, **kwargs)
+                mx.eval(out)  # its collectives now, before the next share
+            except RuntimeError as exc:
+                leader.lost(exc)
             return out
 
     Lockstep.__name__ = Lockstep.__qualname__ = base.__name__
