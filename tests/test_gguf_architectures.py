@@ -95,7 +95,7 @@ def _permute(w: np.ndarray, heads: int) -> np.ndarray:
         w.shape)
 
 
-def _make(tmp_path, case: str, spm: bool = False, quantize_experts: bool = False):
+def _make(tmp_path, case: str, spm: bool = False, experts: T | None = None):
     """(MLX folder, GGUF) holding the same random weights."""
     import importlib
 
@@ -122,9 +122,9 @@ def _make(tmp_path, case: str, spm: bool = False, quantize_experts: bool = False
         if arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
             heads = config["num_attention_heads" if "q_proj" in name else "num_key_value_heads"]
             value = _permute(value, heads)
-        if quantize_experts and "switch_mlp" in name:
-            value, kind = quantize(value, T.Q4_0), T.Q4_0  # kept packed, 3-D
-            weights[name] = dequantize(value, T.Q4_0)  # the folder holds the same values
+        if experts is not None and "switch_mlp" in name:
+            value, kind = quantize(value, experts), experts  # kept packed, 3-D
+            weights[name] = dequantize(value, experts)  # the folder holds the same values
         writer.add_tensor(gguf_name, value, raw_dtype=kind)
     meta = {"block_count": config["num_hidden_layers"], "context_length": 512,
             "embedding_length": 64, "feed_forward_length": config["intermediate_size"],
@@ -174,20 +174,22 @@ def test_gguf_gives_the_logits_of_the_same_weights_as_an_mlx_folder(tmp_path, ca
     assert config["model_type"] == CASES[case][1]["model_type"]
 
 
-def test_qwen3moe_experts_stay_packed_as_mlx_quantized_switch_layers(tmp_path):
-    """Q4_0 experts ([expert, out, in]) are kept packed; the router stays float."""
-    folder, path = _make(tmp_path, "qwen3moe", quantize_experts=True)
+@pytest.mark.parametrize("kind", [T.Q4_0, T.Q5_0], ids=lambda k: k.name)
+def test_qwen3moe_experts_stay_packed_as_mlx_quantized_switch_layers(tmp_path, kind):
+    """Quantized experts ([expert, out, in]) are kept packed, read by MLX (Q4_0) or repacked
+    (Q5_0); the router stays float."""
+    folder, path = _make(tmp_path, "qwen3moe", experts=kind)
     converted = convert_gguf(path, tmp_path / "converted")
     config = json.loads((converted / "config.json").read_text())
-    assert config["quantization"] == {"group_size": 32, "bits": 4}
+    assert config["quantization"] == {"group_size": 32, "bits": {"Q4_0": 4, "Q5_0": 5}[kind.name]}
     from mlx_lm.utils import load_model
 
     model, _ = load_model(converted)
     assert type(model.model.layers[0].mlp.switch_mlp.up_proj).__name__ == "QuantizedSwitchLinear"
     tokens = list(range(3, 40))
     error = float(np.abs(_logits(converted, tokens) - _logits(folder, tokens)).max())
-    print(f"qwen3moe Q4_0 experts: max abs logit error {error:.2e}")
-    assert error < 2e-3  # MLX keeps Q4_0's bias (-8 d) in float16
+    print(f"qwen3moe {kind.name} experts: max abs logit error {error:.2e}")
+    assert error < 2e-3  # scales and biases are float16
 
 
 @pytest.mark.parametrize("case", ["mixtral", "gemma2", "phi3"])

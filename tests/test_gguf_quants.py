@@ -16,6 +16,7 @@ from gguf import GGMLQuantizationType as T  # noqa: E402
 from gguf.quants import dequantize, quantize  # noqa: E402
 
 from mlxc.model.gguf import GGUFConversionError, _read, convert_gguf  # noqa: E402
+from mlxc.model.gguf_pack import BITS  # noqa: E402
 from mlxc.model.gguf_tensors import DEQUANTIZED  # noqa: E402
 
 # Where each K-quant and i-quant block keeps its float16 scales (the rest is packed bits and
@@ -99,6 +100,25 @@ def test_other_types_are_dequantized_like_the_reference(tmp_path, kind):
     assert np.abs(got - reference).max() <= 1e-3 * scale, kind.name
     got = as_float(imported, "blk.0.ffn_down.weight")
     assert np.abs(got - dequantize(exact, T.Q4_0)).max() <= 1e-3 * np.abs(got).max()
+
+
+@pytest.mark.parametrize("kind", sorted(T[name] for name in BITS), ids=lambda k: k.name)
+def test_affine_types_are_repacked_into_mlx_layout_like_the_reference(tmp_path, kind):
+    """Read by the gguf package (a Q6_K tensor beside it), kept packed: MLX's uint32 words and
+    a scale and bias per 32 values, dequantizing to the reference's values."""
+    import mlx.core as mx
+
+    rng = np.random.default_rng(3)
+    data = blocks(kind, rng)
+    write(tmp_path / "p.gguf", {"blk.0.ffn_up.weight": (data, kind),
+                                "blk.0.ffn_down.weight": (blocks(T.Q6_K, rng), T.Q6_K)})
+    imported, _meta = _read(tmp_path / "p.gguf")
+    weight, scales = imported["blk.0.ffn_up.weight"], imported["blk.0.ffn_up.scales"]
+    assert weight.dtype == mx.uint32 and weight.shape == (ROWS, COLS * BITS[kind.name] // 32)
+    assert scales.shape == (ROWS, COLS // 32)
+    reference = dequantize(data, kind)
+    error = np.abs(as_float(imported, "blk.0.ffn_up.weight") - reference).max()
+    assert error <= 1e-3 * np.abs(reference).max(), kind.name  # float16 scales and biases
 
 
 def test_types_without_an_exact_reader_are_refused_by_name(tmp_path):

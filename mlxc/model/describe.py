@@ -71,7 +71,7 @@ def describe_gguf(path: Path) -> ModelInfo:
 def gguf_problems(header, types: set[str]) -> list[str]:
     """Why mlxc's GGUF import (gguf.py) would refuse this file, in its own words."""
     from mlxc.model.gguf_arch import ARCHITECTURES, SUPPORTED
-    from mlxc.model.gguf_tensors import DEQUANTIZED, MLX_EXACT
+    from mlxc.model.gguf_tensors import IMPORTED
     from mlxc.model.gguf_tokenizer import TOKENIZERS
 
     problems = []
@@ -81,7 +81,7 @@ def gguf_problems(header, types: set[str]) -> list[str]:
                         "`llama-gguf-split --merge` first")
     if arch not in ARCHITECTURES:
         problems.append(f"architecture {arch!r}: mlxc imports {SUPPORTED} GGUFs")
-    if unknown := sorted(types - MLX_EXACT - DEQUANTIZED):
+    if unknown := sorted(types - IMPORTED):
         problems.append(f"tensor types {', '.join(unknown)} are not imported")
     if (kind := header.get("tokenizer.ggml.model")) not in TOKENIZERS:
         problems.append(f"tokenizer {kind!r}: only byte-level BPE ('gpt2') and sentencepiece "

@@ -5,9 +5,11 @@ known to be right for it.
 F16/F32, but K-quants came out wrong from it (Q4_K: relative error up to 0.96 against the
 `gguf` package's reference dequantization) and files with Q5_0/Q5_1/Q2_K... fail to load at
 all. So a file whose tensors are all of MLX's exact types goes through `mx.load`; any other
-goes through the `gguf` package (llama.cpp's own Python reader), which dequantizes every
-quantized tensor with its reference code: every type it has a dequantizer for (K-quants,
-i-quants, ternary, MXFP4/NVFP4). Types neither reads are refused by name.
+goes through the `gguf` package (llama.cpp's own Python reader): the types that are MLX affine
+quantization in another byte order (Q4_K, Q5_K, Q5_0, Q5_1 and the three above) are repacked
+into MLX's layout (gguf_pack.py), every other type it has a dequantizer for (Q2_K, Q3_K, Q6_K,
+i-quants, ternary, MXFP4/NVFP4) is dequantized with its reference code. Types neither reads
+are refused by name.
 """
 
 from __future__ import annotations
@@ -16,7 +18,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-MLX_EXACT = {"F32", "F16", "Q4_0", "Q4_1", "Q8_0"}
+from mlxc.model.gguf_pack import BITS
+
+MLX_EXACT = {"F32", "F16", "Q4_0", "Q4_1", "Q8_0"}  # what mx.load reads right
+PACKED = set(BITS)  # kept quantized, in MLX's layout
 
 
 def _dequantizable() -> set[str]:
@@ -24,13 +29,15 @@ def _dequantizable() -> set[str]:
         from gguf.quants import _type_traits  # the types gguf.quants.dequantize decodes
     except ImportError:  # an older gguf package: the types it has had since 0.10
         return {"BF16", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"}
-    return {t.name for t in _type_traits} - MLX_EXACT
+    return {t.name for t in _type_traits} - MLX_EXACT - PACKED
 
 
 # What the gguf package dequantizes and tests/test_gguf_quants.py checks against it.
 DEQUANTIZED = _dequantizable()
-# Bytes a value takes once converted: MLX's packed words plus a float16 scale and bias per 32.
-_CONVERTED = {"F32": 4.0, "F16": 2.0, "Q4_0": 0.625, "Q4_1": 0.625, "Q8_0": 1.125}
+IMPORTED = MLX_EXACT | PACKED | DEQUANTIZED
+# Bytes a value takes once converted: MLX's packed words plus a float16 scale and bias per 32;
+# the rest float16 (bfloat16 for BF16).
+_CONVERTED = {"F32": 4.0, "F16": 2.0, **{k: (b + 1) / 8 for k, b in BITS.items()}}
 
 
 class UnsupportedQuantization(ValueError):
@@ -46,26 +53,22 @@ def tensor_types(header: Any) -> dict[str, str]:
 
 def converted_bytes(header: Any) -> int:
     """About how many bytes the converted weights take: packed where MLX keeps the type,
-    float16 (bfloat16 for BF16) where it is dequantized, unless the whole file is read by MLX."""
+    float16 (bfloat16 for BF16) where it is dequantized."""
     types = tensor_types(header)
-    exact = not any(t not in MLX_EXACT for t in types.values())
     total = 0
     for name, (shape, _kind, _off) in header.tensors.items():
         count = 1
         for d in shape:
             count *= d
-        kind = types[name]
-        total += int(count * (_CONVERTED[kind] if exact or kind in ("F32", "F16") else 2.0))
+        total += int(count * _CONVERTED.get(types[name], 2.0))
     return total
 
 
 def needs_gguf_reader(types: dict[str, str]) -> bool:
-    unknown = sorted({t for t in types.values() if t not in MLX_EXACT | DEQUANTIZED})
-    if unknown:
+    if unknown := sorted({t for t in types.values() if t not in IMPORTED}):
         raise UnsupportedQuantization(
             f"its tensors use {', '.join(unknown)}, which mlxc cannot import exactly (it reads "
-            f"{', '.join(sorted(MLX_EXACT | DEQUANTIZED))}); pick another quantization of the "
-            "model"
+            f"{', '.join(sorted(IMPORTED))}); pick another quantization of the model"
         )
     return any(t not in MLX_EXACT for t in types.values())
 
@@ -74,12 +77,15 @@ def read_with_gguf(
     path: Path, say: Callable[[str], None] = lambda _msg: None
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """(tensors as mx arrays, metadata as Python values) through the gguf package: float
-    tensors keep their type, quantized ones are dequantized to float16 (values a K-quant
-    block can hold fit it), BF16 to bfloat16 (float16's range is too small for it)."""
+    tensors keep their type, PACKED ones become MLX's weight/scales/biases, the others are
+    dequantized to float16 (values a K-quant block can hold fit it), BF16 to bfloat16
+    (float16's range is too small for it)."""
     import mlx.core as mx
     import numpy as np
     from gguf import GGMLQuantizationType, GGUFReader
     from gguf.quants import dequantize
+
+    from mlxc.model.gguf_pack import repack
 
     reader = GGUFReader(str(path))
     total = sum(int(t.n_bytes) for t in reader.tensors)
@@ -90,6 +96,12 @@ def read_with_gguf(
         shape = [int(d) for d in reversed(t.shape)]  # GGUF lists the innermost first
         if kind in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
             tensors[t.name] = mx.array(np.array(t.data).reshape(shape))
+        elif kind.name in PACKED:
+            weight, scales, biases = repack(t.data, kind.name, shape)
+            base = t.name.removesuffix(".weight")
+            tensors[t.name] = mx.array(weight)
+            tensors[f"{base}.scales"], tensors[f"{base}.biases"] = mx.array(scales), mx.array(
+                biases)
         elif kind == GGMLQuantizationType.BF16:
             values = dequantize(t.data, kind).reshape(shape)
             tensors[t.name] = mx.array(values).astype(mx.bfloat16)
