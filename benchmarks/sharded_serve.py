@@ -1,0 +1,149 @@
+"""What a model split over 2 ranks costs against one process (issue 28), through `mlxc bench
+--url` against a plain `mlxc serve --max-batch 1` and `mlxc serve --shards 2` on the same
+weights, one after the other on this machine; and whether both answer the same.
+
+    python benchmarks/sharded_serve.py [--parallel pipeline|tensor] [-n 4] [--max-tokens 32]
+
+The default SmolLM2-135M cannot be split by mlx-lm as it is: 9 query / 3 KV heads do not divide
+by 2 (tensor), and mlx-lm's llama has no pipeline. So:
+- pipeline: the default model's own weights as a qwen2 model (same layers; qwen2's q/k/v biases
+  set to zero, so the function is unchanged), float32 as the CPU runs it;
+- tensor: a random llama of SmolLM2-135M's size with 8 query / 4 KV heads (speed only).
+Prints the miss figures of both servers (TTFT, TPOT, end-to-end medians) and their ratios; the
+machine is shared, so the two runs are side by side but not alone."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+PROMPTS = ["What is the capital of France?", "Name three colours.", "What is 2 plus 3?",
+           "Say hello in Spanish."]
+
+
+def default_as_qwen2(out: Path) -> Path:
+    """SmolLM2-135M's weights (dequantized to float32) in a qwen2 folder with zero biases."""
+    import shutil
+
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+    from mlx_lm import load
+
+    from mlxc.config import load_settings
+    from mlxc.model.dtype import apply_dtype
+    from mlxc.model.refs import prepare_model, resolve_model
+
+    ref = resolve_model("default", load_settings())
+    prepare_model(ref)
+    model, _ = load(str(ref.folder))
+    apply_dtype(model, "float32")
+    weights = dict(tree_flatten(model.parameters()))
+    config = json.loads((ref.folder / "config.json").read_text())
+    config.pop("quantization", None)
+    config.pop("quantization_config", None)
+    config["model_type"] = "qwen2"
+    for k in [k for k in weights if k.endswith(("q_proj.weight", "k_proj.weight",
+                                                "v_proj.weight"))]:
+        weights[k.replace(".weight", ".bias")] = mx.zeros(weights[k].shape[0])
+    out.mkdir(parents=True)
+    for f in ref.folder.iterdir():
+        if f.name.startswith("tokenizer") or f.name in ("chat_template.jinja",
+                                                        "special_tokens_map.json"):
+            shutil.copy(f, out / f.name)
+    mx.save_safetensors(str(out / "model.safetensors"), weights, {"format": "mlx"})
+    (out / "config.json").write_text(json.dumps(config))
+    return out
+
+
+def smollm_sized_llama(out: Path) -> Path:
+    """A random llama of SmolLM2-135M's size whose heads split over 2 (8 query / 4 KV)."""
+    import shutil
+
+    import mlx.core as mx
+    from mlx_lm.models import llama
+    from mlx_lm.utils import save_config, save_model
+
+    from mlxc.config import load_settings
+    from mlxc.model.refs import prepare_model, resolve_model
+
+    ref = resolve_model("default", load_settings())
+    prepare_model(ref)
+    config = json.loads((ref.folder / "config.json").read_text())
+    config.pop("quantization", None)
+    config.update(num_attention_heads=8, num_key_value_heads=4, head_dim=72)
+    out.mkdir(parents=True)
+    for f in ref.folder.iterdir():
+        if f.name.startswith("tokenizer") or f.name == "chat_template.jinja":
+            shutil.copy(f, out / f.name)
+    mx.random.seed(0)
+    model = llama.Model(llama.ModelArgs.from_dict(config))
+    mx.eval(model.parameters())
+    save_model(out, model)
+    save_config(config, out / "config.json")
+    return out
+
+
+def answers(url: str, max_tokens: int) -> list[str]:
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{url}/v1", api_key="none", timeout=300, max_retries=0)
+    return [client.chat.completions.create(
+        model="m", messages=[{"role": "user", "content": p}], max_tokens=max_tokens,
+        temperature=0).choices[0].message.content for p in PROMPTS]
+
+
+def measure(root: Path, model: Path, args: argparse.Namespace, *flags: str) -> dict:
+    from live_server import start_server, stop_server
+
+    root.mkdir()
+    server = start_server(root, model, "--max-batch", "1", "--speculate", "off",
+                          "--alias", "*", *flags)
+    try:
+        said = answers(server.url, args.max_tokens)
+        out = root / "bench.json"
+        started = time.perf_counter()
+        done = subprocess.run(
+            [sys.executable, "-m", "mlxc", "bench", "--url", server.url, "-n",
+             str(args.requests), "--max-tokens", str(args.max_tokens), "-c", "1",
+             "--json", str(out)], capture_output=True, text=True, env=server.env)
+        assert done.returncode == 0, done.stdout + done.stderr
+        print(done.stdout[-3000:])
+        return {"answers": said, "bench": json.loads(out.read_text()),
+                "bench_s": time.perf_counter() - started}
+    finally:
+        stop_server(server, check=False)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--parallel", choices=("pipeline", "tensor"), default="pipeline")
+    parser.add_argument("-n", "--requests", type=int, default=4)
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    from mlxc.model.blas import load_optimised_blas
+
+    load_optimised_blas()
+    root = Path(tempfile.mkdtemp(prefix="sharded-bench-"))
+    os.environ.pop("MLXC_CACHE_DIR", None)
+    model = (default_as_qwen2 if args.parallel == "pipeline" else smollm_sized_llama)(
+        root / "model")
+    one = measure(root / "one", model, args)
+    two = measure(root / "two", model, args, "--shards", "2", "--parallel", args.parallel)
+    report = {"parallel": args.parallel, "model": str(model), "one": one, "two": two,
+              "same_answers": one["answers"] == two["answers"]}
+    print(f"greedy answers equal: {report['same_answers']}")
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,111 @@
+"""`mlxc serve --shards 2`: two CPU ranks over MLX's ring backend on loopback, started by the
+server and stopped by the test (bounded time). Greedy answers through the openai client equal a
+one-process `mlxc serve`'s: tensor parallel on the tiny llama (4 query / 2 KV heads), pipeline
+parallel on a tiny qwen2 made here (mlx-lm's llama has no pipeline). A dead rank ends the
+server with a clear error; a batch past one sequence is refused before anything starts."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from live_server import start_server, stop_server
+from openai import OpenAI
+from tiny_model import rescaled_copy
+
+PROMPTS = [f"Question {n}: what is {n} plus {n}?" for n in range(10)]
+
+
+@pytest.fixture(scope="module")
+def lively_llama(tiny_model, tmp_path_factory) -> Path:
+    return rescaled_copy(tiny_model, tmp_path_factory.mktemp("m") / "lively", 4.0)
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen2(tiny_model, tmp_path_factory) -> Path:
+    """A random 4-layer qwen2 (mlx-lm's PipelineMixin) on the tiny llama's tokenizer."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten, tree_map
+    from mlx_lm.models import qwen2
+    from mlx_lm.utils import save_config, save_model
+
+    folder = tmp_path_factory.mktemp("m") / "qwen2"
+    shutil.copytree(tiny_model, folder, ignore=shutil.ignore_patterns(
+        "*.safetensors", "*.safetensors.index.json", "config.json", ".mlxc-*"))
+    config = {**json.loads((tiny_model / "config.json").read_text()),
+              "model_type": "qwen2", "num_hidden_layers": 4}
+    mx.random.seed(1)
+    model = qwen2.Model(qwen2.ModelArgs.from_dict(config))
+    model.update(tree_map(lambda w: w * 4.0 if w.ndim == 2 else w, model.parameters()))
+    mx.eval(model.parameters())
+    save_model(folder, model)
+    save_config(config, folder / "config.json")
+    assert tree_flatten(model.parameters())
+    return folder
+
+
+def answers(url: str) -> list[str]:
+    client = OpenAI(base_url=f"{url}/v1", api_key="none", timeout=60, max_retries=0)
+    return [client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": text}], max_tokens=10,
+        temperature=0).choices[0].message.content for text in PROMPTS]
+
+
+def served(root: Path, model: Path, *args: str) -> tuple[list[str], dict]:
+    root.mkdir()
+    server = start_server(root, model, "--max-batch", "1", "--speculate", "off", "--alias",
+                          "*", *args)
+    try:
+        said = answers(server.url)
+        health = httpx.get(f"{server.url}/health", timeout=5).json()
+    finally:
+        stop_server(server)
+    return said, health
+
+
+@pytest.mark.parametrize("parallel", ["tensor", "pipeline"])
+def test_two_ring_ranks_answer_as_one_process(tmp_path, lively_llama, tiny_qwen2, parallel):
+    model = lively_llama if parallel == "tensor" else tiny_qwen2
+    one, plain = served(tmp_path / "one", model)
+    two, health = served(tmp_path / "two", model, "--shards", "2", "--parallel", parallel)
+    assert "world" not in plain
+    world = health["world"]
+    assert (world["ranks"], world["backend"], world["parallel"]) == (2, "ring", parallel)
+    assert len(world["hosts"]) == 2 and world["mirrored_calls"] > len(PROMPTS)
+    assert len(set(one)) > 1, one  # answers that depend on the prompt
+    assert two == one
+
+
+def test_a_dead_rank_ends_the_server_with_a_clear_error(tmp_path, lively_llama):
+    server = start_server(tmp_path, lively_llama, "--shards", "2")
+    try:
+        children = Path(f"/proc/{server.proc.pid}/task/{server.proc.pid}/children")
+        ranks = [int(p) for p in children.read_text().split()]
+        assert len(ranks) == 2
+        os.kill(ranks[1], signal.SIGKILL)
+        started = time.monotonic()
+        code = server.proc.wait(timeout=60)
+    finally:
+        stop_server(server, check=False)
+    log = server.log.read_text()
+    assert code == 1, log
+    assert "rank 1 of 2 exited with code -9" in log, log
+    assert time.monotonic() - started < 30
+    assert all(not Path(f"/proc/{pid}").exists() for pid in ranks)
+
+
+def test_a_batch_past_one_sequence_is_refused(tmp_path, lively_llama):
+    done = subprocess.run(
+        [sys.executable, "-m", "mlxc", "serve", "--distributed", "--max-batch", "4",
+         "-m", str(lively_llama)], capture_output=True, text=True, timeout=60,
+        env={**os.environ, "MLXC_CACHE_DIR": str(tmp_path)})
+    assert done.returncode != 0
+    assert "one sequence at a time" in done.stderr + done.stdout
