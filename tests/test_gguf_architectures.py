@@ -51,6 +51,12 @@ CASES = {
     # Phi-4-mini's shape: 3/4 of each head rotated.
     "phi3": ("phi3", {**BASE, "model_type": "phi3", "num_key_value_heads": 4,
                       "partial_rotary_factor": 0.75}, {"rope.dimension_count": 12}),
+    # Phi-3.5's 128k: LongRoPE factors as tensors (rope_factors_long/short).
+    "phi3-longrope": ("phi3", {**BASE, "model_type": "phi3", "num_key_value_heads": 4,
+                               "original_max_position_embeddings": 64, "rope_scaling": {
+                                   "type": "longrope", "long_factor": [1.0, 1.5, 2, 3, 4, 6, 8, 9],
+                                   "short_factor": [1.0, 1, 1, 1.2, 1.4, 1.6, 1.8, 2]}},
+                      {"rope.scaling.original_context_length": 64}),
 }
 PROMPT = "Hello, GGUF! 12345 and some more words"  # 38 byte tokens: past gemma3's window
 
@@ -95,8 +101,10 @@ def _permute(w: np.ndarray, heads: int) -> np.ndarray:
         w.shape)
 
 
-def _make(tmp_path, case: str, spm: bool = False, experts: T | None = None):
-    """(MLX folder, GGUF) holding the same random weights."""
+def _make(tmp_path, case: str, spm: bool = False, experts: T | None = None,
+          one_by_one: bool = False):
+    """(MLX folder, GGUF) holding the same random weights; `one_by_one` writes experts as
+    older Mixtral files do (blk.N.ffn_up.E), not stacked."""
     import importlib
 
     import mlx.core as mx
@@ -125,7 +133,15 @@ def _make(tmp_path, case: str, spm: bool = False, experts: T | None = None):
         if experts is not None and "switch_mlp" in name:
             value, kind = quantize(value, experts), experts  # kept packed, 3-D
             weights[name] = dequantize(value, experts)  # the folder holds the same values
-        writer.add_tensor(gguf_name, value, raw_dtype=kind)
+        if one_by_one and "_exps." in gguf_name:
+            for e, expert in enumerate(value):
+                writer.add_tensor(gguf_name.replace("_exps.", f".{e}."), expert, raw_dtype=kind)
+        else:
+            writer.add_tensor(gguf_name, value, raw_dtype=kind)
+    if (config.get("rope_scaling") or {}).get("type") == "longrope":
+        for key in ("long", "short"):
+            factors = np.array(config["rope_scaling"][f"{key}_factor"], np.float32)
+            writer.add_tensor(f"rope_factors_{key}.weight", factors)
     meta = {"block_count": config["num_hidden_layers"], "context_length": 512,
             "embedding_length": 64, "feed_forward_length": config["intermediate_size"],
             "attention.head_count": 4, "attention.head_count_kv": config["num_key_value_heads"],
@@ -171,7 +187,10 @@ def test_gguf_gives_the_logits_of_the_same_weights_as_an_mlx_folder(tmp_path, ca
     print(f"{case}: max abs logit error {error:.2e} (logits up to {np.abs(expected).max():.1f})")
     assert error < 1e-4, case
     config = json.loads((converted / "config.json").read_text())
-    assert config["model_type"] == CASES[case][1]["model_type"]
+    source = {**CASES[case][1], "vocab_size": config["vocab_size"]}
+    assert set(source) - set(config) <= {"head_dim"}  # mixtral, phi3: mlx-lm derives it
+    assert {k: config[k] for k in source if k in config} == {
+        k: v for k, v in source.items() if k in config}
 
 
 @pytest.mark.parametrize("kind", [T.Q4_0, T.Q5_0], ids=lambda k: k.name)
@@ -190,6 +209,42 @@ def test_qwen3moe_experts_stay_packed_as_mlx_quantized_switch_layers(tmp_path, k
     error = float(np.abs(_logits(converted, tokens) - _logits(folder, tokens)).max())
     print(f"qwen3moe {kind.name} experts: max abs logit error {error:.2e}")
     assert error < 2e-3  # scales and biases are float16
+
+
+def test_experts_written_one_by_one_are_stacked(tmp_path):
+    folder, path = _make(tmp_path, "mixtral", one_by_one=True)
+    converted = convert_gguf(path, tmp_path / "converted")
+    tokens = list(range(3, 40))
+    assert np.abs(_logits(converted, tokens) - _logits(folder, tokens)).max() < 1e-4
+
+
+def test_large_models_are_written_in_shards_with_progress_in_bytes(tmp_path, monkeypatch):
+    import mlxc.model.gguf as conversion
+
+    monkeypatch.setattr(conversion, "SHARD_BYTES", 100_000)
+    folder, path = _make(tmp_path, "qwen3moe")
+    said: list[str] = []
+    converted = convert_gguf(path, tmp_path / "converted", progress=said.append)
+    shards = sorted(p.name for p in converted.glob("*.safetensors"))
+    index = json.loads((converted / "model.safetensors.index.json").read_text())
+    assert len(shards) > 2 and sorted(set(index["weight_map"].values())) == shards
+    writing = [m for m in said if m.startswith("writing weights")]
+    done, total = writing[-1].removeprefix("writing weights ").split(" / ")
+    assert len(writing) == len(shards) + 1 and done == total == "0.4 MB"
+    tokens = list(range(3, 40))
+    assert np.abs(_logits(converted, tokens) - _logits(folder, tokens)).max() < 1e-4
+
+
+def test_a_disk_without_room_is_refused_before_any_weight_is_read(tmp_path, monkeypatch):
+    import shutil
+
+    _folder, path = _make(tmp_path, "gemma")
+    full = shutil.disk_usage(tmp_path)._replace(free=300_000)
+    monkeypatch.setattr(shutil, "disk_usage", lambda _path: full)
+    said: list[str] = []
+    with pytest.raises(GGUFConversionError, match=r"needs about .* MB in .* only 0.3 MB is free"):
+        convert_gguf(path, tmp_path / "models" / "gemma", progress=said.append)
+    assert said == [] and list((tmp_path / "models").iterdir()) == []
 
 
 @pytest.mark.parametrize("case", ["mixtral", "gemma2", "phi3"])

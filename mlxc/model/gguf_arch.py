@@ -7,6 +7,7 @@ one is Llama or Mistral. Nothing here imports MLX."""
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -39,6 +40,17 @@ def experts(block: str) -> dict[str, str]:
             "ffn_gate_exps": f"{block}.switch_mlp.gate_proj",
             "ffn_up_exps": f"{block}.switch_mlp.up_proj",
             "ffn_down_exps": f"{block}.switch_mlp.down_proj"}
+
+
+def short(value) -> float:
+    """A float32 from the file as the shortest decimal that is the same float32 (1e-06, not
+    9.999999974752427e-07), so config.json reads as the model's own."""
+    value = float(value)
+    for digits in range(6, 10):
+        text = float(f"{value:.{digits}g}")
+        if struct.pack("<f", text) == struct.pack("<f", value):
+            return text
+    return value
 
 
 class Meta:
@@ -108,8 +120,8 @@ def _gemma_scalar(meta: Meta, layers_27b: int) -> int:
 
 
 def _gemma2(meta: Meta, tensors: dict) -> dict:
-    return {"attn_logit_softcapping": float(meta.get("attn_logit_softcapping", 50.0)),
-            "final_logit_softcapping": float(meta.get("final_logit_softcapping", 30.0)),
+    return {"attn_logit_softcapping": short(meta.get("attn_logit_softcapping", 50.0)),
+            "final_logit_softcapping": short(meta.get("final_logit_softcapping", 30.0)),
             "query_pre_attn_scalar": _gemma_scalar(meta, 46)}
 
 
@@ -120,7 +132,7 @@ def _gemma3(meta: Meta, tensors: dict) -> dict:
              "sliding_window_pattern": 6, "rope_local_base_freq": 10000.0}
     if meta.get("rope.scaling.type") == "linear":
         extra["rope_scaling"] = {"rope_type": "linear",
-                                 "factor": float(meta.need("rope.scaling.factor"))}
+                                 "factor": short(meta.need("rope.scaling.factor"))}
     return extra
 
 
@@ -128,11 +140,12 @@ def _phi3(meta: Meta, tensors: dict) -> dict:
     hidden, heads = int(meta.need("embedding_length")), int(meta.need("attention.head_count"))
     rotated = int(meta.get("rope.dimension_count", hidden // heads))
     extra = {"partial_rotary_factor": rotated / (hidden // heads)}
-    long, short = tensors.pop("rope_factors_long.weight", None), tensors.pop(
-        "rope_factors_short.weight", None)
+    long = tensors.pop("rope_factors_long.weight", None)
+    brief = tensors.pop("rope_factors_short.weight", long)
     if long is not None:  # Phi-3.5 / Phi-4-mini 128k: LongRoPE factors stored as tensors
-        extra["rope_scaling"] = {"type": "longrope", "long_factor": long.tolist(),
-                                 "short_factor": (short if short is not None else long).tolist()}
+        extra["rope_scaling"] = {"type": "longrope",
+                                 "long_factor": [short(v) for v in long.tolist()],
+                                 "short_factor": [short(v) for v in brief.tolist()]}
         extra["original_max_position_embeddings"] = int(
             meta.need("rope.scaling.original_context_length"))
     return extra
@@ -201,8 +214,8 @@ def build_config(meta: dict, tensors: dict, file: str) -> tuple[Architecture, di
                                  or m.need("expert_feed_forward_length")),
         "num_attention_heads": heads,
         "num_key_value_heads": int(m.get("attention.head_count_kv", heads)),
-        "rms_norm_eps": float(m.need("attention.layer_norm_rms_epsilon")),
-        "rope_theta": float(m.get("rope.freq_base", 10000.0)),
+        "rms_norm_eps": short(m.need("attention.layer_norm_rms_epsilon")),
+        "rope_theta": short(m.get("rope.freq_base", 10000.0)),
         "rope_traditional": table.rope_traditional,
         "max_position_embeddings": int(m.get("context_length", 2048)),
         "vocab_size": tensors["token_embd.weight"].shape[0],

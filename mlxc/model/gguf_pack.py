@@ -82,12 +82,22 @@ def _pack(q: np.ndarray, bits: int) -> np.ndarray:
 
 def repack(raw: np.ndarray, kind: str, shape: list[int]):
     """A GGUF tensor's bytes -> (weight uint32, scales float16, biases float16) for MLX, the
-    weight [..., in * bits / 32] and scales/biases [..., in / 32] over the outer dims `shape`."""
+    weight [..., in * bits / 32] and scales/biases [..., in / 32] over the outer dims `shape`.
+    Done a few million values at a time: an expert stack holds hundreds of millions."""
     block = QK_K if kind.endswith("_K") else GROUP
-    blocks = np.ascontiguousarray(raw).reshape(int(np.prod(shape)) // block, -1)
-    q, scale, bias = (_k_quant if block == QK_K else _legacy)(blocks, kind)
-    rows = int(np.prod(shape[:-1]))
-    weight = _pack(q.reshape(rows, shape[-1]), BITS[kind])
-    groups = [*shape[:-1], shape[-1] // GROUP]
-    return (weight.reshape(*shape[:-1], -1), scale.astype(np.float16).reshape(groups),
-            bias.astype(np.float16).reshape(groups))
+    cols, rows = shape[-1], int(np.prod(shape[:-1]))
+    raw = np.ascontiguousarray(raw).reshape(rows, -1)
+    step = max(1, (1 << 22) // cols)
+    weight = np.empty((rows, cols * BITS[kind] // 32), np.uint32)
+    scales = np.empty((rows, cols // GROUP), np.float16)
+    biases = np.empty_like(scales)
+    for start in range(0, rows, step):
+        part = raw[start:start + step]
+        n = part.shape[0]
+        q, scale, bias = (_k_quant if block == QK_K else _legacy)(
+            part.reshape(n * cols // block, -1), kind)
+        weight[start:start + n] = _pack(q.reshape(n, cols), BITS[kind])
+        scales[start:start + n] = scale.reshape(n, -1)
+        biases[start:start + n] = bias.reshape(n, -1)
+    groups = [*shape[:-1], cols // GROUP]
+    return weight.reshape(*shape[:-1], -1), scales.reshape(groups), biases.reshape(groups)
