@@ -85,7 +85,7 @@ def smollm_folder(smollm_gguf, tmp_path_factory) -> Path:
     start = time.perf_counter()
     assert convert_gguf(smollm_gguf, out, progress=steps.append) == out
     print(f"conversion took {time.perf_counter() - start:.1f}s: {steps}")
-    assert "reading weights" in steps
+    assert any(step.startswith("reading weights") for step in steps)  # with its bytes
     return out
 
 
