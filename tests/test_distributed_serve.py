@@ -109,3 +109,52 @@ def test_a_batch_past_one_sequence_is_refused(tmp_path, lively_llama):
         env={**os.environ, "MLXC_CACHE_DIR": str(tmp_path)})
     assert done.returncode != 0
     assert "one sequence at a time" in done.stderr + done.stdout
+
+
+def chat(url: str, messages: list[dict]) -> tuple[str, int, int, str]:
+    """(answer, reused, prompt tokens, tier) from one greedy request."""
+    reply = httpx.post(f"{url}/v1/chat/completions", timeout=60, json={
+        "model": "tiny", "messages": messages, "max_tokens": 8, "temperature": 0})
+    assert reply.status_code == 200, reply.text
+    head = reply.headers["x-mlxc-prefix"]  # reused=a/b; tier=...
+    reused, total = head.split(";")[0].removeprefix("reused=").split("/")
+    return reply.json()["choices"][0]["message"]["content"], int(reused), int(total), head
+
+
+def test_each_rank_keeps_its_prefix_blocks_across_a_restart(tmp_path, lively_llama):
+    opening = [{"role": "system", "content": "You review code. Keep answers short. " * 12},
+               {"role": "user", "content": "What does add(a, b) return?"}]
+
+    def turns(first_answer: str) -> list[list[dict]]:
+        return [opening + [{"role": "assistant", "content": first_answer},
+                           {"role": "user", "content": question}]
+                for question in ("And add(2, 3)?", "And add(4, 5)?")]
+
+    (tmp_path / "one").mkdir()
+    plain = start_server(tmp_path / "one", lively_llama, "--max-batch", "1", "--alias", "*")
+    try:
+        first = chat(plain.url, opening)[0]
+        expected = [chat(plain.url, turn)[0] for turn in turns(first)]
+    finally:
+        stop_server(plain)
+    root = tmp_path / "two"
+    root.mkdir()
+    sharded = start_server(root, lively_llama, "--shards", "2", "--alias", "*")
+    try:
+        assert chat(sharded.url, opening)[0] == first
+        follow_up = turns(first)[0]
+        answer, reused, total, head = chat(sharded.url, follow_up)
+        assert answer == expected[0]
+        print(head)
+        assert reused >= 0.8 * total, head  # both ranks held the first turn's blocks
+    finally:
+        stop_server(sharded)  # every rank writes its last blocks
+    assert list((root / "cache" / "ranks" / "1" / "prefix").iterdir())
+    sharded = start_server(root, lively_llama, "--shards", "2", "--alias", "*")
+    try:  # both ranks restarted: each finds its own blocks on disk
+        answer, reused, total, head = chat(sharded.url, turns(first)[1])
+        assert answer == expected[1]
+        print(head)
+        assert reused >= 0.7 * total and "disk" in head, head
+    finally:
+        stop_server(sharded)

@@ -41,12 +41,9 @@ def check_options(max_batch: int | None, models: list[str] | None, parallel: str
 
 
 def sharded_settings(settings: Any) -> Any:
-    """What a sharded engine can follow: no prefix reuse, no speculation, no idle prefill of
-    the next turn, no CUDA compiled/batched steps (each changes a cache outside a model call,
-    or runs the model where the other ranks do not)."""
-    return settings.with_overrides(
-        prefix_memory_bytes=0, prefix_disk_bytes=0, speculate="off", next_turn_prefill=False,
-        compiled_decode=False, batch_kernels=False)
+    """What a sharded engine can follow: no speculation, no CUDA compiled/batched steps (they
+    change a cache outside a model call, or run the model where the other ranks do not)."""
+    return settings.with_overrides(speculate="off", compiled_decode=False, batch_kernels=False)
 
 
 def become_rank(parallel: str, settings: Any, model: str | None) -> Any:
@@ -74,7 +71,7 @@ def describe(role: Any) -> str:
     """The banner's world line."""
     hosts = sorted(set(role.hosts))
     return (f"{role.world.size} ranks over {role.world.backend} · {role.layout} parallel · "
-            f"{', '.join(hosts)} · one sequence at a time, no prefix reuse")
+            f"{', '.join(hosts)} · one sequence at a time")
 
 
 def stop_followers(role: Any) -> None:

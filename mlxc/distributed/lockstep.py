@@ -9,8 +9,9 @@ make their own fresh one for it, and drop it when rank 0's is garbage collected.
 changed outside a model call (trimmed, merged into a batch, filled from the prefix cache)
 could not be followed, so rank 0 refuses such a call before sharing anything (the ranks stay
 in step) and `mlxc serve --distributed` turns off what would do it: batching past one sequence,
-prefix reuse, speculation. Each call is evaluated before it returns, so the collectives of
-two calls never interleave with the sharing between them."""
+speculation. The prefix cache's fetches and stores are shared too (distributed/prefix.py): each
+rank fills and keeps its own cache for them. Each call is evaluated before it returns, so the
+collectives of two calls never interleave with the sharing between them."""
 
 from __future__ import annotations
 
@@ -47,23 +48,14 @@ class Leader:
 
     def before(self, inputs: Any, cache: Any, embeddings: Any) -> None:
         """Share this call with the followers (engine thread), or refuse it first."""
-        if self.stopped:
-            raise RankLost("the other ranks of the sharded model have stopped (see the log); "
-                           "restart every rank")
         if embeddings is not None:
             raise OutOfStep("input embeddings are not mirrored to the other ranks")
-        key = None
+        key = offset = None
         if cache is not None:
             key, offset = self._name(cache)
+        self._send({"call": inputs.tolist(), "cache": key, "offset": offset})
+        if key is not None:
             self._offsets[key] = offset + int(inputs.shape[1])
-        job = {"call": inputs.tolist(), "cache": key,
-               "offset": None if key is None else self._offsets[key] - int(inputs.shape[1])}
-        if self._freed:
-            job["free"], self._freed = self._freed, []
-        try:
-            share(self.group, job)
-        except RuntimeError as exc:
-            self.lost(exc)
         self.calls += 1
 
     def lost(self, exc: Exception) -> None:
@@ -90,11 +82,48 @@ class Leader:
         if classes != self.classes or not all(_empty(c) for c in cache):
             raise OutOfStep(f"a KV cache the other ranks cannot make ({classes[0]}, "
                             f"{'filled' if classes == self.classes else 'not fresh'}): "
-                            "sharded serving runs one sequence at a time, without prefix reuse")
+                            "sharded serving runs one sequence at a time")
         key, self._next = self._next, self._next + 1
         first._mlxc_lockstep = key
         weakref.finalize(first, self._forget, key)
         return key, 0
+
+    def share_fetch(self, tokens: list[int]) -> int:
+        """A prefix lookup every rank does (distributed/prefix.py); the cache's number."""
+        key, self._next = self._next, self._next + 1
+        self._send({"fetch": tokens, "key": key})
+        return key
+
+    def adopt(self, cache: list[Any], key: int, offset: int) -> None:
+        """`cache` (holding `offset` tokens) is number `key` on every rank."""
+        cache[0]._mlxc_lockstep = key
+        self._offsets[key] = offset
+        weakref.finalize(cache[0], self._forget, key)
+
+    def share_store(self, cache: list[Any], tokens: list[int]) -> bool:
+        """Every rank keeps its share of `cache` for `tokens`; False for a cache they lack."""
+        key = getattr(cache[0], "_mlxc_lockstep", None)
+        if key is None or self._offsets.get(key) != getattr(cache[0], "offset", None):
+            return False
+        self._send({"store": key, "tokens": list(tokens)})
+        return True
+
+    def moved(self, cache: list[Any]) -> None:
+        """`cache` was cut on every rank alike (a store trims past its tokens)."""
+        key = getattr(cache[0], "_mlxc_lockstep", None)
+        if key in self._offsets:
+            self._offsets[key] = int(cache[0].offset)
+
+    def _send(self, job: dict) -> None:
+        if self.stopped:
+            raise RankLost("the other ranks of the sharded model have stopped (see the log); "
+                           "restart every rank")
+        if self._freed:
+            job["free"], self._freed = self._freed, []
+        try:
+            share(self.group, job)
+        except RuntimeError as exc:
+            self.lost(exc)
 
     def _forget(self, key: int) -> None:
         self._offsets.pop(key, None)
@@ -137,8 +166,9 @@ def lead(group: Any, model: Any) -> Leader:
     return leader
 
 
-def follow(group: Any, model: Any) -> int:
-    """A follower rank's loop: run rank 0's model calls until it stops; returns the calls run.
+def follow(group: Any, model: Any, prefix: Any = None) -> int:
+    """A follower rank's loop: run rank 0's model calls, and its prefix cache's fetches and
+    stores on `prefix` (this rank's own), until it stops; returns the model calls run.
     A cache out of step with rank 0's is a clear error (the rank ends, and with it the server)
     rather than an answer from wrong positions."""
     import mlx.core as mx
@@ -151,6 +181,16 @@ def follow(group: Any, model: Any) -> int:
             caches.pop(key, None)
         if job.get("stop"):
             return calls
+        if "fetch" in job:  # distributed/prefix.py: this rank's blocks, agreed with the others
+            from mlxc.distributed.prefix import agree, settle
+            from mlxc.engine.kv.blocks import token_array
+
+            found, reused, _ = prefix.tiers.reuse(token_array(job["fetch"]))
+            caches[job["key"]] = settle(model, found, reused, agree(group, reused))
+            continue
+        if "store" in job:
+            prefix.store(job["tokens"], caches[job["store"]])
+            continue
         key, cache = job["cache"], None
         if key is not None:
             cache = caches.get(key)

@@ -75,6 +75,14 @@ def preparing(folder: Path):
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+def leading_prefix(model: Any, tokenizer: Any, fingerprint: str | None, settings: Any,
+                   step: int) -> Any:
+    """Rank 0's prefix cache, whose fetches and stores every rank does (prefix.py)."""
+    from mlxc.distributed.prefix import LeadingPrefix
+
+    return LeadingPrefix(ROLE, model, tokenizer, fingerprint, settings, step)
+
+
 def load_leader(folder: Path) -> tuple[Any, Any]:
     """Rank 0's shard (engine thread), its inner network leading the followers."""
     from mlxc.distributed.lockstep import lead
@@ -90,20 +98,27 @@ def run_follower(ref: Any, settings: Any) -> int:
     """A rank other than 0: its shard, loaded as rank 0 loads its own (same dtype), then
     rank 0's model calls until it stops. Returns the exit code."""
     from mlxc.distributed.lockstep import follow
+    from mlxc.distributed.prefix import following_prefix
     from mlxc.distributed.shard import load_shard
+    from mlxc.engine.worker import DEFAULT_PREFILL_STEP
     from mlxc.model.dtype import apply_dtype, effective_dtype_without_mlx
-    from mlxc.model.refs import prepare_model
+    from mlxc.model.refs import model_fingerprint, prepare_model
 
     role = ROLE
     rank = role.world.rank
     with preparing(ref.folder):
         prepare_model(ref, lambda msg: print(f"rank {rank}: {msg}", file=sys.stderr))
-    model, _tokenizer, role.layout = load_shard(ref.folder, role.group, role.parallel)
+    model, tokenizer, role.layout = load_shard(ref.folder, role.group, role.parallel)
     apply_dtype(model, effective_dtype_without_mlx(settings.dtype, ref.folder,
                                                    settings.cache_dir))
+    prefix = following_prefix(role, model, tokenizer, model_fingerprint(ref, settings),
+                              settings, DEFAULT_PREFILL_STEP)
     print(f"rank {rank} of {role.world.size} ({role.world.host}): {ref.name} loaded, "
           f"{role.layout} parallel; following rank 0", file=sys.stderr, flush=True)
-    calls = follow(role.group, model)
+    try:
+        calls = follow(role.group, model, prefix)
+    finally:
+        prefix.close()  # its last blocks written, for the next start
     print(f"rank {rank}: rank 0 stopped after {calls} model calls", file=sys.stderr,
           flush=True)
     return 0

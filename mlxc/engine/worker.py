@@ -292,7 +292,9 @@ class Engine:
         from mlxc.engine.kv.cache import PrefixCache
 
         fingerprint = model_fingerprint(self.ref, self.settings)
-        self.prompt_cache = PrefixCache(
+        # Sharded: every rank does rank 0's fetches and stores on its own blocks.
+        make = serving.leading_prefix if serving.ROLE is not None else PrefixCache
+        self.prompt_cache = make(
             self.model, self.tokenizer, fingerprint, self.settings, self.prefill_step_size,
         )
         from mlxc.engine.batch.admission import MemoryGate, measurement_file
