@@ -55,6 +55,9 @@ def become_rank(parallel: str, settings: Any, model: str | None) -> Any:
     role = join_world(parallel)
     ref = resolve_model(model or settings.model, settings)
     if role.world.rank != 0:
+        # A terminal's Ctrl-C reaches every rank: rank 0 finishes its requests, then stops
+        # this one; a lost rank 0 ends it too (a failed collective).
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         try:
             code = run_follower(ref, settings)
         except Exception as exc:  # said plainly; the launcher then ends the other ranks
