@@ -45,7 +45,15 @@ def share(group: Any, obj: Any = None) -> Any:
 def _sum(group: Any, array: Any) -> Any:
     import mlx.core as mx
 
-    return mx.distributed.all_sum(array, group=group, stream=mx.cpu)
+    return mx.distributed.all_sum(array, group=group, stream=collective_stream())
+
+
+def collective_stream() -> Any:
+    """Where the sharing collectives run: the CPU (ring, MPI, JACCL), or the GPU's default
+    stream on CUDA, where NCCL reduces GPU arrays only (as mlx_lm.server does; untested here)."""
+    import mlx.core as mx
+
+    return None if mx.cuda.is_available() else mx.cpu
 
 
 @dataclass

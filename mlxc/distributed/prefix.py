@@ -26,9 +26,12 @@ def agree(group: Any, value: int) -> int:
     """The smallest `value` of all ranks (every rank calls it together)."""
     import mlx.core as mx
 
+    from mlxc.distributed.mirror import collective_stream
+
     mine = [0] * group.size()
     mine[group.rank()] = value
-    every = mx.distributed.all_sum(mx.array(mine), group=group, stream=mx.cpu).tolist()
+    every = mx.distributed.all_sum(mx.array(mine), group=group,
+                                   stream=collective_stream()).tolist()
     return min(every)
 
 

@@ -55,10 +55,13 @@ def share_from(group: Any, rank: int, value: Any) -> Any:
 
     import mlx.core as mx
 
+    from mlxc.distributed.mirror import collective_stream
+
+    stream = collective_stream()
     data = json.dumps(value).encode() if group.rank() == rank else b""
-    size = mx.distributed.all_sum(mx.array(len(data)), group=group, stream=mx.cpu).item()
+    size = mx.distributed.all_sum(mx.array(len(data)), group=group, stream=stream).item()
     mine = mx.array(list(data), dtype=mx.uint8) if data else mx.zeros(size, dtype=mx.uint8)
-    got = mx.distributed.all_sum(mine, group=group, stream=mx.cpu)
+    got = mx.distributed.all_sum(mine, group=group, stream=stream)
     return json.loads(bytes(memoryview(got)))
 
 

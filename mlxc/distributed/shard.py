@@ -55,5 +55,7 @@ def load_shard(folder: Path, group: Any, wanted: str = "auto") -> tuple[Any, Any
     mx.eval(model.parameters())
     tokenizer = load_tokenizer(folder, eos_token_ids=config.get("eos_token_id"))
     # Every rank loaded: a slow loader must not time out the first collective.
-    mx.eval(mx.distributed.all_sum(mx.array(1.0), group=group, stream=mx.cpu))
+    from mlxc.distributed.mirror import collective_stream
+
+    mx.eval(mx.distributed.all_sum(mx.array(1.0), group=group, stream=collective_stream()))
     return model, tokenizer, layout
