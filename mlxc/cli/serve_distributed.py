@@ -51,9 +51,10 @@ def become_rank(parallel: str, settings: Any, model: str | None) -> Any:
     Role back, with the model prepared (fetched/converted once per host)."""
     from mlxc.distributed.serving import join_world, preparing, run_follower
     from mlxc.model.refs import prepare_model, resolve_model
+    from mlxc.server.model_names import split_model_option
 
     role = join_world(parallel)
-    ref = resolve_model(model or settings.model, settings)
+    ref = resolve_model(split_model_option(model or settings.model)[1], settings)
     if role.world.rank != 0:
         # A terminal's Ctrl-C reaches every rank: rank 0 finishes its requests, then stops
         # this one; a lost rank 0 ends it too (a failed collective).
