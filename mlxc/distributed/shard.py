@@ -45,10 +45,12 @@ def load_shard(folder: Path, group: Any, wanted: str = "auto") -> tuple[Any, Any
         if layout == "tensor":
             heads = [config.get(k) for k in ("num_attention_heads", "num_key_value_heads")]
             if any(h and h % group.size() for h in heads):
+                other = (", or --parallel pipeline" if hasattr(model.model, "pipeline")
+                         else " (mlx-lm has no pipeline parallel for this architecture)")
                 raise ShardingError(
                     f"tensor parallel splits attention heads evenly: {heads[0]} query and "
                     f"{heads[1]} key/value heads do not split over {group.size()} ranks; "
-                    "use a world size that divides both, or --parallel pipeline")
+                    f"use a world size that divides both{other}")
             model.shard(group)
         else:
             model.model.pipeline(group)
