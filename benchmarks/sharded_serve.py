@@ -133,10 +133,15 @@ def main() -> int:
     load_optimised_blas()
     root = Path(tempfile.mkdtemp(prefix="sharded-bench-"))
     os.environ.pop("MLXC_CACHE_DIR", None)
-    model = (default_as_qwen2 if args.parallel == "pipeline" else smollm_sized_llama)(
-        root / "model")
-    one = measure(root / "one", model, args)
-    two = measure(root / "two", model, args, "--shards", "2", "--parallel", args.parallel)
+    import shutil
+
+    try:  # the model copy is ~0.6 GB: never left behind
+        model = (default_as_qwen2 if args.parallel == "pipeline" else smollm_sized_llama)(
+            root / "model")
+        one = measure(root / "one", model, args)
+        two = measure(root / "two", model, args, "--shards", "2", "--parallel", args.parallel)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
     report = {"parallel": args.parallel, "model": str(model), "one": one, "two": two,
               "same_answers": one["answers"] == two["answers"]}
     print(f"greedy answers equal: {report['same_answers']}")
