@@ -1,9 +1,10 @@
 """Speculative decoding (issue 25): tokens/s of code-edit tasks (the prompt holds a 60-150-line
 source file of this repo, the request asks for it back with a small change) and of free-form
 chat, with speculation off, with prompt lookup (auto), and with `prediction` set to the
-original file; one engine per mode, run side by side, medians and ratios.
+original file; one engine per mode, taken in turns request by request (each request `--rounds`
+times), medians and ratios.
 
-    .venv/bin/python benchmarks/speculative.py [--max-tokens 160] [--json]
+    .venv/bin/python benchmarks/speculative.py [--max-tokens 160] [--rounds 3] [--json]
 """
 
 from __future__ import annotations
@@ -36,41 +37,60 @@ def edit(path: str, change: str, max_tokens: int, predicted: bool) -> Generation
                              max_tokens=max_tokens, prediction=source if predicted else None)
 
 
-def run(mode: str, requests: list[GenerationRequest]) -> list:
+def engine_for(mode: str) -> Engine:
     settings = load_settings().with_overrides(
         cache_dir=tempfile.mkdtemp(), speculate=mode, prefix_memory_bytes=0,
         prefix_disk_bytes=0, cache_policy="off")
     engine = Engine(resolve_model(settings.model, settings), settings).start()
     engine.wait_loaded()
+    return engine
+
+
+def run(plans: dict[str, tuple[str, list[GenerationRequest]]], rounds: int) -> dict:
+    """Each plan (name -> (mode, requests)) on its own engine, taken in turns request by
+    request, so a shared machine's load falls on every mode alike: name -> [(answer, median
+    tokens/s over `rounds` passes)] per request."""
+    engines = {name: engine_for(mode) for name, (mode, _) in plans.items()}
+    results: dict[str, list] = {name: [] for name in plans}
     try:
-        return [engine.submit(r).result() for r in requests]
+        for i in range(max(len(requests) for _, requests in plans.values())):
+            runs: dict[str, list] = {name: [] for name, (_, r) in plans.items() if i < len(r)}
+            for _ in range(rounds):
+                for name in runs:
+                    runs[name].append(engines[name].submit(plans[name][1][i]).result())
+            for name, answers in runs.items():
+                speed = statistics.median(a.tokens_per_second for a in answers)
+                results[name].append((answers[-1], speed))
     finally:
-        engine.shutdown(wait=30)
+        for engine in engines.values():
+            engine.shutdown(wait=30)
+    return results
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--max-tokens", type=int, default=160)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--rounds", type=int, default=3, help="passes of each request")
     args = parser.parse_args()
-    rows = {}
     plain_edits = [edit(p, c, args.max_tokens, False) for p, c in FILES.items()]
     predicted = [edit(p, c, args.max_tokens, True) for p, c in FILES.items()]
     chats = [GenerationRequest(messages=[{"role": "user", "content": c}],
                                max_tokens=args.max_tokens) for c in CHATS]
-    for mode, requests in (("off", plain_edits + chats), ("auto", plain_edits + chats),
-                           ("auto+prediction", predicted)):
-        answers = run(mode.split("+")[0], requests)
-        rows[mode] = answers
+    results = run({"off": ("off", plain_edits + chats), "auto": ("auto", plain_edits + chats),
+                   "auto+prediction": ("auto", predicted)}, args.rounds)
+    rows = {name: [answer for answer, _ in pairs] for name, pairs in results.items()}
+    speeds = {name: [speed for _, speed in pairs] for name, pairs in results.items()}
     off, auto, pred = rows["off"], rows["auto"], rows["auto+prediction"]
     n = len(FILES)
 
-    def med(answers):
-        return statistics.median(a.tokens_per_second for a in answers)
+    def med(name, part):
+        return statistics.median(speeds[name][part])
 
     report = {
-        "edit_tok_s": {"off": med(off[:n]), "auto": med(auto[:n]), "prediction": med(pred)},
-        "chat_tok_s": {"off": med(off[n:]), "auto": med(auto[n:])},
+        "edit_tok_s": {"off": med("off", slice(0, n)), "auto": med("auto", slice(0, n)),
+                       "prediction": med("auto+prediction", slice(0, n))},
+        "chat_tok_s": {"off": med("off", slice(n, None)), "auto": med("auto", slice(n, None))},
         "identical": [a.text == b.text for a, b in zip(off, auto, strict=True)]
         + [a.text == b.text for a, b in zip(off[:n], pred, strict=True)],
         "acceptance": {m: [(a.usage.accepted_tokens, a.usage.drafted_tokens) for a in rows[m]]
