@@ -10,6 +10,7 @@ import json
 
 import numpy as np
 import pytest
+from tiny_model import write_gguf_vocabulary
 
 from mlxc.model.blas import load_optimised_blas
 
@@ -61,32 +62,6 @@ CASES = {
 PROMPT = "Hello, GGUF! 12345 and some more words"  # 38 byte tokens: past gemma3's window
 
 
-def _tokenizer_metadata(writer, spm: bool = False) -> int:
-    """Every byte a token: byte-level BPE (ChatML's control tokens after), or a sentencepiece
-    vocabulary of byte pieces (<0x41> ...) and '▁'."""
-    if spm:
-        tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + ["▁"]
-        writer.add_tokenizer_model("llama")
-        writer.add_token_list(tokens)
-        writer.add_token_scores([0.0] * len(tokens))
-        writer.add_token_types([2, 3, 3] + [6] * 256 + [1])  # unknown, control, byte, normal
-        writer.add_bos_token_id(1)
-        writer.add_eos_token_id(2)
-        writer.add_unk_token_id(0)
-        return len(tokens)
-    from mlx_lm.tokenizer_utils import _byte_decoder
-
-    tokens = sorted(_byte_decoder(), key=_byte_decoder().get)
-    tokens += ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("qwen2")
-    writer.add_token_list(tokens)
-    writer.add_token_types([1] * 256 + [3, 3, 3])
-    writer.add_token_merges([])
-    writer.add_eos_token_id(len(tokens) - 1)
-    return len(tokens)
-
-
 def _hf_name(name: str, model_type: str) -> str:
     """mlx-lm's name -> the Hugging Face name llama.cpp's TensorNameMap knows."""
     if model_type == "mixtral":
@@ -114,7 +89,7 @@ def _make(tmp_path, case: str, spm: bool = False, experts: T | None = None,
     arch, config, extra = CASES[case]
     path = tmp_path / f"{case}.gguf"
     writer = gguf.GGUFWriter(str(path), arch)
-    config = {**config, "vocab_size": _tokenizer_metadata(writer, spm)}
+    config = {**config, "vocab_size": write_gguf_vocabulary(writer, spm)}
     module = importlib.import_module(f"mlx_lm.models.{config['model_type']}")
     model = module.Model(module.ModelArgs.from_dict(config))
     mx.random.seed(0)
@@ -266,7 +241,7 @@ def test_sentencepiece_vocabularies_are_rebuilt(tmp_path, case):
 
 def test_unknown_architecture_is_refused_from_the_header_by_name(tmp_path):
     writer = gguf.GGUFWriter(str(tmp_path / "mamba.gguf"), "mamba")
-    _tokenizer_metadata(writer)
+    write_gguf_vocabulary(writer)
     writer.add_tensor("token_embd.weight", np.zeros((259, 64), np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from tiny_model import write_gguf_vocabulary
 
 from mlxc.model.blas import load_optimised_blas
 
@@ -130,23 +131,6 @@ def test_types_without_an_exact_reader_are_refused_by_name(tmp_path):
         _read(tmp_path / "q8k.gguf")
 
 
-def _tokenizer_metadata(writer) -> int:
-    """A byte-level vocabulary (every byte a token, no merges) and ChatML's control tokens."""
-    from mlx_lm.tokenizer_utils import _byte_decoder
-
-    tokens = sorted(_byte_decoder(), key=_byte_decoder().get)
-    tokens += ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("qwen2")
-    writer.add_token_list(tokens)
-    writer.add_token_types([1] * 256 + [3, 3, 3])
-    writer.add_token_merges([])
-    writer.add_eos_token_id(len(tokens) - 1)
-    writer.add_chat_template("{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
-                             "{{ m['content'] }}<|im_end|>\n{% endfor %}")
-    return len(tokens)
-
-
 @pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
 def test_qwen_gguf_converts_into_the_model_it_was_written_from(tmp_path, arch):
     import importlib
@@ -162,7 +146,9 @@ def test_qwen_gguf_converts_into_the_model_it_was_written_from(tmp_path, arch):
              "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"}
     top = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
     writer = gguf.GGUFWriter(str(tmp_path / f"{arch}.gguf"), arch)
-    vocab = _tokenizer_metadata(writer)
+    vocab = write_gguf_vocabulary(writer, chat_template=(
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+        "{% endfor %}"))
     config = {"model_type": arch, "hidden_size": 64, "num_hidden_layers": 2,
               "intermediate_size": 96, "num_attention_heads": 4, "num_key_value_heads": 2,
               "head_dim": 16, "rms_norm_eps": 1e-6, "vocab_size": vocab, "rope_theta": 1e6,

@@ -87,3 +87,31 @@ def rescaled_copy(source: Path, folder: Path, factor: float, config: dict | None
         path = folder / "config.json"
         path.write_text(json.dumps({**json.loads(path.read_text()), **config}))
     return folder
+
+
+def write_gguf_vocabulary(writer, spm: bool = False, chat_template: str | None = None) -> int:
+    """A GGUF writer's vocabulary, every byte a token: byte-level BPE (ChatML's control tokens
+    after), or a sentencepiece vocabulary of byte pieces (<0x41> ...) and '▁'; its size."""
+    if spm:
+        tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + ["▁"]
+        writer.add_tokenizer_model("llama")
+        writer.add_token_list(tokens)
+        writer.add_token_scores([0.0] * len(tokens))
+        writer.add_token_types([2, 3, 3] + [6] * 256 + [1])  # unknown, control, byte, normal
+        writer.add_bos_token_id(1)
+        writer.add_eos_token_id(2)
+        writer.add_unk_token_id(0)
+        return len(tokens)
+    from mlx_lm.tokenizer_utils import _byte_decoder
+
+    tokens = sorted(_byte_decoder(), key=_byte_decoder().get)
+    tokens += ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("qwen2")
+    writer.add_token_list(tokens)
+    writer.add_token_types([1] * 256 + [3, 3, 3])
+    writer.add_token_merges([])
+    writer.add_eos_token_id(len(tokens) - 1)
+    if chat_template:
+        writer.add_chat_template(chat_template)
+    return len(tokens)
