@@ -27,7 +27,7 @@ from mlxc.engine.batch.sequence import Sequence
 
 
 class LoneDecoder:
-    def __init__(self, model: Any, seq: Sequence, first: Any, costs: Any = None) -> None:
+    def __init__(self, model: Any, seq: Sequence, first: Any, costs: Any) -> None:
         """`seq` has taken its first token (`first`, an evaluated mx.array of shape (1,)),
         which its cache does not hold yet. `costs`: the scheduler's StepCosts, which this
         loop's plain steps and verify passes feed (decode/speculate.py)."""
@@ -44,7 +44,7 @@ class LoneDecoder:
 
     @classmethod
     def resume(cls, model: Any, seq: Sequence, pending: Any, row: Any,
-               costs: Any = None) -> LoneDecoder:
+               costs: Any) -> LoneDecoder:
         """Continue a sequence that leaves the batch: its cache holds its prompt and every
         token it took, and `pending` (shape (1,)), the token after them, is being computed
         with its log-probabilities `row`."""
@@ -98,7 +98,7 @@ class LoneDecoder:
             self.drafter.pause -= 1
         self.pending, self.pending_row = self._queue(token)
         done = self.seq.take(token.item(), row)
-        if self.costs is not None and self._pipelined:  # one step's time, in steady state
+        if self._pipelined:  # one step's time, in steady state
             self.costs.saw_plain(time.perf_counter() - started)
         self._pipelined = True
         return done
@@ -114,7 +114,7 @@ class LoneDecoder:
         self._pipelined = False
         started = time.perf_counter()
         best, rows = verify(self.model, self.cache, token, draft)
-        self.drafter.costs.saw_verify(len(draft), time.perf_counter() - started)
+        self.costs.saw_verify(len(draft), time.perf_counter() - started)
         accepted = accepted_run(draft, best)
         self.drafter.verified(len(draft), accepted)
         run = [(token.item(), row)] + [(draft[i], rows[i]) for i in range(accepted)]
