@@ -30,8 +30,7 @@ from mlxc.errors import (
     ModelError,
     PromptTooLong,  # noqa: F401  (re-exported for front ends)
 )
-from mlxc.model.quiet import quiet_libraries
-from mlxc.model.refs import ModelRef, model_fingerprint, prepare_model
+from mlxc.model.refs import ModelRef, model_fingerprint
 from mlxc.request import Answer, GenerationRequest, Usage
 from mlxc.stream import Failed, Generation
 
@@ -254,41 +253,13 @@ class Engine:
         return self._jobs.get()
 
     def _load(self) -> None:
-        quiet_libraries()
-        from mlxc.model.blas import load_optimised_blas
+        from mlxc.engine.load import load_for_engine
 
-        load_optimised_blas()  # must come before the first `import mlx.core`
-        prepare_model(self.ref, self._progress)
-        self._progress(f"loading {self.ref.name}")
-        try:
-            from mlx_lm import load
-        except ImportError as exc:
-            raise ModelError(
-                f"MLX cannot be loaded on this machine ({exc}); cached answers still work, "
-                "new ones need `pip install mlx-lm` and mlx (mlx[cpu] on Linux)."
-            ) from exc
+        loaded = load_for_engine(self.ref, self.settings, self._progress)
+        self.model, self.tokenizer, self.dtype = loaded.model, loaded.tokenizer, loaded.dtype
+        self.batch_model, self.batch_kernels = loaded.batch_model, loaded.batch_kernels
+        self.last_only, self.context_length = loaded.last_only, loaded.context_length
         from mlxc.distributed import serving
-        from mlxc.model.dtype import apply_dtype, effective_dtype_without_mlx
-
-        if serving.ROLE is not None:  # rank 0 of `mlxc serve --distributed`: its shard, leading
-            self.model, self.tokenizer = serving.load_leader(self.ref.folder)
-        else:
-            self.model, self.tokenizer = load(str(self.ref.folder))
-        self.dtype = effective_dtype_without_mlx(self.settings.dtype, self.ref.folder,
-                                                 self.settings.cache_dir)
-        apply_dtype(self.model, self.dtype)
-        from mlxc.engine.cuda import batch_kernels, compiled_decode, quant_rows
-
-        quant_rows.install(self.model)  # CUDA: quantized projections of 1-16 rows, kept packed
-
-        self.batch_model = compiled_decode.for_model(self.model, self.settings.compiled_decode)
-        self.batch_kernels = batch_kernels.for_model(
-            self.model, self.settings.batch_kernels, self.batch_model is not self.model)
-        from mlxc.engine.decode.generate import supports_last_position_logits
-
-        self.last_only = supports_last_position_logits(self.model)
-        args = getattr(self.model, "args", None)
-        self.context_length = int(getattr(args, "max_position_embeddings", 0) or 0)
         from mlxc.engine.kv.cache import PrefixCache
 
         fingerprint = model_fingerprint(self.ref, self.settings)
