@@ -152,8 +152,8 @@ def test_predicted_outputs_through_the_openai_client(oai):
     assert speculation["accepted"] > 0 and 0 < speculation["acceptance_rate"] <= 1
     with pytest.raises(openai.BadRequestError) as refused:
         oai.chat.completions.create(model="smollm2", messages=messages, max_tokens=8,
-                                    temperature=0.7, prediction={"type": "content",
-                                                                 "content": "x"})
+                                    temperature=0.7, seed=1, prediction={"type": "content",
+                                                                         "content": "x"})
     assert refused.value.param == "prediction"
     with pytest.raises(openai.BadRequestError):
         oai.completions.create(model="smollm2", prompt="hi", max_tokens=4,

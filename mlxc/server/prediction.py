@@ -1,8 +1,8 @@
 """OpenAI's Predicted Outputs on chat completions: `prediction: {"type": "content", "content":
 str | [text parts]}` is a draft for speculative decoding (engine/decode/speculate.py), and
 usage says how many of its tokens were accepted and rejected. It is honoured where the engine
-can draft (greedy, no penalties, no grammar) and refused with a 400 naming it elsewhere, as
-OpenAI refuses it with n > 1, penalties and tools."""
+can draft (greedy, or sampled without a seed; no grammar) and refused with a 400 naming it
+elsewhere, as OpenAI refuses it with n > 1 and tools."""
 
 from __future__ import annotations
 
@@ -37,12 +37,9 @@ def check_prediction(request: Any, speculate: str) -> None:
     why = None
     if speculate == "off":
         why = "while speculative decoding is off: start the server with --speculate auto"
-    elif request.temperature > 0:
-        why = "with temperature > 0 (drafts are verified greedily): send temperature 0"
-    elif request.presence_penalty or request.frequency_penalty:
-        why = "with presence_penalty or frequency_penalty"
-    elif request.repetition_penalty != 1:
-        why = "with repetition_penalty"
+    elif request.temperature > 0 and request.seed is not None:
+        why = ("with a seed and temperature > 0 (a seeded answer is decoded without drafts, "
+               "so that it does not change run to run): drop the seed or send temperature 0")
     elif request.tools:
         why = "with tools"
     elif request.response_format and request.response_format.get("type") != "text":

@@ -13,9 +13,10 @@ Pipelined as mlx-lm does on both backends: the step that feeds token n is queued
 is read, so the GPU computes while Python publishes. The first token (sampled by the prefill) is
 published before the second one's step is queued: on the CPU, queuing a step runs most of it.
 
-A greedy sequence may speculate (decode/speculate.py): a step with a draft reads the pending
-token, verifies it and the draft in one pass and takes the agreeing run; a step without one is
-the plain pipelined step.
+A sequence may speculate (decode/speculate.py): a step with a draft reads the pending token,
+verifies it and the draft in one pass and takes the agreeing run (greedy) or the run rejection
+sampling accepts (sampled, decode/rejection.py); a step without one is the plain pipelined
+step.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ class LoneDecoder:
         self.steps = 0
         self.costs = costs
         self.drafter = _drafter(seq, costs)
+        self.weights = _weights(seq)
         self._pipelined = False  # the pending token's step was queued behind a plain one
 
     @classmethod
@@ -57,6 +59,7 @@ class LoneDecoder:
         self.steps = 0
         self.costs = costs
         self.drafter = _drafter(seq, costs)
+        self.weights = _weights(seq)
         self._pipelined = False
         return self
 
@@ -104,26 +107,40 @@ class LoneDecoder:
         return done
 
     def _speculate(self, token: Any, row: Any, draft: list[int]) -> bool:
-        """Feed the pending `token` and `draft` in one pass, take `token` and the drafts the
-        model agrees with, and cut the cache back to what was taken."""
+        """Feed the pending `token` and `draft` in one pass, take `token` and the drafts
+        accepted, and cut the cache back to what was taken."""
         import mlx.core as mx
         from mlx_lm.models.cache import trim_prompt_cache
 
-        from mlxc.engine.decode.speculate import accepted_run, verify
+        from mlxc.engine.decode.speculate import accepted_run, verified_logprobs, verify
 
         self._pipelined = False
         started = time.perf_counter()
-        best, rows = verify(self.model, self.cache, token, draft)
+        processors = self.seq.sampling.processors
+        if self.weights is None:  # greedy
+            best, rows = verify(self.model, self.cache, token, draft, processors, self.context)
+            accepted = accepted_run(draft, best)
+            after = best[accepted]
+        else:
+            from mlxc.engine.decode.rejection import rejection_sample
+
+            rows = verified_logprobs(self.model, self.cache, token, draft, processors,
+                                     self.context)
+            n, chosen = rejection_sample(self.weights(rows), mx.array(draft))
+            mx.eval(rows, n, chosen)
+            accepted, after = n.item(), chosen.item()
         self.costs.saw_verify(len(draft), time.perf_counter() - started)
-        accepted = accepted_run(draft, best)
         self.drafter.verified(len(draft), accepted)
+        if processors:  # the tokens the cache keeps: the penalties' context
+            fed = mx.array([token.item(), *draft[:accepted]], dtype=self.context.dtype)
+            self.context = mx.concatenate([self.context, fed])
         run = [(token.item(), row)] + [(draft[i], rows[i]) for i in range(accepted)]
         for taken, (t, t_row) in enumerate(run, 1):
             if self.seq.take(t, t_row):  # done inside the run: the cache holds what was taken
                 trim_prompt_cache(self.cache, len(draft) + 1 - taken)
                 return True
         trim_prompt_cache(self.cache, len(draft) - accepted)
-        self.pending, self.pending_row = mx.array([best[accepted]]), rows[accepted]
+        self.pending, self.pending_row = mx.array([after]), rows[accepted]
         return False
 
     def handover(self) -> tuple[int, bool]:
@@ -144,3 +161,14 @@ def _drafter(seq: Sequence, costs: Any) -> Any:
         else:
             seq.speculate = "off"  # decided once
     return seq.drafter
+
+
+def _weights(seq: Sequence) -> Any:
+    """What a speculating sampled sequence draws from (decode/rejection.py); None when greedy
+    or not speculating."""
+    request = seq.request
+    if seq.drafter is None or request.temperature == 0:
+        return None
+    from mlxc.engine.decode.rejection import sampling_weights
+
+    return sampling_weights(request.temperature, request.top_p, request.min_p, request.top_k)

@@ -1,12 +1,20 @@
-"""Speculative decoding of one greedy sequence: drafts from prompt lookup (n-grams of the
+"""Speculative decoding of one sequence: drafts from prompt lookup (n-grams of the
 sequence's own prompt and answer) and from a client's Predicted Output, verified in one pass.
 
 A step with a draft feeds the token not yet fed and the k drafted tokens after it in one pass
-of k+1 positions, takes the longest run of drafted tokens the model's own argmax agrees with,
-plus the model's token after that run (the next one to feed), and trims the KV of the
-rejected drafts, so the cache then holds exactly the tokens a plain decode would have fed.
-Only greedy sequences without logits processors speculate (sampling.py decides nothing
-here): their answer is the argmax at each position whatever was drafted, so it cannot change.
+of k+1 positions, takes a run of drafted tokens plus one token after that run (the next one to
+feed), and trims the KV of the rejected drafts, so the cache then holds exactly the tokens a
+plain decode would have fed. A greedy sequence takes the longest run the model's own argmax
+agrees with: its answer is the argmax at each position whatever was drafted, so it cannot
+change. A sampled one takes its run by rejection sampling (rejection.py): each token it emits
+is distributed exactly as the plain sampler's (temperature, top-p, min-p, top-k). Penalties
+(repetition, presence, frequency) are applied position by position over the draft, each with
+the context the plain decode would have given it, so they too are exact.
+
+Not speculating: seeded sampled requests (a seed must give the same answer run to run, and
+the draft lengths follow measured timings, so the random draws would shift with them: such a
+request decodes plain, one draw per token, as without speculation), and grammars (structured
+outputs, forced tools: their state advances token by token and is not rolled back here).
 
 A draft is made only when it is expected to pay (Leviathan et al., 2023): with the sequence's
 acceptance rate a (a decayed count of drafted tokens taken) a draft of k tokens yields
@@ -186,12 +194,19 @@ class Drafter:
 
 
 def can_speculate(seq: Any, mode: str, cache: list[Any]) -> bool:
-    """Whether this sequence's answer can be drafted without changing it: greedy, no logits
-    processors (penalties, grammars), a cache that can be cut back."""
+    """Whether this sequence's answer can be drafted without changing it (or, sampled, its
+    distribution): greedy, or sampled without a seed; penalties but no grammar; a cache that
+    can be cut back."""
     from mlx_lm.models.cache import can_trim_prompt_cache
     from mlx_lm.sample_utils import greedy_sampler
 
-    if mode == "off" or seq.sampling.sampler is not greedy_sampler or seq.sampling.processors:
+    from mlxc.engine.decode.grammar_mask import GrammarProcessor
+
+    request = seq.request
+    greedy = seq.sampling.sampler is greedy_sampler
+    if mode == "off" or not (greedy or (request.temperature > 0 and request.seed is None)):
+        return False
+    if any(isinstance(p, GrammarProcessor) for p in seq.sampling.processors):
         return False
     return bool(cache) and can_trim_prompt_cache(cache)
 
@@ -200,15 +215,36 @@ def drafter_for(seq: Any, mode: str, costs: StepCosts | None = None) -> Drafter:
     return Drafter(seq.prompt, seq.prediction, ngram=mode in ("auto", "ngram"), costs=costs)
 
 
-def verify(model: Any, cache: list[Any], last: Any, draft: list[int]) -> tuple[list[int], Any]:
-    """Feed `last` (an mx.array of shape (1,)) and `draft` in one pass: (the model's argmax
-    after each of the k+1 positions, their log-probability rows (k+1, vocab)). The caller
-    trims the cache by the drafts it rejects."""
+def verified_logprobs(model: Any, cache: list[Any], last: Any, draft: list[int],
+                      processors: list[Any] = (), context: Any = None) -> Any:
+    """Feed `last` (an mx.array of shape (1,)) and `draft` in one pass: the log-probability
+    rows (k+1, vocab) after each position, lazy. With `processors` (penalties), row j is
+    processed with `context` (the tokens fed before `last`) plus the j+1 tokens fed up to it,
+    as the plain decode processes that position. The caller trims the cache by the drafts it
+    rejects."""
     import mlx.core as mx
 
     tokens = mx.concatenate([last, mx.array(draft, dtype=last.dtype)])
     logits = model(tokens[None], cache=cache)[0]
-    logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    if processors:
+        seen = mx.concatenate([context, tokens.astype(context.dtype)])
+        rows = []
+        for j in range(len(draft) + 1):
+            row = logits[j : j + 1]
+            for processor in processors:
+                row = processor(seen[: context.size + j + 1], row)
+            rows.append(row)
+        logits = mx.concatenate(rows)
+    return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+
+
+def verify(model: Any, cache: list[Any], last: Any, draft: list[int],
+           processors: list[Any] = (), context: Any = None) -> tuple[list[int], Any]:
+    """The greedy verify: (the model's argmax after each of the k+1 positions, their
+    log-probability rows (k+1, vocab)), evaluated."""
+    import mlx.core as mx
+
+    logprobs = verified_logprobs(model, cache, last, draft, processors, context)
     best = mx.argmax(logprobs, axis=-1)
     mx.eval(best, logprobs)
     return best.tolist(), logprobs
