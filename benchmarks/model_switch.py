@@ -3,10 +3,15 @@ mlxc's folder takes, where that time goes, and what switching between two loaded
 costs (target: no reload; loading <= 1.5 s on the 2-core CPU).
 
     python benchmarks/model_switch.py [--model PATH] [--rounds 5] [--json]
+    python benchmarks/model_switch.py --load-only --rounds 7 --against /tmp/old-tree
 
-Part 1, in a fresh process per run (imports counted, as a server pays them): the engine's
-load of the default model, timed step by step (optimised BLAS, `import mlx_lm`,
-`mlx_lm.load`, dtype, prefix cache, memory gate; the rest is the scheduler).
+Part 1, in a fresh process per run: `engine_load_s` is the engine's load of the model once
+mlx_lm and the engine's modules are imported (the issue's figure); `with_imports_s` counts
+from the process's first mlxc import, as `mlxc serve` pays it. Steps are the spans of
+mlx-lm's weights load, its tokenizer load (beside the weights since engine/load.py runs it
+on a thread: spans overlap), the dtype conversion, the prefix cache and the memory gate.
+`--against DIR` times another checkout's load (a git worktree of an older commit) in
+turns with this one's, and gives the ratios.
 Part 2, in this process: a ModelPool of the default model under two names (two services,
 two engines, two copies of the weights; the second name's dtype differs, so its
 fingerprint does), one greedy 4-token request each, then alternating requests A, B, A, B
@@ -27,57 +32,71 @@ import time
 from pathlib import Path
 
 STEPS = r"""
-import time, json, sys
-t0 = time.perf_counter(); marks = {}
+import json, sys, time
+T = time.perf_counter; t0 = T(); spans = {}
+def timed(owner, name, label):  # record when `owner.name` ran (spans may overlap: threads)
+    fn = getattr(owner, name)
+    def wrapper(*a, **k):
+        start = T(); result = fn(*a, **k); spans[label] = (start, T()); return result
+    setattr(owner, name, wrapper)
 from mlxc.config import load_settings
 from mlxc.model.blas import load_optimised_blas
-load_optimised_blas(); marks["blas"] = time.perf_counter()
-import mlx.core, mlx_lm; marks["import mlx_lm"] = time.perf_counter()
-from mlxc.engine import worker
+load_optimised_blas()
+import mlx.core, mlx_lm, mlx_lm.utils; t_mlx = T()
+from mlxc.engine.worker import Engine
 import mlxc.engine.kv.cache as kv, mlxc.engine.batch.admission as adm
 from mlxc.model import dtype as dt
-orig_load = mlx_lm.load
-def load(*a, **k):
-    r = orig_load(*a, **k); marks["mlx_lm.load"] = time.perf_counter(); return r
-mlx_lm.load = load
-orig_apply = dt.apply_dtype
-def apply(*a, **k):
-    r = orig_apply(*a, **k); marks["dtype"] = time.perf_counter(); return r
-dt.apply_dtype = apply
-orig_pc = kv.PrefixCache.__init__
-def pc(self, *a, **k):
-    orig_pc(self, *a, **k); marks["prefix cache"] = time.perf_counter()
-kv.PrefixCache.__init__ = pc
-orig_gate = adm.MemoryGate.for_model.__func__
-def gate(cls, *a, **k):
-    r = orig_gate(cls, *a, **k); marks["memory gate"] = time.perf_counter(); return r
-adm.MemoryGate.for_model = classmethod(gate)
-from mlxc.engine.worker import Engine
 from mlxc.model.refs import resolve_model
+timed(mlx_lm.utils, "load_model", "weights")
+timed(mlx_lm.utils, "load_tokenizer", "tokenizer")
+timed(dt, "apply_dtype", "dtype")
+timed(kv.PrefixCache, "__init__", "prefix cache")
+gate = adm.MemoryGate.for_model.__func__
+def for_model(cls, *a, **k):
+    start = T(); r = gate(cls, *a, **k); spans["memory gate"] = (start, T()); return r
+adm.MemoryGate.for_model = classmethod(for_model)
 settings = load_settings()
 ref = resolve_model(sys.argv[1], settings)
-t1 = time.perf_counter()
+t1 = T()
 engine = Engine(ref, settings).start(); engine.wait_loaded()
-end = time.perf_counter()
-order = ["blas", "import mlx_lm", "mlx_lm.load", "dtype", "prefix cache", "memory gate"]
-prev, steps = t0, {}
-for name in order:
-    steps[name] = round(marks[name] - prev, 3); prev = marks[name]
-steps["scheduler and rest"] = round(end - prev, 3)
+end = T()
 print(json.dumps({"engine_load_s": round(end - t1, 3), "with_imports_s": round(end - t0, 3),
-                  "steps": steps}))
+                  "import_mlx_lm_s": round(t_mlx - t0, 3),
+                  "steps": {k: round(b - a, 3) for k, (a, b) in spans.items()},
+                  "dtype": engine.dtype}))
 """
 
 
-def load_runs(model: str, rounds: int) -> list[dict]:
-    env = dict(os.environ)
-    env.setdefault("MLXC_CACHE_DIR", tempfile.mkdtemp(prefix="mlxc-switch-"))
+CACHE_DIR = os.environ.get("MLXC_CACHE_DIR") or tempfile.mkdtemp(prefix="mlxc-switch-")
+
+
+def load_runs(model: str, rounds: int, source: str | None = None) -> list[dict]:
+    """`rounds` fresh processes, each loading `model` once; `source`: another checkout's
+    mlxc (a git worktree of an older commit), for old/new figures taken side by side. They
+    share one cache folder: the memory gate's measurement, taken by the first load of all
+    (a warm-up, see main), is remembered as on a user's second start."""
+    env = dict(os.environ, MLXC_CACHE_DIR=CACHE_DIR)
+    if source:
+        env["PYTHONPATH"] = source
     runs = []
     for _ in range(rounds):
         out = subprocess.run([sys.executable, "-c", STEPS, model], env=env, text=True,
-                             capture_output=True, check=True).stdout
+                             capture_output=True, check=True, cwd=source or None).stdout
         runs.append(json.loads(out.strip().splitlines()[-1]))
     return runs
+
+
+def summary(runs: list[dict]) -> dict:
+    steps = {k for r in runs for k in r["steps"]}
+    return {
+        "median_engine_load_s": statistics.median(r["engine_load_s"] for r in runs),
+        "median_with_imports_s": statistics.median(r["with_imports_s"] for r in runs),
+        "median_import_mlx_lm_s": statistics.median(r["import_mlx_lm_s"] for r in runs),
+        "median_steps_s (may overlap)": {
+            k: statistics.median(r["steps"].get(k, 0.0) for r in runs) for k in sorted(steps)},
+        "dtype": runs[0]["dtype"],
+        "runs": len(runs),
+    }
 
 
 def switching(model: str, rounds: int) -> dict:
@@ -129,16 +148,27 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="default")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--load-only", action="store_true", help="skip part 2 (switching)")
+    parser.add_argument("--against", metavar="DIR",
+                        help="another checkout (git worktree of an older commit): its load "
+                             "and this one's, taken in turns, each a fresh process")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    runs = load_runs(args.model, args.rounds)
-    out = {
-        "median_engine_load_s": statistics.median(r["engine_load_s"] for r in runs),
-        "median_with_imports_s": statistics.median(r["with_imports_s"] for r in runs),
-        "median_steps_s": {k: statistics.median(r["steps"][k] for r in runs)
-                           for k in runs[0]["steps"]},
-        "switching": switching(args.model, args.rounds),
-    }
+    load_runs(args.model, 1)  # warm-up, not counted: the memory gate measures once
+    if args.against:  # in turns, so a shared machine's load falls on both alike
+        mine, theirs = [], []
+        for _ in range(args.rounds):
+            theirs += load_runs(args.model, 1, args.against)
+            mine += load_runs(args.model, 1)
+        out = {"this": summary(mine), "against": summary(theirs)}
+        out["engine_load_ratio"] = round(out["against"]["median_engine_load_s"]
+                                         / out["this"]["median_engine_load_s"], 2)
+        out["with_imports_ratio"] = round(out["against"]["median_with_imports_s"]
+                                          / out["this"]["median_with_imports_s"], 2)
+    else:
+        out = summary(load_runs(args.model, args.rounds))
+    if not args.load_only:
+        out["switching"] = switching(args.model, args.rounds)
     print(json.dumps(out, indent=None if args.json else 2))
 
 

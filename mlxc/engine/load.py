@@ -5,14 +5,18 @@ batch path (CUDA kernels, last-position logits, context length).
 
 from __future__ import annotations
 
+import hashlib
+import threading
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
 from mlxc.config import Settings
 from mlxc.errors import ModelError
 from mlxc.model.quiet import quiet_libraries
-from mlxc.model.refs import ModelRef, prepare_model
+from mlxc.model.refs import ModelRef, model_fingerprint, prepare_model
+from mlxc.sidecar import read_json, write_json
 
 
 @dataclass
@@ -38,7 +42,7 @@ def load_for_engine(ref: ModelRef, settings: Settings,
     prepare_model(ref, progress)
     progress(f"loading {ref.name}")
     try:
-        from mlx_lm import load
+        from mlx_lm.utils import load_config, load_model, load_tokenizer
     except ImportError as exc:
         raise ModelError(
             f"MLX cannot be loaded on this machine ({exc}); cached answers still work, "
@@ -49,17 +53,19 @@ def load_for_engine(ref: ModelRef, settings: Settings,
 
     if serving.ROLE is not None:  # rank 0 of `mlxc serve --distributed`: its shard, leading
         model, tokenizer = serving.load_leader(ref.folder)
-    else:
-        model, tokenizer = load(str(ref.folder))
+    else:  # mlx_lm.load's two steps, the tokenizer (Python) beside the weights (MLX, no GIL)
+        eos = load_config(ref.folder).get("eos_token_id")
+        tokenizer_job = _in_background(load_tokenizer, ref.folder, eos_token_ids=eos)
+        model, _config = load_model(ref.folder)
     dtype = effective_dtype_without_mlx(settings.dtype, ref.folder, settings.cache_dir)
     apply_dtype(model, dtype)
+    if serving.ROLE is None:
+        tokenizer = tokenizer_job.result()
     from mlxc.engine.cuda import batch_kernels, compiled_decode, quant_rows
 
     quant_rows.install(model)  # CUDA: quantized projections of 1-16 rows, kept packed
     batch_model = compiled_decode.for_model(model, settings.compiled_decode)
     kernels = batch_kernels.for_model(model, settings.batch_kernels, batch_model is not model)
-    from mlxc.engine.decode.generate import supports_last_position_logits
-
     args = getattr(model, "args", None)
     return LoadedModel(
         model=model,
@@ -67,6 +73,45 @@ def load_for_engine(ref: ModelRef, settings: Settings,
         dtype=dtype,
         batch_model=batch_model,
         batch_kernels=kernels,
-        last_only=supports_last_position_logits(model),
+        last_only=_last_position_check(model, ref, settings, serving.ROLE is None),
         context_length=int(getattr(args, "max_position_embeddings", 0) or 0),
     )
+
+
+def _in_background(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Future:
+    """fn(*args, **kwargs) on a thread of its own (it must not touch MLX), as a Future:
+    the tokenizer's ~0.3 s of Python runs while MLX reads and converts the weights."""
+    future: Future = Future()
+
+    def run() -> None:
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except BaseException as exc:  # handed to the engine thread, which reports it
+            future.set_exception(exc)
+
+    threading.Thread(target=run, name="mlxc-tokenizer", daemon=True).start()
+    return future
+
+
+def _last_position_check(model: Any, ref: ModelRef, settings: Settings, keep: bool) -> bool:
+    """`supports_last_position_logits`, which runs the model twice (0.15-0.19 s of SmolLM2-135M's
+    ~1 s load on the 2-core CPU). Its answer follows from the weights and dtype (the
+    fingerprint), MLX and mlx-lm, so with `keep` it is kept beside the memory gate's
+    measurements and read back on the next start."""
+    from mlxc.engine.decode.generate import supports_last_position_logits
+
+    fingerprint = model_fingerprint(ref, settings) if keep else None
+    if not fingerprint:
+        return supports_last_position_logits(model)
+    import mlx.core as mx
+    import mlx_lm
+
+    key = f"{fingerprint}\0{mx.__version__}\0{mlx_lm.__version__}\0{mx.default_device()}"
+    name = f"last-position-{hashlib.sha256(key.encode()).hexdigest()[:32]}.json"
+    path = settings.cache_dir / "measured" / name
+    kept = read_json(path)
+    if isinstance(kept, dict) and isinstance(kept.get("last_only"), bool):
+        return kept["last_only"]
+    answer = supports_last_position_logits(model)
+    write_json(path, {"last_only": answer})
+    return answer
