@@ -88,7 +88,7 @@ class Settings:
     next_turn_prefill: bool = False  # serve: prefill a follow-up's opening while idle
     batch_kernels: bool = True  # CUDA: batched steps by cuda/small_rows.py, batch_attention.py
     compiled_decode: bool = True  # CUDA: batched decode steps compiled (cuda/compiled_decode.py)
-    speculate: str = "auto"  # speculative decoding of greedy answers (engine/decode/speculate.py)
+    speculate: str = "auto"  # speculative decoding (engine/decode/speculate.py)
 
     @property
     def response_dir(self) -> Path:

@@ -154,9 +154,9 @@ def serve(
                           "least 512 MB); 'off': not checked [env: MLXC_MAX_KV_MEMORY]")
     ] = "auto",
     speculate: Annotated[
-        str | None, typer.Option(help="Speculative decoding of greedy answers: auto (prompt "
-                                 "lookup and a request's prediction) or off [env: "
-                                 "MLXC_SPECULATE]")
+        str | None, typer.Option(help="Speculative decoding of greedy and unseeded sampled "
+                                 "answers (rejection sampling): auto (prompt lookup and a "
+                                 "request's prediction) or off [env: MLXC_SPECULATE]")
     ] = None,
     shutdown_timeout: Annotated[
         float, typer.Option(envvar="MLXC_SHUTDOWN_TIMEOUT",
