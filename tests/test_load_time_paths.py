@@ -138,7 +138,7 @@ def test_last_position_check_is_remembered(engine_loaded):
 
     loaded, ref, settings = engine_loaded
     assert loaded.last_only == supports_last_position_logits(loaded.model)
-    kept = list((settings.cache_dir / "measured").glob("last-position-*.json"))
+    kept = list((settings.cache_dir / "measured" / "last-position").glob("*.json"))
     assert len(kept) == 1 and json.loads(kept[0].read_text()) == {"last_only": loaded.last_only}
     kept[0].write_text(json.dumps({"last_only": not loaded.last_only}))  # read, not re-run
     assert _last_position_check(loaded.model, ref, settings, True) is (not loaded.last_only)

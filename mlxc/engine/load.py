@@ -97,7 +97,7 @@ def _last_position_check(model: Any, ref: ModelRef, settings: Settings, keep: bo
     """`supports_last_position_logits`, which runs the model twice (0.15-0.19 s of SmolLM2-135M's
     ~1 s load on the 2-core CPU). Its answer follows from the weights and dtype (the
     fingerprint), MLX and mlx-lm, so with `keep` it is kept beside the memory gate's
-    measurements and read back on the next start."""
+    measurements (in measured/last-position/) and read back on the next start."""
     from mlxc.engine.decode.generate import supports_last_position_logits
 
     fingerprint = model_fingerprint(ref, settings) if keep else None
@@ -107,8 +107,8 @@ def _last_position_check(model: Any, ref: ModelRef, settings: Settings, keep: bo
     import mlx_lm
 
     key = f"{fingerprint}\0{mx.__version__}\0{mlx_lm.__version__}\0{mx.default_device()}"
-    name = f"last-position-{hashlib.sha256(key.encode()).hexdigest()[:32]}.json"
-    path = settings.cache_dir / "measured" / name
+    name = f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.json"
+    path = settings.cache_dir / "measured" / "last-position" / name
     kept = read_json(path)
     if isinstance(kept, dict) and isinstance(kept.get("last_only"), bool):
         return kept["last_only"]
