@@ -2,8 +2,8 @@
 target's distribution, and the engine path honours what a sampled request asks for.
 
 The method: on an 8-token vocabulary with hand-made logits for k+1 = 4 positions and a fixed
-draft, 20,000 independent draws (one call, leading dimension; and 2,000 separate calls with
-their own keys, as the engine makes them) are compared with the exact target p by total
+draft, 20,000 independent draws (one call, leading dimension; and 3,000 separate calls of the
+chunked form the engine uses) are compared with the exact target p by total
 variation distance: the first emitted token with p_0, the second (given the first was the
 draft's) with p_1, and so on, the bonus token with p_3. The bound is 1.5 x sqrt(V / n), several
 times the expected distance of n draws from their own distribution; the test shows that wrong
@@ -109,15 +109,20 @@ def test_a_filtered_out_draft_is_never_taken():
     assert tv(empirical(third), p[2]) < bound(len(third))
 
 
-def test_separate_calls_with_their_own_keys():
-    """As the engine calls it: one draft, no leading dimension, a fresh key each time."""
-    weights = TARGET(mx.array(np.log(PROBS).astype(np.float32)))
-    draft, n = mx.array(DRAFT), 2000
-    first = []
-    for seed in range(n):
-        accepted, token = rejection_sample(weights, draft, key=mx.random.key(seed))
-        first.append(DRAFT[0] if accepted.item() > 0 else token.item())
-    assert tv(empirical(np.array(first)), target()[0]) < bound(n)
+def test_the_lone_loops_chunked_calls():
+    """As the engine calls it (`sample_run`: one draft, positions decided in chunks of 1, 2,
+    4, mlx's global generator), 3,000 separate calls: the same distributions."""
+    from mlxc.engine.decode.rejection import sample_run
+
+    logprobs = mx.array(np.log(PROBS).astype(np.float32))
+    mx.random.seed(0)
+    runs = [sample_run(logprobs, DRAFT, TARGET) for _ in range(3000)]
+    accepted, token = np.array([a for a, _ in runs]), np.array([t for _, t in runs])
+    p = target()
+    for i in range(len(DRAFT) + 1):
+        tokens = emitted(accepted, token, DRAFT, i)
+        assert len(tokens) > 150
+        assert tv(empirical(tokens), p[i]) < bound(len(tokens)), i
 
 
 def test_wrong_algorithms_would_fail():

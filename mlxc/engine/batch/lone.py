@@ -122,13 +122,12 @@ class LoneDecoder:
             accepted = accepted_run(draft, best)
             after = best[accepted]
         else:
-            from mlxc.engine.decode.rejection import rejection_sample
+            from mlxc.engine.decode.rejection import sample_run
 
             rows = verified_logprobs(self.model, self.cache, token, draft, processors,
                                      self.context)
-            n, chosen = rejection_sample(self.weights(rows), mx.array(draft))
-            mx.eval(rows, n, chosen)
-            accepted, after = n.item(), chosen.item()
+            mx.eval(rows)
+            accepted, after = sample_run(rows, draft, self.weights)
         self.costs.saw_verify(len(draft), time.perf_counter() - started)
         self.drafter.verified(len(draft), accepted)
         if processors:  # the tokens the cache keeps: the penalties' context
