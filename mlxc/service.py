@@ -152,6 +152,18 @@ class Service:
         except ValueError:
             return None  # a foreign or older entry: regenerate rather than fail
 
+    def hit(self, request: GenerationRequest, read: bool = True) -> Reply | None:
+        """The stored answer if there is one, touching neither the engine nor the model (the
+        server asks this on its hit threads first); None: `start` decides, as it would have."""
+        if not read or not self.is_cacheable(request) or self.store.degraded is not None:
+            return None
+        if self._fingerprint is None:
+            return None  # the model is not prepared yet: that is start's work
+        key = request.cache_key(self._fingerprint)
+        if self.store.contains(key) and (answer := self.lookup(key)) is not None:
+            return Reply("hit", key, answer=answer)
+        return None
+
     def start(self, request: GenerationRequest, read: bool = True, write: bool = True) -> Reply:
         """Answer from the store, join an identical generation in flight, or start one."""
         if not self.is_cacheable(request):

@@ -5,6 +5,7 @@ error), then either the events for a stream or the collected answer."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Iterable
 from contextlib import aclosing
@@ -107,7 +108,12 @@ async def start(
     read, write = cache_directives(request.headers)
     service = state.pool.use(model or state.pool.default)
     try:
-        reply = await run_in_threadpool(service.start, generation_request, read, write)
+        # A hit on the two hit threads (no engine, no model load can hold them); the rest in
+        # the shared pool, where a first request may wait for its model.
+        reply = await asyncio.get_running_loop().run_in_executor(
+            state.hit_threads, service.hit, generation_request, read)
+        if reply is None:
+            reply = await run_in_threadpool(service.start, generation_request, read, write)
     except Exception as exc:
         if isinstance(exc, EngineBusy):
             state.metrics.on_refused()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
@@ -48,6 +49,13 @@ class ServerState:
     def conversations(self) -> Conversations:
         """Stored Responses (previous_response_id), next to the response cache."""
         return Conversations(self.service.settings.cache_dir / "conversations")
+
+    @cached_property
+    def hit_threads(self) -> ThreadPoolExecutor:
+        """Where cache hits are looked up. Two threads, not the 40 of the shared pool: under
+        many clients those convoyed on the store's lock and the GIL, and the event loop
+        waited behind them (benchmarks/server_load.py)."""
+        return ThreadPoolExecutor(2, thread_name_prefix="mlxc-hits")
 
     @cached_property
     def misses(self) -> Any:
