@@ -2,9 +2,12 @@
 source file of this repo, the request asks for it back with a small change) and of free-form
 chat, with speculation off, with prompt lookup (auto), and with `prediction` set to the
 original file; one engine per mode, taken in turns request by request (each request `--rounds`
-times), medians and ratios.
+times), medians and ratios. With `--temperature T` (top-p 0.9 with it) the requests are sampled
+and speculate by rejection sampling (engine/decode/rejection.py): answers differ run to run, so
+"identical" is left out and the acceptance rate says what speculation did.
 
-    .venv/bin/python benchmarks/speculative.py [--max-tokens 160] [--rounds 3] [--json]
+    .venv/bin/python benchmarks/speculative.py [--max-tokens 160] [--rounds 3]
+        [--temperature 0.7] [--json]
 """
 
 from __future__ import annotations
@@ -29,12 +32,14 @@ FILES = {  # file -> the small change asked for
 CHATS = ["Write a short story about a lighthouse keeper.", "Explain how rainbows form."]
 
 
-def edit(path: str, change: str, max_tokens: int, predicted: bool) -> GenerationRequest:
+def edit(path: str, change: str, max_tokens: int, predicted: bool,
+         sampling: dict) -> GenerationRequest:
     source = (ROOT / path).read_text()
     text = f"Here is {path}:\n```python\n{source}```\nGive back the whole file, with one " \
            f"change: {change}. Answer with the file only."
     return GenerationRequest(messages=[{"role": "user", "content": text}],
-                             max_tokens=max_tokens, prediction=source if predicted else None)
+                             max_tokens=max_tokens, prediction=source if predicted else None,
+                             **sampling)
 
 
 def engine_for(mode: str) -> Engine:
@@ -72,11 +77,14 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=160)
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--rounds", type=int, default=3, help="passes of each request")
+    parser.add_argument("--temperature", type=float, default=0.0,
+                        help="sample at this temperature (top-p 0.9), no seed")
     args = parser.parse_args()
-    plain_edits = [edit(p, c, args.max_tokens, False) for p, c in FILES.items()]
-    predicted = [edit(p, c, args.max_tokens, True) for p, c in FILES.items()]
+    sampling = {"temperature": args.temperature, "top_p": 0.9} if args.temperature else {}
+    plain_edits = [edit(p, c, args.max_tokens, False, sampling) for p, c in FILES.items()]
+    predicted = [edit(p, c, args.max_tokens, True, sampling) for p, c in FILES.items()]
     chats = [GenerationRequest(messages=[{"role": "user", "content": c}],
-                               max_tokens=args.max_tokens) for c in CHATS]
+                               max_tokens=args.max_tokens, **sampling) for c in CHATS]
     results = run({"off": ("off", plain_edits + chats), "auto": ("auto", plain_edits + chats),
                    "auto+prediction": ("auto", predicted)}, args.rounds)
     rows = {name: [answer for answer, _ in pairs] for name, pairs in results.items()}
@@ -95,6 +103,9 @@ def main() -> None:
         + [a.text == b.text for a, b in zip(off[:n], pred, strict=True)],
         "acceptance": {m: [(a.usage.accepted_tokens, a.usage.drafted_tokens) for a in rows[m]]
                        for m in rows},
+        "acceptance_rate": {m: _rate(rows[m][:n], rows[m][n:])
+                            for m in ("auto", "auto+prediction")},
+        "temperature": args.temperature,
     }
     e, c = report["edit_tok_s"], report["chat_tok_s"]
     report["ratios"] = {"edit_auto": e["auto"] / e["off"], "edit_prediction":
@@ -107,8 +118,22 @@ def main() -> None:
           f"({report['ratios']['edit_prediction']:.2f}x)")
     print(f"chat tok/s (median of {len(CHATS)}): off {c['off']:.1f}, auto {c['auto']:.1f} "
           f"({report['ratios']['chat_auto']:.2f}x)")
-    print(f"identical answers: {sum(report['identical'])} of {len(report['identical'])}")
+    if args.temperature:
+        print(f"sampled at temperature {args.temperature}, top-p 0.9: acceptance (edit, chat) "
+              f"{report['acceptance_rate']}")
+    else:
+        print(f"identical answers: {sum(report['identical'])} of {len(report['identical'])}")
     print("accepted/drafted:", report["acceptance"])
+
+
+def _rate(*parts: list) -> list[float | None]:
+    """Accepted / drafted over each part's answers (the last pass of each request)."""
+    rates = []
+    for answers in parts:
+        drafted = sum(a.usage.drafted_tokens for a in answers)
+        rates.append(round(sum(a.usage.accepted_tokens for a in answers) / drafted, 3)
+                     if drafted else None)
+    return rates
 
 
 if __name__ == "__main__":
