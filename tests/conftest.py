@@ -141,3 +141,25 @@ def run_mlxc_light(*args: str, env: dict[str, str],
     heavy_line = [line for line in result.stderr.splitlines() if line.startswith("HEAVY")]
     assert heavy_line, result.stderr
     return json.loads(result.stdout), ast.literal_eval(heavy_line[-1].removeprefix("HEAVY "))
+
+
+@pytest.fixture(scope="module")
+def speculation_engines(smollm_folder, tmp_path_factory):
+    """Two engines on the default model, `--speculate off` and `auto`, no prefix cache (so
+    every answer is decoded): the speculation tests compare their answers."""
+    from mlxc.config import load_settings
+    from mlxc.engine.worker import Engine
+    from mlxc.model.refs import resolve_model
+
+    def make(speculate: str) -> Engine:
+        settings = load_settings().with_overrides(
+            cache_dir=tmp_path_factory.mktemp(speculate), model=str(smollm_folder),
+            speculate=speculate, prefix_memory_bytes=0, prefix_disk_bytes=0)
+        engine = Engine(resolve_model(settings.model, settings), settings).start()
+        engine.wait_loaded()
+        return engine
+
+    plain, spec = make("off"), make("auto")
+    yield plain, spec
+    plain.shutdown(wait=30)
+    spec.shutdown(wait=30)

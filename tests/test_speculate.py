@@ -12,9 +12,6 @@ import openai
 import pytest
 from live_server import start_server, stop_server
 
-from mlxc.config import load_settings
-from mlxc.engine.worker import Engine
-from mlxc.model.refs import resolve_model
 from mlxc.request import GenerationRequest
 
 SOURCE = (Path(__file__).parent.parent / "mlxc" / "engine" / "decode" / "stops.py").read_text()
@@ -29,31 +26,13 @@ PROMPTS = [
 ]
 
 
-def make_engine(model: Path, folder: Path, speculate: str) -> Engine:
-    settings = load_settings().with_overrides(
-        cache_dir=folder, model=str(model), speculate=speculate,
-        prefix_memory_bytes=0, prefix_disk_bytes=0)
-    engine = Engine(resolve_model(settings.model, settings), settings).start()
-    engine.wait_loaded()
-    return engine
-
-
-@pytest.fixture(scope="module")
-def engines(smollm_folder, tmp_path_factory):
-    plain = make_engine(smollm_folder, tmp_path_factory.mktemp("off"), "off")
-    spec = make_engine(smollm_folder, tmp_path_factory.mktemp("auto"), "auto")
-    yield plain, spec
-    plain.shutdown(wait=30)
-    spec.shutdown(wait=30)
-
-
 def chat(text: str, **fields) -> GenerationRequest:
     fields.setdefault("max_tokens", 32)
     return GenerationRequest(messages=[{"role": "user", "content": text}], **fields)
 
 
-def test_greedy_answers_are_the_same_alone(engines):
-    plain, spec = engines
+def test_greedy_answers_are_the_same_alone(speculation_engines):
+    plain, spec = speculation_engines
     requests = [chat(p) for p in PROMPTS] + [chat(EDIT, max_tokens=64)]
     want = [plain.submit(r).result() for r in requests]
     got = [spec.submit(r).result() for r in requests]
@@ -63,9 +42,9 @@ def test_greedy_answers_are_the_same_alone(engines):
     assert sum(a.usage.accepted_tokens for a in got) > 10  # it did speculate, and gained
 
 
-def test_greedy_answers_are_the_same_in_a_batch(engines):
+def test_greedy_answers_are_the_same_in_a_batch(speculation_engines):
     """Several at once: they move between the lone loop (speculating) and the batch."""
-    plain, spec = engines
+    plain, spec = speculation_engines
     requests = [chat(p, max_tokens=24) for p in PROMPTS[:4]]
     want = [plain.submit(r).result().text for r in requests]
     first = spec.submit(chat(EDIT, max_tokens=48))  # alone first, then joined by the others
@@ -74,8 +53,8 @@ def test_greedy_answers_are_the_same_in_a_batch(engines):
     assert first.result().text == plain.submit(chat(EDIT, max_tokens=48)).result().text
 
 
-def test_stop_string_inside_an_accepted_run(engines):
-    plain, spec = engines
+def test_stop_string_inside_an_accepted_run(speculation_engines):
+    plain, spec = speculation_engines
     request = chat(PROMPTS[0], max_tokens=40, stop=["dog. The fox"])
     want, got = plain.submit(request).result(), spec.submit(request).result()
     assert got.text == want.text and got.finish_reason == want.finish_reason == "stop"
@@ -88,10 +67,10 @@ def test_prediction_is_no_part_of_the_key():
     assert plain.cache_key("f") == plain.model_copy(update={"prediction": "x"}).cache_key("f")
 
 
-def test_trimmed_kv_equals_the_plain_decodes(engines):
+def test_trimmed_kv_equals_the_plain_decodes(speculation_engines):
     """Verify a draft whose second half is wrong, trim the rejected part: the cache holds the
     same tokens (offset) and the same keys/values as feeding the taken tokens one by one."""
-    _, spec = engines
+    _, spec = speculation_engines
 
     def run(engine):
         import mlx.core as mx

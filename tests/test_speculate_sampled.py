@@ -20,12 +20,8 @@ from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
-import pytest
 
-from mlxc.config import load_settings
 from mlxc.engine.decode.rejection import rejection_sample, sampling_weights
-from mlxc.engine.worker import Engine
-from mlxc.model.refs import resolve_model
 from mlxc.request import GenerationRequest
 
 V, N = 8, 20_000
@@ -149,31 +145,13 @@ EDIT = f"Here is a file:\n```python\n{SOURCE}```\nGive it back unchanged."
 FOX = "Repeat exactly: the fox jumps over the dog, the fox jumps over the dog, the fox jumps."
 
 
-def make_engine(model: Path, folder: Path, speculate: str) -> Engine:
-    settings = load_settings().with_overrides(
-        cache_dir=folder, model=str(model), speculate=speculate,
-        prefix_memory_bytes=0, prefix_disk_bytes=0)
-    engine = Engine(resolve_model(settings.model, settings), settings).start()
-    engine.wait_loaded()
-    return engine
-
-
-@pytest.fixture(scope="module")
-def engines(smollm_folder, tmp_path_factory):
-    plain = make_engine(smollm_folder, tmp_path_factory.mktemp("off"), "off")
-    spec = make_engine(smollm_folder, tmp_path_factory.mktemp("auto"), "auto")
-    yield plain, spec
-    plain.shutdown(wait=30)
-    spec.shutdown(wait=30)
-
-
 def sampled(text: str, **fields) -> GenerationRequest:
     fields = {"temperature": 0.8, "top_p": 0.9, "max_tokens": 32, **fields}
     return GenerationRequest(messages=[{"role": "user", "content": text}], **fields)
 
 
-def test_sampled_requests_speculate_and_honour_max_tokens(engines):
-    _, spec = engines
+def test_sampled_requests_speculate_and_honour_max_tokens(speculation_engines):
+    _, spec = speculation_engines
     answers = [spec.submit(sampled(EDIT, max_tokens=40)).result(),
                spec.submit(sampled(FOX, max_tokens=40, prediction=FOX[16:])).result()]
     edit = answers[0]
@@ -186,10 +164,10 @@ def test_sampled_requests_speculate_and_honour_max_tokens(engines):
     assert speculation["drafted"] >= drafted and speculation["accepted"] >= accepted
 
 
-def test_sampled_stop_strings(engines):
+def test_sampled_stop_strings(speculation_engines):
     """Stop strings end a speculating sampled answer as they end a plain one (" the" comes
     in almost any English answer; three tries)."""
-    _, spec = engines
+    _, spec = speculation_engines
     for _ in range(3):
         answer = spec.submit(sampled(FOX, max_tokens=40, stop=[" the"])).result()
         if answer.finish_reason == "stop":
@@ -198,18 +176,18 @@ def test_sampled_stop_strings(engines):
     assert " the" not in answer.text and answer.usage.completion_tokens < 40
 
 
-def test_a_seeded_request_gives_its_answer_with_speculation_on_or_off(engines):
-    plain, spec = engines
+def test_a_seeded_request_gives_its_answer_with_speculation_on_or_off(speculation_engines):
+    plain, spec = speculation_engines
     request = sampled(FOX, max_tokens=24, seed=7)
     first, second = spec.submit(request).result(), spec.submit(request).result()
     assert first.text == second.text == plain.submit(request).result().text
     assert first.usage.drafted_tokens == 0  # seeded: decoded plain (rejection.py says why)
 
 
-def test_greedy_with_a_repetition_penalty_speculates_and_keeps_its_answer(engines):
+def test_greedy_with_a_repetition_penalty_speculates_and_keeps_its_answer(speculation_engines):
     """Penalties are applied position by position over the draft, with the plain decode's
     context at each: the greedy answer cannot change."""
-    plain, spec = engines
+    plain, spec = speculation_engines
     request = GenerationRequest(messages=[{"role": "user", "content": EDIT}], max_tokens=32,
                                 repetition_penalty=1.1, presence_penalty=0.2)
     want, got = plain.submit(request).result(), spec.submit(request).result()

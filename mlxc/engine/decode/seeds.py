@@ -19,22 +19,15 @@ def keyed_sampler(
 ) -> Callable[[Any], Any]:
     """A sampler like mlx-lm's `make_sampler`, drawing from its own key made from `seed`."""
     import mlx.core as mx
-    from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
 
-    filters: list[Callable[[Any], Any]] = []
-    if 0 < top_p < 1.0:
-        filters.append(lambda x: apply_top_p(x, top_p))
-    if min_p != 0.0:
-        filters.append(lambda x: apply_min_p(x, min_p, 1))
-    if top_k > 0:
-        filters.append(lambda x: apply_top_k(x, top_k))
+    from mlxc.engine.decode.rejection import sampling_weights  # mlx-lm's filters, its order
+
+    weights = sampling_weights(temperature, top_p, min_p, top_k)
     key = mx.random.key(seed % (1 << 64))  # any int the request allows
 
     def sample(logprobs: Any) -> Any:
         nonlocal key
         key, sub = mx.random.split(key)
-        for method in filters:
-            logprobs = method(logprobs)
-        return mx.random.categorical(logprobs * (1.0 / temperature), key=sub)
+        return mx.random.categorical(weights(logprobs), key=sub)
 
     return sample
