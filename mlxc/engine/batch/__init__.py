@@ -1,6 +1,7 @@
 """Continuous batching on the engine thread: which requests run, together, and when.
 
 - `scheduler.py` — joins and leaves between decode steps; one step a tick.
+- `pacing.py` — how a prompt prefilled beside running streams shares the engine's time.
 - `admission.py` — memory-aware admission: a request is prefilled only when its KV fits.
 - `sequence.py` — one request in the batch: its prompt, state, sampler and output.
 - `lone.py` — the loop of a sequence that runs alone (mlx-lm's own, one step a tick).

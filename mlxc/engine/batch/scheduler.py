@@ -11,7 +11,7 @@ Each `tick` does at most three things, in this order:
    While others decode, each chunk waits until they have had their share of the time it is
    expected to take (DECODE_SHARE; at the rate the chunk before it was prefilled): it comes
    before each chunk, so the prompt's last chunk is paid for too and running streams keep
-   at least half their speed from the moment it arrives to its first token.
+   at least half their speed from the moment it arrives to its first token (batch/pacing.py).
    Requests admitted together (a burst) are prefilled together by the batch, in one pass
    per chunk, and then decode together, as mlx-lm's server does;
 3. one decode step: of the sequence that runs alone (batch/lone.py: mlx-lm's own loop, at raw
@@ -38,6 +38,7 @@ from typing import Any
 from mlxc.engine.batch.admission import MemoryWait
 from mlxc.engine.batch.figures import Figures
 from mlxc.engine.batch.lone import LoneDecoder
+from mlxc.engine.batch.pacing import PrefillPacing
 from mlxc.engine.batch.sequence import Sequence
 from mlxc.engine.decode.speculate import StepCosts
 from mlxc.errors import PromptTooLong
@@ -46,11 +47,6 @@ from mlxc.stream import Failed, Finished, Generation
 
 log = logging.getLogger("mlxc.engine")
 Starter = Callable[[GenerationRequest, Generation], Sequence | Answer]
-# Of the engine's time while a prompt prefills beside running streams, the share they get.
-# Over half: their steps run ~7% slower between chunks than alone (2-core CPU: 60.9 vs 56.9
-# ms), so at half they kept 0.45-0.48 of their speed; the long prompt's first token comes ~11%
-# later than at half (1/0.45 vs 1/0.5 of its prefill time).
-DECODE_SHARE = 0.55
 
 
 @dataclass
@@ -80,9 +76,7 @@ class Scheduler:
         self.ready: list[Sequence] = []  # prefilled in a burst, waiting to join together
         self.next_turns: list[NextTurn] = []
         self.figures = Figures()
-        self._decode_owed = 0.0  # decode seconds due before the next prompt chunk
-        self._prefill_rate = 0.0  # seconds per prompt token, expected of the next chunk
-        self._last_chunk = (0, 0.0)  # id of the sequence it was of, and its rate
+        self.pacing = PrefillPacing()
         self.lone_prefill = 0.0  # seconds to the first token of the last prompt run alone
 
     def _new_batch(self) -> Any:
@@ -130,12 +124,12 @@ class Scheduler:
             if self.ready and not self.admissible and self.prefilling is None:
                 self._release()  # the rest of a burst failed or was cancelled
             decoding = self.lone is not None or self.running
-            if self.prefilling is not None and (self._decode_owed <= 0 or not decoding):
+            if self.prefilling is not None and (self.pacing.owed <= 0 or not decoding):
                 seq, tokens = self.prefilling, self.prefilling.prefill.next_tokens()
                 started = time.perf_counter()
                 self._prefill()
-                self._learn_rate(seq, (time.perf_counter() - started) / max(tokens, 1))
-                self._decode_owed = self._share_before(self.prefilling)
+                self.pacing.learn(seq, (time.perf_counter() - started) / max(tokens, 1))
+                self.pacing.owed = self.pacing.share_before(self.prefilling)
             if self.lone is not None and any(seq.taken for seq in self.running.values()):
                 self._join(self._take_lone())  # a burst's prompts are in: decode together
             if self.lone is not None or self.running:
@@ -144,7 +138,7 @@ class Scheduler:
                     self._decode_lone()
                 if self.running:
                     self._decode()
-                self._decode_owed -= time.perf_counter() - started
+                self.pacing.owed -= time.perf_counter() - started
 
     # -- the three steps ---------------------------------------------------------------
 
@@ -158,22 +152,7 @@ class Scheduler:
     def _prefill_next(self, seq: Sequence | None) -> None:
         """`seq` is the one to prefill chunk by chunk; running streams get their share first."""
         self.prefilling = seq
-        self._decode_owed = self._share_before(seq)
-
-    def _learn_rate(self, seq: Sequence, rate: float) -> None:
-        """The next chunk's expected cost per token: deeper chunks cost more (attention reads
-        all before them), so the growth since this prompt's chunk before is added once more."""
-        last_seq, last_rate = self._last_chunk
-        growth = rate - last_rate if last_seq == id(seq) else 0.0
-        self._prefill_rate = rate + max(growth, 0.0)
-        self._last_chunk = (id(seq), rate)  # not the sequence: its state is freed when done
-
-    def _share_before(self, seq: Sequence | None) -> float:
-        """The running streams' decode time due before `seq`'s next prompt chunk."""
-        if seq is None:
-            return 0.0
-        expected = seq.prefill.next_tokens() * self._prefill_rate
-        return expected * DECODE_SHARE / (1 - DECODE_SHARE)
+        self.pacing.owed = self.pacing.share_before(seq)
 
     def _admit_burst(self, room: int) -> None:
         """Start the waiting requests, and those that come while they are started; several:
