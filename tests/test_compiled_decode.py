@@ -1,6 +1,7 @@
-"""The compiled batched decode step (engine/cuda/compiled_decode.py): with the real tiny model and
+"""The compiled decode step (engine/cuda/compiled_decode.py): with the real tiny model and
 mlx-lm's own BatchGenerator, a batch decoded through it gives the same greedy tokens as
-mlx-lm's step, while requests join and leave and while the buffers grow past 256 positions;
+mlx-lm's step (and a lone sequence's, through mlx-lm's generate_step, too), while requests
+join and leave and while the buffers grow past 256 positions;
 a model its stand-in caches do not fit falls back to mlx-lm's step. The engine turns it on
 on CUDA only, but it runs anywhere, so these tests run on the CPU too."""
 
@@ -51,6 +52,31 @@ def test_it_grows_its_buffers_past_256_positions(lively_model):
     compiled = CompiledDecode(model)
     assert decode(compiled, prompts, [30, 30]) == want
     assert compiled.failed is None and compiled.steps >= 29
+
+
+def lone_tokens(model, prompt, count):
+    """Greedy tokens of one sequence through mlx-lm's own lone loop (`generate_step`, a
+    plain KVCache per layer), as engine/batch/lone.py decodes a sequence that is alone."""
+    import mlx.core as mx
+    from mlx_lm.generate import generate_step
+
+    steps = generate_step(mx.array(prompt), model, max_tokens=count)
+    return [int(token) for token, _ in steps]
+
+
+def test_a_lone_sequence_s_step_runs_compiled_with_mlx_lm_s_tokens(lively_model):
+    """A lone step is a batch of one row over mlx-lm's KVCache: the same tokens as mlx-lm's
+    step, past a 256-position buffer (a prompt of 245 and 30 more), with a prompt whose cache
+    is exactly its length (no spare room) and one that has some."""
+    model, tokenizer = lively_model
+    long = (tokenizer.encode("the fox jumps over the lazy dog ") * 40)[:245]
+    for prompt, count in ((long, 30), (prompts_of(tokenizer)[1], 20)):
+        want = lone_tokens(model, prompt, count)
+        compiled = CompiledDecode(model)
+        assert lone_tokens(compiled, prompt, count) == want
+        assert compiled.failed is None
+        assert compiled.lone_steps == compiled.steps >= count - 2  # the prefill is mlx-lm's
+        assert compiled.figures()["compiled_decode"]["lone_steps"] == compiled.lone_steps
 
 
 def test_a_model_its_stand_ins_do_not_fit_gets_mlx_lm_s_step(lively_model):
@@ -153,6 +179,7 @@ def test_the_engine_with_it_answers_as_alone_and_keeps_states_that_reuse_right(t
         firsts = [g.result() for g in [engine.submit(r) for r in requests]]
         assert [a.text for a in firsts] == alone
         assert compiled.steps > 0 and compiled.failed is None
+        assert compiled.lone_steps > 0  # the lone answers ran compiled too
         follows = [GenerationRequest(messages=[
             {"role": "user", "content": p}, {"role": "assistant", "content": a.text},
             {"role": "user", "content": "And then?"}], max_tokens=12)

@@ -230,8 +230,8 @@ class Scheduler:
         if len(ready) == 1 and not self.running and self.lone is None:
             import mlx.core as mx
 
-            self.lone = LoneDecoder(self.engine.model, ready[0], mx.array(ready[0].taken[-1:]),
-                                    self.step_costs)
+            self.lone = LoneDecoder(self.engine.batch_model, ready[0],
+                                    mx.array(ready[0].taken[-1:]), self.step_costs)
             return
         self._join(self._take_lone() + ready)  # not alone any more: all decode in the batch
 
@@ -337,7 +337,7 @@ class Scheduler:
         cache, _ = batch.remove([uid], return_prompt_caches=True)[uid]
         del self.running[uid]
         seq.uid, seq.cache = None, cache  # holds the prompt and every token taken
-        self.lone = LoneDecoder.resume(self.engine.model, seq, pending, row, self.step_costs)
+        self.lone = LoneDecoder.resume(self.engine.batch_model, seq, pending, row, self.step_costs)
         self.figures.back_alone += 1
 
     # -- leaving --------------------------------------------------------------------------

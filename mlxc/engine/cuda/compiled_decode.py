@@ -1,4 +1,5 @@
-"""A batched decode step built once per shape and replayed (`mx.compile`), for CUDA.
+"""A decode step built once per shape and replayed (`mx.compile`), for CUDA: the batch's, and a
+lone sequence's (a batch of one row over mlx-lm's KVCache).
 
 On the H200 a decode step is paced by the host: Python builds ~700 operations a step for a
 3B model (~2.5 ms) before the GPU has work, and a batch of 4 cost ~1.5-2x a lone step
@@ -75,6 +76,7 @@ class CompiledDecode:
         self._shapes: OrderedDict[tuple, Any] = OrderedDict()
         self.failed: str | None = None  # why the compiled step is off, once a trace failed
         self.steps = 0  # decode steps it ran compiled
+        self.lone_steps = 0  # of which a lone sequence's (one row over mlx-lm's KVCache)
         self.traces, self.trace_seconds = 0, 0.0  # shapes traced, and the time it took
         self.on = True  # off: every call goes to the model (a benchmark's A/B switch)
         self.checked = False  # the first compiled step was compared with the model's
@@ -83,11 +85,12 @@ class CompiledDecode:
         return getattr(self.model, name)
 
     def __call__(self, inputs: Any, cache: Any = None, **kwargs: Any) -> Any:
-        if kwargs or self.failed or not self.on or not _decodes(inputs, cache):
+        kind = None if kwargs or self.failed or not self.on else _decodes(inputs, cache)
+        if kind is None:
             return self.model(inputs, cache=cache, **kwargs)
         import mlx.core as mx
 
-        _make_room(cache)
+        _make_room(cache, kind)
         first = cache[0]
         shape = (*inputs.shape, *first.keys.shape, first.keys.dtype)
         compiled = self._shapes.pop(shape, None)
@@ -96,7 +99,7 @@ class CompiledDecode:
             compiled, started = mx.compile(self._step), time.perf_counter()
         try:
             logits, keys, values = compiled(
-                inputs, first.offset, first.left_padding, mx.array(first._idx, mx.int32),
+                inputs, *_positions(first, kind),
                 [c.keys for c in cache], [c.values for c in cache])
         except Exception as exc:  # a model the stand-ins do not fit: mlx-lm's step, always
             self.failed = f"{type(exc).__name__}: {exc}"
@@ -116,14 +119,18 @@ class CompiledDecode:
             self._shapes.popitem(last=False)
         for c, k, v in zip(cache, keys, values, strict=True):
             c.keys, c.values = k, v
-            c.offset = c.offset + 1
-            c._idx += 1
+            c.offset = c.offset + 1  # BatchKVCache: an array per row; KVCache: an int
+            if kind == "batch":
+                c._idx += 1
         self.steps += 1
+        if kind == "lone":
+            self.lone_steps += 1
         return logits
 
     def figures(self) -> dict:
         """For /health: whether decode steps run compiled, and what tracing has cost."""
-        return {"compiled_decode": {"steps": self.steps, "traces": self.traces,
+        return {"compiled_decode": {"steps": self.steps, "lone_steps": self.lone_steps,
+                                    "traces": self.traces,
                                     "trace_seconds": round(self.trace_seconds, 3),
                                     "failed": self.failed}}
 
@@ -159,15 +166,31 @@ def _attention(original: Any) -> Any:
     return scaled_dot_product_attention
 
 
-def _decodes(inputs: Any, cache: Any) -> bool:
-    """One new token per row over mlx-lm's BatchKVCache in every layer, already filled."""
-    from mlx_lm.models.cache import BatchKVCache
+def _decodes(inputs: Any, cache: Any) -> str | None:
+    """"batch": one new token per row over mlx-lm's BatchKVCache in every layer, already
+    filled; "lone": one token of one sequence over mlx-lm's plain KVCache (the lone loop's
+    step, engine/batch/lone.py); None: anything else (prefills, verify passes, other caches)."""
+    from mlx_lm.models.cache import BatchKVCache, KVCache
 
-    return (
-        inputs.ndim == 2 and inputs.shape[1] == 1 and isinstance(cache, list) and bool(cache)
-        and all(type(c) is BatchKVCache and c.keys is not None
-                and c._right_padding is None for c in cache)
-    )
+    if not (inputs.ndim == 2 and inputs.shape[1] == 1 and isinstance(cache, list) and cache):
+        return None
+    if all(type(c) is BatchKVCache and c.keys is not None and c._right_padding is None
+           for c in cache):
+        return "batch"
+    if inputs.shape[0] == 1 and all(type(c) is KVCache and c.keys is not None for c in cache):
+        return "lone"
+    return None
+
+
+def _positions(first: Any, kind: str) -> tuple[Any, Any, Any]:
+    """The step's (offset, left_padding, idx) as arrays, from the first layer's cache: a lone
+    KVCache is a batch of one row without padding whose next position is its offset."""
+    import mlx.core as mx
+
+    if kind == "batch":
+        return first.offset, first.left_padding, mx.array(first._idx, mx.int32)
+    return (mx.array([first.offset], mx.int32), mx.zeros((1,), mx.int32),
+            mx.array(first.offset, mx.int32))
 
 
 def _twin(cache: Any) -> Any:
@@ -180,13 +203,15 @@ def _twin(cache: Any) -> Any:
     return twin
 
 
-def _make_room(cache: list) -> None:
+def _make_room(cache: list, kind: str) -> None:
     """Room for one more position, in buffers a multiple of STEP long (a filtered batch's
-    are cut at the front), so shapes, and traces, change seldom."""
+    are cut at the front; a lone cache's may be as long as its prompt), so shapes, and
+    traces, change seldom."""
     import mlx.core as mx
 
     length = cache[0].keys.shape[2]
-    wanted = -(-max(length, cache[0]._idx + 1) // STEP) * STEP
+    written = cache[0]._idx if kind == "batch" else cache[0].offset
+    wanted = -(-max(length, written + 1) // STEP) * STEP
     if wanted == length:
         return
     for c in cache:
