@@ -87,7 +87,8 @@ class Settings:
     prefix_disk_bits: int = 0  # 8: the prefix cache's disk blocks as 8-bit K/V (0: as computed)
     next_turn_prefill: bool = False  # serve: prefill a follow-up's opening while idle
     batch_kernels: bool = True  # CUDA: batched steps by cuda/small_rows.py, batch_attention.py
-    compiled_decode: bool = True  # CUDA: batched decode steps compiled (cuda/compiled_decode.py)
+    compiled_decode: bool = True  # CUDA: decode steps compiled (cuda/compiled_decode.py)
+    fused_projections: bool = True  # CUDA: q/k/v, gate/up as one matmul (fused_projections.py)
     speculate: str = "auto"  # speculative decoding (engine/decode/speculate.py)
 
     @property
@@ -160,6 +161,7 @@ def load_settings() -> Settings:
         prefix_disk_bits=_int_env("PREFIX_DISK_BITS", base.prefix_disk_bits),
         batch_kernels=_bool_env("BATCH_KERNELS", base.batch_kernels),
         compiled_decode=_bool_env("COMPILED_DECODE", base.compiled_decode),
+        fused_projections=_bool_env("FUSED_PROJECTIONS", base.fused_projections),
         speculate=_env("SPECULATE", base.speculate),
     ).validated()
 

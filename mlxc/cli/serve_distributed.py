@@ -43,7 +43,8 @@ def check_options(max_batch: int | None, models: list[str] | None, parallel: str
 def sharded_settings(settings: Any) -> Any:
     """What a sharded engine can follow: no speculation, no CUDA compiled/batched steps (they
     change a cache outside a model call, or run the model where the other ranks do not)."""
-    return settings.with_overrides(speculate="off", compiled_decode=False, batch_kernels=False)
+    return settings.with_overrides(speculate="off", compiled_decode=False, batch_kernels=False,
+                                   fused_projections=False)
 
 
 def become_rank(parallel: str, settings: Any, model: str | None) -> Any:

@@ -61,8 +61,9 @@ def load_for_engine(ref: ModelRef, settings: Settings,
     apply_dtype(model, dtype)
     if serving.ROLE is None:
         tokenizer = tokenizer_job.result()
-    from mlxc.engine.cuda import batch_kernels, compiled_decode, quant_rows
+    from mlxc.engine.cuda import batch_kernels, compiled_decode, fused_projections, quant_rows
 
+    fused_projections.install(model, settings.fused_projections)  # CUDA, before the kernels
     quant_rows.install(model)  # CUDA: quantized projections of 1-16 rows, kept packed
     batch_model = compiled_decode.for_model(model, settings.compiled_decode)
     kernels = batch_kernels.for_model(model, settings.batch_kernels, batch_model is not model)
