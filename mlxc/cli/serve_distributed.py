@@ -26,18 +26,15 @@ FOLLOWER_EXIT_WAIT = 10.0  # s a follower has to leave after rank 0 has
 STOP_WAIT = 5.0  # s rank 0 waits for its stop to reach the followers
 
 
-def check_options(max_batch: int | None, models: list[str] | None, parallel: str) -> int:
-    """The batch size a sharded server runs (1), or an InputError saying what is refused."""
+def check_options(max_batch: int | None, models: list[str] | None, parallel: str
+                  ) -> int | None:
+    """The batch size a sharded server runs (as asked: rank 0's batch is mirrored to every
+    rank), or an InputError saying what is refused."""
     if parallel not in ("tensor", "pipeline", "auto"):
         raise InputError(f"--parallel must be tensor, pipeline or auto, not {parallel!r}")
-    if max_batch is not None and max_batch > 1:
-        raise InputError(
-            "--distributed/--shards serves one sequence at a time for now: the batch's cache "
-            "operations are not mirrored to the other ranks. Leave out --max-batch (or use 1); "
-            "other requests wait their turn (--max-queue).")
     if models and len(models) > 1:
         raise InputError("--distributed/--shards serves one model: give a single --model")
-    return 1
+    return max_batch
 
 
 def sharded_settings(settings: Any) -> Any:
@@ -76,7 +73,7 @@ def describe(role: Any) -> str:
     """The banner's world line."""
     hosts = sorted(set(role.hosts))
     return (f"{role.world.size} ranks over {role.world.backend} · {role.layout} parallel · "
-            f"{', '.join(hosts)} · one sequence at a time")
+            f"{', '.join(hosts)}")
 
 
 def stop_followers(role: Any) -> None:

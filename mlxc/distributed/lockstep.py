@@ -1,25 +1,26 @@
 """Every model call rank 0's engine makes, run on every rank in the same order (mlxc serve
---distributed): rank 0's engine is the unchanged single-process engine, whose model's inner
-network (`model.model`, where mlx-lm's tensor and pipeline parallel collectives live) shares
-each call's token ids and KV cache before running it; the other ranks `follow`, running the
-same call on their shard with their own cache for it.
+--distributed): rank 0's engine is the unchanged single-process engine, batch included, whose
+model's inner network (`model.model`, where mlx-lm's tensor and pipeline parallel collectives
+live) shares each call's token ids and KV cache before running it; the other ranks `follow`,
+running the same call on their shard with their own cache for it.
 
-Caches are named by rank 0: a fresh (empty) cache gets a number on first use, the followers
-make their own fresh one for it, and drop it when rank 0's is garbage collected. A cache
-changed outside a model call (trimmed, merged into a batch, filled from the prefix cache)
-could not be followed, so rank 0 refuses such a call before sharing anything (the ranks stay
-in step) and `mlxc serve --distributed` turns off what would do it: batching past one sequence,
-speculation. The prefix cache's fetches and stores are shared too (distributed/prefix.py): each
-rank fills and keeps its own cache for them. Each call is evaluated before it returns, so the
-collectives of two calls never interleave with the sharing between them."""
+Caches are numbered by rank 0, layer by layer (cache_ops.py): a fresh cache gets numbers on
+first use and the followers make their own; what mlx-lm's batch does to caches between calls
+(merges, pads, filters, extends, extracts, copies) is logged and replayed on every rank before
+the next job, so each rank's batch cache holds its shard of the same rows. A call on a cache
+the others do not hold is refused on rank 0 before anything is shared (the ranks never fall
+out of step), and each follower checks its cache stands where rank 0's does. The prefix
+cache's fetches and stores are shared too (distributed/prefix.py): each rank fills and keeps
+its own cache for them. Each call is evaluated before it returns, so the collectives of two
+calls never interleave with the sharing between them."""
 
 from __future__ import annotations
 
 import os
 import signal
-import weakref
 from typing import Any
 
+from mlxc.distributed.cache_ops import CacheLog, Replica, ident, install, pack
 from mlxc.distributed.mirror import share
 from mlxc.errors import ModelError
 
@@ -39,23 +40,23 @@ class Leader:
         from mlx_lm.models.cache import make_prompt_cache
 
         self.group = group
-        self.classes = [type(c).__name__ for c in make_prompt_cache(model)]
+        self.log = CacheLog([type(c).__name__ for c in make_prompt_cache(model)])
         self.calls = 0
-        self._next = 0
-        self._freed: list[int] = []  # appended by GC finalizers, sent with the next call
-        self._offsets: dict[int, int] = {}  # where each named cache stood after its last call
         self.stopped = False
 
     def before(self, inputs: Any, cache: Any, embeddings: Any) -> None:
         """Share this call with the followers (engine thread), or refuse it first."""
         if embeddings is not None:
             raise OutOfStep("input embeddings are not mirrored to the other ranks")
-        key = offset = None
+        job: dict[str, Any] = {"call": inputs.tolist(), "cache": None}
         if cache is not None:
-            key, offset = self._name(cache)
-        self._send({"call": inputs.tolist(), "cache": key, "offset": offset})
-        if key is not None:
-            self._offsets[key] = offset + int(inputs.shape[1])
+            ids = self.log.name_list(cache)
+            if ids is None:
+                raise OutOfStep(f"a KV cache the other ranks do not hold ({type(cache[0]).__name__}"
+                                ", changed outside the operations they follow): sharded "
+                                "serving cannot run this call")
+            job["cache"], job["at"] = pack(ids), int(cache[0].size())
+        self._send(job)
         self.calls += 1
 
     def lost(self, exc: Exception) -> None:
@@ -67,67 +68,33 @@ class Leader:
         raise RankLost(f"another rank of the sharded model is gone ({exc}); the server stops: "
                        "restart every rank") from exc
 
-    def _name(self, cache: list[Any]) -> tuple[int, int]:
-        """(number, offset) of a cache the followers know or can make fresh."""
-        first = cache[0]
-        offset = getattr(first, "offset", 0)
-        key = getattr(first, "_mlxc_lockstep", None)
-        if key is not None:
-            if self._offsets.get(key) != offset:
-                raise OutOfStep(f"a KV cache was changed outside a model call (at {offset}, "
-                                f"the other ranks at {self._offsets.get(key)}): "
-                                "sharded serving cannot follow it")
-            return key, offset
-        classes = [type(c).__name__ for c in cache]
-        if classes != self.classes or not all(_empty(c) for c in cache):
-            raise OutOfStep(f"a KV cache the other ranks cannot make ({classes[0]}, "
-                            f"{'filled' if classes == self.classes else 'not fresh'}): "
-                            "sharded serving runs one sequence at a time")
-        key, self._next = self._next, self._next + 1
-        first._mlxc_lockstep = key
-        weakref.finalize(first, self._forget, key)
-        return key, 0
-
     def share_fetch(self, tokens: list[int]) -> int:
-        """A prefix lookup every rank does (distributed/prefix.py); the cache's number."""
-        key, self._next = self._next, self._next + 1
-        self._send({"fetch": tokens, "key": key})
-        return key
+        """A prefix lookup every rank does (distributed/prefix.py); its cache's first number."""
+        first = self.log.reserve(len(self.log.classes))
+        self._send({"fetch": tokens, "key": first})
+        return first
 
-    def adopt(self, cache: list[Any], key: int, offset: int) -> None:
-        """`cache` (holding `offset` tokens) is number `key` on every rank."""
-        cache[0]._mlxc_lockstep = key
-        self._offsets[key] = offset
-        weakref.finalize(cache[0], self._forget, key)
+    def adopt(self, cache: list[Any], first: int) -> None:
+        """`cache` is numbers first.. on every rank."""
+        self.log.adopt(cache, first)
 
     def share_store(self, cache: list[Any], tokens: list[int]) -> bool:
         """Every rank keeps its share of `cache` for `tokens`; False for a cache they lack."""
-        key = getattr(cache[0], "_mlxc_lockstep", None)
-        if key is None or self._offsets.get(key) != getattr(cache[0], "offset", None):
+        ids = [ident(layer) for layer in cache]
+        if None in ids:
             return False
-        self._send({"store": key, "tokens": list(tokens)})
+        self._send({"store": pack(ids), "tokens": list(tokens)})
         return True
-
-    def moved(self, cache: list[Any]) -> None:
-        """`cache` was cut on every rank alike (a store trims past its tokens)."""
-        key = getattr(cache[0], "_mlxc_lockstep", None)
-        if key in self._offsets:
-            self._offsets[key] = int(cache[0].offset)
 
     def _send(self, job: dict) -> None:
         if self.stopped:
             raise RankLost("the other ranks of the sharded model have stopped (see the log); "
                            "restart every rank")
-        if self._freed:
-            job["free"], self._freed = self._freed, []
+        job.update(self.log.take())
         try:
             share(self.group, job)
         except RuntimeError as exc:
             self.lost(exc)
-
-    def _forget(self, key: int) -> None:
-        self._offsets.pop(key, None)
-        self._freed.append(key)
 
     def stop(self) -> None:
         """Let the followers return (engine thread, or any thread once the engine is done)."""
@@ -136,18 +103,13 @@ class Leader:
             share(self.group, {"stop": True})
 
 
-def _empty(cache: Any) -> bool:
-    try:
-        return bool(cache.empty())
-    except NotImplementedError:
-        return False
-
-
 def lead(group: Any, model: Any) -> Leader:
-    """Make every call of `model.model` (its inner network) shared first, then evaluated."""
+    """Make every call of `model.model` (its inner network) shared first, then evaluated, and
+    every cache operation between calls logged for the followers."""
     import mlx.core as mx
 
     leader = Leader(group, model)
+    install(leader.log)
     inner = model.model
     base = type(inner)
 
@@ -167,18 +129,16 @@ def lead(group: Any, model: Any) -> Leader:
 
 
 def follow(group: Any, model: Any, prefix: Any = None) -> int:
-    """A follower rank's loop: run rank 0's model calls, and its prefix cache's fetches and
-    stores on `prefix` (this rank's own), until it stops; returns the model calls run.
-    A cache out of step with rank 0's is a clear error (the rank ends, and with it the server)
-    rather than an answer from wrong positions."""
+    """A follower rank's loop: run rank 0's model calls and cache operations, and its prefix
+    cache's fetches and stores on `prefix` (this rank's own), until it stops; returns the
+    model calls run. A cache out of step with rank 0's is a clear error (the rank ends, and
+    with it the server) rather than an answer from wrong positions."""
     import mlx.core as mx
-    from mlx_lm.models.cache import make_prompt_cache
 
-    inner, caches, calls = model.model, {}, 0
+    inner, replica, calls = model.model, Replica(model), 0
     while True:
         job = share(group)
-        for key in job.get("free", ()):
-            caches.pop(key, None)
+        replica.apply(job)  # rank 0's cache operations since the last job, then its frees
         if job.get("stop"):
             return calls
         if "fetch" in job:  # distributed/prefix.py: this rank's blocks, agreed with the others
@@ -186,20 +146,18 @@ def follow(group: Any, model: Any, prefix: Any = None) -> int:
             from mlxc.engine.kv.blocks import token_array
 
             found, reused, _ = prefix.tiers.reuse(token_array(job["fetch"]))
-            caches[job["key"]] = settle(model, found, reused, agree(group, reused))
+            replica.adopt(settle(model, found, reused, agree(group, reused)), job["key"])
             continue
         if "store" in job:
-            prefix.store(job["tokens"], caches[job["store"]])
+            prefix.store(job["tokens"], replica.get(job["store"]))
             continue
-        key, cache = job["cache"], None
-        if key is not None:
-            cache = caches.get(key)
-            if cache is None:
-                cache = caches[key] = make_prompt_cache(model)
-            mine = getattr(cache[0], "offset", 0)
-            if mine != job["offset"]:
-                raise OutOfStep(f"rank {group.rank()}: KV cache {key} holds {mine} tokens, "
-                                f"rank 0's {job['offset']}")
+        cache = None
+        if job["cache"] is not None:
+            cache = replica.get(job["cache"])
+            mine = int(cache[0].size())
+            if mine != job["at"]:
+                raise OutOfStep(f"rank {group.rank()}: a KV cache holds {mine} tokens, "
+                                f"rank 0's {job['at']}")
         out = inner(mx.array(job["call"]), cache)
         mx.eval(out)
         calls += 1

@@ -54,10 +54,11 @@ class _AgreedTiers:
 
     def reuse(self, tokens: Any) -> tuple[list[Any], int, dict[str, int]]:
         key = self._leader.share_fetch(list(tokens))
-        cache, reused, per_tier = self._tiers.reuse(tokens)
-        agreed = agree(self._leader.group, reused)
-        cache = settle(self._model, cache, reused, agreed)
-        self._leader.adopt(cache, key, agreed)
+        with self._leader.log.quiet():  # every rank cuts its own cache alike
+            cache, reused, per_tier = self._tiers.reuse(tokens)
+            agreed = agree(self._leader.group, reused)
+            cache = settle(self._model, cache, reused, agreed)
+        self._leader.adopt(cache, key)
         memory = min(per_tier.get("memory", 0), agreed)
         return cache, agreed, {"memory": memory, "disk": agreed - memory}
 
@@ -81,9 +82,8 @@ class LeadingPrefix(PrefixCache):
               ) -> list[int] | None:
         if self.tiers is None or not self.leader.share_store(cache, tokens):
             return None  # a cache the other ranks do not hold: nothing worth keeping alone
-        kept = super().store(tokens, cache, kind)
-        self.leader.moved(cache)  # store may have cut it to `tokens`
-        return kept
+        with self.leader.log.quiet():  # a cut to `tokens` is done by every rank's own store
+            return super().store(tokens, cache, kind)
 
 
 def following_prefix(role: Any, model: Any, tokenizer: Any, fingerprint: str | None,

@@ -27,7 +27,8 @@ class Role:
         """For /health: the world, and how the model is split over it."""
         return {"ranks": self.world.size, "rank": self.world.rank, "hosts": self.hosts,
                 "backend": self.world.backend, "parallel": self.layout or self.parallel,
-                "mirrored_calls": self.leader.calls if self.leader else 0}
+                "mirrored_calls": self.leader.calls if self.leader else 0,
+                "mirrored_cache_ops": dict(self.leader.log.counts) if self.leader else {}}
 
 
 ROLE: Role | None = None  # set by `join_world` before the engine loads; None: not sharded
