@@ -26,6 +26,8 @@ BASE = {"hidden_size": 64, "num_hidden_layers": 2, "intermediate_size": 96,
         "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "max_position_embeddings": 512,
         "tie_word_embeddings": False}
 MOE = {"num_experts_per_tok": 2, "moe_intermediate_size": 32}
+LLAMA3 = {"rope_type": "llama3", "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 8192}
 # name: (GGUF architecture, mlx-lm config, GGUF metadata beyond the common keys)
 CASES = {
     "qwen3moe": ("qwen3moe", {**BASE, **MOE, "model_type": "qwen3_moe", "num_experts": 4,
@@ -36,6 +38,14 @@ CASES = {
                           "num_experts_per_tok": 2, "intermediate_size": 32},
                 {"expert_count": 4, "expert_used_count": 2}),
     "mistral": ("llama", {**BASE, "model_type": "llama"}, {}),
+    # Llama 3.1's rope scaling, written as llama.cpp does: a rope_freqs.weight tensor.
+    "llama3.1": ("llama", {**BASE, "model_type": "llama", "rope_theta": 500000.0,
+                           "rope_scaling": {**LLAMA3, "factor": 8.0}}, {}),
+    # Llama 3.2's tied head; a context of 64 stretched 16 times, so that the 38-token prompt
+    # turns the scaled pairs far from where unscaled ones would be (see test_gguf_llama3.py).
+    "llama3.2": ("llama", {**BASE, "model_type": "llama", "tie_word_embeddings": True,
+                           "rope_scaling": {**LLAMA3, "factor": 16.0,
+                                            "original_max_position_embeddings": 64}}, {}),
     "gemma": ("gemma", {**BASE, "model_type": "gemma", "tie_word_embeddings": True}, {}),
     "gemma2": ("gemma2", {**BASE, "model_type": "gemma2", "attn_logit_softcapping": 20.0,
                           "final_logit_softcapping": 10.0, "query_pre_attn_scalar": 16,
@@ -70,6 +80,28 @@ def _hf_name(name: str, model_type: str) -> str:
     return name.replace("switch_mlp.", "experts.")
 
 
+def llama_cpp_rope_freqs(config: dict) -> np.ndarray:
+    """rope_freqs.weight as llama.cpp's convert_hf_to_gguf.py (LlamaModel) computes it from a
+    llama3 rope_scaling, step by step in float32 (its torch code, in numpy)."""
+    scaling, dim = config["rope_scaling"], config["head_dim"]
+    base = np.float32(config["rope_theta"])
+    freqs = 1.0 / (base ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)))
+    factor, low, high = (scaling[k] for k in ("factor", "low_freq_factor", "high_freq_factor"))
+    old_context_len = scaling["original_max_position_embeddings"]
+    low_freq_wavelen, high_freq_wavelen = old_context_len / low, old_context_len / high
+    rope_factors = []
+    for freq in freqs:
+        wavelen = np.float32(2 * np.pi) / freq
+        if wavelen < high_freq_wavelen:
+            rope_factors.append(1)
+        elif wavelen > low_freq_wavelen:
+            rope_factors.append(factor)
+        else:
+            smooth = (np.float32(old_context_len) / wavelen - low) / (high - low)
+            rope_factors.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(rope_factors, np.float32)
+
+
 def _permute(w: np.ndarray, heads: int) -> np.ndarray:
     """llama.cpp's LlamaModel.permute: Q/K rows reordered for its interleaved rotary."""
     return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(
@@ -77,9 +109,10 @@ def _permute(w: np.ndarray, heads: int) -> np.ndarray:
 
 
 def _make(tmp_path, case: str, spm: bool = False, experts: T | None = None,
-          one_by_one: bool = False):
+          one_by_one: bool = False, extra_tensors: dict | None = None):
     """(MLX folder, GGUF) holding the same random weights; `one_by_one` writes experts as
-    older Mixtral files do (blk.N.ffn_up.E), not stacked."""
+    older Mixtral files do (blk.N.ffn_up.E), not stacked; `extra_tensors` go into the GGUF
+    only (name -> float32 array; None drops a tensor _make would write)."""
     import importlib
 
     import mlx.core as mx
@@ -119,6 +152,12 @@ def _make(tmp_path, case: str, spm: bool = False, experts: T | None = None,
         for key in ("long", "short"):
             factors = np.array(config["rope_scaling"][f"{key}_factor"], np.float32)
             writer.add_tensor(f"rope_factors_{key}.weight", factors)
+    added = {}
+    if (config.get("rope_scaling") or {}).get("rope_type") == "llama3":
+        added["rope_freqs.weight"] = llama_cpp_rope_freqs(config)
+    for name, value in {**added, **(extra_tensors or {})}.items():
+        if value is not None:
+            writer.add_tensor(name, np.asarray(value, np.float32))
     meta = {"block_count": config["num_hidden_layers"], "context_length": 512,
             "embedding_length": 64, "feed_forward_length": config["intermediate_size"],
             "attention.head_count": 4, "attention.head_count_kv": config["num_key_value_heads"],

@@ -87,7 +87,10 @@ def gguf_problems(header, types: set[str]) -> list[str]:
         problems.append(f"tokenizer {kind!r}: only byte-level BPE ('gpt2') and sentencepiece "
                         "('llama') are rebuilt")
     if "rope_freqs.weight" in header.tensors:
-        problems.append("Llama 3 rope frequency scaling is not imported")
+        from mlxc.model.gguf_rope import rope_freqs_problem
+
+        if why := rope_freqs_problem(header):
+            problems.append(why)
     scaling = header.get(f"{arch}.rope.scaling.type", "none")
     taken = ARCHITECTURES[arch].rope_scaling if arch in ARCHITECTURES else ()
     if scaling not in ("none", None, *taken):

@@ -89,6 +89,24 @@ class Architecture:
     top: dict[str, str] = field(default_factory=lambda: TOP)
 
 
+def _llama(meta: Meta, tensors: dict) -> dict:
+    """Llama 3.1-3.3 files carry their rope scaling as rope_freqs.weight (gguf_rope.py)."""
+    if (factors := tensors.pop("rope_freqs.weight", None)) is None:
+        return {}
+    from mlxc.model.gguf_rope import llama3_scaling, rotates_as_llama_cpp
+
+    hidden, heads = int(meta.need("embedding_length")), int(meta.need("attention.head_count"))
+    dim = int(meta.get("attention.key_length", hidden // heads))  # all of it rotates
+    base = float(meta.get("rope.freq_base", 10000.0))
+    factors = factors.tolist()  # an mx or numpy array of float32
+    scaling = llama3_scaling(factors, base, dim)
+    if scaling is None or (scaling and not rotates_as_llama_cpp(scaling, factors, base, dim)):
+        meta.refuse("has a rope_freqs.weight tensor that no Llama 3 rope scaling (factor, "
+                    "low/high frequency factors, original context) gives, and mlx-lm's rope "
+                    "cannot take its per-dimension divisors as they are")
+    return {"rope_scaling": scaling} if scaling else {}
+
+
 def _qwen3moe(meta: Meta, tensors: dict) -> dict:
     layers = int(meta.need("block_count"))
     dense = [i for i in range(layers) if f"blk.{i}.ffn_gate_inp.weight" not in tensors]
@@ -142,6 +160,8 @@ def _phi3(meta: Meta, tensors: dict) -> dict:
     extra = {"partial_rotary_factor": rotated / (hidden // heads)}
     long = tensors.pop("rope_factors_long.weight", None)
     brief = tensors.pop("rope_factors_short.weight", long)
+    if long is None and brief is not None:
+        meta.refuse("has rope_factors_short.weight without rope_factors_long.weight")
     if long is not None:  # Phi-3.5 / Phi-4-mini 128k: LongRoPE factors stored as tensors
         extra["rope_scaling"] = {"type": "longrope",
                                  "long_factor": [short(v) for v in long.tolist()],
@@ -151,7 +171,7 @@ def _phi3(meta: Meta, tensors: dict) -> dict:
     return extra
 
 
-LLAMA = Architecture("llama", {**ATTENTION, **DENSE}, rope_traditional=True)
+LLAMA = Architecture("llama", {**ATTENTION, **DENSE}, extra=_llama, rope_traditional=True)
 ARCHITECTURES: dict[str, Architecture] = {
     "llama": LLAMA,
     "qwen2": Architecture("qwen2", {**ATTENTION, **DENSE}),
@@ -200,8 +220,6 @@ def build_config(meta: dict, tensors: dict, file: str) -> tuple[Architecture, di
     head_dim = int(m.get("attention.key_length", hidden // heads))
     if arch != "phi3" and int(m.get("rope.dimension_count", head_dim)) != head_dim:
         m.refuse("rotates only part of each head")
-    if "rope_freqs.weight" in tensors:
-        m.refuse("uses Llama 3 rope frequency scaling")
     if (scaling := m.get("rope.scaling.type", "none")) not in ("none", *table.rope_scaling):
         m.refuse(f"uses {scaling!r} rope scaling")
     if "token_embd.weight" not in tensors:
@@ -224,6 +242,9 @@ def build_config(meta: dict, tensors: dict, file: str) -> tuple[Architecture, di
     if table.head_dim:
         config["head_dim"] = head_dim
     config.update(table.extra(m, tensors))
+    if "rope_freqs.weight" in tensors:  # left by extra: only llama's reads it
+        m.refuse("has a rope_freqs.weight tensor, which mlxc reads only for Llama 3, not for "
+                 f"mlx-lm's {table.model_type}")
     for key in ("bos", "eos"):
         if (token_id := meta.get(f"tokenizer.ggml.{key}_token_id")) is not None:
             config[f"{key}_token_id"] = int(token_id)

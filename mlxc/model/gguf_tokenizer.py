@@ -14,6 +14,9 @@ QWEN2_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
+# Llama 3's (its tokenizer.json's, llama.cpp's "llama-bpe"): the same with digits by threes.
+LLAMA3_SPLIT = QWEN2_SPLIT.replace(r"|\p{N}|", r"|\p{N}{1,3}|")
+SPLITS = {"qwen2": QWEN2_SPLIT, "llama-bpe": LLAMA3_SPLIT}
 ROUND_TRIP = ("The capital of France", " 1889 World's Fair.\n\tÉté 東京 🙂")
 
 
@@ -80,8 +83,8 @@ def _byte_level(meta: dict, tokens: list[str], types: list[int]):
     steps = [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
     if _value(meta, "tokenizer.ggml.pre") == "smollm":
         steps.insert(0, pre_tokenizers.Digits(individual_digits=True))
-    elif _value(meta, "tokenizer.ggml.pre") == "qwen2":
-        steps = [pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"),
+    elif (split := SPLITS.get(_value(meta, "tokenizer.ggml.pre"))) is not None:
+        steps = [pre_tokenizers.Split(Regex(split), behavior="isolated"),
                  pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
     tok.pre_tokenizer = pre_tokenizers.Sequence(steps)
     tok.decoder = decoders.ByteLevel()
