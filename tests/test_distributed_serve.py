@@ -2,7 +2,7 @@
 server and stopped by the test (bounded time). Greedy answers through the openai client equal a
 one-process `mlxc serve`'s: tensor parallel on the tiny llama (4 query / 2 KV heads), pipeline
 parallel on a tiny qwen2 made here (mlx-lm's llama has no pipeline). A dead rank ends the
-server with a clear error; a batch past one sequence is refused before anything starts."""
+server with a clear error. Batching on the sharded model: tests/test_distributed_batch.py."""
 
 from __future__ import annotations
 
@@ -10,8 +10,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -100,15 +98,6 @@ def test_a_dead_rank_ends_the_server_with_a_clear_error(tmp_path, lively_llama):
     assert "rank 1 of 2 exited with code -9" in log, log
     assert time.monotonic() - started < 30
     assert all(not Path(f"/proc/{pid}").exists() for pid in ranks)
-
-
-def test_a_batch_past_one_sequence_is_refused(tmp_path, lively_llama):
-    done = subprocess.run(
-        [sys.executable, "-m", "mlxc", "serve", "--distributed", "--max-batch", "4",
-         "-m", str(lively_llama)], capture_output=True, text=True, timeout=60,
-        env={**os.environ, "MLXC_CACHE_DIR": str(tmp_path)})
-    assert done.returncode != 0
-    assert "one sequence at a time" in done.stderr + done.stdout
 
 
 def chat(url: str, messages: list[dict]) -> tuple[str, int, int, str]:
