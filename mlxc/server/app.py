@@ -23,6 +23,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from mlxc import __version__
 from mlxc.server import anthropic, dashboard, health, misses, models, openai, responses
 from mlxc.server.errors import ApiError, as_api_error, error_response
+from mlxc.server.fastpath import HitFastPath
 from mlxc.server.flow import ClientGone
 from mlxc.server.guard import ClientTooSlow, Guard, GuardOptions
 from mlxc.server.model_pool import ModelPool
@@ -144,6 +145,8 @@ def create_app(
             return dashboard.page()
         return JSONResponse({"name": "mlxc", "version": __version__, "status": "ok"})
 
+    # Innermost: repeated hits and /health skip routing and parsing (server/fastpath.py).
+    app.add_middleware(HitFastPath, state=state)
     app.add_middleware(RequestLog, state=state)
     if guard.cors:
         from starlette.middleware.cors import CORSMiddleware

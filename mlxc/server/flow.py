@@ -118,7 +118,13 @@ async def start(
         if isinstance(exc, EngineBusy):
             state.metrics.on_refused()
         raise as_api_error(exc) from None
-    request.state.cache = reply.status
+    return await begin(state, reply, stream, request.state)
+
+
+async def begin(state: ServerState, reply: Reply, stream: bool, info: Any) -> Call:
+    """A reply counted and its first event awaited (for `start`, and for a repeated hit on
+    the fast path, server/fastpath.py); `info` is request.state."""
+    info.cache = reply.status
     state.metrics.on_reply(reply)
     # A stream must say something every `keepalive` seconds; a plain request only needs to
     # notice a client that left.
@@ -132,7 +138,7 @@ async def start(
     if isinstance(first, Failed):
         await rest.aclose()
         raise as_api_error(first.error)
-    return Call(reply, first, rest, request.state)
+    return Call(reply, first, rest, info)
 
 
 def _count(service: Service, request: GenerationRequest) -> int:

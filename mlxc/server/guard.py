@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import ipaddress
+import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -37,6 +38,18 @@ from mlxc.server.limits import Throttle
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 WILDCARDS = ("", "0.0.0.0", "::")
 BODY_METHODS = ("POST", "PUT", "PATCH")
+
+
+if sys.version_info >= (3, 11):
+    async def _within(awaitable, seconds: float):
+        """`awaitable`, or TimeoutError after `seconds`. asyncio.timeout reschedules the
+        running task instead of wrapping each send in a new one (wait_for does): a tenth of
+        a cache hit's time on the event loop."""
+        async with asyncio.timeout(seconds):
+            return await awaitable
+else:  # pragma: no cover - Python 3.10
+    async def _within(awaitable, seconds: float):
+        return await asyncio.wait_for(awaitable, seconds)
 
 
 class ClientTooSlow(Exception):
@@ -162,7 +175,7 @@ class Guard:
         (a reply it never reads would hold its connection, and its generation, forever)."""
         async def timed_send(message: Message) -> None:
             try:
-                await asyncio.wait_for(send(message), self.options.body_timeout)
+                await _within(send(message), self.options.body_timeout)
             except asyncio.TimeoutError:
                 self.note("read", f"closed connections whose client read nothing for "
                           f"{self.options.body_timeout:g} s (--request-timeout)")
@@ -181,7 +194,7 @@ class Guard:
             if state["done"]:
                 return await receive()
             try:
-                message = await asyncio.wait_for(receive(), max(deadline - loop.time(), 0))
+                message = await _within(receive(), max(deadline - loop.time(), 0))
             except asyncio.TimeoutError:
                 state["late"] = True
                 self.note("body", f"gave up on request bodies that took over "

@@ -47,6 +47,7 @@ class Metrics:
         self.replies: dict[str, int] = defaultdict(int)  # hit / miss / bypass
         self.shared = 0  # requests that joined an identical generation in flight
         self.refused = 0  # 503s for a full queue: neither hits nor misses (never generated)
+        self.fast_hits = 0  # hits answered by the fast path for repeats (server/fastpath.py)
         self.generations: dict[str, int] = defaultdict(int)  # by finish reason
         self.prompt_tokens = 0
         self.completion_tokens = 0
@@ -59,6 +60,10 @@ class Metrics:
             self.shared += reply.shared
         if reply.generation is not None and not reply.shared:
             reply.generation.add_done_callback(self._on_generation_done)
+
+    def on_fast_hit(self) -> None:
+        with self._lock:
+            self.fast_hits += 1
 
     def on_refused(self) -> None:
         with self._lock:
@@ -93,6 +98,7 @@ class Metrics:
                 "replies": dict(self.replies),
                 "shared": self.shared,
                 "refused": self.refused,
+                "fast_hits": self.fast_hits,
                 "generations": dict(self.generations),
                 "prompt_tokens": self.prompt_tokens,
                 "completion_tokens": self.completion_tokens,
@@ -125,6 +131,9 @@ class Metrics:
             head("mlxc_refused_total", "counter",
                  "Generation requests refused with 503 (queue full); not cache misses.")
             out.append(f"mlxc_refused_total {self.refused}")
+            head("mlxc_fast_path_hits_total", "counter",
+                 "Hits on repeated request bodies answered without routing or parsing.")
+            out.append(f"mlxc_fast_path_hits_total {self.fast_hits}")
             head("mlxc_single_flight_joins_total", "counter", "Requests that shared a run.")
             out.append(f"mlxc_single_flight_joins_total {self.shared}")
             head("mlxc_generations_total", "counter", "Engine runs by finish reason.")
