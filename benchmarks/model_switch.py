@@ -4,12 +4,15 @@ costs (target: no reload; loading <= 1.5 s on the 2-core CPU).
 
     python benchmarks/model_switch.py [--model PATH] [--rounds 5] [--json]
     python benchmarks/model_switch.py --load-only --rounds 7 --against /tmp/old-tree
+    python benchmarks/model_switch.py --load-only --rounds 7 --imported   # steps' spans
 
-Part 1, in a fresh process per run: `engine_load_s` is the engine's load of the model once
-mlx_lm and the engine's modules are imported (the issue's figure); `with_imports_s` counts
-from the process's first mlxc import, as `mlxc serve` pays it. Steps are the spans of
-mlx-lm's weights load, its tokenizer load (beside the weights since engine/load.py runs it
-on a thread: spans overlap), the dtype conversion, the prefix cache and the memory gate.
+Part 1, in a fresh process per run, importing what `mlxc serve` has imported when its engine
+starts (no mlx-lm: the engine imports it as it loads, engine/load.py): `with_imports_s` counts
+from the process's first mlxc import (the issue's figure), `engine_load_s` from the engine's
+start, mlx-lm's import included. With `--imported`, mlx-lm is imported first, as before:
+`engine_load_s` then leaves the import out, and the steps are the spans of mlx-lm's weights
+load, its tokenizer load, the dtype conversion, the prefix cache and the memory gate (spans
+overlap: the tokenizer loads on a thread).
 `--against DIR` times another checkout's load (a git worktree of an older commit) in
 turns with this one's, and gives the ratios.
 Part 2, in this process: a ModelPool of the default model under two names (two services,
@@ -42,19 +45,27 @@ def timed(owner, name, label):  # record when `owner.name` ran (spans may overla
 from mlxc.config import load_settings
 from mlxc.model.blas import load_optimised_blas
 load_optimised_blas()
-import mlx.core, mlx_lm, mlx_lm.utils; t_mlx = T()
 from mlxc.engine.worker import Engine
-import mlxc.engine.kv.cache as kv, mlxc.engine.batch.admission as adm
 from mlxc.model import dtype as dt
 from mlxc.model.refs import resolve_model
-timed(mlx_lm.utils, "load_model", "weights")
-timed(mlx_lm.utils, "load_tokenizer", "tokenizer")
+imported = sys.argv[2] == "imported"
+t_mlx = T()
+if imported:  # mlx-lm imported first, its steps timed (spans); else as `mlxc serve` runs
+    import mlx.core, mlx_lm, mlx_lm.utils; t_mlx = T()
+    import mlxc.engine.kv.cache as kv, mlxc.engine.batch.admission as adm
+    timed(mlx_lm.utils, "load_model", "weights")
+    timed(mlx_lm.utils, "load_tokenizer", "tokenizer")
+    timed(kv.PrefixCache, "__init__", "prefix cache")
+    gate = adm.MemoryGate.for_model.__func__
+    def for_model(cls, *a, **k):
+        start = T(); r = gate(cls, *a, **k); spans["memory gate"] = (start, T()); return r
+    adm.MemoryGate.for_model = classmethod(for_model)
 timed(dt, "apply_dtype", "dtype")
-timed(kv.PrefixCache, "__init__", "prefix cache")
-gate = adm.MemoryGate.for_model.__func__
-def for_model(cls, *a, **k):
-    start = T(); r = gate(cls, *a, **k); spans["memory gate"] = (start, T()); return r
-adm.MemoryGate.for_model = classmethod(for_model)
+try:
+    import mlxc.model.early_dequant as early
+    timed(early, "dequantize_files", "dequantize beside the import")
+except ImportError:  # an older checkout
+    pass
 settings = load_settings()
 ref = resolve_model(sys.argv[1], settings)
 t1 = T()
@@ -70,7 +81,8 @@ print(json.dumps({"engine_load_s": round(end - t1, 3), "with_imports_s": round(e
 CACHE_DIR = os.environ.get("MLXC_CACHE_DIR") or tempfile.mkdtemp(prefix="mlxc-switch-")
 
 
-def load_runs(model: str, rounds: int, source: str | None = None) -> list[dict]:
+def load_runs(model: str, rounds: int, source: str | None = None,
+              imported: bool = False) -> list[dict]:
     """`rounds` fresh processes, each loading `model` once; `source`: another checkout's
     mlxc (a git worktree of an older commit), for old/new figures taken side by side. They
     share one cache folder: the memory gate's measurement, taken by the first load of all
@@ -80,18 +92,20 @@ def load_runs(model: str, rounds: int, source: str | None = None) -> list[dict]:
         env["PYTHONPATH"] = source
     runs = []
     for _ in range(rounds):
-        out = subprocess.run([sys.executable, "-c", STEPS, model], env=env, text=True,
+        order = "imported" if imported else "serve"
+        out = subprocess.run([sys.executable, "-c", STEPS, model, order], env=env, text=True,
                              capture_output=True, check=True, cwd=source or None).stdout
         runs.append(json.loads(out.strip().splitlines()[-1]))
     return runs
 
 
-def summary(runs: list[dict]) -> dict:
+def summary(runs: list[dict], imported: bool = False) -> dict:
     steps = {k for r in runs for k in r["steps"]}
     return {
         "median_engine_load_s": statistics.median(r["engine_load_s"] for r in runs),
         "median_with_imports_s": statistics.median(r["with_imports_s"] for r in runs),
-        "median_import_mlx_lm_s": statistics.median(r["import_mlx_lm_s"] for r in runs),
+        **({"median_import_mlx_lm_s": statistics.median(r["import_mlx_lm_s"] for r in runs)}
+           if imported else {}),
         "median_steps_s (may overlap)": {
             k: statistics.median(r["steps"].get(k, 0.0) for r in runs) for k in sorted(steps)},
         "dtype": runs[0]["dtype"],
@@ -152,21 +166,27 @@ def main() -> None:
     parser.add_argument("--against", metavar="DIR",
                         help="another checkout (git worktree of an older commit): its load "
                              "and this one's, taken in turns, each a fresh process")
+    parser.add_argument("--imported", action="store_true",
+                        help="import mlx-lm before the engine starts and time each step (the "
+                             "engine's load then leaves the import out); by default the "
+                             "process imports what `mlxc serve` does, and the engine imports "
+                             "mlx-lm as it loads")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    first = args.imported
     load_runs(args.model, 1)  # warm-up, not counted: the memory gate measures once
     if args.against:  # in turns, so a shared machine's load falls on both alike
         mine, theirs = [], []
         for _ in range(args.rounds):
-            theirs += load_runs(args.model, 1, args.against)
-            mine += load_runs(args.model, 1)
-        out = {"this": summary(mine), "against": summary(theirs)}
+            theirs += load_runs(args.model, 1, args.against, first)
+            mine += load_runs(args.model, 1, imported=first)
+        out = {"this": summary(mine, first), "against": summary(theirs, first)}
         out["engine_load_ratio"] = round(out["against"]["median_engine_load_s"]
                                          / out["this"]["median_engine_load_s"], 2)
         out["with_imports_ratio"] = round(out["against"]["median_with_imports_s"]
                                           / out["this"]["median_with_imports_s"], 2)
     else:
-        out = summary(load_runs(args.model, args.rounds))
+        out = summary(load_runs(args.model, args.rounds, imported=first), first)
     if not args.load_only:
         out["switching"] = switching(args.model, args.rounds)
     print(json.dumps(out, indent=None if args.json else 2))

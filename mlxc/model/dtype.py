@@ -183,10 +183,11 @@ def _safetensors_header(path: Path) -> dict[str, tuple[str, list[int]]]:
     return {k: (v["dtype"], v["shape"]) for k, v in header.items() if k != "__metadata__"}
 
 
-def apply_dtype(model, dtype: str) -> None:
+def apply_dtype(model, dtype: str, ready: dict | None = None) -> None:
     """Convert `model` (an mlx-lm model) in place to `dtype`: every QuantizedLinear and
     QuantizedEmbedding becomes a dequantized Linear / Embedding, and the other floating
-    parameters are cast. "keep" leaves the model untouched. Evaluates the new weights."""
+    parameters are cast. "keep" leaves the model untouched. Evaluates the new weights.
+    `ready`: weights already dequantized from the files (early_dequant.py), by module path."""
     if dtype == "keep":
         return
     import mlx.core as mx
@@ -197,8 +198,13 @@ def apply_dtype(model, dtype: str) -> None:
     if target is None:
         raise ValueError(f"apply_dtype needs float32, bfloat16, float16 or keep, not {dtype!r}")
 
-    def dequantized(layer) -> mx.array:
+    def dequantized(layer, path: str) -> mx.array:
         mode = getattr(layer, "mode", "affine")
+        early = (ready or {}).get(path)
+        if early is not None and mode == "affine" and "biases" in layer and (
+                early.bits, early.group_size, early.packed_shape) == (
+                layer.bits, layer.group_size, tuple(layer.weight.shape)):
+            return early.weight  # the same computation, done while mlx-lm was imported
         scales, biases = layer.scales, getattr(layer, "biases", None)
         if mode == "affine":
             # In float32, scale * q + bias escapes the extra rounding float16 would add.
@@ -214,9 +220,9 @@ def apply_dtype(model, dtype: str) -> None:
             )  # fmt: skip
         return w.astype(target)
 
-    def convert(_path, module):
+    def convert(path, module):
         if isinstance(module, nn.QuantizedLinear):
-            w = dequantized(module)
+            w = dequantized(module, path)
             has_bias = "bias" in module
             linear = nn.Linear(w.shape[1], w.shape[0], bias=has_bias)
             linear.weight = w
@@ -224,7 +230,7 @@ def apply_dtype(model, dtype: str) -> None:
                 linear.bias = module.bias.astype(target)
             return linear
         if isinstance(module, nn.QuantizedEmbedding):
-            w = dequantized(module)
+            w = dequantized(module, path)
             embedding = nn.Embedding(w.shape[0], w.shape[1])  # keeps as_linear for tied heads
             embedding.weight = w
             return embedding
