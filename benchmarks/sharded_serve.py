@@ -1,16 +1,20 @@
 """What a model split over 2 ranks costs against one process (issue 28), through `mlxc bench
---url` against a plain `mlxc serve --max-batch 1` and `mlxc serve --shards 2` on the same
-weights, one after the other on this machine; and whether both answer the same.
+--url` on the same weights, one server after the other on this machine: a plain `mlxc serve`
+and `mlxc serve --shards 2`, both batching up to --max-batch, and (with --max-batch > 1) the
+sharded server one sequence at a time as well (`--shards 2 --max-batch 1`, what it could do
+before its batch was mirrored); and whether all answer the same greedy text.
 
     python benchmarks/sharded_serve.py [--parallel pipeline|tensor] [-n 4] [--max-tokens 32]
+        [--max-batch 4] [--concurrency 1,4]
 
 The default SmolLM2-135M cannot be split by mlx-lm as it is: 9 query / 3 KV heads do not divide
 by 2 (tensor), and mlx-lm's llama has no pipeline. So:
 - pipeline: the default model's own weights as a qwen2 model (same layers; qwen2's q/k/v biases
   set to zero, so the function is unchanged), float32 as the CPU runs it;
 - tensor: a random llama of SmolLM2-135M's size with 8 query / 4 KV heads (speed only).
-Prints the miss figures of both servers (TTFT, TPOT, end-to-end medians) and their ratios; the
-machine is shared, so the two runs are side by side but not alone."""
+Prints each server's `mlxc bench` report (miss TTFT, TPOT, end-to-end medians; aggregate
+tokens/s of N clients at once per --concurrency level) and a table of the aggregate tokens/s;
+the machine is shared, so the runs are side by side but not alone."""
 
 from __future__ import annotations
 
@@ -103,15 +107,14 @@ def measure(root: Path, model: Path, args: argparse.Namespace, *flags: str) -> d
     from live_server import start_server, stop_server
 
     root.mkdir()
-    server = start_server(root, model, "--max-batch", "1", "--speculate", "off",
-                          "--alias", "*", *flags)
+    server = start_server(root, model, "--speculate", "off", "--alias", "*", *flags)
     try:
         said = answers(server.url, args.max_tokens)
         out = root / "bench.json"
         started = time.perf_counter()
         done = subprocess.run(
             [sys.executable, "-m", "mlxc", "bench", "--url", server.url, "-n",
-             str(args.requests), "--max-tokens", str(args.max_tokens), "-c", "1",
+             str(args.requests), "--max-tokens", str(args.max_tokens), "-c", args.concurrency,
              "--json", str(out)], capture_output=True, text=True, env=server.env)
         assert done.returncode == 0, done.stdout + done.stderr
         print(done.stdout[-3000:])
@@ -121,11 +124,20 @@ def measure(root: Path, model: Path, args: argparse.Namespace, *flags: str) -> d
         stop_server(server, check=False)
 
 
+def aggregate(bench: dict) -> dict[str, float]:
+    """Aggregate tokens/s by clients at once ('concurrent 4' or, for one level, 'concurrent')."""
+    return {name.partition(" ")[2] or "*": round(f["tokens_per_second"], 1)
+            for name, f in bench["scenarios"].items() if name.startswith("concurrent")}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--parallel", choices=("pipeline", "tensor"), default="pipeline")
     parser.add_argument("-n", "--requests", type=int, default=4)
     parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--max-batch", type=int, default=4)
+    parser.add_argument("--concurrency", default="1,4", help="clients at once: one level or a "
+                        "list, as mlxc bench -c takes it")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     from mlxc.model.blas import load_optimised_blas
@@ -135,16 +147,27 @@ def main() -> int:
     os.environ.pop("MLXC_CACHE_DIR", None)
     import shutil
 
+    batch = ("--max-batch", str(args.max_batch))
+    shards = ("--shards", "2", "--parallel", args.parallel)
+    runs = {"one process": batch, "2 ranks": (*shards, *batch)}
+    if args.max_batch > 1:
+        runs["2 ranks, one at a time"] = (*shards, "--max-batch", "1")
     try:  # the model copy is ~0.6 GB: never left behind
         model = (default_as_qwen2 if args.parallel == "pipeline" else smollm_sized_llama)(
             root / "model")
-        one = measure(root / "one", model, args)
-        two = measure(root / "two", model, args, "--shards", "2", "--parallel", args.parallel)
+        done = {name: measure(root / f"run{n}", model, args, *flags)
+                for n, (name, flags) in enumerate(runs.items())}
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    report = {"parallel": args.parallel, "model": str(model), "one": one, "two": two,
-              "same_answers": one["answers"] == two["answers"]}
+    first = next(iter(done.values()))["answers"]
+    report = {"parallel": args.parallel, "model": str(model), "max_batch": args.max_batch,
+              "runs": done, "same_answers": all(r["answers"] == first for r in done.values()),
+              "aggregate_tokens_per_second": {k: aggregate(r["bench"]) for k, r in done.items()}}
     print(f"greedy answers equal: {report['same_answers']}")
+    print(f"aggregate tokens/s by clients at once ({args.parallel}, --max-batch "
+          f"{args.max_batch}):")
+    for name, levels in report["aggregate_tokens_per_second"].items():
+        print(f"  {name:24} " + " · ".join(f"{c}: {v}" for c, v in levels.items()))
     if args.json:
         args.json.write_text(json.dumps(report, indent=1))
     return 0
