@@ -13,6 +13,7 @@ returns, its clean-up (the engine's last writes, the store) runs, and the proces
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 import socket
@@ -64,6 +65,10 @@ def serve_until_stopped(
     after SIGINT, as before) once the requests in flight are done or cancelled. A second
     SIGTERM during the caller's clean-up ends the process at once, as before."""
     main = threading.current_thread() is threading.main_thread()  # signals need the main one
+    # What loading the model and the app made (~10^5 objects: tokenizer, templates, routes)
+    # lives as long as the server: out of the collector's reach, a full collection under
+    # load does not walk it (one took ~100+ ms on a 2-core CPU; benchmarks/server_load.py).
+    gc.freeze()
     previous = signal.signal(signal.SIGTERM, _stopped) if main else None
     logging.getLogger("uvicorn.error").addFilter(CancelledInOneLine())
     try:
