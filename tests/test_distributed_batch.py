@@ -128,3 +128,52 @@ def test_joins_and_leaves_mid_decode_keep_the_answers(tmp_path, lively_llama):  
     assert batch["batch_sizes"].get("2") and batch["back_alone"] >= 1, batch
     ops = health["world"]["mirrored_cache_ops"]
     assert {"merge", "extract", "filter"} <= set(ops), ops
+
+
+def test_a_rank_lost_mid_batch_ends_the_server_and_its_requests(tmp_path, lively_llama):  # noqa: F811
+    import os
+    import signal
+
+    # MLX's ring backend fails the collective that finds a peer gone, but a model call with
+    # several (tensor parallel: 2 a layer) can then wait on the next for ever; --shards ends
+    # such a rank 0 after --shutdown-timeout (+10 s), so a short one keeps this test short.
+    server = start_server(tmp_path, lively_llama, "--shards", "2", "--max-batch", "4",
+                          "--alias", "*", "--shutdown-timeout", "2")
+    ended: list[str] = []
+
+    def stream(n: int) -> None:
+        try:
+            with httpx.stream("POST", f"{server.url}/v1/chat/completions", timeout=60, json={
+                    "model": "tiny", "messages": [{"role": "user", "content": f"Story {n}"}],
+                    "max_tokens": 600, "temperature": 0, "ignore_eos": True,
+                    "stream": True}) as reply:
+                tail = list(reply.iter_lines())[-3:]
+            ended.append(" ".join(tail))
+        except httpx.HTTPError as exc:
+            ended.append(type(exc).__name__)
+
+    clients = [threading.Thread(target=stream, args=(n,)) for n in range(3)]
+    try:
+        for c in clients:
+            c.start()
+        deadline = time.monotonic() + 30
+        while httpx.get(f"{server.url}/health", timeout=5).json()["batch"]["running"] < 2:
+            assert time.monotonic() < deadline, "the batch never ran two together"
+            time.sleep(0.05)
+        children = Path(f"/proc/{server.proc.pid}/task/{server.proc.pid}/children")
+        ranks = [int(p) for p in children.read_text().split()]
+        os.kill(ranks[1], signal.SIGKILL)
+        started = time.monotonic()
+        code = server.proc.wait(timeout=60)
+        for c in clients:
+            c.join(30)
+    finally:
+        stop_server(server, check=False)
+    log = server.log.read_text()
+    assert code == 1, log
+    assert "rank 1 of 2 exited with code -9" in log, log
+    assert time.monotonic() - started < 25
+    assert len(ended) == 3 and not any(c.is_alive() for c in clients), ended  # none hangs
+    assert all(not Path(f"/proc/{pid}").exists() for pid in ranks)
+    print(ended)
+    print(log[-1500:])
