@@ -6,11 +6,12 @@ model."""
 
 from __future__ import annotations
 
+import asyncio
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from fastapi import APIRouter
-from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 
@@ -19,6 +20,12 @@ from mlxc.server.guard import key_given
 from mlxc.server.state import ServerState, get_state
 
 router = APIRouter()
+T = TypeVar("T")
+
+
+async def _in_stats_thread(read: Callable[[ServerState], T], state: ServerState) -> T:
+    """`read(state)` on the server's stats thread (SQLite may wait on a lock)."""
+    return await asyncio.get_running_loop().run_in_executor(state.stats_thread, read, state)
 
 
 def _batch_figures(state: ServerState) -> dict[str, Any]:
@@ -98,7 +105,7 @@ async def health(request: Request) -> Response:
         status, reason = _degraded(state, status)
         body = {"status": status, **reason, "model_loaded": loaded, "version": __version__}
         return JSONResponse(body, status_code=503 if status == "error" else 200)
-    stats, prefix = await run_in_threadpool(_both_stats, state)
+    stats, prefix = await _in_stats_thread(_both_stats, state)
     models = _models(state)
     status, reason = _degraded(state, status)  # after the figures: reading them may find it
     cache: dict[str, Any] = {"error": "the response store cannot be read"}
@@ -163,7 +170,7 @@ async def metrics(request: Request) -> Response:
                                                 batch["kv_memory_limit_bytes"])
         gauges["mlxc_kv_memory_reserved_bytes"] = ("KV cache memory reserved by admitted "
                                                    "sequences.", batch["kv_memory_reserved_bytes"])
-    if (stats := await run_in_threadpool(_store_stats, state)) is not None:
+    if (stats := await _in_stats_thread(_store_stats, state)) is not None:
         gauges["mlxc_cache_items"] = ("Answers in the response cache.", stats["cached_items"])
         gauges["mlxc_cache_bytes"] = ("Size of the response cache.", stats["size_bytes"])
         gauges["mlxc_cache_store_hits"] = ("Hits counted by the store (all processes).",

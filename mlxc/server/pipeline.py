@@ -186,7 +186,7 @@ class Adapter(Generic[Body]):
         """A started call as the API's body or stream (the fast path for repeated hits
         answers through here too, so both write the same bytes)."""
         turn = Turn(prepared.body, prepared.model, prepared.request, call, state, self.new_id())
-        turn.extra["route"] = request.url.path
+        turn.extra["route"] = request.scope["path"]  # = url.path here, without building a URL
         if prepared.stream:
             headers = await _prefix_header(turn, call.reply.answer)
             return sse.EventStream(self.writer(self, turn)(), headers)

@@ -58,6 +58,12 @@ class ServerState:
         return ThreadPoolExecutor(2, thread_name_prefix="mlxc-hits")
 
     @cached_property
+    def stats_thread(self) -> ThreadPoolExecutor:
+        """Where /health and /metrics read the store's figures: its own thread, so that they
+        never wait behind requests that hold the shared pool (a model loading, a full queue)."""
+        return ThreadPoolExecutor(1, thread_name_prefix="mlxc-stats")
+
+    @cached_property
     def misses(self) -> Any:
         """The last generations' prefix reports (server/misses.py)."""
         from mlxc.server.misses import Misses  # it imports this module
