@@ -50,6 +50,29 @@ def tiny_qwen2(tiny_model, tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.fixture(scope="module")
+def three_head_llama(tiny_model, tmp_path_factory) -> Path:
+    """A random 4-layer llama with 3 query / 3 KV heads (as SmolLM2-135M's 9 / 3, they do not
+    split over 2 ranks): mlx-lm's llama has no pipeline, mlxc's (distributed/pipeline.py) does."""
+    import mlx.core as mx
+    from mlx.utils import tree_map
+    from mlx_lm.models import llama
+    from mlx_lm.utils import save_config, save_model
+
+    folder = tmp_path_factory.mktemp("m") / "llama3h"
+    shutil.copytree(tiny_model, folder, ignore=shutil.ignore_patterns(
+        "*.safetensors", "*.safetensors.index.json", "config.json", ".mlxc-*"))
+    config = {**json.loads((tiny_model / "config.json").read_text()), "num_hidden_layers": 4,
+              "num_attention_heads": 3, "num_key_value_heads": 3, "hidden_size": 48}
+    mx.random.seed(2)
+    model = llama.Model(llama.ModelArgs.from_dict(config))
+    model.update(tree_map(lambda w: w * 4.0 if w.ndim == 2 else w, model.parameters()))
+    mx.eval(model.parameters())
+    save_model(folder, model)
+    save_config(config, folder / "config.json")
+    return folder
+
+
 def answers(url: str) -> list[str]:
     client = OpenAI(base_url=f"{url}/v1", api_key="none", timeout=60, max_retries=0)
     return [client.chat.completions.create(
@@ -69,14 +92,20 @@ def served(root: Path, model: Path, *args: str) -> tuple[list[str], dict]:
     return said, health
 
 
-@pytest.mark.parametrize("parallel", ["tensor", "pipeline"])
-def test_two_ring_ranks_answer_as_one_process(tmp_path, lively_llama, tiny_qwen2, parallel):
-    model = lively_llama if parallel == "tensor" else tiny_qwen2
+@pytest.mark.parametrize("parallel", ["tensor", "pipeline", "auto"])
+def test_two_ring_ranks_answer_as_one_process(tmp_path, lively_llama, tiny_qwen2,
+                                              three_head_llama, parallel):
+    """auto on a llama whose heads do not split over 2: pipeline, said in the log."""
+    model = {"tensor": lively_llama, "pipeline": tiny_qwen2, "auto": three_head_llama}[parallel]
     one, plain = served(tmp_path / "one", model)
     two, health = served(tmp_path / "two", model, "--shards", "2", "--parallel", parallel)
     assert "world" not in plain
     world = health["world"]
-    assert (world["ranks"], world["backend"], world["parallel"]) == (2, "ring", parallel)
+    layout = "pipeline" if parallel == "auto" else parallel
+    assert (world["ranks"], world["backend"], world["parallel"]) == (2, "ring", layout)
+    if parallel == "auto":
+        log = (tmp_path / "two" / "server.log").read_text()
+        assert "3 query / 3 key-value heads do not split over 2 ranks" in log, log
     assert len(world["hosts"]) == 2 and world["mirrored_calls"] > len(PROMPTS)
     assert len(set(one)) > 1, one  # answers that depend on the prompt
     assert two == one
