@@ -7,10 +7,8 @@ before its batch was mirrored); and whether all answer the same greedy text.
     python benchmarks/sharded_serve.py [--parallel pipeline|tensor] [-n 4] [--max-tokens 32]
         [--max-batch 4] [--concurrency 1,4]
 
-The default SmolLM2-135M cannot be split by mlx-lm as it is: 9 query / 3 KV heads do not divide
-by 2 (tensor), and mlx-lm's llama has no pipeline. So:
-- pipeline: the default model's own weights as a qwen2 model (same layers; qwen2's q/k/v biases
-  set to zero, so the function is unchanged), float32 as the CPU runs it;
+The default SmolLM2-135M's 9 query / 3 KV heads do not divide by 2, so:
+- pipeline: the default model itself, its layers split (mlxc's pipeline for llama models);
 - tensor: a random llama of SmolLM2-135M's size with 8 query / 4 KV heads (speed only).
 Prints each server's `mlxc bench` report (miss TTFT, TPOT, end-to-end medians; aggregate
 tokens/s of N clients at once per --concurrency level) and a table of the aggregate tokens/s;
@@ -32,38 +30,14 @@ PROMPTS = ["What is the capital of France?", "Name three colours.", "What is 2 p
            "Say hello in Spanish."]
 
 
-def default_as_qwen2(out: Path) -> Path:
-    """SmolLM2-135M's weights (dequantized to float32) in a qwen2 folder with zero biases."""
-    import shutil
-
-    import mlx.core as mx
-    from mlx.utils import tree_flatten
-    from mlx_lm import load
-
+def default_model(_: Path) -> Path:
+    """SmolLM2-135M itself: split by layers (mlxc's pipeline for llama, distributed/pipeline.py)."""
     from mlxc.config import load_settings
-    from mlxc.model.dtype import apply_dtype
     from mlxc.model.refs import prepare_model, resolve_model
 
     ref = resolve_model("default", load_settings())
     prepare_model(ref)
-    model, _ = load(str(ref.folder))
-    apply_dtype(model, "float32")
-    weights = dict(tree_flatten(model.parameters()))
-    config = json.loads((ref.folder / "config.json").read_text())
-    config.pop("quantization", None)
-    config.pop("quantization_config", None)
-    config["model_type"] = "qwen2"
-    for k in [k for k in weights if k.endswith(("q_proj.weight", "k_proj.weight",
-                                                "v_proj.weight"))]:
-        weights[k.replace(".weight", ".bias")] = mx.zeros(weights[k].shape[0])
-    out.mkdir(parents=True)
-    for f in ref.folder.iterdir():
-        if f.name.startswith("tokenizer") or f.name in ("chat_template.jinja",
-                                                        "special_tokens_map.json"):
-            shutil.copy(f, out / f.name)
-    mx.save_safetensors(str(out / "model.safetensors"), weights, {"format": "mlx"})
-    (out / "config.json").write_text(json.dumps(config))
-    return out
+    return ref.folder
 
 
 def smollm_sized_llama(out: Path) -> Path:
@@ -152,8 +126,8 @@ def main() -> int:
     runs = {"one process": batch, "2 ranks": (*shards, *batch)}
     if args.max_batch > 1:
         runs["2 ranks, one at a time"] = (*shards, "--max-batch", "1")
-    try:  # the model copy is ~0.6 GB: never left behind
-        model = (default_as_qwen2 if args.parallel == "pipeline" else smollm_sized_llama)(
+    try:  # the tensor model is ~0.6 GB: never left behind
+        model = (default_model if args.parallel == "pipeline" else smollm_sized_llama)(
             root / "model")
         done = {name: measure(root / f"run{n}", model, args, *flags)
                 for n, (name, flags) in enumerate(runs.items())}
