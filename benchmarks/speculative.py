@@ -6,8 +6,14 @@ times), medians and ratios. With `--temperature T` (top-p 0.9 with it) the reque
 and speculate by rejection sampling (engine/decode/rejection.py): answers differ run to run, so
 "identical" is left out and the acceptance rate says what speculation did.
 
+With `--concurrency N`, N code-edit streams at once through one engine (the batch: each row
+verifies its own draft, engine/batch/speculative.py), speculation off and auto taken in turns
+`--rounds` times: aggregate tokens/s (all streams' tokens over the wall time from the first
+submit to the last answer, prefills included) and the decode part alone (tokens after each
+stream's first one, over the time from the first first token to the last answer), medians.
+
     .venv/bin/python benchmarks/speculative.py [--max-tokens 160] [--rounds 3]
-        [--temperature 0.7] [--json]
+        [--temperature 0.7] [--concurrency 4] [--json]
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import argparse
 import json
 import statistics
 import tempfile
+import time
 from pathlib import Path
 
 from mlxc.config import load_settings
@@ -72,6 +79,47 @@ def run(plans: dict[str, tuple[str, list[GenerationRequest]]], rounds: int) -> d
     return results
 
 
+CHANGES = ["add a one-line comment at the top of the file", "add a blank line at the end",
+           "add a comment above the first import"]  # more streams than files: other asks
+
+
+def concurrent(n: int, max_tokens: int, rounds: int, sampling: dict) -> dict:
+    """N code-edit streams at once, off and auto in turns: aggregate tokens/s (wall and
+    decode part), medians over the rounds, and whether the answers matched."""
+    paths = list(FILES)
+    requests = [edit(paths[i % len(paths)], FILES[paths[i % len(paths)]] if i < len(paths)
+                     else CHANGES[(i // len(paths) - 1) % len(CHANGES)], max_tokens, False,
+                     sampling) for i in range(n)]
+    engines = {mode: engine_for(mode) for mode in ("off", "auto")}
+    runs: dict[str, list] = {mode: [] for mode in engines}
+    try:
+        for _ in range(rounds):
+            for mode, engine in engines.items():
+                started = time.perf_counter()
+                generations = [engine.submit(r) for r in requests]
+                answers = [g.result() for g in generations]
+                wall = time.perf_counter() - started
+                tokens = sum(a.usage.completion_tokens for a in answers)
+                first = min(a.prefill_seconds for a in answers)  # from its own start (~submit)
+                runs[mode].append({"answers": answers, "wall": tokens / wall,
+                                   "decode": (tokens - n) / max(wall - first, 1e-9)})
+    finally:
+        for engine in engines.values():
+            engine.shutdown(wait=30)
+    report = {mode: {"aggregate_tok_s": statistics.median(r["wall"] for r in rs),
+                     "decode_tok_s": statistics.median(r["decode"] for r in rs)}
+              for mode, rs in runs.items()}
+    last = {mode: rs[-1]["answers"] for mode, rs in runs.items()}
+    report["ratios"] = {k: report["auto"][k] / report["off"][k]
+                        for k in ("aggregate_tok_s", "decode_tok_s")}
+    report["identical"] = [a.text == b.text for a, b in zip(last["off"], last["auto"],
+                                                           strict=True)]
+    report["acceptance"] = [(a.usage.accepted_tokens, a.usage.drafted_tokens)
+                            for a in last["auto"]]
+    report["concurrency"], report["temperature"] = n, sampling.get("temperature", 0.0)
+    return report
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--max-tokens", type=int, default=160)
@@ -79,8 +127,23 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="passes of each request")
     parser.add_argument("--temperature", type=float, default=0.0,
                         help="sample at this temperature (top-p 0.9), no seed")
+    parser.add_argument("--concurrency", type=int, default=0,
+                        help="N code-edit streams at once, off vs auto (the batch)")
     args = parser.parse_args()
     sampling = {"temperature": args.temperature, "top_p": 0.9} if args.temperature else {}
+    if args.concurrency:
+        report = concurrent(args.concurrency, args.max_tokens, args.rounds, sampling)
+        if args.json:
+            print(json.dumps(report, indent=1))
+            return
+        off, auto, ratios = report["off"], report["auto"], report["ratios"]
+        print(f"{args.concurrency} code-edit streams at once, aggregate tok/s: off "
+              f"{off['aggregate_tok_s']:.1f}, auto {auto['aggregate_tok_s']:.1f} "
+              f"({ratios['aggregate_tok_s']:.2f}x); decode part: off {off['decode_tok_s']:.1f},"
+              f" auto {auto['decode_tok_s']:.1f} ({ratios['decode_tok_s']:.2f}x)")
+        print(f"identical answers: {sum(report['identical'])} of {len(report['identical'])}; "
+              f"accepted/drafted: {report['acceptance']}")
+        return
     plain_edits = [edit(p, c, args.max_tokens, False, sampling) for p, c in FILES.items()]
     predicted = [edit(p, c, args.max_tokens, True, sampling) for p, c in FILES.items()]
     chats = [GenerationRequest(messages=[{"role": "user", "content": c}],

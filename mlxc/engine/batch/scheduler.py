@@ -40,6 +40,7 @@ from mlxc.engine.batch.figures import Figures
 from mlxc.engine.batch.lone import LoneDecoder
 from mlxc.engine.batch.pacing import PrefillPacing
 from mlxc.engine.batch.sequence import Sequence
+from mlxc.engine.batch.speculative import BatchSpeculation
 from mlxc.engine.decode.speculate import StepCosts
 from mlxc.errors import PromptTooLong
 from mlxc.request import Answer, GenerationRequest
@@ -73,6 +74,7 @@ class Scheduler:
         self.running: dict[int, Sequence] = {}  # in the batch, by its uid there
         self.lone: LoneDecoder | None = None  # the sequence that decodes alone, if one does
         self.step_costs = StepCosts()  # this model's plain step and verify pass, measured
+        self.speculation = BatchSpeculation(engine.model, self.step_costs)
         self.ready: list[Sequence] = []  # prefilled in a burst, waiting to join together
         self.next_turns: list[NextTurn] = []
         self.figures = Figures()
@@ -282,8 +284,11 @@ class Scheduler:
             self._finish(lone.seq, lone.cache, lone.held)
 
     def _decode(self) -> None:
+        if (speculated := self.speculation.step(self.batch, self.running)) is not None:
+            self._leave(*speculated)  # each row verified its own draft (batch/speculative.py)
+            return
         with self.engine.batch_kernels:  # CUDA: mlxc's kernels for the batched step
-            progress, responses = self.batch.next()
+            progress, responses = self.speculation.plain(self.batch)
         for r in progress:  # prompts the batch prefills (a burst)
             if (seq := self.running.get(r.uid)) is not None:
                 seq.generation.prompt_tokens_done = r.progress[0]
@@ -301,6 +306,15 @@ class Scheduler:
                 self._finish(seq, r.prompt_cache, r.all_tokens)
             else:
                 leaving.append(r.uid)
+        self._leave(leaving)
+
+    def _leave(self, leaving: list[int], taken: int = 0) -> None:
+        """Let the sequences a step finished go (and those cancelled), with their states;
+        `taken`: the tokens a speculative step took (a plain one counts its responses)."""
+        if taken:
+            self.figures.batch_sizes[len(self.running)] += 1
+            self.figures.generated_tokens += taken
+            self.figures.recent.append((time.monotonic(), taken))
         for uid, seq in self.running.items():  # cancelled while joining: no token yet
             if uid not in leaving and seq.generation.cancelled.is_set():
                 seq.finish = "cancelled"
