@@ -141,3 +141,19 @@ def test_rows_cut_on_their_own_hold_what_a_plain_decode_holds(speculation_engine
         return True
 
     assert spec.call(run).result()
+
+
+def test_sampled_rows_speculate_in_the_batch(speculation_engines):
+    """Sampled, unseeded rows with predictions take their runs by rejection sampling beside a
+    greedy row: each answer keeps its length limit, and the greedy one is unchanged."""
+    plain, spec = speculation_engines
+    greedy = chat(DRAFTED[1], max_tokens=24)
+    said = plain.submit(greedy).result().text
+    sampled = [chat(DRAFTED[1], max_tokens=24, temperature=0.7, top_p=0.9, prediction=said)
+               for _ in range(2)]
+    before = spec.call(lambda eng: eng.scheduler.speculation.steps).result()
+    answers = burst(spec, [greedy.model_copy(update={"prediction": said}), *sampled])
+    assert answers[0].text == said
+    assert all(a.usage.completion_tokens <= 24 for a in answers)
+    assert sum(a.usage.drafted_tokens for a in answers[1:]) > 0
+    assert spec.call(lambda eng: eng.scheduler.speculation.steps).result() > before

@@ -21,8 +21,8 @@ positions. With each row's acceptance a_i the step yields sum_i (1 - a_i^(k_i+1)
 tokens (1 for a row without a draft) for verify(K) / plain step, both measured per batch size
 on this model and machine (`StepCosts`); the longest draft K that yields most per unit of
 time is kept, and none that beats the plain step by GAIN_NEEDED leaves the plain step, which
-then is not asked again for a while. A step without drafts is the plain, pipelined step.
-Engine thread only.
+then is not asked again for a while (until a row joins or leaves). A step without drafts is
+the plain, pipelined step. Engine thread only.
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ class BatchSpeculation:
         self._next_pause = FIRST_PAUSE
         self._plain_size = 0  # batch size of the last plain step, if it ran in steady state
         self.steps = self.drafted = self.accepted = 0  # speculative steps, their drafts
+        self._members: list[int] = []  # the rows the pause was decided for
 
     # -- the plain step, timed ---------------------------------------------------------
 
@@ -76,6 +77,8 @@ class BatchSpeculation:
         gen = _generation_batch(batch, running)
         if gen is None:
             return None
+        if gen.uids != self._members:  # others to draft for: the gate looks again at once
+            self._members, self.pause, self._next_pause = list(gen.uids), 0, FIRST_PAUSE
         seqs = [running[uid] for uid in gen.uids]
         drafters = [_drafter(seq, self.lone_costs, gen.prompt_cache) for seq in seqs]
         asking = [d is not None and d.pause == 0 for d in drafters]
