@@ -7,9 +7,10 @@ and speculate by rejection sampling (engine/decode/rejection.py): answers differ
 "identical" is left out and the acceptance rate says what speculation did.
 
 With `--concurrency N`, N code-edit streams at once through one engine (the batch: each row
-verifies its own draft, engine/batch/speculative.py), speculation off and auto taken in turns
-`--rounds` times: aggregate tokens/s (all streams' tokens over the wall time from the first
-submit to the last answer, prefills included) and the decode part alone (tokens after each
+verifies its own draft, engine/batch/speculative.py), speculation off, auto, and auto with
+`prediction` set to the original file, taken in turns `--rounds` times: aggregate tokens/s
+(all streams' tokens over the wall time from the first submit to the last answer, prefills
+included) and the decode part alone (tokens after each
 stream's first one, over the time from the first first token to the last answer), medians.
 
     .venv/bin/python benchmarks/speculative.py [--max-tokens 160] [--rounds 3]
@@ -87,16 +88,18 @@ def concurrent(n: int, max_tokens: int, rounds: int, sampling: dict) -> dict:
     """N code-edit streams at once, off and auto in turns: aggregate tokens/s (wall and
     decode part), medians over the rounds, and whether the answers matched."""
     paths = list(FILES)
-    requests = [edit(paths[i % len(paths)], FILES[paths[i % len(paths)]] if i < len(paths)
-                     else CHANGES[(i // len(paths) - 1) % len(CHANGES)], max_tokens, False,
-                     sampling) for i in range(n)]
-    engines = {mode: engine_for(mode) for mode in ("off", "auto")}
+    asks = [(paths[i % len(paths)], FILES[paths[i % len(paths)]] if i < len(paths)
+             else CHANGES[(i // len(paths) - 1) % len(CHANGES)]) for i in range(n)]
+    plans = {"off": False, "auto": False, "prediction": True}  # mode -> with `prediction`
+    requests = {m: [edit(p, c, max_tokens, predicted, sampling) for p, c in asks]
+                for m, predicted in plans.items()}
+    engines = {mode: engine_for("off" if mode == "off" else "auto") for mode in plans}
     runs: dict[str, list] = {mode: [] for mode in engines}
     try:
         for _ in range(rounds):
             for mode, engine in engines.items():
                 started = time.perf_counter()
-                generations = [engine.submit(r) for r in requests]
+                generations = [engine.submit(r) for r in requests[mode]]
                 answers = [g.result() for g in generations]
                 wall = time.perf_counter() - started
                 tokens = sum(a.usage.completion_tokens for a in answers)
@@ -110,12 +113,13 @@ def concurrent(n: int, max_tokens: int, rounds: int, sampling: dict) -> dict:
                      "decode_tok_s": statistics.median(r["decode"] for r in rs)}
               for mode, rs in runs.items()}
     last = {mode: rs[-1]["answers"] for mode, rs in runs.items()}
-    report["ratios"] = {k: report["auto"][k] / report["off"][k]
+    report["ratios"] = {f"{m}_{k}": report[m][k] / report["off"][k]
+                        for m in ("auto", "prediction")
                         for k in ("aggregate_tok_s", "decode_tok_s")}
-    report["identical"] = [a.text == b.text for a, b in zip(last["off"], last["auto"],
-                                                           strict=True)]
-    report["acceptance"] = [(a.usage.accepted_tokens, a.usage.drafted_tokens)
-                            for a in last["auto"]]
+    report["identical"] = [a.text == b.text for m in ("auto", "prediction")
+                           for a, b in zip(last["off"], last[m], strict=True)]
+    report["acceptance"] = {m: [(a.usage.accepted_tokens, a.usage.drafted_tokens)
+                                for a in last[m]] for m in ("auto", "prediction")}
     report["concurrency"], report["temperature"] = n, sampling.get("temperature", 0.0)
     return report
 
@@ -136,11 +140,12 @@ def main() -> None:
         if args.json:
             print(json.dumps(report, indent=1))
             return
-        off, auto, ratios = report["off"], report["auto"], report["ratios"]
-        print(f"{args.concurrency} code-edit streams at once, aggregate tok/s: off "
-              f"{off['aggregate_tok_s']:.1f}, auto {auto['aggregate_tok_s']:.1f} "
-              f"({ratios['aggregate_tok_s']:.2f}x); decode part: off {off['decode_tok_s']:.1f},"
-              f" auto {auto['decode_tok_s']:.1f} ({ratios['decode_tok_s']:.2f}x)")
+        ratios = report["ratios"]
+        for part in ("aggregate_tok_s", "decode_tok_s"):
+            print(f"{args.concurrency} code-edit streams at once, {part}: off "
+                  f"{report['off'][part]:.1f}, auto {report['auto'][part]:.1f} "
+                  f"({ratios['auto_' + part]:.2f}x), prediction "
+                  f"{report['prediction'][part]:.1f} ({ratios['prediction_' + part]:.2f}x)")
         print(f"identical answers: {sum(report['identical'])} of {len(report['identical'])}; "
               f"accepted/drafted: {report['acceptance']}")
         return
