@@ -90,7 +90,7 @@ def join_and_leave(url: str) -> dict[str, str]:
         text = []
         with httpx.stream("POST", f"{url}/v1/chat/completions", timeout=120, json={
                 "model": "tiny", "messages": [{"role": "user", "content": "Tell a story."}],
-                "max_tokens": 160, "temperature": 0, "ignore_eos": True,
+                "max_tokens": 400, "temperature": 0, "ignore_eos": True,
                 "stream": True}) as reply:
             for n, line in enumerate(reply.iter_lines()):
                 if n == 3:

@@ -231,7 +231,7 @@ def install(log: CacheLog) -> None:
 
     def copying(cls: type) -> None:
         def deep(self, memo):
-            made = cls.__new__(cls)
+            made = type(self).__new__(type(self))
             memo[id(self)] = made
             for k, v in self.__dict__.items():
                 if k != ATTR:
