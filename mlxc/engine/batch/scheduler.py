@@ -288,7 +288,8 @@ class Scheduler:
             self._leave(*speculated)  # each row verified its own draft (batch/speculative.py)
             return
         with self.engine.batch_kernels:  # CUDA: mlxc's kernels for the batched step
-            progress, responses = self.speculation.plain(self.batch)
+            progress, responses = self.speculation.plain(
+                self.batch, steady=self.prefilling is None and self.lone is None)
         for r in progress:  # prompts the batch prefills (a burst)
             if (seq := self.running.get(r.uid)) is not None:
                 seq.generation.prompt_tokens_done = r.progress[0]

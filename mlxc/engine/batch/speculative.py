@@ -49,21 +49,24 @@ class BatchSpeculation:
         self.pause = 0  # steps left without asking for drafts
         self._next_pause = FIRST_PAUSE
         self._plain_size = 0  # batch size of the last plain step, if it ran in steady state
+        self._plain_started = 0.0  # and when it started
         self.steps = self.drafted = self.accepted = 0  # speculative steps, their drafts
         self._members: list[int] = []  # the rows the pause was decided for
 
     # -- the plain step, timed ---------------------------------------------------------
 
-    def plain(self, batch: Any) -> tuple[list[Any], list[Any]]:
-        """`batch.next()`, its time kept when it was a steady decode step (no prompt work,
-        the step before it plain too: pipelined)."""
+    def plain(self, batch: Any, steady: bool = True) -> tuple[list[Any], list[Any]]:
+        """`batch.next()`. A plain step's cost is the time from one call's start to the next
+        one's (pipelined: most of a step's compute overlaps the publishing between calls),
+        kept when both were steady decode steps of one batch size: no prompt work in the
+        batch, and `steady` (the scheduler ran nothing else between them)."""
         size = len(batch._generation_batch)
-        quiet = not (len(batch._prompt_batch) or batch._unprocessed_sequences)
-        started = time.perf_counter()
+        quiet = steady and not (len(batch._prompt_batch) or batch._unprocessed_sequences)
+        now = time.perf_counter()
+        if quiet and size and self._plain_size == size:
+            self._costs(size).saw_plain(now - self._plain_started)
         progress, responses = batch.next()
-        if quiet and not progress and size and self._plain_size == size:
-            self._costs(size).saw_plain(time.perf_counter() - started)
-        self._plain_size = size if quiet and not progress else 0
+        self._plain_size, self._plain_started = (size if quiet and not progress else 0), now
         return progress, responses
 
     def _costs(self, size: int) -> StepCosts:
