@@ -288,12 +288,9 @@ class Engine:
             future.set_exception(exc)
 
     def warm_up(self) -> None:
-        """Compile what the first client would otherwise wait for (engine thread)."""
-        from mlxc.distributed import serving
+        """Compile what the first client would otherwise wait for (engine thread); on a
+        sharded model every rank runs it (its calls and batch are mirrored)."""
         from mlxc.engine.warmup import warm_up
-
-        if serving.ROLE is not None:  # its batch path is not mirrored to the other ranks
-            return
 
         warm_up(self)
 
