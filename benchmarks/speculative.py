@@ -10,11 +10,14 @@ With `--concurrency N`, N code-edit streams at once through one engine (the batc
 verifies its own draft, engine/batch/speculative.py), speculation off, auto, and auto with
 `prediction` set to the original file, taken in turns `--rounds` times: aggregate tokens/s
 (all streams' tokens over the wall time from the first submit to the last answer, prefills
-included) and the decode part alone (tokens after each
-stream's first one, over the time from the first first token to the last answer), medians.
+included) and the decode part alone (tokens after each stream's first one, over the time
+from the first first token to the last answer), medians.
 
     .venv/bin/python benchmarks/speculative.py [--max-tokens 160] [--rounds 3]
-        [--temperature 0.7] [--concurrency 4] [--json]
+        [--temperature 0.7] [--concurrency 4 [--predict-answer] [--warm]] [--json]
+
+The model is mlxc's (MLXC_MODEL picks another, e.g. a GPU's random-weight 3B: there prompt
+lookup finds little, and `--predict-answer` measures what the batch gains from drafts taken).
 """
 
 from __future__ import annotations
@@ -84,9 +87,13 @@ CHANGES = ["add a one-line comment at the top of the file", "add a blank line at
            "add a comment above the first import"]  # more streams than files: other asks
 
 
-def concurrent(n: int, max_tokens: int, rounds: int, sampling: dict) -> dict:
+def concurrent(n: int, max_tokens: int, rounds: int, sampling: dict,
+               predict_answer: bool = False, warm: bool = False) -> dict:
     """N code-edit streams at once, off and auto in turns: aggregate tokens/s (wall and
-    decode part), medians over the rounds, and whether the answers matched."""
+    decode part), medians over the rounds, and whether the answers matched.
+    `predict_answer`: the prediction is each stream's own plain answer (of the round's off
+    pass): drafts a model of any skill takes, random weights too. `warm`: an untimed
+    round first (a fresh CUDA process compiles its kernels)."""
     paths = list(FILES)
     asks = [(paths[i % len(paths)], FILES[paths[i % len(paths)]] if i < len(paths)
              else CHANGES[(i // len(paths) - 1) % len(CHANGES)]) for i in range(n)]
@@ -95,17 +102,23 @@ def concurrent(n: int, max_tokens: int, rounds: int, sampling: dict) -> dict:
                 for m, predicted in plans.items()}
     engines = {mode: engine_for("off" if mode == "off" else "auto") for mode in plans}
     runs: dict[str, list] = {mode: [] for mode in engines}
+    latest: dict[str, list] = {}  # each mode's answers of its last pass
     try:
-        for _ in range(rounds):
+        for round_ in range(rounds + warm):
             for mode, engine in engines.items():
+                if mode == "prediction" and predict_answer:
+                    requests[mode] = [r.model_copy(update={"prediction": a.text}) for r, a
+                                      in zip(requests["auto"], latest["off"], strict=True)]
                 started = time.perf_counter()
                 generations = [engine.submit(r) for r in requests[mode]]
                 answers = [g.result() for g in generations]
                 wall = time.perf_counter() - started
                 tokens = sum(a.usage.completion_tokens for a in answers)
                 first = min(a.prefill_seconds for a in answers)  # from its own start (~submit)
-                runs[mode].append({"answers": answers, "wall": tokens / wall,
-                                   "decode": (tokens - n) / max(wall - first, 1e-9)})
+                latest[mode] = answers
+                if round_ >= warm:
+                    runs[mode].append({"answers": answers, "wall": tokens / wall,
+                                       "decode": (tokens - n) / max(wall - first, 1e-9)})
     finally:
         for engine in engines.values():
             engine.shutdown(wait=30)
@@ -133,10 +146,14 @@ def main() -> None:
                         help="sample at this temperature (top-p 0.9), no seed")
     parser.add_argument("--concurrency", type=int, default=0,
                         help="N code-edit streams at once, off vs auto (the batch)")
+    parser.add_argument("--predict-answer", action="store_true", help="with --concurrency: "
+                        "predict each stream's own plain answer, not the original file")
+    parser.add_argument("--warm", action="store_true", help="an untimed round first")
     args = parser.parse_args()
     sampling = {"temperature": args.temperature, "top_p": 0.9} if args.temperature else {}
     if args.concurrency:
-        report = concurrent(args.concurrency, args.max_tokens, args.rounds, sampling)
+        report = concurrent(args.concurrency, args.max_tokens, args.rounds, sampling,
+                            args.predict_answer, args.warm)
         if args.json:
             print(json.dumps(report, indent=1))
             return
