@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 from collections import OrderedDict
-from typing import Any
 
 from starlette.datastructures import Headers
 from starlette.requests import Request
@@ -179,10 +178,3 @@ class HitFastPath:
         await response(scope, receive, send)
         return True
 
-
-def fast_path_of(app: Any) -> HitFastPath | None:
-    """The app's fast path, once its middleware stack is built (for tests and figures)."""
-    layer = getattr(app, "middleware_stack", None)
-    while layer is not None and not isinstance(layer, HitFastPath):
-        layer = getattr(layer, "app", None)
-    return layer
