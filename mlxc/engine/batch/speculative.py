@@ -40,6 +40,8 @@ from mlxc.engine.decode.speculate import (
     expected_tokens,
 )
 
+NOTHING_FOUND_PAUSE = 2  # plain steps before looking again when no row found a draft
+
 
 class BatchSpeculation:
     def __init__(self, model: Any, lone_costs: StepCosts) -> None:
@@ -105,6 +107,8 @@ class BatchSpeculation:
         if longest == 0:
             if any(drafts):
                 self._rest()
+            else:  # none found: reading the pending tokens each step costs the pipelining
+                self.pause = NOTHING_FOUND_PAUSE
             return None
         self._next_pause = FIRST_PAUSE
         drafts = [draft[:longest] for draft in drafts]
