@@ -30,7 +30,8 @@ class _Stack:
     """The stacked layer of one group, and the last input it computed with its pieces."""
 
     def __init__(self, layer: Any, sizes: list[int]) -> None:
-        self.layer, self.sizes = layer, sizes
+        self.layer, self.count = layer, len(sizes)
+        self.bounds = [sum(sizes[:i + 1]) for i in range(len(sizes) - 1)]  # where to split
         self._input: Any = None
         self._pieces: list | None = None
         self._left = 0  # pieces of the last result not yet taken
@@ -39,10 +40,8 @@ class _Stack:
         import mlx.core as mx
 
         if x is not self._input or self._pieces is None or self._pieces[index] is None:
-            out = self.layer(x)
-            bounds = [sum(self.sizes[:i + 1]) for i in range(len(self.sizes) - 1)]
-            self._input, self._pieces = x, list(mx.split(out, bounds, axis=-1))
-            self._left = len(self.sizes)
+            self._input, self._pieces = x, list(mx.split(self.layer(x), self.bounds, axis=-1))
+            self._left = self.count
         piece, self._pieces[index] = self._pieces[index], None
         self._left -= 1
         if self._left == 0:  # all taken: hold no activations between calls
@@ -101,7 +100,7 @@ def fuse(model: Any) -> int:
     fused = 0
     for _, module in model.named_modules():
         for names in GROUPS:
-            layers = [module.get(name) if hasattr(module, "get") else None for name in names]
+            layers = [module.get(name) for name in names]
             if any(layer is None for layer in layers):
                 continue
             stacked = _stacked(layers)
