@@ -32,11 +32,11 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from mlxc.engine.batch.admission import MemoryWait
 from mlxc.engine.batch.figures import Figures
+from mlxc.engine.batch.finish import NextTurn, finish
 from mlxc.engine.batch.lone import LoneDecoder
 from mlxc.engine.batch.pacing import PrefillPacing
 from mlxc.engine.batch.sequence import Sequence
@@ -48,17 +48,6 @@ from mlxc.stream import Failed, Finished, Generation
 
 log = logging.getLogger("mlxc.engine")
 Starter = Callable[[GenerationRequest, Generation], Sequence | Answer]
-
-
-@dataclass
-class NextTurn:
-    """A finished conversation's state, kept to prefill its next turn's opening when idle."""
-
-    request: GenerationRequest
-    kept: list[int]  # the key its state was stored under
-    said: list[int]  # prompt + answer tokens
-    text: str
-    cache: list[Any]
 
 
 class Scheduler:
@@ -358,28 +347,7 @@ class Scheduler:
     # -- leaving --------------------------------------------------------------------------
 
     def _finish(self, seq: Sequence, cache: list[Any] | None, held: list[int] | None) -> None:
-        """Store the sequence's state (kept even when cancelled: its prompt is still good for
-        the next request), then publish its answer."""
-        engine = self.engine
-        kept = None
-        if seq.drafter is not None:
-            self.figures.drafted += seq.drafter.figures.drafted
-            self.figures.accepted += seq.drafter.figures.accepted
-        if cache and held:
-            try:
-                kept = engine.prompt_cache.store(list(held), cache)
-            except Exception as exc:  # an optimisation: never worth an answer
-                log.warning("prefix cache: cannot store a state (%s)", exc)
-        try:
-            answer = seq.answer(engine.ref.name)
-        except Exception as exc:
-            seq.generation.publish(Failed(exc))
-            return
-        wanted = engine.settings.next_turn_prefill and seq.finish != "cancelled"
-        if kept and wanted and not seq.stops.tool_calls:  # a user's turn comes next, most likely
-            self.next_turns.append(NextTurn(seq.request, kept, seq.said, answer.text, cache))
-            del self.next_turns[:-4]  # the most recent few conversations
-        seq.generation.publish(Finished(answer))
+        finish(self.engine, self.figures, self.next_turns, seq, cache, held)
 
     def cancel_all(self, error: Exception) -> None:
         """Fail every sequence (a step failed: its batch cannot be trusted)."""
