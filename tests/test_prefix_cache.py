@@ -12,11 +12,21 @@ import signal
 import subprocess
 import sys
 import textwrap
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 from conftest import let_go_of_stopped_engines
+from prefix_helpers import (
+    OFF,
+    SYSTEM,
+    TEXT,
+    ask,
+    cold_answers,
+    conversation,
+    flush,
+    service,
+    state_files,
+)
 from tiny_model import rescaled_copy
 
 from mlxc.config import Settings
@@ -27,17 +37,6 @@ from mlxc.service import Service
 
 # Before the fixtures import MLX, as the engine does: float32 runs on the fast BLAS then.
 load_optimised_blas()
-
-SYSTEM = (
-    "You are MLX, a careful assistant. The quick brown fox jumps over the lazy dog. "
-    "Paris is the capital and largest city of France. def add(a, b): return a + b. " * 4
-)
-TEXT = " ".join(
-    f"Line {i}: the quick brown fox and the capital of France, MLX arrays, def add."
-    for i in range(24)
-)
-OFF = {"prefix_memory_bytes": 0, "prefix_disk_bytes": 0}
-
 
 @pytest.fixture(scope="module")
 def lively(tiny_model, tmp_path_factory) -> Path:
@@ -51,72 +50,9 @@ def sliding(tiny_model, tmp_path_factory) -> Path:
     return rescaled_copy(tiny_model, tmp_path_factory.mktemp("m") / "sliding", 4.0, window)
 
 
-def settings_for(model: Path, cache: Path, **overrides) -> Settings:
-    return Settings(
-        model=str(model), cache_dir=cache, models_dir=cache / "models", cache_policy="off",
-        **overrides,
-    )
-
-
-@contextmanager
-def service(model: Path, cache: Path, **overrides):
-    svc = Service(settings_for(model, cache, **overrides))
-    try:
-        yield svc
-    finally:
-        svc.close()
-        let_go_of_stopped_engines()  # before the next engine of the test loads its model
-
-
-def ask(svc: Service, messages=None, prompt=None, max_tokens: int = 10, **params) -> Answer:
-    request = GenerationRequest(messages=messages, prompt=prompt, max_tokens=max_tokens, **params)
-    return svc.start(request).result()
-
-
 @pytest.fixture(scope="module")
 def cold(tmp_path_factory):
-    """Answers from a cold prefill (prefix cache off), one engine per model, memoised."""
-    services: dict[Path, Service] = {}
-    seen: dict[str, str] = {}
-
-    def answer(model: Path, messages=None, prompt=None, max_tokens: int = 10, **params) -> str:
-        key = json.dumps([str(model), messages, prompt, max_tokens, params], sort_keys=True)
-        if key not in seen:
-            if model not in services:
-                services[model] = Service(
-                    settings_for(model, tmp_path_factory.mktemp("cold"), **OFF)
-                )
-            result = ask(services[model], messages, prompt, max_tokens, **params)
-            assert result.usage.cached_tokens == 0
-            seen[key] = result.text
-        return seen[key]
-
-    yield answer
-    for svc in services.values():
-        svc.close()
-
-
-def conversation(user: str, *turns: str) -> list[dict]:
-    messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}]
-    for answer, question in zip(turns[::2], turns[1::2], strict=True):
-        messages += [
-            {"role": "assistant", "content": answer},
-            {"role": "user", "content": question},
-        ]
-    return messages
-
-
-def state_files(cache: Path) -> list[Path]:
-    """Whole states (untrimmable models) and blocks (the rest) on disk."""
-    prefix = cache / "prefix"
-    found = [*prefix.glob("*.safetensors"), *prefix.glob("blocks/*.kvb")]
-    return sorted(p for p in found if not p.name.startswith(".tmp-"))  # not a writer's temp
-
-
-def flush(svc: Service) -> None:
-    """Wait for the disk writer (a kill or a restart right after an answer can lose what is
-    still queued: that costs reuse, never an answer)."""
-    svc.engine().prompt_cache.flush()
+    yield from cold_answers(tmp_path_factory)
 
 
 # -- memory ----------------------------------------------------------------------------------
@@ -156,71 +92,6 @@ def test_exact_repeat_prefills_only_the_last_token(lively, cold, tmp_path):
         again = ask(svc, messages)
     assert again.usage.cached_tokens == again.usage.prompt_tokens - 1
     assert again.text == first.text == cold(lively, messages)
-
-
-# The real model here: a random one's answers are not valid text, so they never re-tokenize to
-# the same tokens and the template's opening cannot be placed after them.
-def _answer_then_idle(svc: Service) -> tuple[Answer, list[dict], int]:
-    """Turn 1, the engine's idle work after it, and turn 2's messages; also the tokens said."""
-    first = ask(svc, conversation("What is the capital of France?"), max_tokens=12)
-    svc.engine().wait_idle()
-    assert first.finish_reason == "stop"
-    follow = conversation("What is the capital of France?", first.text, "And of Italy?")
-    return first, follow, first.usage.prompt_tokens + first.usage.completion_tokens
-
-
-def test_an_idle_server_prefills_the_next_turns_opening(smollm_folder, cold, tmp_path):
-    with service(smollm_folder, tmp_path, next_turn_prefill=True) as svc:
-        first, follow, said = _answer_then_idle(svc)
-        flush(svc)
-        assert svc.prefix_stats()["writes_skipped"] == 0
-        second = ask(svc, follow, max_tokens=12)
-        first_turn = conversation("What is the capital of France?")
-        again = ask(svc, first_turn, max_tokens=12)
-    # The template's `<|im_end|>`, newline, `<|im_start|>user`, newline came from the cache.
-    assert second.usage.cached_tokens == said + 5
-    assert second.text == cold(smollm_folder, follow, max_tokens=12)
-    # A request that is not the guessed next turn trims the guess off.
-    assert again.text == first.text == cold(smollm_folder, first_turn, max_tokens=12)
-
-
-def test_a_request_that_comes_at_once_goes_ahead_of_the_idle_work(smollm_folder, cold, tmp_path):
-    question = "What is the capital of France?"
-    with service(smollm_folder, tmp_path, next_turn_prefill=True) as svc:
-        first = ask(svc, conversation(question), max_tokens=12)
-        follow = conversation(question, first.text, "And of Italy?")
-        second = ask(svc, follow, max_tokens=12)  # within the grace: nothing was fed meanwhile
-    said = first.usage.prompt_tokens + first.usage.completion_tokens
-    # The end token the answer stopped at is in the state too (the batch feeds it).
-    assert second.usage.cached_tokens == said + (first.finish_reason == "stop")
-    assert second.text == cold(smollm_folder, follow, max_tokens=12)
-
-
-def test_the_next_turns_opening_is_written_to_disk(smollm_folder, cold, tmp_path):
-    with service(smollm_folder, tmp_path, next_turn_prefill=True) as svc:
-        _first, follow, said = _answer_then_idle(svc)
-    with service(smollm_folder, tmp_path) as svc:  # after a restart
-        second = ask(svc, follow, max_tokens=12)
-        assert svc.prefix_stats()["disk_hits"] == 1
-    assert second.usage.cached_tokens == said + 5
-    assert second.text == cold(smollm_folder, follow, max_tokens=12)
-
-
-def test_next_turn_opening_is_what_the_template_puts_before_a_user_message(lively):
-    from transformers import AutoTokenizer
-
-    from mlxc.engine.kv.turns import next_turn_opening
-
-    tokenizer = AutoTokenizer.from_pretrained(lively)
-    request = GenerationRequest(messages=conversation("Why?"))
-    text = tokenizer.apply_chat_template(
-        conversation("Why?"), add_generation_prompt=True, tokenize=False
-    )
-    said = tokenizer.encode(text + "Because.", add_special_tokens=False)
-    opening = next_turn_opening(tokenizer, request, "Because.", said)
-    assert tokenizer.decode(opening) == "<|im_end|>\n<|im_start|>user\n"
-    assert next_turn_opening(tokenizer, request, "Something else.", said) == []
-    assert next_turn_opening(tokenizer, GenerationRequest(prompt="Why?"), "x", said) == []
 
 
 def test_warm_prefix_caches_a_prompt_without_generating(lively, cold, tmp_path):
