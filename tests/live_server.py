@@ -72,23 +72,27 @@ def stop_server(running: Running, check: bool = True) -> None:
 
 
 @contextmanager
-def mlxc_server(root: Path, model: Path, *args: str):
-    """Yields (url, pid, log path) of a server started with `args`; checks its log at exit."""
-    running = start_server(root, model, *args)
+def running_server(root: Path, model: Path, *args: str, env: dict[str, str] | None = None):
+    """Yields the Running server started with `args`; stops it and checks its log at exit."""
+    running = start_server(root, model, *args, env=env)
     try:
-        yield running.url, running.proc.pid, running.log
+        yield running
     finally:
         stop_server(running)
+
+
+@contextmanager
+def mlxc_server(root: Path, model: Path, *args: str):
+    """Yields (url, pid, log path) of a server started with `args`; checks its log at exit."""
+    with running_server(root, model, *args) as running:
+        yield running.url, running.proc.pid, running.log
 
 
 @pytest.fixture(scope="session")
 def served(tmp_path_factory, tiny_model):
     """(url, env): the server, and an environment whose `mlxc` shares its cache folder."""
-    running = start_server(tmp_path_factory.mktemp("served"), tiny_model)
-    try:
+    with running_server(tmp_path_factory.mktemp("served"), tiny_model) as running:
         yield running.url, running.env
-    finally:
-        stop_server(running)
 
 
 @pytest.fixture(scope="session")

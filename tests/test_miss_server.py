@@ -12,7 +12,7 @@ import time
 import httpx
 import openai
 import pytest
-from live_server import start_server, stop_server
+from live_server import running_server
 
 SYSTEM = "You are a helpful assistant. Answer briefly and cite the capital of France."
 USER = "What is the capital of France? Answer briefly, please."
@@ -21,11 +21,8 @@ KEY = "sekret-27"
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tiny_model):
-    running = start_server(tmp_path_factory.mktemp("misses"), tiny_model, "--api-key", KEY)
-    try:
+    with running_server(tmp_path_factory.mktemp("misses"), tiny_model, "--api-key", KEY) as running:
         yield running
-    finally:
-        stop_server(running)
 
 
 def _client(url: str) -> openai.OpenAI:
@@ -138,8 +135,7 @@ def test_root_answers_json_to_api_clients_and_the_page_to_browsers(server):
 
 
 def test_excerpts_switched_off(tmp_path, tiny_model):
-    running = start_server(tmp_path, tiny_model, env={"MLXC_MISS_EXCERPTS": "0"})
-    try:
+    with running_server(tmp_path, tiny_model, env={"MLXC_MISS_EXCERPTS": "0"}) as running:
         client = openai.OpenAI(base_url=f"{running.url}/v1", api_key="x", max_retries=0)
         _ask(client, SYSTEM)
         time.sleep(0.5)
@@ -148,8 +144,6 @@ def test_excerpts_switched_off(tmp_path, tiny_model):
         body = _misses(running.url, key=None).json()
         assert body["excerpts"] is False
         assert "excerpt" not in body["data"][-1]["diverged"]
-    finally:
-        stop_server(running)
 
 
 def test_stats_watch_reads_the_local_folder(server):
