@@ -142,9 +142,9 @@ class Service:
             prepare_model(self.ref, self.progress)
         return request.cache_key(self.fingerprint)
 
-    def lookup(self, key: str) -> Answer | None:
-        """The stored answer, counted as a hit or miss; None if absent or unreadable."""
-        value = self.store.get(key)
+    def lookup(self, key: str, count_miss: bool = True) -> Answer | None:
+        """The stored answer, counted as a hit (or a miss); None if absent or unreadable."""
+        value = self.store.get(key, count_miss)
         if value is None:
             return None
         try:
@@ -160,7 +160,8 @@ class Service:
         if self._fingerprint is None:
             return None  # the model is not prepared yet: that is start's work
         key = request.cache_key(self._fingerprint)
-        if self.store.contains(key) and (answer := self.lookup(key)) is not None:
+        # One read: a miss is not counted here but by `start`, once the engine has taken it.
+        if (answer := self.lookup(key, count_miss=False)) is not None:
             return Reply("hit", key, answer=answer)
         return None
 

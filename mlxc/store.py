@@ -2,19 +2,20 @@
 
 Values are JSON, never pickle: anyone who can write the cache folder must not be able to run
 code in mlxc. Hit/miss counters live in the store itself, so they survive restarts and are
-shared by every process that opens it. Imports nothing heavy: this is the cache-hit path.
+shared by every process that opens it (the disk store writes them in batches: see
+mlxc.store_tally for the bound on the lag). Imports nothing heavy: this is the cache-hit path.
 """
 
 from __future__ import annotations
 
-import json
+import atexit
 import logging
 import os
 import sqlite3
 import stat
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
+import time
+import weakref
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -24,6 +25,12 @@ from mlxc.disk_full import disk_refused, sound
 
 log = logging.getLogger("mlxc.store")
 DB_FILES = ("cache.db", "cache.db-wal", "cache.db-shm")
+# diskcache's own read (Cache.get), without the write it makes with statistics or LRU/LFU on:
+# those counts and touches are mlxc.store_tally's.
+_READ = ("SELECT rowid, mode, filename, value FROM Cache WHERE key = ? AND raw = ?"
+         " AND (expire_time IS NULL OR expire_time > ?)")
+_OPEN_STORES: weakref.WeakSet = weakref.WeakSet()  # flushed at exit: `ask` may not close
+
 
 class StoreError(RuntimeError):
     """The store cannot be opened or written; the message says where and what to do."""
@@ -35,11 +42,13 @@ class StoreDamaged(StoreError):
 
 class StoreUnavailable(StoreError):
     """The store is sound but cannot be used now (a full disk, Redis away): answers are
-    generated uncached until it works again (mlxc.store_guard). `reason` names no path."""
+    generated uncached until it works again (mlxc.store_guard). `reason` names no path;
+    `reads_work`: only writes are refused (a full disk), the stored answers still read."""
 
-    def __init__(self, message: str, reason: str) -> None:
+    def __init__(self, message: str, reason: str, reads_work: bool = False) -> None:
         super().__init__(message)
         self.reason = reason
+        self.reads_work = reads_work
 
 
 @dataclass
@@ -67,9 +76,10 @@ class StoreStats:
 
 
 class ResponseStore(Protocol):
-    """What every backend offers. `get` counts a hit or a miss; `contains` counts nothing."""
+    """What every backend offers. `get` counts a hit or a miss (`count_miss=False`: a hit
+    only); `contains` counts nothing."""
 
-    def get(self, key: str) -> dict[str, Any] | None: ...
+    def get(self, key: str, count_miss: bool = True) -> dict[str, Any] | None: ...
     def contains(self, key: str) -> bool: ...
     def set(self, key: str, value: dict[str, Any]) -> None: ...
     def stats(self) -> StoreStats: ...
@@ -89,7 +99,9 @@ def damaged(directory: Path, exc: BaseException) -> StoreDamaged:
 class DiskStore:
     """diskcache on local disk. Thread-safe and process-safe; each write is one atomic
     SQLite transaction, so a killed process leaves the cache readable. Rows are read as
-    JSON only (mlxc.jsondisk): a planted or damaged row is a counted miss, then dropped."""
+    JSON only (mlxc.jsondisk): a planted or damaged row is a counted miss, then dropped.
+    A read is one SELECT on the thread's own connection, under no lock; what it would write
+    (counts, the LRU time or LFU count) is batched by mlxc.store_tally."""
 
     def __init__(self, directory: Path, size_limit: int, eviction_policy: str, ttl: float | None):
         import diskcache  # local: keeps `import mlxc.store` cheap for --help
@@ -102,10 +114,13 @@ class DiskStore:
         self.eviction_policy = eviction_policy
         self.size_limit = size_limit
         self.refused = 0
-        # One call at a time in this process: a server's worker threads would otherwise meet
-        # in SQLite's write lock (every get updates the LRU time and the hit counters), whose
-        # busy handler sleeps up to 100 ms a try: under 28 clients, 1% of hits took ~1 s.
-        self._lock = threading.Lock()
+        # One write at a time in this process: threads would otherwise meet in SQLite's
+        # write lock, whose busy handler sleeps up to 100 ms a try (under 28 clients, 1% of
+        # hits took ~1 s when every read wrote). Reads take no lock: they write nothing.
+        self._lock = threading.RLock()
+        from mlxc.store_tally import Tally
+
+        self._tally = Tally(eviction_policy, self._write_tally)
         try:
             private_dir(self.directory)  # answers may hold private prompts
             db = self.directory / "cache.db"
@@ -117,13 +132,16 @@ class DiskStore:
                 disk_compress_level=6,
                 size_limit=size_limit,
                 eviction_policy=eviction_policy,
-                statistics=True,
+                statistics=False,  # counted by self._tally, into the same Settings rows
             )
             for name in DB_FILES:
                 if (self.directory / name).exists():
                     os.chmod(self.directory / name, 0o600)
         except (OSError, sqlite3.Error) as exc:
             raise self._failure(exc, "open") from exc
+        if not _OPEN_STORES:
+            atexit.register(_flush_at_exit)
+        _OPEN_STORES.add(self)
 
     def _failure(self, exc: OSError | sqlite3.Error, doing: str = "write") -> StoreError:
         """What a failed call means: a full disk while the file is sound is unavailable (the
@@ -138,6 +156,7 @@ class DiskStore:
                 f"the disk holding the response cache {self.directory} {what} ({exc}); the "
                 "cache itself is intact: free some space",
                 reason=f"the response cache's disk {what}",
+                reads_work=True,  # a read writes nothing (mlxc.store_tally)
             )
         if isinstance(exc, sqlite3.DatabaseError):
             return damaged(self.directory, exc)
@@ -148,15 +167,45 @@ class DiskStore:
             )
         return StoreError(f"cannot {doing} the response cache in {self.directory}: {exc}")
 
-    def get(self, key: str) -> dict[str, Any] | None:
+    def get(self, key: str, count_miss: bool = True) -> dict[str, Any] | None:
         try:
-            with self._lock:
-                value = self._cache.get(key)
+            found = self._read(key)
         except (OSError, sqlite3.Error) as exc:
             raise self._failure(exc, "read") from exc
-        if value is None and (reason := self._cache.disk.take_refusal()):
-            self._drop(key, reason)
+        if found is None:
+            if count_miss:
+                self._tally.miss()
+            if reason := self._cache.disk.take_refusal():
+                self._drop(key, reason)
+            return None
+        rowid, db_key, value = found
+        self._tally.hit(rowid, db_key)
         return value
+
+    def _read(self, key: str) -> tuple[int, bytes, dict[str, Any]] | None:
+        """(rowid, stored key, value), or None: absent, expired, or refused by the disk."""
+        cache = self._cache
+        db_key, raw = cache.disk.put(key)
+        rows = cache._sql(_READ, (db_key, raw, time.time())).fetchall()
+        if not rows:
+            return None
+        ((rowid, mode, filename, db_value),) = rows
+        try:
+            return rowid, db_key, cache.disk.fetch(mode, filename, db_value, False)
+        except OSError:  # the value file went away meanwhile, or a row mlxc did not write
+            return None
+
+    def _write_tally(self, body: Any) -> None:
+        """Run the tally's statements in one transaction under the write lock."""
+        try:
+            with self._lock, self._cache.transact():
+                body(self._cache._sql)
+        except (OSError, sqlite3.Error) as exc:
+            raise self._failure(exc) from exc
+
+    def flush(self) -> None:
+        """Write the counts and touches not written yet (mlxc.store_tally)."""
+        self._tally.flush()
 
     def _drop(self, key: str, reason: str) -> None:
         self.refused += 1
@@ -165,36 +214,38 @@ class DiskStore:
                         "such rows are counted in `cache stats` (refused_rows)",
                         self.directory, reason)
         try:
-            self._cache.delete(key)
+            with self._lock:
+                self._cache.delete(key)
         except (OSError, sqlite3.Error):
             pass  # read-only folder: it stays a miss
 
     def contains(self, key: str) -> bool:
         try:
-            with self._lock:
-                return key in self._cache
+            return key in self._cache
         except (OSError, sqlite3.Error) as exc:
             raise self._failure(exc, "read") from exc
 
     def set(self, key: str, value: dict[str, Any]) -> None:
         try:
             with self._lock:
+                self._tally.flush()  # so that this write's evictions see every read
                 self._cache.set(key, value, expire=self.ttl)
         except (OSError, sqlite3.Error) as exc:
             raise self._failure(exc) from exc
 
     def stats(self) -> StoreStats:
         try:
-            with self._lock:
-                return self._stats()
+            return self._stats()
         except (OSError, sqlite3.Error) as exc:
             raise self._failure(exc, "read") from exc
 
     def _stats(self) -> StoreStats:
-        hits, misses = self._cache.stats()
+        with self._lock:  # a flush moves counts from memory to disk under it: none twice
+            hits, misses = self._cache.reset("hits"), self._cache.reset("misses")
+            more_hits, more_misses = self._tally.pending()
         return StoreStats(
-            hits=hits,
-            misses=misses,
+            hits=hits + more_hits,
+            misses=misses + more_misses,
             cached_items=len(self._cache),
             size_bytes=self._cache.volume(),
             directory=str(self.directory),
@@ -207,13 +258,21 @@ class DiskStore:
     def clear(self) -> int:
         try:
             with self._lock:
+                self._tally.discard()
                 removed = self._cache.clear()
-                self._cache.stats(reset=True)
+                self._cache.reset("hits", 0)
+                self._cache.reset("misses", 0)
         except (OSError, sqlite3.Error) as exc:
             raise self._failure(exc, "clear") from exc
         return removed
 
     def close(self) -> None:
+        _OPEN_STORES.discard(self)
+        self._tally.stop()
+        try:
+            self._tally.flush()
+        except StoreError as exc:  # a full disk (already warned of): counts lost, no entry
+            log.debug("mlxc: the response cache's last counts were not saved: %s", exc)
         self._cache.close()
 
     @staticmethod
@@ -232,113 +291,12 @@ class DiskStore:
                 shutil.rmtree(sub)
 
 
-class RedisStore:
-    """Redis, for several servers sharing one cache. Keys live under `mlxc:`; clearing deletes
-    only those, never the whole database. Size and eviction follow the server's maxmemory.
-    Any Redis failure (gone, timed out, out of memory) is StoreUnavailable: it passes."""
-
-    PREFIX = "mlxc:resp:"
-    STATS = "mlxc:stats"
-
-    def __init__(self, url: str, ttl: float | None):
-        import redis
-        from redis.backoff import NoBackoff
-        from redis.retry import Retry
-
-        self.url = url
-        self.ttl = ttl
-        self.refused = 0
-        self._gone, self._errors = (redis.ConnectionError, redis.TimeoutError), redis.RedisError
-        with self._reach():
-            # One quick retry (a connection dropped by a restart); mlxc.store_guard backs off
-            # between attempts, so a Redis that is gone costs a request milliseconds, not
-            # redis-py's default ten retries. A timeout: a hung Redis must not hang answers.
-            self._redis = redis.Redis.from_url(
-                url, socket_connect_timeout=2, socket_timeout=5, retry=Retry(NoBackoff(), 1)
-            )
-            self._redis.ping()
-
-    @contextmanager
-    def _reach(self) -> Iterator[None]:
+def _flush_at_exit() -> None:
+    for store in list(_OPEN_STORES):
         try:
-            yield
-        except self._gone as exc:
-            raise StoreUnavailable(f"cannot reach Redis at {self.url}: {str(exc).rstrip('.')}. "
-                                   "Is redis-server running?", reason="Redis is unreachable"
-                                   ) from exc
-        except self._errors as exc:  # out of memory, read-only replica, ...
-            reason = f"Redis refused a command ({type(exc).__name__})"
-            raise StoreUnavailable(f"Redis at {self.url} refused a command: {exc}",
-                                   reason=reason) from exc
-
-    def get(self, key: str) -> dict[str, Any] | None:
-        with self._reach():
-            raw = self._redis.get(self.PREFIX + key)
-            value = None
-            if raw is not None:
-                try:
-                    value = json.loads(raw)
-                except (ValueError, RecursionError):
-                    value = None
-                if not isinstance(value, dict):  # not what mlxc writes: a miss, and dropped
-                    self._redis.delete(self.PREFIX + key)
-                    self.refused += 1
-                    if self.refused == 1:
-                        log.warning("mlxc: ignored and removed a non-JSON value under %s%s in "
-                                    "Redis", self.PREFIX, key)
-                    value = None
-            self._redis.hincrby(self.STATS, "hits" if value is not None else "misses", 1)
-        return value
-
-    def contains(self, key: str) -> bool:
-        with self._reach():
-            return bool(self._redis.exists(self.PREFIX + key))
-
-    def set(self, key: str, value: dict[str, Any]) -> None:
-        ttl_ms = int(self.ttl * 1000) if self.ttl else None
-        with self._reach():
-            self._redis.set(self.PREFIX + key, json.dumps(value, ensure_ascii=False), px=ttl_ms)
-
-    def _keys(self) -> list[bytes]:
-        return list(self._redis.scan_iter(match=self.PREFIX + "*", count=1000))
-
-    def stats(self) -> StoreStats:
-        with self._reach():
-            counts = self._redis.hgetall(self.STATS)
-            keys = self._keys()
-            pipe = self._redis.pipeline()
-            for k in keys:
-                pipe.strlen(k)
-            policy = self._redis.config_get("maxmemory-policy").get("maxmemory-policy", "")
-            limit = int(self._redis.config_get("maxmemory").get("maxmemory", 0))
-            size = sum(pipe.execute()) if keys else 0
-
-        def count(name: bytes) -> int:
-            value = counts.get(name, b"0")
-            return int(value) if value.isdigit() else 0
-
-        return StoreStats(
-            hits=count(b"hits"),
-            misses=count(b"misses"),
-            cached_items=len(keys),
-            size_bytes=size,
-            directory=self.url,
-            backend="redis",
-            eviction_policy=str(policy),
-            size_limit=limit,
-            refused_rows=self.refused,
-        )
-
-    def clear(self) -> int:
-        with self._reach():
-            keys = self._keys()
-            for i in range(0, len(keys), 500):
-                self._redis.delete(*keys[i : i + 500])
-            self._redis.delete(self.STATS)
-        return len(keys)
-
-    def close(self) -> None:
-        self._redis.close()
+            store.flush()
+        except StoreError:
+            pass  # a full disk at exit: lost counts, as a kill -9 would lose them
 
 
 def private_folders(settings: Settings) -> None:
@@ -367,3 +325,9 @@ def open_store(settings: Settings) -> ResponseStore:
         settings.eviction_policy,
         settings.ttl_seconds,
     )
+
+
+from mlxc.store_redis import RedisStore  # noqa: E402  (it uses this module's errors)
+
+__all__ = ["DiskStore", "RedisStore", "ResponseStore", "StoreDamaged", "StoreError",
+           "StoreStats", "StoreUnavailable", "open_store"]

@@ -2,8 +2,9 @@
 StoreUnavailable) turns the cache off for a while instead of failing the request. Answers
 are then generated and not stored (generation needs no cache), /health says `degraded` with
 the reason, and the store is tried again after a backoff (1 s, doubling to 30 s); the first
-call that works ends it. A damaged store (StoreDamaged) and other errors pass through as
-before: they need the user, not time.
+call that works ends it. On a full disk only writes are refused: stored answers are still
+read meanwhile, and only a write that works ends it. A damaged store (StoreDamaged) and
+other errors pass through as before: they need the user, not time.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ class Degraded:
     since: float
     retry_at: float
     failures: int = 1
+    reads_work: bool = False  # a full disk: `get` still reads, only writes wait
 
     def retry_in(self, now: float) -> float:
         return max(0.0, self.retry_at - now)
@@ -58,17 +60,21 @@ class GuardedStore:
                 self._store = self._opener()
             return self._store
 
-    def _call(self, use: Callable[[ResponseStore], T], otherwise: T, retry: bool = True) -> T:
-        """`use(store)`, or `otherwise` while degraded and not yet due (or not a retry)."""
+    def _call(self, use: Callable[[ResponseStore], T], otherwise: T, retry: bool = True,
+              read: bool = False) -> T:
+        """`use(store)`, or `otherwise` while degraded and not yet due (or not a retry). A
+        read while only writes are refused is made, and proves nothing about writes."""
         problem = self.degraded
-        if problem is not None and (not retry or self._clock() < problem.retry_at):
+        reading = read and problem is not None and problem.reads_work
+        if problem is not None and not reading and (
+                not retry or self._clock() < problem.retry_at):
             return otherwise
         try:
             result = use(self._opened())
         except StoreUnavailable as exc:
             self._failed(exc)
             return otherwise
-        if problem is not None:
+        if problem is not None and not reading:
             self._recovered()
         return result
 
@@ -81,7 +87,8 @@ class GuardedStore:
             failures = before.failures + 1 if before else 1
             wait = min(self.BACKOFF * 2 ** (failures - 1), self.BACKOFF_LIMIT)
             since = before.since if before else now
-            self.degraded = Degraded(exc.reason, str(exc), since, now + wait, failures)
+            self.degraded = Degraded(exc.reason, str(exc), since, now + wait, failures,
+                                     exc.reads_work)
         if before is None:  # one warning per outage, however many requests it touches
             log.warning("mlxc: warning: %s — answering without the response cache until it "
                         "works again", exc)
@@ -95,9 +102,9 @@ class GuardedStore:
 
     # -- ResponseStore ---------------------------------------------------------------------
 
-    def get(self, key: str) -> dict[str, Any] | None:
+    def get(self, key: str, count_miss: bool = True) -> dict[str, Any] | None:
         """The stored value, or None when absent or while the store is unavailable."""
-        return self._call(lambda store: store.get(key), None)
+        return self._call(lambda store: store.get(key, count_miss), None, read=True)
 
     def contains(self, key: str) -> bool:
         return self._call(lambda store: store.contains(key), False, retry=False)

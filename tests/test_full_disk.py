@@ -26,13 +26,15 @@ def test_a_full_disk_is_unavailable_not_damaged(tmp_path):
         store = disk(small.folder)
         store.set("kept", {"text": "written before the disk filled"})
         small.fill()
-        for call in (lambda: store.set("new", {"text": "x" * 100}), lambda: store.get("kept"),
-                     lambda: disk(small.folder)):
+        for call in (lambda: store.set("new", {"text": "x" * 100}), lambda: disk(small.folder)):
             with pytest.raises(StoreUnavailable, match="is full") as caught:
                 call()
             assert not isinstance(caught.value, StoreDamaged)
             assert "cache clear" not in str(caught.value) and "intact" in str(caught.value)
             assert caught.value.reason == "the response cache's disk is full"
+            assert caught.value.reads_work
+        # a read writes nothing (its count waits in memory): the intact answer is still read
+        assert store.get("kept") == {"text": "written before the disk filled"}
         small.free()
         store.set("new", {"text": "after"})
         assert store.get("kept") == {"text": "written before the disk filled"}
@@ -47,8 +49,12 @@ def test_the_guard_degrades_once_backs_off_and_resumes(tmp_path, caplog):
         guard.set("a", {"text": "a"})
         small.fill()
         with caplog.at_level(logging.WARNING, logger="mlxc.store"):
-            assert guard.get("a") is None  # the failure: degraded, retried after 1 s
+            assert guard.get("a") == {"text": "a"}  # a read needs no space
+            assert guard.degraded is None
+            guard.set("b", {"text": "b"})  # the failure: degraded, retried after 1 s
             assert guard.degraded.reason == "the response cache's disk is full"
+            assert guard.get("a") == {"text": "a"}  # still read, and no proof of recovery
+            assert guard.degraded is not None and guard.degraded.failures == 1
             guard.set("b", {"text": "b"})  # skipped: not due
             now[0] = 1.5
             guard.set("b", {"text": "b"})  # due: fails again, next try 2 s later
