@@ -56,6 +56,11 @@ class Generation:
         self.reused_tokens = 0
         self.prefix: Any = None  # kv/divergence.py's PrefixReport: why that much was reused
 
+    @property
+    def subscribers(self) -> int:
+        """Listeners attached now (a stream's handler is one until its response is written)."""
+        return self._subscribers
+
     def publish(self, event: Event) -> None:
         final = not isinstance(event, Delta)
         with self._lock:

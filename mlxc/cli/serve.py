@@ -256,6 +256,8 @@ def serve(
             status.start()
         try:
             engine = service.engine()  # fetch/convert once, then load on the engine thread
+            if role is not None:  # a lost rank: its requests answered 503 at once, then exit
+                sharded.watch_engine(role, engine)
             engine.wait_loaded()
             status.update("warming up (compiling kernels)")
             engine.call(lambda e: e.warm_up()).result()  # the first client does not pay it

@@ -23,6 +23,7 @@ PARALLEL_HELP = ("How a model is split over the ranks of --distributed/--shards:
                  "(every layer's heads; llama/qwen-family models), pipeline (layers; qwen2, "
                  "qwen3, deepseek, ...) or auto (tensor where the model has it).")
 FOLLOWER_EXIT_WAIT = 10.0  # s a follower has to leave after rank 0 has
+LOST_WAIT = 10.0  # s rank 0 has to answer its requests and exit when a follower dies
 STOP_WAIT = 5.0  # s rank 0 waits for its stop to reach the followers
 
 
@@ -61,12 +62,22 @@ def become_rank(parallel: str, settings: Any, model: str | None) -> Any:
             code = run_follower(ref, settings)
         except Exception as exc:  # said plainly; the launcher then ends the other ranks
             print(f"mlxc: rank {role.world.rank} failed: {exc}", file=sys.stderr, flush=True)
+            if role.watch is not None:  # and to rank 0, for its message
+                role.watch.say(f"it failed: {exc}")
             code = 1
         sys.stdout.flush()
         os._exit(code)  # MLX's thread teardown at exit can abort; nothing is left to write
     with preparing(ref.folder):
         prepare_model(ref, lambda msg: print(f"rank 0: {msg}", file=sys.stderr, flush=True))
     return role
+
+
+def watch_engine(role: Any, engine: Any) -> None:
+    """Rank 0: when a rank is lost, `engine`'s requests are answered 503 and the process
+    exits, even while its engine thread waits in a collective for ever (distributed/watch.py)."""
+    from mlxc.distributed.serving import serve_watched
+
+    serve_watched(role, engine)
 
 
 def describe(role: Any) -> str:
@@ -82,6 +93,8 @@ def stop_followers(role: Any) -> None:
     leader = role.leader
     if leader is None:
         return
+    if role.watch is not None:  # the followers may leave now: no loss
+        role.watch.goodbye()
     done = threading.Thread(target=leader.stop, daemon=True)
     done.start()
     done.join(STOP_WAIT)
@@ -167,9 +180,12 @@ def _watch(procs: list[subprocess.Popen], shutdown_timeout: float) -> int:
                       "incomplete without it, so the server stops (see its error above)",
                       file=sys.stderr, flush=True)
                 code = 1
-            if lead is None:
+            if lead is None and not dead:
                 procs[0].send_signal(signal.SIGTERM)  # finishes its requests, frees the others
+            # A dead follower: rank 0's watcher (distributed/watch.py) answers its requests
+            # and exits by itself; it is killed only if it has not in time.
             deadline = now + (FOLLOWER_EXIT_WAIT if lead is not None
+                              else LOST_WAIT if dead
                               else shutdown_timeout + FOLLOWER_EXIT_WAIT)
         if deadline is not None and now > deadline:
             for r, p in enumerate(procs):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 from typing import Any
 
 from mlxc.distributed.cache_ops import CacheLog, Replica, ident, install, pack
@@ -43,6 +44,7 @@ class Leader:
         self.log = CacheLog([type(c).__name__ for c in make_prompt_cache(model)])
         self.calls = 0
         self.stopped = False
+        self.on_lost: Any = None  # serving.py: watch.py's end of the server, given a reason
 
     def before(self, inputs: Any, cache: Any, embeddings: Any) -> None:
         """Share this call with the followers (engine thread), or refuse it first."""
@@ -60,11 +62,15 @@ class Leader:
         self.calls += 1
 
     def lost(self, exc: Exception) -> None:
-        """A collective failed (MLX's ring: 'connection to a peer was lost'): stop the server
-        (SIGTERM: its usual shutdown) and say why to the request that found it."""
+        """A collective failed (MLX's ring: 'connection to a peer was lost'): end the server
+        as a lost rank does (serving.fail_and_exit, on its own thread), or without a watcher
+        with SIGTERM (its usual shutdown), and say why to the request that found it."""
         if not self.stopped:
             self.stopped = True
-            os.kill(os.getpid(), signal.SIGTERM)
+            if self.on_lost is not None:
+                threading.Thread(target=self.on_lost, args=(str(exc),), daemon=True).start()
+            else:
+                os.kill(os.getpid(), signal.SIGTERM)
         raise RankLost(f"another rank of the sharded model is gone ({exc}); the server stops: "
                        "restart every rank") from exc
 

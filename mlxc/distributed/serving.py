@@ -5,7 +5,10 @@ shard the same way and follows until rank 0 stops. Importing this module imports
 from __future__ import annotations
 
 import fcntl
+import os
 import sys
+import threading
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,13 +25,19 @@ class Role:
     layout: str = ""  # as loaded: tensor | pipeline
     leader: Any = None  # rank 0's lockstep.Leader, once the model is loaded
     hosts: list[str] = field(default_factory=list)
+    watch: Any = None  # watch.py: rank 0's Watcher, a follower's Link (None alone)
+    engine: Any = None  # rank 0's engine, failed at once when a rank is lost
+    lost: str = ""  # why the server stops, once a rank is gone
 
     def describe(self) -> dict[str, Any]:
         """For /health: the world, and how the model is split over it."""
+        watched = getattr(self.watch, "connected", None)
         return {"ranks": self.world.size, "rank": self.world.rank, "hosts": self.hosts,
                 "backend": self.world.backend, "parallel": self.layout or self.parallel,
                 "mirrored_calls": self.leader.calls if self.leader else 0,
-                "mirrored_cache_ops": dict(self.leader.log.counts) if self.leader else {}}
+                "mirrored_cache_ops": dict(self.leader.log.counts) if self.leader else {},
+                **({"watched_ranks": sorted(watched)} if watched is not None else {}),
+                **({"lost": self.lost} if self.lost else {})}
 
 
 ROLE: Role | None = None  # set by `join_world` before the engine loads; None: not sharded
@@ -47,7 +56,52 @@ def join_world(parallel: str) -> Role:
     if world.size > 1:  # every rank's host name, gathered for /health (rank 0 keeps them)
         hosts = [share_from(group, r, world.host) for r in range(world.size)]
     ROLE = Role(group, world, parallel, hosts=hosts)
+    from mlxc.distributed.watch import open_watch
+
+    ROLE.watch = open_watch(group, world.rank, world.size, share_from)
     return ROLE
+
+
+DRAIN_WAIT = 3.0  # s the failed requests' responses have to be written before the exit
+FLUSH_WAIT = 3.0  # s the prefix cache's queued disk writes have, then
+
+
+def serve_watched(role: Role, engine: Any) -> None:
+    """Rank 0: a lost rank fails `engine`'s requests at once and ends this process."""
+    role.engine = engine
+    if role.watch is not None:
+        role.watch.on_lost = lambda rank, reason: fail_and_exit(role, rank, reason)
+
+
+def fail_and_exit(role: Role, rank: int | None, reason: str) -> None:
+    """A rank is gone (watcher thread): the engine thread may be stuck in a collective for
+    ever, so every request in flight or queued is answered 503 from here, later ones too, and
+    once their responses are out (bounded), the prefix cache's queued blocks written
+    (bounded), the process exits 1 without waiting for the stuck thread."""
+    from mlxc.distributed.lockstep import RankLost
+
+    size = role.world.size
+    who = (f"rank {rank} of {size} ({role.hosts[rank] if rank < len(role.hosts) else '?'})"
+           if rank is not None else "a rank")
+    role.lost = (f"{who} of the sharded model is gone ({reason}); the model is incomplete "
+                 "without it, so the server stops: restart every rank")
+    print(f"mlxc: {role.lost}; answering the requests in flight with 503", file=sys.stderr,
+          flush=True)
+    if role.leader is not None:
+        role.leader.stopped = True  # nothing more is shared: that would wait for ever
+    engine = role.engine
+    generations = engine.fail(RankLost(role.lost)) if engine is not None else []
+    deadline = time.monotonic() + DRAIN_WAIT
+    while time.monotonic() < deadline and any(g.subscribers for g in generations):
+        time.sleep(0.05)
+    time.sleep(0.3)  # the last bytes of those responses leave the event loop
+    prefix = getattr(engine, "prompt_cache", None)
+    if prefix is not None:  # the disk writer is its own thread: no MLX is needed
+        flushing = threading.Thread(target=prefix.flush, daemon=True)
+        flushing.start()
+        flushing.join(FLUSH_WAIT)
+    print("mlxc: rank 0 stops (exit 1)", file=sys.stderr, flush=True)
+    os._exit(1)
 
 
 def share_from(group: Any, rank: int, value: Any) -> Any:
@@ -95,6 +149,8 @@ def load_leader(folder: Path) -> tuple[Any, Any]:
     role = ROLE
     model, tokenizer, role.layout = load_shard(folder, role.group, role.parallel)
     role.leader = lead(role.group, model)
+    if role.watch is not None:  # a failed collective: the same end as a lost connection
+        role.leader.on_lost = lambda reason: role.watch.lost(None, reason)
     return model, tokenizer
 
 

@@ -14,8 +14,9 @@ import logging
 import queue
 import threading
 import time
+import weakref
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from typing import Any
 
 from mlxc.config import Settings
@@ -78,6 +79,10 @@ class Engine:
         self.last_only = False  # the prompt's last chunk can give its last logits alone
         self.scheduler: Any = None  # made on the engine thread once the model is loaded
         self._stopping = False
+        # Generations and calls not ended yet, for `fail` (weak: an ended one just goes).
+        self._live: weakref.WeakSet = weakref.WeakSet()
+        self._live_lock = threading.Lock()
+        self._failed: Exception | None = None
 
     # -- public, any thread ------------------------------------------------------------
 
@@ -142,7 +147,11 @@ class Engine:
                 "waiting; retry shortly",
                 retry_after=RETRY_AFTER_SECONDS,
             )
+        if self._failed is not None:
+            raise self._failed
         generation = Generation()
+        with self._live_lock:
+            self._live.add(generation)
         self._idle.clear()
         self._jobs.put((request, generation))
         return generation
@@ -150,9 +159,32 @@ class Engine:
     def call(self, fn: Callable[[Engine], Any]) -> Future:
         """Run fn(engine) on the engine thread (for anything that touches MLX)."""
         future: Future = Future()
+        if self._failed is not None:
+            future.set_exception(self._failed)
+            return future
+        with self._live_lock:
+            self._live.add(future)
         self._idle.clear()
         self._jobs.put((fn, future))
         return future
+
+    def fail(self, error: Exception) -> list[Generation]:
+        """The model is gone for good (a sharded model lost a rank): from any thread, even
+        while the engine thread is stuck in a model call, every request and call not ended
+        gets `error`, so does every later one, and /health says error. Returns the
+        generations failed (their streams then end with the error)."""
+        with self._live_lock:
+            self._failed = self._load_error = error
+            pending = list(self._live)
+        for sink in pending:
+            if isinstance(sink, Future):
+                try:
+                    sink.set_exception(error)
+                except InvalidStateError:  # it had ended
+                    pass
+            else:
+                sink.publish(Failed(error))
+        return [sink for sink in pending if isinstance(sink, Generation)]
 
     def wait_idle(self, timeout: float | None = None) -> bool:
         """Block until the engine has nothing queued and its idle work is done (for tests and
@@ -280,12 +312,19 @@ class Engine:
 
     def _run_call(self, fn: Callable[[Engine], Any], future: Future) -> None:
         if self._load_error is not None:
-            future.set_exception(self._load_error)
+            if not future.done():
+                future.set_exception(self._load_error)
             return
         try:
-            future.set_result(fn(self))
+            result, error = fn(self), None
         except Exception as exc:
-            future.set_exception(exc)
+            result, error = None, exc
+        if future.done():  # `fail` ended it meanwhile
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
 
     def warm_up(self) -> None:
         """Compile what the first client would otherwise wait for (engine thread); on a
