@@ -17,7 +17,8 @@ APP = "mlxc"
 DEFAULT_MODEL = "smollm2-135m-instruct"
 CACHE_POLICIES = ("deterministic", "all", "off")
 EVICTION_POLICIES = ("least-recently-used", "least-frequently-used", "least-recently-stored")
-# auto: prompt lookup (and a request's prediction); ngram: the same; draft: a draft model.
+# auto: prompt lookup (and a request's prediction), then the draft model if one is given;
+# ngram: prompt lookup only; draft: the draft model (batch rows: prompt lookup).
 SPECULATE_MODES = ("auto", "off", "ngram", "draft")
 DTYPES = ("auto", "float32", "bfloat16", "float16", "keep")
 
@@ -90,6 +91,7 @@ class Settings:
     compiled_decode: bool = True  # CUDA: decode steps compiled (cuda/compiled_decode.py)
     fused_projections: bool = True  # CUDA: q/k/v, gate/up as one matmul (fused_projections.py)
     speculate: str = "auto"  # speculative decoding (engine/decode/speculate.py)
+    draft_model: str | None = None  # a model with the same tokenizer (decode/draft_model.py)
 
     @property
     def response_dir(self) -> Path:
@@ -127,9 +129,9 @@ class Settings:
         if self.speculate not in SPECULATE_MODES:
             raise ConfigError(f"unknown speculate mode {self.speculate!r}: "
                               f"use one of {', '.join(SPECULATE_MODES)}")
-        if self.speculate == "draft":
-            raise ConfigError("--speculate draft needs a draft model (--draft-model), which "
-                              "this version does not have yet: use auto (prompt lookup)")
+        if self.speculate == "draft" and not self.draft_model:
+            raise ConfigError("--speculate draft needs a draft model: give one with "
+                              "--draft-model PATH (MLXC_DRAFT_MODEL), or use auto")
         if self.ttl_seconds is not None and self.ttl_seconds <= 0:
             raise ConfigError("the cache TTL must be a positive number of seconds")
         return self
@@ -163,6 +165,7 @@ def load_settings() -> Settings:
         compiled_decode=_bool_env("COMPILED_DECODE", base.compiled_decode),
         fused_projections=_bool_env("FUSED_PROJECTIONS", base.fused_projections),
         speculate=_env("SPECULATE", base.speculate),
+        draft_model=_env("DRAFT_MODEL"),
     ).validated()
 
 

@@ -10,9 +10,11 @@ from mlxc.cli.ask_flow import AskArgs, run_ask
 from mlxc.cli.options import (
     CacheDirOption,
     CachePolicyOption,
+    DraftModelOption,
     DtypeOption,
     JsonOption,
     ModelOption,
+    SpeculateOption,
 )
 
 EXAMPLES = """
@@ -27,6 +29,8 @@ EXAMPLES = """
   mlxc ask "Write a haiku" --temperature 0.8 --seed 7   # seeded: cached too
 
   mlxc ask -c "And in one sentence?"   # continue the last conversation
+
+  mlxc ask "Fix the typo" < main.py --draft-model ./SmolLM2-135M   # a draft model drafts
 """
 
 
@@ -58,6 +62,8 @@ def ask(
         bool,
         typer.Option("--continue", "-c", help="Continue the last conversation (its model too)."),
     ] = False,
+    speculate: SpeculateOption = None,
+    draft_model: DraftModelOption = None,
 ) -> None:
     """Ask the model one question; the answer streams as it is generated.
 
@@ -66,7 +72,7 @@ def ask(
         prompt=prompt, system=system, model=model, max_tokens=max_tokens,
         temperature=temperature, top_p=top_p, seed=seed, no_cache=no_cache, refresh=refresh,
         as_json=as_json, cache_dir=cache_dir, cache_policy=cache_policy, dtype=dtype,
-        continue_=continue_,
+        continue_=continue_, speculate=speculate, draft_model=draft_model,
     ))
     if code:
         raise typer.Exit(code)

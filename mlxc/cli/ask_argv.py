@@ -24,6 +24,7 @@ _VALUED = {
     "--top-p": ("top_p", _FLOAT),
     "--cache-dir": ("cache_dir", Path), "--cache-policy": ("cache_policy", str),
     "--dtype": ("dtype", str),
+    "--speculate": ("speculate", str), "--draft-model": ("draft_model", str),
 }
 _FLAGS = {
     "--no-cache": "no_cache", "--refresh": "refresh", "--json": "as_json",

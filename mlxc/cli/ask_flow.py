@@ -30,6 +30,8 @@ class AskArgs:
     cache_policy: str | None = None
     dtype: str | None = None
     continue_: bool = False
+    speculate: str | None = None
+    draft_model: str | None = None
 
 
 _stdin: list[str | None] = []
@@ -59,7 +61,7 @@ def run_ask(args: AskArgs, missed_key: str | None = None) -> int:
     messages = build_messages(args.prompt, args.system, stdin_text)
     settings = load_settings().with_overrides(  # MLXC_* variables, then flags on top
         cache_dir=args.cache_dir, cache_policy=args.cache_policy, dtype=args.dtype,
-        model=args.model,
+        model=args.model, speculate=args.speculate, draft_model=args.draft_model,
     )
     if args.continue_:
         if (last := load_last(settings)) is None:
@@ -131,6 +133,8 @@ def _miss_line(reply, answer) -> str:
         f"({usage.prompt_tokens} tokens"
         + (f", {usage.cached_tokens} reused" if usage.cached_tokens else "")
         + f") · {answer.finish_reason}"
+        + (f" · {usage.accepted_tokens} of {usage.drafted_tokens} drafts taken"
+           if usage.drafted_tokens else "")
     )
 
 

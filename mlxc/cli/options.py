@@ -45,6 +45,27 @@ DtypeOption = Annotated[
         show_default=False,
     ),
 ]
+SpeculateOption = Annotated[
+    str | None,
+    typer.Option(
+        "--speculate",
+        help="Speculative decoding of greedy and unseeded sampled answers: auto (prompt "
+        "lookup, a request's prediction, then the draft model if given), ngram (prompt lookup "
+        "only), draft (the draft model; batch rows: prompt lookup) or off "
+        "\\[env: MLXC_SPECULATE]",
+        show_default=False,
+    ),
+]
+DraftModelOption = Annotated[
+    str | None,
+    typer.Option(
+        "--draft-model",
+        help="A smaller model with the same tokenizer (folder, .gguf or repo id) that drafts "
+        "tokens for the model to verify, for a sequence decoding alone; checked at load "
+        "\\[env: MLXC_DRAFT_MODEL]",
+        show_default=False,
+    ),
+]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object for scripts.")]
 UrlOption = Annotated[
     str | None,

@@ -12,7 +12,9 @@ import typer
 from mlxc.cli.options import (
     CacheDirOption,
     CachePolicyOption,
+    DraftModelOption,
     DtypeOption,
+    SpeculateOption,
     settings_from,
 )
 from mlxc.cli.serve_distributed import PARALLEL_HELP
@@ -35,6 +37,8 @@ EXAMPLES = """
   curl -s localhost:8081/health | jq .cache.hit_rate
 
   mlxc serve --shards 2 -m ./Qwen2.5-0.5B --parallel pipeline   # one model over 2 processes
+
+  mlxc serve -m ./Qwen2.5-7B --draft-model ./Qwen2.5-0.5B        # a draft model drafts
 
   mlx.launch --hostfile hosts.json --backend ring -- mlxc serve --distributed -m ./model
 """
@@ -153,11 +157,8 @@ def serve(
                           "'auto': the device's memory less the weights and a margin of 5% (at "
                           "least 512 MB); 'off': not checked [env: MLXC_MAX_KV_MEMORY]")
     ] = "auto",
-    speculate: Annotated[
-        str | None, typer.Option(help="Speculative decoding of greedy and unseeded sampled "
-                                 "answers (rejection sampling): auto (prompt lookup and a "
-                                 "request's prediction) or off [env: MLXC_SPECULATE]")
-    ] = None,
+    speculate: SpeculateOption = None,
+    draft_model: DraftModelOption = None,
     shutdown_timeout: Annotated[
         float, typer.Option(envvar="MLXC_SHUTDOWN_TIMEOUT",
                             help="On SIGTERM or Ctrl-C: seconds the requests in flight have to "
@@ -232,7 +233,7 @@ def serve(
         raise typer.Exit(launch_shards(shards, sys.argv[1:], shutdown_timeout))
     # A server sits idle between a reply and the follow-up: a good time to prefill its opening.
     settings = settings_from(cache_dir, cache_policy, dtype).with_overrides(
-        next_turn_prefill=True, speculate=speculate
+        next_turn_prefill=True, speculate=speculate, draft_model=draft_model
     )
     role = None
     if distributed:  # ranks other than 0 follow rank 0 and exit inside become_rank

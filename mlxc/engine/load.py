@@ -30,6 +30,7 @@ class LoadedModel:
     batch_kernels: Any
     last_only: bool  # the prompt's last chunk can give its last logits alone
     context_length: int  # 0 when the config does not say
+    draft: Any = None  # the DraftModel of --draft-model (decode/draft_model.py), if any
 
 
 def load_for_engine(ref: ModelRef, settings: Settings,
@@ -78,7 +79,46 @@ def load_for_engine(ref: ModelRef, settings: Settings,
         batch_kernels=kernels,
         last_only=_last_position_check(model, ref, settings, serving.ROLE is None),
         context_length=int(getattr(args, "max_position_embeddings", 0) or 0),
+        draft=load_draft(ref, tokenizer, settings, progress),
     )
+
+
+def load_draft(target: ModelRef, tokenizer: Any, settings: Settings,
+               progress: Callable[[str], None]) -> Any:
+    """The draft model of `--draft-model`, loaded as mlxc loads any model (folder, GGUF, hub
+    id; the same dtype rule), or None (none given, or a mode that does not use one: off,
+    ngram). Refused with a ModelError when its tokenizer is not the target's."""
+    if not settings.draft_model or settings.speculate not in ("auto", "draft"):
+        return None
+    from mlxc.engine.decode.draft_model import DraftModel, tokenizer_difference
+    from mlxc.model.dtype import apply_dtype, effective_dtype_without_mlx
+    from mlxc.model.early_dequant import dequantize_files
+    from mlxc.model.refs import resolve_model
+
+    ref = resolve_model(settings.draft_model, settings)
+    prepare_model(ref, progress)
+    progress(f"loading the draft model {ref.name}")
+    dtype = effective_dtype_without_mlx(settings.dtype, ref.folder, settings.cache_dir)
+    ready = dequantize_files(ref.folder, dtype)
+    model, _config = _import_mlx_lm()(ref.folder, lazy=ready is not None)
+    apply_dtype(model, dtype, ready)
+    from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache
+    from mlx_lm.utils import load_config, load_tokenizer
+
+    draft_tokenizer = load_tokenizer(ref.folder,
+                                     eos_token_ids=load_config(ref.folder).get("eos_token_id"))
+    if (differs := tokenizer_difference(tokenizer, draft_tokenizer)) is not None:
+        raise ModelError(
+            f"the draft model {ref.name} cannot draft for {target.name}: their tokenizers "
+            f"differ ({differs}). A draft model must have the target's tokenizer (a smaller "
+            "model of the same family); pick another with --draft-model, or leave it out "
+            "(prompt lookup still speculates).")
+    if not can_trim_prompt_cache(make_prompt_cache(model)):
+        raise ModelError(
+            f"the draft model {ref.name} keeps a cache that cannot be cut back (sliding window "
+            "or recurrent layers), so its rejected drafts could not be undone: pick a model "
+            "with plain attention layers, or leave --draft-model out.")
+    return DraftModel(model, ref.name)
 
 
 def _import_mlx_lm() -> Callable[..., Any]:

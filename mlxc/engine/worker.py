@@ -132,7 +132,7 @@ class Engine:
             "batch_sizes": dict(figures.batch_sizes) if figures else {},
             "generated_tokens": figures.generated_tokens if figures else 0,
             "back_alone": figures.back_alone if figures else 0,
-            "speculation": _speculation(figures),
+            "speculation": _speculation(figures, getattr(self, "draft", None)),
             "tokens_per_second": round(figures.tokens_per_second(), 2) if figures else 0.0,
             **(self.memory.figures() if self.memory is not None else {}),
             **getattr(getattr(self, "batch_model", None), "figures", dict)(),  # CUDA: compiled
@@ -291,6 +291,7 @@ class Engine:
         self.model, self.tokenizer, self.dtype = loaded.model, loaded.tokenizer, loaded.dtype
         self.batch_model, self.batch_kernels = loaded.batch_model, loaded.batch_kernels
         self.last_only, self.context_length = loaded.last_only, loaded.context_length
+        self.draft = loaded.draft  # --draft-model's DraftModel, or None
         from mlxc.distributed import serving
         from mlxc.engine.kv.cache import PrefixCache
 
@@ -418,8 +419,12 @@ class Engine:
         )
 
 
-def _speculation(figures: Any) -> dict[str, Any]:
-    """Draft tokens verified and accepted (decode/speculate.py), and the acceptance rate."""
+def _speculation(figures: Any, draft: Any) -> dict[str, Any]:
+    """Draft tokens verified and accepted (decode/speculate.py), and the acceptance rate; the
+    same by draft source (ngram, prediction, draft); the draft model, if any."""
     drafted, accepted = (figures.drafted, figures.accepted) if figures else (0, 0)
+    sources = dict(figures.sources) if figures else {}
     return {"drafted": drafted, "accepted": accepted,
-            "acceptance_rate": round(accepted / drafted, 3) if drafted else 0.0}
+            "acceptance_rate": round(accepted / drafted, 3) if drafted else 0.0,
+            "sources": {name: {"drafted": d, "accepted": a} for name, (d, a) in sources.items()},
+            "draft_model": draft.figures() if draft is not None else None}

@@ -34,8 +34,7 @@ def finish(engine: Any, figures: Figures, next_turns: list[NextTurn], seq: Seque
     next request), then publish its answer."""
     kept = None
     if seq.drafter is not None:
-        figures.drafted += seq.drafter.figures.drafted
-        figures.accepted += seq.drafter.figures.accepted
+        figures.add_speculation(seq.drafter.figures)
     if cache and held:
         try:
             kept = engine.prompt_cache.store(list(held), cache)

@@ -16,7 +16,8 @@ published before the second one's step is queued: on the CPU, queuing a step run
 A sequence may speculate (decode/speculate.py): a step with a draft reads the pending token,
 verifies it and the draft in one pass and takes the agreeing run (greedy) or the run rejection
 sampling accepts (sampled, decode/rejection.py); a step without one is the plain pipelined
-step.
+step. Only here does a draft model draft (decode/draft_model.py): its cache follows the
+sequence, so a sequence that comes back from the batch catches it up in one pass.
 """
 
 from __future__ import annotations
@@ -28,10 +29,12 @@ from mlxc.engine.batch.sequence import Sequence
 
 
 class LoneDecoder:
-    def __init__(self, model: Any, seq: Sequence, first: Any, costs: Any) -> None:
+    def __init__(self, model: Any, seq: Sequence, first: Any, costs: Any,
+                 draft: Any = None) -> None:
         """`seq` has taken its first token (`first`, an evaluated mx.array of shape (1,)),
         which its cache does not hold yet. `costs`: the scheduler's StepCosts, which this
-        loop's plain steps and verify passes feed (decode/speculate.py)."""
+        loop's plain steps and verify passes feed (decode/speculate.py); `draft`: the
+        engine's DraftModel, if any."""
         import mlx.core as mx
 
         self.model, self.seq = model, seq
@@ -40,13 +43,13 @@ class LoneDecoder:
         self.pending, self.pending_row = self._queue(first)  # not yet read nor fed
         self.steps = 0
         self.costs = costs
-        self.drafter = _drafter(seq, costs)
+        self.drafter = _drafter(seq, costs, draft)
         self.weights = _weights(seq)
         self._pipelined = False  # the pending token's step was queued behind a plain one
 
     @classmethod
     def resume(cls, model: Any, seq: Sequence, pending: Any, row: Any,
-               costs: Any) -> LoneDecoder:
+               costs: Any, draft: Any = None) -> LoneDecoder:
         """Continue a sequence that leaves the batch: its cache holds its prompt and every
         token it took, and `pending` (shape (1,)), the token after them, is being computed
         with its log-probabilities `row`."""
@@ -58,7 +61,7 @@ class LoneDecoder:
         self.pending, self.pending_row = pending, row
         self.steps = 0
         self.costs = costs
-        self.drafter = _drafter(seq, costs)
+        self.drafter = _drafter(seq, costs, draft)
         self.weights = _weights(seq)
         self._pipelined = False
         return self
@@ -93,7 +96,7 @@ class LoneDecoder:
             mx.clear_cache()
         if self.drafter is not None and self.drafter.pause == 0:
             self.drafter.catch_up(self.held)
-            draft = self.drafter.propose(token.item(), self.seq.remaining - 1)
+            draft = self.drafter.propose(token.item(), self.seq.remaining - 1, alone=True)
             if draft:
                 return self._speculate(token, row, draft)
             # None found: the plain step; the drafter looks again next time
@@ -149,16 +152,20 @@ class LoneDecoder:
         return token, self.seq.take(token, self.pending_row)
 
 
-def _drafter(seq: Sequence, costs: Any) -> Any:
-    """The sequence's drafter, kept on it across moves in and out of the batch; None when it
-    does not speculate."""
+def _drafter(seq: Sequence, costs: Any, draft: Any) -> Any:
+    """The sequence's drafter, kept on it across moves in and out of the batch (one made
+    there gets its draft model's state here); None when it does not speculate."""
     if seq.drafter is None and seq.speculate != "off":
         from mlxc.engine.decode.speculate import can_speculate, drafter_for
 
         if can_speculate(seq, seq.speculate, seq.cache):
-            seq.drafter = drafter_for(seq, seq.speculate, costs)
+            seq.drafter = drafter_for(seq, seq.speculate, costs, draft)
         else:
             seq.speculate = "off"  # decided once
+    elif seq.drafter is not None:
+        from mlxc.engine.decode.speculate import attach_draft
+
+        attach_draft(seq.drafter, seq.speculate, draft)
     return seq.drafter
 
 

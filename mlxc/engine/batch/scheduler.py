@@ -64,6 +64,7 @@ class Scheduler:
         self.lone: LoneDecoder | None = None  # the sequence that decodes alone, if one does
         self.step_costs = StepCosts()  # this model's plain step and verify pass, measured
         self.speculation = BatchSpeculation(engine.model, self.step_costs)
+        self.draft = getattr(engine, "draft", None)  # a DraftModel drafts for the lone loop
         self.ready: list[Sequence] = []  # prefilled in a burst, waiting to join together
         self.next_turns: list[NextTurn] = []
         self.figures = Figures()
@@ -222,7 +223,7 @@ class Scheduler:
             import mlx.core as mx
 
             self.lone = LoneDecoder(self.engine.batch_model, ready[0],
-                                    mx.array(ready[0].taken[-1:]), self.step_costs)
+                                    mx.array(ready[0].taken[-1:]), self.step_costs, self.draft)
             return
         self._join(self._take_lone() + ready)  # not alone any more: all decode in the batch
 
@@ -341,7 +342,8 @@ class Scheduler:
         cache, _ = batch.remove([uid], return_prompt_caches=True)[uid]
         del self.running[uid]
         seq.uid, seq.cache = None, cache  # holds the prompt and every token taken
-        self.lone = LoneDecoder.resume(self.engine.batch_model, seq, pending, row, self.step_costs)
+        self.lone = LoneDecoder.resume(self.engine.batch_model, seq, pending, row,
+                                       self.step_costs, self.draft)
         self.figures.back_alone += 1
 
     # -- leaving --------------------------------------------------------------------------

@@ -1,5 +1,8 @@
 """Speculative decoding of one sequence: drafts from prompt lookup (n-grams of the
-sequence's own prompt and answer) and from a client's Predicted Output, verified in one pass.
+sequence's own prompt and answer), from a client's Predicted Output and from a draft model
+(decode/draft_model.py, a sequence decoding alone only), verified in one pass. The cheap
+sources go first: a prediction, then prompt lookup, then the draft model when neither found a
+draft (they cost nothing to make; each source has its own acceptance count).
 
 A step with a draft feeds the token not yet fed and the k drafted tokens after it in one pass
 of k+1 positions, takes a run of drafted tokens plus one token after that run (the next one to
@@ -29,7 +32,7 @@ plain. Engine thread only.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 LONGEST_NGRAM = 4  # the suffix lengths looked up, longest first
@@ -109,14 +112,20 @@ class SpeculationFigures:
     accepted: int = 0  # of them, taken into the answer
     predicted_drafted: int = 0  # drafted from the request's prediction
     predicted_accepted: int = 0
+    by_source: dict = field(default_factory=dict)  # "ngram"/"prediction"/"draft" -> [d, a]
 
 
 class Drafter:
-    """One sequence's draft source and its adaptive draft length."""
+    """One sequence's draft sources and their adaptive draft lengths. `model`: its draft
+    model's state (a DraftSequence), used when it decodes alone; `lookup_alone`: whether prompt
+    lookup drafts then too (`--speculate draft`: only in the batch, which has no draft model)."""
 
     def __init__(self, context: list[int], prediction: list[int] | None, ngram: bool,
-                 costs: StepCosts | None = None) -> None:
+                 costs: StepCosts | None = None, model: Any = None,
+                 lookup_alone: bool = True) -> None:
         self.context = NgramIndex(context) if ngram else None
+        self.model = model
+        self.lookup_alone = lookup_alone
         self._seen = list(context)  # the sequence's tokens, for the suffix (without ngram too)
         self.prediction = NgramIndex(prediction) if prediction else None
         self.costs = costs or StepCosts()
@@ -124,7 +133,7 @@ class Drafter:
         self.pause = 0  # steps left without drafting
         self._next_pause = FIRST_PAUSE
         self.figures = SpeculationFigures()
-        self._from_prediction = False
+        self._source = "ngram"  # of the last draft
 
     @property
     def acceptance(self) -> float:
@@ -148,25 +157,35 @@ class Drafter:
         if self.context is not None:
             self.context.extend(new)
 
-    def propose(self, last: int, limit: int) -> list[int]:
-        """Up to `limit` tokens to follow `last` (the token after those caught up with)."""
+    def propose(self, last: int, limit: int, alone: bool = False) -> list[int]:
+        """Up to `limit` tokens to follow `last` (the token after those caught up with);
+        `alone`: the sequence decodes alone (its draft model may draft)."""
         k = self.best_length(limit)
-        if k <= 0:
-            if limit > 0:
-                self._rest()
-            return []
+        if k > 0 and (run := self._looked_up(last, k, ngram=self.lookup_alone or not alone)):
+            return run
+        model = self.model if alone else None
+        if model is not None and (k_model := model.best_length(limit, self.costs)) > 0:
+            self._source = "draft"
+            return model.propose(self._seen, last, k_model)
+        if limit > 0 and (k <= 0 or model is not None):  # no source pays (or finds one)
+            self._rest()
+        return []
+
+    def _looked_up(self, last: int, k: int, ngram: bool) -> list[int]:
+        """A run from the prediction or (with `ngram`) the sequence itself, after the longest
+        suffix found."""
         tail = [*self._seen[-(LONGEST_NGRAM - 1) :], last]
         for n in range(LONGEST_NGRAM, 0, -1):
             suffix = tuple(tail[-n:])
             if len(suffix) < n:
                 continue
             if self.prediction is not None and (run := self.prediction.continuation(suffix, k)):
-                self._from_prediction = True
+                self._source = "prediction"
                 return run
-            if self.context is not None and n >= SHORTEST_NGRAM and (
+            if ngram and self.context is not None and n >= SHORTEST_NGRAM and (
                 run := self.context.continuation(suffix, k)
             ):
-                self._from_prediction = False
+                self._source = "ngram"
                 return run
         return []
 
@@ -175,12 +194,16 @@ class Drafter:
         f = self.figures
         f.drafted += drafted
         f.accepted += accepted
-        if self._from_prediction:
+        counts = f.by_source.setdefault(self._source, [0, 0])
+        counts[0], counts[1] = counts[0] + drafted, counts[1] + accepted
+        if self._source == "prediction":
             f.predicted_drafted += drafted
             f.predicted_accepted += accepted
-        # a run of `accepted` successes, then one failure unless the whole draft was taken
-        self._taken = DECAY * self._taken + accepted
-        self._trials = DECAY * self._trials + accepted + (accepted < drafted)
+        if self._source == "draft":  # its own count, and its cache cut back to what was taken
+            self.model.verified(drafted, accepted)
+        else:  # a run of `accepted` successes, then one failure unless all were taken
+            self._taken = DECAY * self._taken + accepted
+            self._trials = DECAY * self._trials + accepted + (accepted < drafted)
         if accepted:
             self._next_pause = FIRST_PAUSE
 
@@ -191,6 +214,8 @@ class Drafter:
         self.pause = self._next_pause
         self._next_pause = min(self._next_pause * 2, LONGEST_PAUSE)
         self._taken, self._trials = PRIOR_TAKEN, PRIOR_TRIALS
+        if self.model is not None:
+            self.model.rest()
 
 
 def can_speculate(seq: Any, mode: str, cache: list[Any]) -> bool:
@@ -211,8 +236,22 @@ def can_speculate(seq: Any, mode: str, cache: list[Any]) -> bool:
     return bool(cache) and can_trim_prompt_cache(cache)
 
 
-def drafter_for(seq: Any, mode: str, costs: StepCosts | None = None) -> Drafter:
-    return Drafter(seq.prompt, seq.prediction, ngram=mode in ("auto", "ngram"), costs=costs)
+def drafter_for(seq: Any, mode: str, costs: StepCosts | None = None,
+                draft: Any = None) -> Drafter:
+    """`draft`: the engine's DraftModel, if it has one (used by auto and draft)."""
+    drafter = Drafter(seq.prompt, seq.prediction, ngram=mode != "off", costs=costs,
+                      lookup_alone=mode != "draft")
+    attach_draft(drafter, mode, draft)
+    return drafter
+
+
+def attach_draft(drafter: Drafter, mode: str, draft: Any) -> None:
+    """Give a drafter made in the batch (no draft model there) its draft model's state once
+    the sequence decodes alone."""
+    if draft is not None and drafter.model is None and mode in ("auto", "draft"):
+        from mlxc.engine.decode.draft_model import DraftSequence
+
+        drafter.model = DraftSequence(draft)
 
 
 def verified_logprobs(model: Any, cache: list[Any], last: Any, draft: list[int],
