@@ -188,3 +188,19 @@ def test_a_rank_lost_while_prompts_come_in_or_idle(tmp_path, lively_llama, when)
     if when != "idle":
         assert len(clients.ended) == 3 and all(kind != "finished" for kind, _ in clients.ended)
     assert_said_clearly(code, took, log)
+
+
+def test_a_follower_whose_rank_0_is_lost_ends_itself(tmp_path, lively_llama):  # noqa: F811
+    server = start_server(tmp_path, lively_llama, "--shards", "2", "--alias", "*")
+    try:
+        ranks = ranks_of(server)
+        os.kill(ranks[0], signal.SIGKILL)
+        killed = time.monotonic()
+        code = server.proc.wait(timeout=60)
+        took = time.monotonic() - killed
+    finally:
+        stop_server(server, check=False)
+    log = server.log.read_text()
+    assert code != 0 and took < LOST_BOUND, (code, took, log)
+    assert "rank 1: rank 0 is gone (its connection closed); this rank stops" in log, log
+    assert "did not stop in time" not in log, log  # it left by itself, not killed by --shards

@@ -39,9 +39,15 @@ def check_options(max_batch: int | None, models: list[str] | None, parallel: str
 
 
 def sharded_settings(settings: Any) -> Any:
-    """What a sharded engine can follow: no speculation, no CUDA compiled/batched steps (they
-    change a cache outside a model call, or run the model where the other ranks do not)."""
-    return settings.with_overrides(speculate="off", compiled_decode=False, batch_kernels=False,
+    """What a sharded engine can follow: no CUDA compiled/batched steps (they change a cache
+    outside a model call, or run the model where the other ranks do not). Speculation by
+    prompt lookup and predictions stays: its verify pass is a model call like any other and
+    its cuts of the KV (trim, prepare/finalize) are mirrored with the batch's operations."""
+    if getattr(settings, "draft_model", None) or settings.speculate == "draft":
+        raise InputError("--draft-model cannot be used with --distributed/--shards yet: the "
+                         "draft model's own calls and caches are not mirrored to the other "
+                         "ranks; drop it (prompt lookup and predictions still speculate)")
+    return settings.with_overrides(compiled_decode=False, batch_kernels=False,
                                    fused_projections=False)
 
 
