@@ -55,7 +55,7 @@ class CacheLog:
         self.classes = classes  # the model's fresh cache, layer by layer
         self._lock = threading.Lock()
         self._next = 0
-        self._fresh: list[list] = []  # [kind, first, count]: fresh layers the others make
+        self._fresh: list[list] = []  # [kind, first, count, *window]: layers the others make
         self._ops: list[list] = []  # [name, arg, columns of numbers]
         self._freed: deque[int] = deque()  # appended by GC finalizers, from any thread
         self._quiet = 0
@@ -100,18 +100,20 @@ class CacheLog:
         return list(range(first, first + len(cache)))
 
     def _known(self, layer: Any) -> int | None:
-        """A layer's number; an empty KVCache nobody numbered yet gets one (the others make
-        their own)."""
+        """A layer's number; an empty KVCache or RotatingKVCache nobody numbered yet gets one
+        (the others make their own: a window's size and kept tokens ride along)."""
         key = ident(layer)
-        if key is None and type(layer).__name__ == "KVCache" and _empty(layer):
+        kind = type(layer).__name__
+        if key is None and kind in ("KVCache", "RotatingKVCache") and _empty(layer):
+            fresh = ["kv"] if kind == "KVCache" else ["window", layer.max_size, layer.keep]
             key = self.reserve(1)
             self._number(layer, key)
             with self._lock:
                 last = self._fresh[-1] if self._fresh else None
-                if last and last[0] == "kv" and last[1] + last[2] == key:
+                if last and [last[0], *last[3:]] == fresh and last[1] + last[2] == key:
                     last[2] += 1
                 else:
-                    self._fresh.append(["kv", key, 1])
+                    self._fresh.append([fresh[0], key, 1, *fresh[1:]])
         return key
 
     def did(self, name: str, arg: Any, layer: Any, other: Any = None, made: Any = None) -> None:
@@ -273,11 +275,12 @@ class Replica:
         self.layers: dict[int, Any] = {}
 
     def apply(self, job: dict) -> None:
-        from mlx_lm.models.cache import KVCache, make_prompt_cache
+        from mlx_lm.models.cache import KVCache, RotatingKVCache, make_prompt_cache
 
-        for kind, first, n in job.get("fresh", ()):
-            made = make_prompt_cache(self.model) if kind == "list" else [KVCache()
-                                                                         for _ in range(n)]
+        for kind, first, n, *window in job.get("fresh", ()):
+            made = (make_prompt_cache(self.model) if kind == "list"
+                    else [KVCache() for _ in range(n)] if kind == "kv"
+                    else [RotatingKVCache(*window) for _ in range(n)])
             for k, layer in enumerate(made):
                 self.layers[first + k] = layer
         for name, arg, columns in job.get("ops", ()):

@@ -18,6 +18,24 @@ class ShardingError(ValueError):
     pass
 
 
+# Cache classes whose operations between model calls every rank repeats (cache_ops.py),
+# tested against one process: a model with any other layer (recurrent state, chunked or
+# quantized KV) is refused at start rather than answering from caches out of step.
+MIRRORED_CACHES = ("KVCache", "RotatingKVCache")
+
+
+def check_caches(model: Any) -> None:
+    """Refuse a model whose cache layers the ranks cannot keep in step."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    other = sorted({type(c).__name__ for c in make_prompt_cache(model)} - set(MIRRORED_CACHES))
+    if other:
+        raise ShardingError(
+            f"this model's cache layers ({', '.join(other)}) are not mirrored across ranks "
+            f"yet (only {' and '.join(MIRRORED_CACHES)}): serve it in one process (without "
+            "--distributed/--shards)")
+
+
 def layout_for(model: Any, wanted: str, heads: list[int | None] | None = None,
                ranks: int = 1) -> str:
     """'tensor' or 'pipeline': what `wanted` (tensor|pipeline|auto) means for this model;
@@ -54,6 +72,7 @@ def load_shard(folder: Path, group: Any, wanted: str = "auto") -> tuple[Any, Any
     model, config = load_model(folder, lazy=True, strict=False)
     heads = [config.get(k) for k in ("num_attention_heads", "num_key_value_heads")]
     layout = layout_for(model, wanted, heads, group.size())
+    check_caches(model)  # every rank refuses alike, before any collective
     if wanted == "auto" and layout == "pipeline" and hasattr(model, "shard") and \
             group.rank() == 0:
         print(f"mlxc: {heads[0]} query / {heads[1]} key-value heads do not split over "
