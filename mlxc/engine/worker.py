@@ -14,6 +14,7 @@ import logging
 import queue
 import threading
 import time
+import traceback
 import weakref
 from collections.abc import Callable
 from concurrent.futures import Future, InvalidStateError
@@ -205,6 +206,10 @@ class Engine:
             self._load()
         except Exception as exc:  # reported to every caller, never a silent dead thread
             self._load_error = exc if isinstance(exc, ModelError) else ModelError(str(exc))
+            if self.prompt_cache is not None:  # made before the failure: its writer stops
+                self.prompt_cache.close()
+            self._let_go()  # what loaded before the failure
+            traceback.clear_frames(exc.__traceback__)  # its frames' locals hold the weights
         finally:
             self._loaded.set()
         while self._serve_jobs():
@@ -217,7 +222,7 @@ class Engine:
                 self.scheduler.cancel_all(exc)
         if self.prompt_cache is not None:
             self.prompt_cache.close()
-        self.model = self.prompt_cache = None
+        self._let_go()
         self._stopped.set()
         self._idle.set()
         # Park rather than return: when a thread that ran MLX ends, MLX's thread-local
@@ -225,6 +230,12 @@ class Engine:
         # active exception") if the interpreter is finalizing at that moment. A parked daemon
         # thread just disappears with the process.
         threading.Event().wait()
+
+    def _let_go(self) -> None:
+        """Drop the model, its batch and caches: the parked thread keeps this engine alive,
+        and nothing runs on it any more (its figures read None as zero)."""
+        self.model = self.batch_model = self.batch_kernels = self.draft = None
+        self.scheduler = self.memory = self.prompt_cache = None
 
     def _serve_jobs(self) -> bool:
         """Take the queued jobs (waiting for one when the batch is empty); False to stop."""
