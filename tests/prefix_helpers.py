@@ -1,5 +1,6 @@
-"""What the prefix-cache tests share: the prompts, a Service per test, and answers from a cold
-prefill (prefix cache off) to compare every reuse against."""
+"""What the prefix-cache tests share: the prompts, the tiny models, a Service per test, and
+answers from a cold prefill (prefix cache off) to compare every reuse against. Test modules
+import the fixtures by name."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ import json
 from contextlib import contextmanager
 from pathlib import Path
 
+import pytest
 from conftest import let_go_of_stopped_engines
+from tiny_model import rescaled_copy
 
 from mlxc.config import Settings
 from mlxc.request import Answer, GenerationRequest
@@ -46,9 +49,21 @@ def ask(svc: Service, messages=None, prompt=None, max_tokens: int = 10, **params
     return svc.start(request).result()
 
 
-def cold_answers(tmp_path_factory):
-    """Answers from a cold prefill (prefix cache off), one engine per model, memoised: the
-    body of a module-scoped `cold` fixture."""
+@pytest.fixture(scope="module")
+def lively(tiny_model, tmp_path_factory) -> Path:
+    return rescaled_copy(tiny_model, tmp_path_factory.mktemp("m") / "lively", 4.0)
+
+
+@pytest.fixture(scope="module")
+def sliding(tiny_model, tmp_path_factory) -> Path:
+    """A sliding-window + full-attention hybrid: its rotating cache cannot be trimmed."""
+    window = {"layer_types": ["sliding_attention", "full_attention"], "sliding_window": 48}
+    return rescaled_copy(tiny_model, tmp_path_factory.mktemp("m") / "sliding", 4.0, window)
+
+
+@pytest.fixture(scope="module")
+def cold(tmp_path_factory):
+    """Answers from a cold prefill (prefix cache off), one engine per model, memoised."""
     services: dict[Path, Service] = {}
     seen: dict[str, str] = {}
 

@@ -6,11 +6,8 @@ template's opening cannot be placed after them."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import pytest
-from prefix_helpers import ask, cold_answers, conversation, flush, service
-from tiny_model import rescaled_copy
+import prefix_helpers as helpers
+from prefix_helpers import ask, conversation, flush, service
 
 from mlxc.model.blas import load_optimised_blas
 from mlxc.request import Answer, GenerationRequest
@@ -18,15 +15,7 @@ from mlxc.service import Service
 
 load_optimised_blas()
 
-
-@pytest.fixture(scope="module")
-def cold(tmp_path_factory):
-    yield from cold_answers(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def lively(tiny_model, tmp_path_factory) -> Path:
-    return rescaled_copy(tiny_model, tmp_path_factory.mktemp("m") / "lively", 4.0)
+lively, cold = helpers.lively, helpers.cold  # the same fixtures
 
 
 def _answer_then_idle(svc: Service) -> tuple[Answer, list[dict], int]:

@@ -18,9 +18,9 @@ import threading
 import time
 from pathlib import Path
 
+import prefix_helpers as base
 import pytest
-import test_prefix_cache as base
-from test_prefix_cache import SYSTEM, TEXT, ask, conversation, flush, service, state_files
+from prefix_helpers import SYSTEM, TEXT, ask, conversation, flush, service, state_files
 
 from mlxc.engine.kv.block_file import read_header
 from mlxc.engine.kv.index import PrefixIndex
@@ -112,7 +112,7 @@ _WRITER = textwrap.dedent("""
     import sys
     from pathlib import Path
     sys.path.insert(0, {tests!r})
-    from test_prefix_cache import ask, service, TEXT
+    from prefix_helpers import ask, service, TEXT
     with service(Path({model!r}), Path({cache!r}), prefix_block_tokens=32,
                  prefix_disk_bytes={budget}) as svc:
         print("ready", flush=True)

@@ -14,6 +14,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import prefix_helpers as helpers
 import pytest
 from conftest import let_go_of_stopped_engines
 from prefix_helpers import (
@@ -21,13 +22,11 @@ from prefix_helpers import (
     SYSTEM,
     TEXT,
     ask,
-    cold_answers,
     conversation,
     flush,
     service,
     state_files,
 )
-from tiny_model import rescaled_copy
 
 from mlxc.config import Settings
 from mlxc.engine.kv.index import PrefixIndex
@@ -38,21 +37,7 @@ from mlxc.service import Service
 # Before the fixtures import MLX, as the engine does: float32 runs on the fast BLAS then.
 load_optimised_blas()
 
-@pytest.fixture(scope="module")
-def lively(tiny_model, tmp_path_factory) -> Path:
-    return rescaled_copy(tiny_model, tmp_path_factory.mktemp("m") / "lively", 4.0)
-
-
-@pytest.fixture(scope="module")
-def sliding(tiny_model, tmp_path_factory) -> Path:
-    """A sliding-window + full-attention hybrid: its rotating cache cannot be trimmed."""
-    window = {"layer_types": ["sliding_attention", "full_attention"], "sliding_window": 48}
-    return rescaled_copy(tiny_model, tmp_path_factory.mktemp("m") / "sliding", 4.0, window)
-
-
-@pytest.fixture(scope="module")
-def cold(tmp_path_factory):
-    yield from cold_answers(tmp_path_factory)
+lively, sliding, cold = helpers.lively, helpers.sliding, helpers.cold  # the same fixtures
 
 
 # -- memory ----------------------------------------------------------------------------------
@@ -127,7 +112,7 @@ def test_a_kill_9_after_an_answer_keeps_its_state(lively, cold, tmp_path):
         import sys, time
         from pathlib import Path
         sys.path.insert(0, {str(Path(__file__).parent)!r})
-        from test_prefix_cache import ask, conversation, service
+        from prefix_helpers import ask, conversation, service
         with service(Path({str(lively)!r}), Path({str(tmp_path)!r})) as svc:
             text = ask(svc, conversation("Why?")).text
             svc.engine().prompt_cache.flush()

@@ -11,8 +11,8 @@ import struct
 
 import pytest
 import test_prefix_blocks as blocks
+from prefix_helpers import ask, flush, service, state_files
 from test_prefix_blocks import BLOCK, chat
-from test_prefix_cache import ask, flush, service, state_files
 
 from mlxc.engine.kv.block_file import (
     PREAMBLE,

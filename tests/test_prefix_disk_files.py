@@ -15,8 +15,8 @@ import threading
 import time
 from pathlib import Path
 
-import test_prefix_cache as base
-from test_prefix_cache import TEXT, ask, flush, service
+import prefix_helpers as base
+from prefix_helpers import TEXT, ask, flush, service
 
 lively, sliding = base.lively, base.sliding  # the same fixtures
 
@@ -25,7 +25,7 @@ _UMASK_000 = textwrap.dedent("""
     from pathlib import Path
     sys.path.insert(0, {tests!r})
     os.umask(0)
-    from test_prefix_cache import ask, conversation, service
+    from prefix_helpers import ask, conversation, service
 
     def modes(root):
         found = {{".": stat.S_IMODE(os.stat(root).st_mode)}}

@@ -14,9 +14,9 @@ import random
 
 import mlx.core as mx
 import numpy as np
+import prefix_helpers as base
 import pytest
-import test_prefix_cache as base
-from test_prefix_cache import ask, flush, service, state_files
+from prefix_helpers import ask, flush, service, state_files
 
 from mlxc.config import ConfigError, load_settings
 from mlxc.engine.kv.block_file import (
