@@ -165,6 +165,10 @@ async def metrics(request: Request) -> Response:
                                                       spec["accepted"])
         gauges["mlxc_speculative_acceptance_rate"] = ("Accepted / drafted.",
                                                       spec["acceptance_rate"])
+        for source, counts in spec.get("sources", {}).items():  # ngram, prediction, draft
+            for what in ("drafted", "accepted"):
+                gauges[f"mlxc_speculative_{source}_{what}_tokens"] = (
+                    f"Draft tokens {what} ({source}).", counts[what])
     if batch.get("kv_memory_limit_bytes"):  # memory-aware admission (engine/batch/admission.py)
         gauges["mlxc_kv_memory_limit_bytes"] = ("KV cache memory admission allows.",
                                                 batch["kv_memory_limit_bytes"])
