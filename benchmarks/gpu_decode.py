@@ -13,10 +13,21 @@ of one run. Parts (`--parts`, all by default):
 - `identity`: greedy tokens over 128 tokens on 50 prompts, kernel on against off (each
   difference with its logit gap).
 
+A mixture of experts (qwen3_moe, `make_model.py OUT moe`) runs every part too: its experts'
+gate/up stack into one `gather_qmm`, and its targets are one stream against raw mlx-lm and 8
+streams against one. Its `bfloat16` rows dequantize what `--dtype` dequantizes: attention, router
+and head; the experts stay 4-bit. Each dtype's model is loaded once and its variants applied in
+turn (stacking, then the kernel): a 30B model takes a while to load.
+Off CUDA (a check that the parts run on a model, not figures) the kernel's rows are left out.
+
 Usage (GPU machine, ../shared/gpu/README.md):
   python3 .gpu/c2/make_model.py /tmp/m3b 3b
   python3 benchmarks/gpu_decode.py /tmp/m3b --json $OUT/gpu_decode.json
   python3 benchmarks/gpu_decode.py /tmp/m3b --parts kernels --blocks 4x4,8x4,2x4,4x2
+  LAYERS=12 python3 .gpu/c2/make_model.py /tmp/moe moe
+  python3 benchmarks/gpu_decode.py /tmp/moe --parts decode,engine,identity --prompts 10
+CPU check:  LAYERS=2 python3 .gpu/c2/make_model.py /tmp/moe moe
+  python3 benchmarks/gpu_decode.py /tmp/moe --parts decode,engine --tokens 16 --repeat 1
 """
 
 from __future__ import annotations
@@ -107,20 +118,39 @@ def load(path: str, dtype: str = "keep", kernel: bool = False, fused: bool = Fal
     compiled step around it (as engine/load.py builds them)."""
     from mlx_lm import load as mlx_load
 
-    from mlxc.engine.cuda import fused_projections
     from mlxc.engine.cuda.compiled_decode import CompiledDecode
     from mlxc.model.dtype import apply_dtype
 
     model, tokenizer = mlx_load(path)
     apply_dtype(model, dtype)
-    if fused:
-        fused_projections.fuse(model)
-    if kernel:
-        quant_rows.install(model, force=True)
+    switch_in(model, kernel, fused)
     return (CompiledDecode(model) if compiled else model), tokenizer
 
 
-def prompt_ids(tokenizer: Any, i: int, words: int = 24) -> list[int]:
+def switch_in(model: Any, kernel: bool, fused: bool) -> None:
+    """Stack `model`'s projections (once), then route them to mlxc's kernel (once)."""
+    from mlxc.engine.cuda import fused_projections
+
+    if fused and not getattr(model, "_bench_fused", False):
+        fused_projections.fuse(model)
+        model._bench_fused = True
+    if kernel:
+        quant_rows.install(model, force=True)
+
+
+def experts(path: str) -> int:
+    """The model's expert count from its config.json (0: a dense model)."""
+    from pathlib import Path
+
+    config = json.loads((Path(path) / "config.json").read_text())
+    return int(config.get("num_experts") or config.get("n_routed_experts") or 0)
+
+
+WORDS = 24  # a prompt's words (--words)
+
+
+def prompt_ids(tokenizer: Any, i: int, words: int | None = None) -> list[int]:
+    words = WORDS if words is None else words
     text = f"Request {i}: " + " ".join(f"word{(i * 7 + j) % 97}" for j in range(words))
     return tokenizer.encode(text)
 
@@ -158,7 +188,8 @@ def streams(model: Any, tokenizer: Any, count: int, tokens: int, repeat: int = 3
     return statistics.median(speeds[1:])
 
 
-DECODE_VARIANTS = (  # name, dtype, kernel, fused, compiled
+DECODE_VARIANTS = (  # name, dtype, kernel, fused, compiled: within a dtype, in the order
+    # they are applied to one loaded model (stacking and the kernel are not undone)
     ("mlx-lm 4-bit", "keep", False, False, False),
     ("compiled 4-bit", "keep", False, False, True),
     ("stacked+compiled 4-bit", "keep", False, True, True),
@@ -168,27 +199,58 @@ DECODE_VARIANTS = (  # name, dtype, kernel, fused, compiled
 )
 
 
-def part_decode(path: str, tokens: int, report: dict) -> None:
-    rows = {}
-    for name, dtype, kernel, fused, compiled in DECODE_VARIANTS:
-        model, tokenizer = load(path, dtype, kernel, fused, compiled)
-        rows[name] = {"one_stream": one_stream(model, tokenizer, tokens),
-                      "eight_streams": streams(model, tokenizer, 8, tokens)}
-        print(f"{name:30s} one stream {rows[name]['one_stream']:7.1f} tok/s, "
-              f"8 streams {rows[name]['eight_streams']:7.1f} tok/s", flush=True)
+def part_decode(path: str, tokens: int, report: dict, repeat: int = 3,
+                names: list[str] | None = None) -> None:
+    from mlxc.engine.cuda.compiled_decode import CompiledDecode
+
+    rows: dict = {}
+    cuda = quant_rows.usable()
+    chosen = [v for v in DECODE_VARIANTS if names is None or v[0] in names]
+    if not any(v[0] == "mlx-lm 4-bit" for v in chosen):
+        raise ValueError("the decode part needs the 'mlx-lm 4-bit' variant: the others are "
+                         "measured against it")
+    for dtype in dict.fromkeys(v[1] for v in chosen):
+        started = time.perf_counter()
+        model, tokenizer = load(path, dtype)
+        print(f"[loaded --dtype {dtype} in {time.perf_counter() - started:.1f} s]", flush=True)
+        for name, _, kernel, fused, compiled in (v for v in chosen if v[1] == dtype):
+            if kernel and not cuda:
+                print(f"{name:30s} left out: mlxc's kernel runs on CUDA only", flush=True)
+                continue
+            switch_in(model, kernel, fused)
+            forward = CompiledDecode(model) if compiled else model
+            rows[name] = {"one_stream": one_stream(forward, tokenizer, tokens, repeat),
+                          "eight_streams": streams(forward, tokenizer, 8, tokens, repeat)}
+            if compiled:
+                rows[name]["compiled_failed"] = forward.failed
+            print(f"{name:30s} one stream {rows[name]['one_stream']:7.1f} tok/s, "
+                  f"8 streams {rows[name]['eight_streams']:7.1f} tok/s"
+                  + (f" (compiled step off: {forward.failed})" if compiled and forward.failed
+                     else ""), flush=True)
         del model
         mx.clear_cache()
     report["decode"] = rows
     raw = rows["mlx-lm 4-bit"]
-    best = max((r for n, r in rows.items() if "4-bit" in n), key=lambda r: r["one_stream"])
+    kept = {n: r for n, r in rows.items() if "4-bit" in n}
+    best = max(kept.values(), key=lambda r: r["one_stream"])
+    if experts(path):  # the MoE targets: 1.5x raw for one stream, 8 streams 4x one stream
+        ratios = {n: r["eight_streams"] / r["one_stream"] for n, r in kept.items()}
+        top = max(kept, key=lambda n: kept[n]["eight_streams"])
+        report["moe_targets"] = {"one_stream_vs_raw": best["one_stream"] / raw["one_stream"],
+                                 "eight_vs_one": ratios}
+        print(f"MoE, best 4-bit one stream: {best['one_stream'] / raw['one_stream']:.2f}x raw "
+              f"mlx-lm (target 1.5x); 8 streams over one stream: "
+              + ", ".join(f"{n} {v:.2f}x" for n, v in ratios.items())
+              + f" (target 4x; fastest 8 streams: {top}, {kept[top]['eight_streams']:.0f} tok/s)")
+        return
     print(f"best 4-bit one stream: {best['one_stream'] / raw['one_stream']:.2f}x raw mlx-lm "
           f"(target 2.0x); best 4-bit 8 streams: "
-          f"{max(r['eight_streams'] for n, r in rows.items() if '4-bit' in n):.0f} tok/s "
+          f"{max(r['eight_streams'] for r in kept.values()):.0f} tok/s "
           f"(target 1,500, and > bfloat16's "
-          f"{rows['bfloat16 (dequantized)']['eight_streams']:.0f})")
+          f"{rows.get('bfloat16 (dequantized)', {}).get('eight_streams', float('nan')):.0f})")
 
 
-def part_engine(path: str, tokens: int, report: dict) -> None:
+def part_engine(path: str, tokens: int, report: dict, repeat: int = 3) -> None:
     """mlxc's engine as `mlxc serve` runs it (defaults: compiled step, stacked projections,
     no prefix reuse here), one request and 8 at once, greedy, to `tokens` (ignore_eos)."""
     import tempfile
@@ -201,7 +263,8 @@ def part_engine(path: str, tokens: int, report: dict) -> None:
 
     def request(i: int) -> GenerationRequest:
         return GenerationRequest(messages=[{"role": "user", "content": f"Request {i}: " + " ".join(
-            f"word{(i * 7 + j) % 97}" for j in range(24))}], max_tokens=tokens, ignore_eos=True)
+            f"word{(i * 7 + j) % 97}" for j in range(WORDS))}], max_tokens=tokens,
+            ignore_eos=True)
 
     rows = {}
     for dtype, fused in (("keep", False), ("keep", True), ("auto", True)):
@@ -212,9 +275,9 @@ def part_engine(path: str, tokens: int, report: dict) -> None:
         engine.wait_loaded()
         engine.submit(request(0)).result()  # warm-up: kernels compile, steps trace
         one = statistics.median(engine.submit(request(i)).result().tokens_per_second
-                                for i in range(1, 4))
+                                for i in range(1, repeat + 1))
         eights = []
-        for r in range(3):
+        for r in range(repeat):
             started = time.perf_counter()
             answers = [g.result() for g in [engine.submit(request(100 + 8 * r + i))
                                             for i in range(8)]]
@@ -224,7 +287,8 @@ def part_engine(path: str, tokens: int, report: dict) -> None:
         rows[name] = {"one_stream": one, "eight_streams_with_prefill": statistics.median(eights),
                       "figures": engine.figures()}
         print(f"{name:44s} one stream {one:7.1f} tok/s, 8 at once "
-              f"{rows[name]['eight_streams_with_prefill']:7.1f} tok/s (prefills included); "
+              f"{rows[name]['eight_streams_with_prefill']:7.1f} tok/s (prefills included, "
+              f"{rows[name]['eight_streams_with_prefill'] / one:.2f}x); "
               f"compiled: {rows[name]['figures'].get('compiled_decode')}", flush=True)
         engine.shutdown(wait=30)
         mx.clear_cache()
@@ -247,8 +311,8 @@ def part_prefill(path: str, length: int, long_rows: list[int], report: dict) -> 
     rows = {}
     model, tokenizer = load(path)
     rows["mlx-lm 4-bit"] = prefill_tps(model, tokenizer, length)
-    quant_rows.install(model, force=True)
-    for threshold in long_rows:
+    quant_rows.install(model, force=quant_rows.usable())  # the long-prompt path: CUDA only
+    for threshold in long_rows if quant_rows.usable() else ():
         quant_rows.LONG_ROWS = threshold
         rows[f"mlxc 4-bit, dequantize-then-GEMM from {threshold} rows"] = prefill_tps(
             model, tokenizer, length)
@@ -300,7 +364,8 @@ def part_identity(path: str, prompts: int, tokens: int, report: dict,
             gap = (logprobs[want[at]] - logprobs[got[at]]).item()
         differences.append({"prompt": i, "position": at, "logit_gap": gap})
     report["identity"] = {"same": same, "prompts": prompts, "differences": differences,
-                          "kernel": kernel, "compiled_failed": model.failed}
+                          "kernel": kernel, "compiled_failed": model.failed,
+                          "compiled_lone_steps": model.lone_steps}
     print(f"greedy identity: {same}/{prompts} prompts identical over {tokens} tokens "
           f"(target >= 49); differences: {differences}", flush=True)
 
@@ -313,6 +378,12 @@ def main() -> None:
     parser.add_argument("--blocks", default="4x4,8x4,2x4,4x2",
                         help="kernel block shapes to time, FEATURESxWARPS")
     parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="timed runs of each figure, after one warm-up (median)")
+    parser.add_argument("--words", type=int, default=WORDS,
+                        help="words in each decode/engine prompt (~3 tokens each)")
+    parser.add_argument("--variants", help="decode variants to run, comma-separated (default "
+                        "all): " + ", ".join(v[0] for v in DECODE_VARIANTS))
     parser.add_argument("--prompt-tokens", type=int, default=20000)
     parser.add_argument("--long-rows", default="256,100000000",
                         help="dequantize-then-GEMM thresholds to time (a huge one: off)")
@@ -321,15 +392,24 @@ def main() -> None:
                         help="identity with mlxc's kernel too (default: stacked + compiled)")
     parser.add_argument("--json", help="write the figures to this file")
     args = parser.parse_args()
-    if not quant_rows.usable():
-        sys.exit("gpu_decode.py measures CUDA kernels: run it on the GPU machine")
     parts = args.parts.split(",")
+    globals()["WORDS"] = args.words  # prompt_ids' and the engine's prompts
+    names = args.variants.split(",") if args.variants else None
+    unknown = set(names or ()) - {v[0] for v in DECODE_VARIANTS}
+    if unknown:
+        sys.exit(f"unknown --variants {sorted(unknown)}: choose from "
+                 + ", ".join(v[0] for v in DECODE_VARIANTS))
+    if not quant_rows.usable():
+        if "kernels" in parts:
+            sys.exit("the kernels part measures CUDA kernels: run it on the GPU machine")
+        print("not CUDA: a check that the parts run on this model; its figures are not the "
+              "GPU's", flush=True)
     report: dict = {"device": mx.device_info() if hasattr(mx, "device_info") else {}}
     steps = {
         "kernels": lambda: part_kernels(
             [tuple(int(v) for v in b.split("x")) for b in args.blocks.split(",")], report),
-        "decode": lambda: part_decode(args.model, args.tokens, report),
-        "engine": lambda: part_engine(args.model, args.tokens, report),
+        "decode": lambda: part_decode(args.model, args.tokens, report, args.repeat, names),
+        "engine": lambda: part_engine(args.model, args.tokens, report, args.repeat),
         "prefill": lambda: part_prefill(args.model, args.prompt_tokens,
                                         [int(v) for v in args.long_rows.split(",")], report),
         "identity": lambda: part_identity(args.model, args.prompts, args.tokens, report,

@@ -69,7 +69,7 @@ def test_a_projection_called_out_of_order_computes_its_own_output(lively):
     fused_projections.fuse(model)
     got = [attention.q_proj(x), attention.k_proj(other), attention.v_proj(x)]
     assert all(mx.array_equal(a, b) for a, b in zip(got, want, strict=True))
-    assert attention.q_proj._stack._input is None or attention.q_proj._stack._left > 0
+    assert not attention.q_proj._stack._input or attention.q_proj._stack._left > 0
 
 
 def test_layers_that_differ_or_are_plain_are_left_as_they_are(lively):
