@@ -5,7 +5,8 @@ runs on CUDA (engine/load.py decides); prefills run mlx-lm's code untouched.
 - `batch_attention.py` — one new token's attention over a left-padded batch cache;
 - `batch_kernels.py` — switches both in around a batched step;
 - `quant_rows.py` — quantized projections of 1-16 rows (MLXC_QUANT_KERNEL=1, opt-in);
-- `fused_projections.py` — q/k/v and gate/up of a quantized layer as one matmul each;
+- `fused_projections.py` — q/k/v and gate/up of a quantized layer as one matmul each (a
+  mixture of experts' gate/up as one gather of the active experts);
 - `compiled_decode.py` — a decode step (the batch's, or a lone sequence's) built once per
   shape and replayed (`mx.compile`).
 
