@@ -13,12 +13,11 @@ of one run. Parts (`--parts`, all by default):
 - `identity`: greedy tokens over 128 tokens on 50 prompts, kernel on against off (each
   difference with its logit gap).
 
-A mixture of experts (qwen3_moe, `make_model.py OUT moe`) runs every part too: its experts'
-gate/up stack into one `gather_qmm`, and its targets are one stream against raw mlx-lm and 8
-streams against one. Its `bfloat16` rows dequantize what `--dtype` dequantizes: attention, router
-and head; the experts stay 4-bit. Each dtype's model is loaded once and its variants applied in
-turn (stacking, then the kernel): a 30B model takes a while to load.
-Off CUDA (a check that the parts run on a model, not figures) the kernel's rows are left out.
+A mixture of experts (qwen3_moe, `make_model.py OUT moe`) runs every part: its targets are one
+stream against raw mlx-lm and 8 streams against one; its `bfloat16` rows dequantize attention,
+router and head, as `--dtype` does (the experts stay 4-bit). Each dtype's model is loaded once
+and its variants applied in turn. Off CUDA the kernel's rows are left out: a check that the
+parts run (tests/test_moe_decode.py), not figures.
 
 Usage (GPU machine, ../shared/gpu/README.md):
   python3 .gpu/c2/make_model.py /tmp/m3b 3b
@@ -26,8 +25,6 @@ Usage (GPU machine, ../shared/gpu/README.md):
   python3 benchmarks/gpu_decode.py /tmp/m3b --parts kernels --blocks 4x4,8x4,2x4,4x2
   LAYERS=12 python3 .gpu/c2/make_model.py /tmp/moe moe
   python3 benchmarks/gpu_decode.py /tmp/moe --parts decode,engine,identity --prompts 10
-CPU check:  LAYERS=2 python3 .gpu/c2/make_model.py /tmp/moe moe
-  python3 benchmarks/gpu_decode.py /tmp/moe --parts decode,engine --tokens 16 --repeat 1
 """
 
 from __future__ import annotations
@@ -39,7 +36,9 @@ import sys
 import time
 from typing import Any
 
+import gpu_streams
 import mlx.core as mx
+from gpu_streams import one_stream, prompt_ids, streams
 
 from mlxc.engine.cuda import quant_rows
 
@@ -146,48 +145,6 @@ def experts(path: str) -> int:
     return int(config.get("num_experts") or config.get("n_routed_experts") or 0)
 
 
-WORDS = 24  # a prompt's words (--words)
-
-
-def prompt_ids(tokenizer: Any, i: int, words: int | None = None) -> list[int]:
-    words = WORDS if words is None else words
-    text = f"Request {i}: " + " ".join(f"word{(i * 7 + j) % 97}" for j in range(words))
-    return tokenizer.encode(text)
-
-
-def one_stream(model: Any, tokenizer: Any, tokens: int, repeat: int = 3) -> float:
-    from mlx_lm import stream_generate
-
-    speeds = []
-    for i in range(repeat + 1):  # the first warms up
-        *_, last = stream_generate(model, tokenizer, mx.array(prompt_ids(tokenizer, i)),
-                                   max_tokens=tokens)
-        speeds.append(last.generation_tps)
-    return statistics.median(speeds[1:])
-
-
-def streams(model: Any, tokenizer: Any, count: int, tokens: int, repeat: int = 3) -> float:
-    """Aggregate decode tokens/s of `count` streams in mlx-lm's BatchGenerator (no stop
-    tokens: each runs `tokens`), from the step that starts decoding to the last."""
-    from mlx_lm.generate import BatchGenerator
-
-    speeds = []
-    for r in range(repeat + 1):
-        gen = BatchGenerator(model, max_tokens=tokens, stop_tokens=[])
-        gen.insert([prompt_ids(tokenizer, r * count + i) for i in range(count)])
-        made, start, done = 0, None, 0
-        while done < count:
-            responses = gen.next_generated()
-            if start is None:
-                start = time.perf_counter()
-                continue
-            made += len(responses)
-            done += sum(1 for x in responses if x.finish_reason is not None)
-        speeds.append(made / (time.perf_counter() - start))
-        gen.close()
-    return statistics.median(speeds[1:])
-
-
 DECODE_VARIANTS = (  # name, dtype, kernel, fused, compiled: within a dtype, in the order
     # they are applied to one loaded model (stacking and the kernel are not undone)
     ("mlx-lm 4-bit", "keep", False, False, False),
@@ -206,9 +163,8 @@ def part_decode(path: str, tokens: int, report: dict, repeat: int = 3,
     rows: dict = {}
     cuda = quant_rows.usable()
     chosen = [v for v in DECODE_VARIANTS if names is None or v[0] in names]
-    if not any(v[0] == "mlx-lm 4-bit" for v in chosen):
-        raise ValueError("the decode part needs the 'mlx-lm 4-bit' variant: the others are "
-                         "measured against it")
+    if chosen[0][0] != "mlx-lm 4-bit":
+        raise ValueError("the decode part needs 'mlx-lm 4-bit': the others are set against it")
     for dtype in dict.fromkeys(v[1] for v in chosen):
         started = time.perf_counter()
         model, tokenizer = load(path, dtype)
@@ -263,7 +219,7 @@ def part_engine(path: str, tokens: int, report: dict, repeat: int = 3) -> None:
 
     def request(i: int) -> GenerationRequest:
         return GenerationRequest(messages=[{"role": "user", "content": f"Request {i}: " + " ".join(
-            f"word{(i * 7 + j) % 97}" for j in range(WORDS))}], max_tokens=tokens,
+            f"word{(i * 7 + j) % 97}" for j in range(gpu_streams.WORDS))}], max_tokens=tokens,
             ignore_eos=True)
 
     rows = {}
@@ -380,7 +336,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--repeat", type=int, default=3,
                         help="timed runs of each figure, after one warm-up (median)")
-    parser.add_argument("--words", type=int, default=WORDS,
+    parser.add_argument("--words", type=int, default=gpu_streams.WORDS,
                         help="words in each decode/engine prompt (~3 tokens each)")
     parser.add_argument("--variants", help="decode variants to run, comma-separated (default "
                         "all): " + ", ".join(v[0] for v in DECODE_VARIANTS))
@@ -393,7 +349,7 @@ def main() -> None:
     parser.add_argument("--json", help="write the figures to this file")
     args = parser.parse_args()
     parts = args.parts.split(",")
-    globals()["WORDS"] = args.words  # prompt_ids' and the engine's prompts
+    gpu_streams.WORDS = args.words  # prompt_ids' and the engine's prompts
     names = args.variants.split(",") if args.variants else None
     unknown = set(names or ()) - {v[0] for v in DECODE_VARIANTS}
     if unknown:
