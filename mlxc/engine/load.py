@@ -118,7 +118,20 @@ def load_draft(target: ModelRef, tokenizer: Any, settings: Settings,
             f"the draft model {ref.name} keeps a cache that cannot be cut back (sliding window "
             "or recurrent layers), so its rejected drafts could not be undone: pick a model "
             "with plain attention layers, or leave --draft-model out.")
-    return DraftModel(model, ref.name)
+    draft = DraftModel(model, ref.name)
+    warm_draft(draft, tokenizer)
+    return draft
+
+
+def warm_draft(draft: Any, tokenizer: Any) -> None:
+    """One short draft, so that its kernels (CUDA compiles each on first use) are not the
+    first drafted token's measured cost, which sizes every draft after it; then forgotten."""
+    from mlxc.engine.decode.draft_model import DraftSequence
+
+    tokens = tokenizer.encode("Warm up: the quick brown fox jumps over the lazy dog.")
+    DraftSequence(draft).propose(tokens[:-1], tokens[-1], 4)
+    DraftSequence(draft).propose(tokens[:1], tokens[1], 2)  # the catch-up of one token too
+    draft.seconds_per_token, draft.prefilled_tokens, draft.prefill_seconds = None, 0, 0.0
 
 
 def _import_mlx_lm() -> Callable[..., Any]:
