@@ -22,7 +22,7 @@ CONFIG = dict(model_type="qwen3_moe", hidden_size=64, num_hidden_layers=3, num_a
               max_position_embeddings=1024, tie_word_embeddings=False, vocab_size=VOCAB)
 
 
-def moe_model(bits: int):
+def moe_model(bits: int | None):
     """The tiny qwen3_moe, its layer weights scaled up (so greedy answers follow the context,
     not a repeated token) and quantized with groups of 32."""
     import mlx.core as mx
@@ -34,7 +34,8 @@ def moe_model(bits: int):
     model = qwen3_moe.Model(qwen3_moe.ModelArgs.from_dict(CONFIG))
     model.update(tree_unflatten([(k, v * 4.0 if ".layers." in k and v.ndim >= 2 else v)
                                  for k, v in tree_flatten(model.parameters())]))
-    nn.quantize(model, group_size=32, bits=bits)
+    if bits:
+        nn.quantize(model, group_size=32, bits=bits)
     mx.eval(model.parameters())
     return model
 
@@ -76,6 +77,16 @@ def test_stacked_expert_projections_give_bit_identical_logits(bits):
     assert type(model.layers[0].self_attn.q_k_v_stacked) is nn.QuantizedLinear
     assert mx.array_equal(model(ids), want)
     assert mx.array_equal(model(short), want_short)
+
+
+def test_plain_experts_are_left_as_they_are():
+    """Unquantized weights do not stack exactly (BLAS blocks by the output count): a plain
+    model keeps mlx-lm's layers."""
+    from mlx_lm.models.switch_layers import SwitchLinear
+
+    model = moe_model(None)
+    assert fused_projections.fuse(model) == 0
+    assert type(model.layers[0].mlp.switch_mlp.gate_proj) is SwitchLinear
 
 
 def test_an_expert_projection_called_with_other_experts_computes_its_own():
