@@ -183,7 +183,8 @@ def part_decode(path: str, tokens: int, report: dict, repeat: int = 3,
                   f"8 streams {rows[name]['eight_streams']:7.1f} tok/s"
                   + (f" (compiled step off: {forward.failed})" if compiled and forward.failed
                      else ""), flush=True)
-        del model
+            del forward
+        del model  # freed before the next dtype's copy loads (a 30B model: ~16 GiB each)
         mx.clear_cache()
     report["decode"] = rows
     raw = rows["mlx-lm 4-bit"]
