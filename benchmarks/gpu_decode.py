@@ -330,7 +330,7 @@ def part_identity(path: str, prompts: int, tokens: int, report: dict,
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model", help="an MLX model folder (make_model.py OUT 3b)")
+    parser.add_argument("model", help="an MLX model folder (make_model.py OUT 3b, or OUT moe)")
     parser.add_argument("--parts", default=",".join(PARTS))
     parser.add_argument("--blocks", default="4x4,8x4,2x4,4x2",
                         help="kernel block shapes to time, FEATURESxWARPS")
