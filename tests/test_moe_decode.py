@@ -2,8 +2,9 @@
 decode path, on the CPU: the experts' gate/up stacked into one `gather_qmm`
 (engine/cuda/fused_projections.py) give bit-identical logits in 4 and 8 bits, and the compiled
 decode step (engine/cuda/compiled_decode.py), over stacked projections as the engine runs it on
-CUDA, gives mlx-lm's greedy tokens for a lone sequence past a 256-position buffer and for a
-batch whose experts' rows are sorted (8 rows x 8 active experts: mlx-lm sorts from 64).
+CUDA, gives mlx-lm's greedy tokens for a lone sequence and a batch past a 256-position buffer,
+and for a batch whose experts' rows are sorted (8 rows x 8 active experts: mlx-lm sorts from 64);
+benchmarks/gpu_decode.py runs on a qwen3_moe folder.
 The model is a tiny one made here: 16 experts, 8 active, one dense MLP layer among them."""
 
 from __future__ import annotations
@@ -171,3 +172,13 @@ def test_the_gpu_benchmark_runs_every_decode_and_engine_row_on_a_moe_folder(tiny
     assert not any(row.get("compiled_failed") for row in report["decode"].values())
     assert report["moe_targets"]["one_stream_vs_raw"] > 0
     assert len(report["engine"]) == 3 and "MoE, best 4-bit one stream" in done.stdout
+
+
+def test_a_compiled_batch_grows_its_buffers_past_256_positions():
+    model = moe_model(4)
+    prompts = [prompt(40, 245), prompt(41, 200)]  # 245 + 30 crosses a 256-position buffer
+    want = decode(model, prompts, [30, 30])
+    fused_projections.fuse(model)
+    compiled = CompiledDecode(model)
+    assert decode(compiled, prompts, [30, 30]) == want
+    assert compiled.failed is None and compiled.steps >= 29 and compiled.traces >= 2
