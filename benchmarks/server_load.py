@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -49,8 +50,10 @@ response = function(status, headers, body)
 end
 done = function(summary, latency, requests)
   io.write(string.format(
-    '\\nRESULT {"p50": %%.3f, "p99": %%.3f, "max": %%.3f, "samples": %%d, "not_ok": %%d}\\n',
-    latency:percentile(50) / 1000, latency:percentile(99) / 1000, latency.max / 1000,
+    '\\nRESULT {"p50": %%.3f, "p90": %%.3f, "p99": %%.3f, "p999": %%.3f, "max": %%.3f, '
+    .. '"samples": %%d, "not_ok": %%d}\\n',
+    latency:percentile(50) / 1000, latency:percentile(90) / 1000,
+    latency:percentile(99) / 1000, latency:percentile(99.9) / 1000, latency.max / 1000,
     summary.requests, not_hit))
 end
 """
@@ -80,7 +83,25 @@ def result_of(proc: subprocess.Popen) -> dict:
     raise SystemExit(f"wrk gave no result:\n{out}")
 
 
-def load(args, url: str, folder: Path) -> dict:
+def thread_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds of each of the server's threads by name (Linux /proc; else empty): the
+    event loop's share per request is what limits hits, and it reads the same on a busy
+    machine, where latencies do not."""
+    ticks = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    seconds: dict[str, float] = {}
+    for stat in Path(f"/proc/{pid}/task").glob("*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue  # a thread that ended
+        name = "loop" if stat.parent.name == str(pid) else text[text.index("(") + 1:
+                                                                  text.rindex(")")]
+        fields = text[text.rindex(")") + 2:].split()
+        seconds[name] = seconds.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / ticks
+    return seconds
+
+
+def load(args, url: str, folder: Path, pid: int) -> dict:
     warm = [f"In one sentence, what is topic number {i}?" for i in range(args.warm)]
     with httpx.Client(base_url=url, timeout=600) as client:
         for question in warm:  # the hits' answers, stored before the load starts
@@ -107,9 +128,12 @@ def load(args, url: str, folder: Path) -> dict:
     bodies = [json.dumps(chat_body(q, 8)) for q in warm]
     hit_clients = max(1, args.clients - args.miss_clients)
     before = httpx.get(f"{url}/health", timeout=60).json()
+    cpu_before = thread_cpu(pid)
     hits = wrk(url, "/v1/chat/completions", bodies, hit_clients, args.seconds, folder)
     health = wrk(url, "/health", [], 1, args.seconds, folder)
     hit_figures, health_figures = result_of(hits), result_of(health)
+    cpu = {name: round(t - cpu_before.get(name, 0.0), 2) for name, t in thread_cpu(pid).items()
+           if t - cpu_before.get(name, 0.0) >= 0.01}
     final = httpx.get(f"{url}/health", timeout=60).json()
     # How fast the misses decoded while the hits were measured (the engine shares the GIL).
     decoded = final["batch"]["generated_tokens"] - before["batch"]["generated_tokens"]
@@ -124,6 +148,10 @@ def load(args, url: str, folder: Path) -> dict:
             "hit_clients": hit_clients, "miss_clients": args.miss_clients,
             "seconds": args.seconds, "hit_ms": hit_figures, "health_ms": health_figures,
             "miss_ms": miss_figures, "batch": final.get("batch"),
+            # the event loop's CPU per request it answered (hits and /health)
+            "loop_cpu_ms_per_request": round(cpu.get("loop", 0.0) * ms / max(
+                1, hit_figures["samples"] + health_figures["samples"]), 3) if cpu else None,
+            "thread_cpu_seconds": cpu,
             "miss_tokens_per_second": round(decoded / args.seconds, 1),
             "fast_path_hits": final["server"].get("fast_hits"),
             "decode_tokens_per_second": final.get("tokens_per_second")}
@@ -144,6 +172,8 @@ def print_table(result: dict) -> None:
                           str(f["samples"]))
     Console().print(table)
     print(f"misses decoded {result['miss_tokens_per_second']} tokens/s meanwhile")
+    if result["loop_cpu_ms_per_request"] is not None:
+        print(f"event loop CPU per request: {result['loop_cpu_ms_per_request']} ms")
     for key in ("hit_ms", "health_ms"):
         if result[key].get("not_ok"):
             print(f"warning: {result[key]['not_ok']} replies in {key} were not 200 hits")
@@ -170,7 +200,7 @@ def main() -> None:
         proc, url = start_server(args.model, Path(tmp) / "cache", Path(tmp) / "server.log",
                                  args.startup_timeout, ("--max-queue", "256"))
         try:
-            result = load(args, url, Path(tmp))
+            result = load(args, url, Path(tmp), proc.pid)
         finally:
             proc.terminate()
             proc.wait(timeout=60)
