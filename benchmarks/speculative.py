@@ -15,6 +15,14 @@ from the first first token to the last answer), medians.
 
     .venv/bin/python benchmarks/speculative.py [--max-tokens 160] [--rounds 3]
         [--temperature 0.7] [--concurrency 4 [--predict-answer] [--warm]] [--json]
+        [--draft-model PATH|self|layers:0-3,24-29 [--no-peer]]
+
+With `--draft-model`, single streams: off, auto without a draft model (prompt lookup), draft
+(`--speculate draft`: the draft model only) and auto with the draft model, then mlx_lm.server
+plain and with the same draft model (benchmarks/draft_peer.py). `self`: the model drafts for
+itself (every draft is taken: the mechanism's upper bound, at a draft that costs as much as
+the model); `layers:...`: a draft cut from the model, those of its layers kept (the only
+real model here is SmolLM2-135M, so the draft must come from it: tests/draft_maker.py).
 
 The model is mlxc's (MLXC_MODEL picks another, e.g. a GPU's random-weight 3B: there prompt
 lookup finds little, and `--predict-answer` measures what the batch gains from drafts taken).
@@ -25,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -53,20 +62,27 @@ def edit(path: str, change: str, max_tokens: int, predicted: bool,
                              **sampling)
 
 
-def engine_for(mode: str) -> Engine:
+SPECULATION: dict = {}  # each plan's engine's /health speculation figures, after `run`
+_CACHE_DIR: list[str] = []  # one for every engine: the memory gate is measured once
+
+
+def engine_for(mode: str, draft: str | None = None) -> Engine:
+    _CACHE_DIR[:] = _CACHE_DIR or [tempfile.mkdtemp()]  # (no prefix or response cache in it)
     settings = load_settings().with_overrides(
-        cache_dir=tempfile.mkdtemp(), speculate=mode, prefix_memory_bytes=0,
-        prefix_disk_bytes=0, cache_policy="off")
+        cache_dir=_CACHE_DIR[0], speculate=mode, prefix_memory_bytes=0,
+        prefix_disk_bytes=0, cache_policy="off", draft_model=draft)
     engine = Engine(resolve_model(settings.model, settings), settings).start()
     engine.wait_loaded()
     return engine
 
 
-def run(plans: dict[str, tuple[str, list[GenerationRequest]]], rounds: int) -> dict:
-    """Each plan (name -> (mode, requests)) on its own engine, taken in turns request by
-    request, so a shared machine's load falls on every mode alike: name -> [(answer, median
-    tokens/s over `rounds` passes)] per request."""
-    engines = {name: engine_for(mode) for name, (mode, _) in plans.items()}
+def run(plans: dict[str, tuple[str, list[GenerationRequest]]], rounds: int,
+        drafts: dict[str, str] | None = None) -> dict:
+    """Each plan (name -> (mode, requests)) on its own engine (with `drafts[name]` as its
+    draft model), taken in turns request by request, so a shared machine's load falls on every
+    mode alike: name -> [(answer, median tokens/s over `rounds` passes)] per request."""
+    drafts = drafts or {}
+    engines = {name: engine_for(mode, drafts.get(name)) for name, (mode, _) in plans.items()}
     results: dict[str, list] = {name: [] for name in plans}
     try:
         for i in range(max(len(requests) for _, requests in plans.values())):
@@ -77,8 +93,12 @@ def run(plans: dict[str, tuple[str, list[GenerationRequest]]], rounds: int) -> d
             for name, answers in runs.items():
                 speed = statistics.median(a.tokens_per_second for a in answers)
                 results[name].append((answers[-1], speed))
+                print(f"request {i}, {name}: {speed:.1f} tok/s, accepted/drafted "
+                      f"{answers[-1].usage.accepted_tokens}/{answers[-1].usage.drafted_tokens}",
+                      file=sys.stderr, flush=True)
     finally:
-        for engine in engines.values():
+        for name, engine in engines.items():
+            SPECULATION[name] = engine.figures().get("speculation")
             engine.shutdown(wait=30)
     return results
 
@@ -149,8 +169,24 @@ def main() -> None:
     parser.add_argument("--predict-answer", action="store_true", help="with --concurrency: "
                         "predict each stream's own plain answer, not the original file")
     parser.add_argument("--warm", action="store_true", help="an untimed round first")
+    parser.add_argument("--draft-model", help="single streams with this draft model (a "
+                        "folder, self, or layers:0-3,24-29 cut from the model), beside "
+                        "mlx_lm.server's draft-model mode")
+    parser.add_argument("--no-peer", action="store_true", help="with --draft-model: leave "
+                        "mlx_lm.server out")
+    parser.add_argument("--num-draft", type=int, default=3,
+                        help="mlx_lm.server's --num-draft-tokens (its default: 3)")
     args = parser.parse_args()
     sampling = {"temperature": args.temperature, "top_p": 0.9} if args.temperature else {}
+    if args.draft_model:
+        from speculative_draft import with_draft_model
+
+        with_draft_model(args, run, [edit(p, c, args.max_tokens, False, sampling)
+                                for p, c in FILES.items()],
+                         [GenerationRequest(messages=[{"role": "user", "content": c}],
+                                            max_tokens=args.max_tokens, **sampling)
+                          for c in CHATS], SPECULATION)
+        return
     if args.concurrency:
         report = concurrent(args.concurrency, args.max_tokens, args.rounds, sampling,
                             args.predict_answer, args.warm)

@@ -70,24 +70,20 @@ def test_greedy_answers_are_the_same_with_a_draft_model(engines, plain_answers):
         got = [engines[name].submit(chat(p)).result() for p in PROMPTS]
         assert [a.text for a in got] == [a.text for a in plain_answers], name
         assert [a.finish_reason for a in got] == [a.finish_reason for a in plain_answers]
-        assert sum(a.usage.drafted_tokens for a in got) > 0, name  # it did draft
+        drafted = sum(a.usage.drafted_tokens for a in got)
+        assert drafted > 0, name  # it did draft
+        if name == "self":  # the model drafts for itself: its drafts are its own choices
+            assert sum(a.usage.accepted_tokens for a in got) >= 0.9 * drafted
     speculation = engines["cut"].figures()["speculation"]
     assert set(speculation["sources"]) == {"draft"}  # --speculate draft, alone: the model only
     assert speculation["draft_model"]["name"] == str(engines["cut"].settings.draft_model)
     assert speculation["draft_model"]["ms_per_drafted_token"] > 0  # measured, for the gate
 
 
-def test_a_self_draft_is_taken(engines):
-    """The draft is the model itself: its greedy drafts are the model's own choices."""
-    answer = engines["self"].submit(chat(PROMPTS[1], max_tokens=32)).result()
-    assert answer.usage.drafted_tokens > 0
-    assert answer.usage.accepted_tokens >= 0.9 * answer.usage.drafted_tokens
-
-
 def test_greedy_answers_are_the_same_in_a_batch(engines, plain_answers):
     """Several at once: the first drafts alone, then all decode in the batch (prompt lookup
     there), and the last one comes back to the lone loop, its draft cache caught up."""
-    spec = engines["self"]
+    spec = engines["cut"]
     first = spec.submit(chat(PROMPTS[2], max_tokens=32))
     others = [spec.submit(chat(p)) for p in PROMPTS[:2]]
     assert [g.result().text for g in others] == [a.text for a in plain_answers[:2]]
@@ -98,8 +94,12 @@ def test_greedy_answers_are_the_same_in_a_batch(engines, plain_answers):
 def test_sampled_requests_draft_and_finish(engines):
     """Unseeded sampled requests speculate by rejection sampling over the greedy draft (a
     point mass, as prompt lookup's: tests/test_speculate_sampled.py tests the sampler)."""
-    answer = engines["self"].submit(chat(PROMPTS[1], temperature=0.7, max_tokens=24)).result()
-    assert answer.usage.completion_tokens == 24 or answer.finish_reason == "stop"
+    cut = engines["cut"]
+    # Its measured cost (~half a step a token here) and low acceptance stop its drafts; a draft
+    # model whose cost is not known yet is tried.
+    cut.call(lambda e: setattr(e.draft, "seconds_per_token", None)).result()
+    answer = cut.submit(chat(PROMPTS[1], temperature=0.7, max_tokens=16)).result()
+    assert answer.usage.completion_tokens == 16 or answer.finish_reason == "stop"
     assert answer.usage.drafted_tokens > 0
 
 

@@ -97,11 +97,7 @@ def load_draft(target: ModelRef, tokenizer: Any, settings: Settings,
 
     ref = resolve_model(settings.draft_model, settings)
     prepare_model(ref, progress)
-    progress(f"loading the draft model {ref.name}")
-    dtype = effective_dtype_without_mlx(settings.dtype, ref.folder, settings.cache_dir)
-    ready = dequantize_files(ref.folder, dtype)
-    model, _config = _import_mlx_lm()(ref.folder, lazy=ready is not None)
-    apply_dtype(model, dtype, ready)
+    _import_mlx_lm()
     from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache
     from mlx_lm.utils import load_config, load_tokenizer
 
@@ -113,6 +109,11 @@ def load_draft(target: ModelRef, tokenizer: Any, settings: Settings,
             f"differ ({differs}). A draft model must have the target's tokenizer (a smaller "
             "model of the same family); pick another with --draft-model, or leave it out "
             "(prompt lookup still speculates).")
+    progress(f"loading the draft model {ref.name}")
+    dtype = effective_dtype_without_mlx(settings.dtype, ref.folder, settings.cache_dir)
+    ready = dequantize_files(ref.folder, dtype)
+    model, _config = _import_mlx_lm()(ref.folder, lazy=ready is not None)
+    apply_dtype(model, dtype, ready)
     if not can_trim_prompt_cache(make_prompt_cache(model)):
         raise ModelError(
             f"the draft model {ref.name} keeps a cache that cannot be cut back (sliding window "
