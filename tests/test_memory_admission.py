@@ -277,9 +277,10 @@ def test_the_measured_costs_are_kept_for_the_next_process(lively, tmp_path):
     kept[0].write_text(kept[0].read_text().replace('"chunk": 512', '"chunk": 513'))
     again = make_engine(lively, tmp_path)  # another chunk on file: measured again, rewritten
     assert again.memory.cost.chunk == 512 and '"chunk": 512' in kept[0].read_text()
+    written = again.memory.cost  # a stopped engine lets go of its memory gate
     again.shutdown(wait=30)
     recalled = make_engine(lively, tmp_path)
-    assert recalled.memory.cost == again.memory.cost  # read back exactly as it was written
+    assert recalled.memory.cost == written  # read back exactly as it was written
     recalled.shutdown(wait=30)
     kept[0].write_text("{not json")
     damaged = make_engine(lively, tmp_path)
