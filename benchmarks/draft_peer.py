@@ -14,43 +14,20 @@ with the draft on this CPU).
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 from concurrency_servers import LAUNCH_MLX_LM, _env, float32_copy
-from shared import free_port
+from mlx_lm_peer import mlx_lm_server
 
 
-@contextmanager
-def server(folder: str, draft: str | None, num_draft: int) -> Iterator[str]:
-    port = free_port()
-    command = [sys.executable, "-c", LAUNCH_MLX_LM, "--model", folder, "--port", str(port),
-               "--log-level", "WARNING"]
-    if draft:
-        command += ["--draft-model", draft, "--num-draft-tokens", str(num_draft)]
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env=_env())
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 300
-        while True:
-            try:
-                httpx.get(f"{url}/v1/models", timeout=2).raise_for_status()
-                break
-            except httpx.HTTPError as exc:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise SystemExit(f"mlx_lm server did not start ({exc})") from None
-                time.sleep(0.5)
-        yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+def server(folder: str, draft: str | None, num_draft: int):
+    """mlx_lm.server started as concurrency_servers.py starts it (OpenBLAS loaded first)."""
+    extra = ["--draft-model", draft, "--num-draft-tokens", str(num_draft)] if draft else []
+    return mlx_lm_server(folder, *extra, launch=["-c", LAUNCH_MLX_LM], env=_env())
 
 
 def decode_rate(url: str, messages: list[dict], max_tokens: int) -> tuple[float, str]:

@@ -20,13 +20,16 @@ from shared import free_port
 
 
 @contextmanager
-def mlx_lm_server(folder: str) -> Iterator[str]:
-    """A running `mlx_lm server` on 127.0.0.1; yields its base URL, stops it on exit."""
+def mlx_lm_server(folder: str, *args: str, launch: list[str] | None = None,
+                  env: dict[str, str] | None = None) -> Iterator[str]:
+    """A running `mlx_lm server` on 127.0.0.1 (started by `launch`, default `-m mlx_lm
+    server`, with `args` after its own), yields its base URL, stops it on exit."""
     port = free_port()
+    launch = launch or ["-m", "mlx_lm", "server"]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mlx_lm", "server", "--model", folder, "--port", str(port),
-         "--log-level", "WARNING"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [sys.executable, *launch, "--model", folder, "--port", str(port),
+         "--log-level", "WARNING", *args],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
     )
     url = f"http://127.0.0.1:{port}"
     try:
