@@ -112,3 +112,24 @@ def not_openai(tmp_path_factory):
     thread.start()
     yield f"http://127.0.0.1:{server.server_address[1]}"
     server.shutdown()
+
+
+def all_at_once(count: int, work) -> list[str]:
+    """`work(0..count-1)` on as many threads at the same time, each answer a string (a failure
+    is shown by the assertion, with the others' answers)."""
+    import threading
+
+    said: list = [None] * count
+
+    def one(n: int) -> None:
+        try:
+            said[n] = work(n)
+        except BaseException as exc:  # noqa: BLE001  (shown by the assertion below)
+            said[n] = exc
+    threads = [threading.Thread(target=one, args=(n,)) for n in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(180)
+    assert all(isinstance(s, str) for s in said), said
+    return said

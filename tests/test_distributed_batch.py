@@ -14,7 +14,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from live_server import start_server, stop_server
+from live_server import all_at_once, start_server, stop_server
 from test_distributed_serve import lively_llama, tiny_qwen2  # noqa: F401  (fixtures)
 
 # Of different lengths, every other one past the 512-token prefill step (a burst of short and
@@ -36,20 +36,7 @@ def chat(url: str, text: str, max_tokens: int) -> str:
 
 def at_once(url: str) -> list[str]:
     """Every prompt sent at the same time (four run together, the rest wait their turn)."""
-    said: list[str | BaseException] = [""] * len(PROMPTS)
-
-    def one(n: int) -> None:
-        try:
-            said[n] = chat(url, *PROMPTS[n])
-        except BaseException as exc:  # noqa: BLE001  (shown by the assertion below)
-            said[n] = exc
-    threads = [threading.Thread(target=one, args=(n,)) for n in range(len(PROMPTS))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(180)
-    assert all(isinstance(s, str) for s in said), said
-    return said
+    return all_at_once(len(PROMPTS), lambda n: chat(url, *PROMPTS[n]))
 
 
 def serving(root: Path, model: Path, scenario, *args: str) -> tuple[object, dict]:

@@ -4,12 +4,11 @@ with any other layer (here mamba's recurrent ArraysCache) is refused at start, c
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 
 import pytest
 from test_distributed_batch import at_once, serving
+from tiny_model import rescaled_copy
 
 from mlxc.distributed.shard import ShardingError, check_caches
 
@@ -18,23 +17,8 @@ from mlxc.distributed.shard import ShardingError, check_caches
 def sliding_llama(tiny_model, tmp_path_factory) -> Path:
     """The tiny llama's shape with its first layer a 32-token sliding window (mlx-lm's
     RotatingKVCache): the test prompts are far longer, so the window rolls."""
-    import mlx.core as mx
-    from mlx.utils import tree_map
-    from mlx_lm.models import llama
-    from mlx_lm.utils import save_config, save_model
-
-    folder = tmp_path_factory.mktemp("m") / "sliding"
-    shutil.copytree(tiny_model, folder, ignore=shutil.ignore_patterns(
-        "*.safetensors", "*.safetensors.index.json", "config.json", ".mlxc-*"))
-    config = {**json.loads((tiny_model / "config.json").read_text()),
-              "layer_types": ["sliding_attention", "full_attention"], "sliding_window": 32}
-    mx.random.seed(3)
-    model = llama.Model(llama.ModelArgs.from_dict(config))
-    model.update(tree_map(lambda w: w * 4.0 if w.ndim == 2 else w, model.parameters()))
-    mx.eval(model.parameters())
-    save_model(folder, model)
-    save_config(config, folder / "config.json")
-    return folder
+    window = {"layer_types": ["sliding_attention", "full_attention"], "sliding_window": 32}
+    return rescaled_copy(tiny_model, tmp_path_factory.mktemp("m") / "sliding", 4.0, window)
 
 
 def test_a_sliding_window_model_batches_on_two_ranks_as_in_one_process(
