@@ -166,11 +166,11 @@ def test_sampled_requests_speculate_and_honour_max_tokens(speculation_engines):
 
 def test_sampled_stop_strings(speculation_engines):
     """Stop strings end a speculating sampled answer as they end a plain one (" the" comes
-    in almost any English answer; three tries)."""
+    in almost any English answer, but a sampled one may end first; five tries)."""
     _, spec = speculation_engines
-    for _ in range(3):
+    for _ in range(5):
         answer = spec.submit(sampled(FOX, max_tokens=40, stop=[" the"])).result()
-        if answer.finish_reason == "stop":
+        if answer.stop_sequence is not None:
             break
     assert answer.finish_reason == "stop" and answer.stop_sequence == " the"
     assert " the" not in answer.text and answer.usage.completion_tokens < 40

@@ -25,6 +25,8 @@ from mlxc.distributed.cache_ops import CacheLog, Replica, ident, install, pack
 from mlxc.distributed.mirror import share
 from mlxc.errors import ModelError
 
+NAMED_WAIT = 2.0  # s the request that found a failed collective waits for the named message
+
 
 class OutOfStep(ModelError):
     """A model call the other ranks could not repeat; raised before anything was shared."""
@@ -45,6 +47,14 @@ class Leader:
         self.calls = 0
         self.stopped = False
         self.on_lost: Any = None  # serving.py: watch.py's end of the server, given a reason
+        self.lost_message: str | None = None  # serving.py's, naming the rank that went
+        self._named = threading.Event()
+
+    def named(self, message: str) -> None:
+        """The server's message for the loss (serving.fail_and_exit): the request that found
+        a failed collective gets it too, as every other request does."""
+        self.lost_message = message
+        self._named.set()
 
     def before(self, inputs: Any, cache: Any, embeddings: Any) -> None:
         """Share this call with the followers (engine thread), or refuse it first."""
@@ -71,8 +81,10 @@ class Leader:
                 threading.Thread(target=self.on_lost, args=(str(exc),), daemon=True).start()
             else:
                 os.kill(os.getpid(), signal.SIGTERM)
-        raise RankLost(f"another rank of the sharded model is gone ({exc}); the server stops: "
-                       "restart every rank") from exc
+        if self.on_lost is not None:
+            self._named.wait(NAMED_WAIT)
+        raise RankLost(self.lost_message or f"another rank of the sharded model is gone ({exc}); "
+                       "the server stops: restart every rank") from exc
 
     def share_fetch(self, tokens: list[int]) -> int:
         """A prefix lookup every rank does (distributed/prefix.py); its cache's first number."""

@@ -89,6 +89,7 @@ def fail_and_exit(role: Role, rank: int | None, reason: str) -> None:
           flush=True)
     if role.leader is not None:
         role.leader.stopped = True  # nothing more is shared: that would wait for ever
+        role.leader.named(role.lost)
     engine = role.engine
     generations = engine.fail(RankLost(role.lost)) if engine is not None else []
     deadline = time.monotonic() + DRAIN_WAIT
@@ -150,7 +151,7 @@ def load_leader(folder: Path) -> tuple[Any, Any]:
     model, tokenizer, role.layout = load_shard(folder, role.group, role.parallel)
     role.leader = lead(role.group, model)
     if role.watch is not None:  # a failed collective: the same end as a lost connection
-        role.leader.on_lost = lambda reason: role.watch.lost(None, reason)
+        role.leader.on_lost = role.watch.collective_failed
     return model, tokenizer
 
 

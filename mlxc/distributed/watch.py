@@ -30,6 +30,7 @@ CONNECT_WAIT = 30.0  # s a follower tries to reach rank 0's watch port
 ACCEPT_WAIT = 120.0  # s rank 0 waits for every follower to connect
 STOP_GRACE = 30.0  # s a follower has, after rank 0's goodbye, to finish and leave
 BYE = b"bye\n"
+NAME_WAIT = 1.0  # s a failed collective waits for the watcher to see which rank closed
 
 
 def leader_address() -> str:
@@ -72,6 +73,7 @@ class Watcher:
         self.connected: dict[int, socket.socket] = {}
         self.reasons: dict[int, str] = {}  # what a failing follower said before it went
         self._fired = False
+        self._firing = threading.Lock()  # the watcher thread and a failed collective race
 
     def info(self) -> dict[str, Any]:
         return {"host": self.address, "port": self.listener.getsockname()[1],
@@ -156,10 +158,19 @@ class Watcher:
 
     def lost(self, rank: int | None, reason: str) -> None:
         """A rank is gone (`rank` None: a collective failed, the peer unknown): once."""
-        if self._fired or self.closing:
-            return
-        self._fired = True
+        with self._firing:
+            if self._fired or self.closing:
+                return
+            self._fired = True
         self.on_lost(rank, reason)
+
+    def collective_failed(self, reason: str) -> None:
+        """A collective failed before the watcher saw a connection close: the close usually
+        follows within milliseconds, and its message names the rank, so wait for it a moment."""
+        deadline = time.monotonic() + NAME_WAIT
+        while not self._fired and time.monotonic() < deadline:
+            time.sleep(0.01)
+        self.lost(None, reason)
 
 
 def _lost_before_serving(rank: int | None, reason: str) -> None:
