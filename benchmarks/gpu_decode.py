@@ -230,7 +230,10 @@ def part_engine(path: str, tokens: int, report: dict, repeat: int = 3) -> None:
             prefix_memory_bytes=0, prefix_disk_bytes=0, fused_projections=fused)
         engine = Engine(resolve_model(path, settings), settings).start()
         engine.wait_loaded()
-        engine.submit(request(0)).result()  # warm-up: kernels compile, steps trace
+        # warm-up: kernels compile and steps trace, lone and for the batch of 8 (MLX compiles
+        # a CUDA kernel on its first use of a shape; the 8-stream figure must not hold that)
+        engine.submit(request(0)).result()
+        [g.result() for g in [engine.submit(request(90 + i)) for i in range(8)]]
         one = statistics.median(engine.submit(request(i)).result().tokens_per_second
                                 for i in range(1, repeat + 1))
         eights = []
@@ -241,6 +244,7 @@ def part_engine(path: str, tokens: int, report: dict, repeat: int = 3) -> None:
             eights.append(sum(a.usage.completion_tokens for a in answers)
                           / (time.perf_counter() - started))
         name = f"engine --dtype {dtype} ({engine.dtype}), stacked {'on' if fused else 'off'}"
+        name += f", speculation {settings.speculate}"
         rows[name] = {"one_stream": one, "eight_streams_with_prefill": statistics.median(eights),
                       "figures": engine.figures()}
         print(f"{name:44s} one stream {one:7.1f} tok/s, 8 at once "
