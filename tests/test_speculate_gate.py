@@ -51,3 +51,27 @@ def test_a_sequence_whose_drafts_stop_paying_rests_then_looks_again():
         d.verified(4, 0)
     assert d.propose(1, 50) == [] and d.pause > 0
     assert d.best_length(50) > 0  # after the pause, the acceptance is back at its prior
+
+
+def test_a_draft_model_starts_only_where_the_answer_left_wins_back_its_prefill(tiny_model):
+    """A sequence's first draft feeds the draft model the whole prompt: charged at its
+    measured rate, it must be won back over the tokens still to come."""
+    from mlx_lm import load
+
+    from mlxc.engine.decode.draft_model import DraftModel, DraftSequence
+
+    model, _ = load(str(tiny_model))
+    draft = DraftModel(model, "tiny")
+    draft.saw(1, 0.002)  # a drafted token: 0.04 plain steps
+    draft.saw_prefill(100, 1.0)  # a caught-up token: 0.2 plain steps
+    plain = costs(0.050, 0.052, 0.0005)
+    prompt = list(range(3, 203))  # 200 tokens: 40 plain steps to catch up
+    sequence = DraftSequence(draft)
+    sequence._taken, sequence._trials = 9.0, 10.0  # drafts mostly taken: ~3x a pass
+    assert sequence.behind(prompt) == 201
+    assert sequence.best_length(16, plain, prompt) == 0  # 16 tokens cannot pay 40 steps
+    assert sequence.best_length(500, plain, prompt) > 0  # 500 can
+    assert sequence.best_length(16, plain) > 0  # nothing to catch up: the pass alone decides
+    sequence.propose(prompt, 5, 4)  # caught up: the next draft feeds only the new tokens
+    assert sequence.behind([*prompt, 5, *sequence.fed[201:]]) <= 2
+    assert sequence.best_length(16, plain, sequence.fed) > 0

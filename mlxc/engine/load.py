@@ -126,12 +126,16 @@ def load_draft(target: ModelRef, tokenizer: Any, settings: Settings,
 
 def warm_draft(draft: Any, tokenizer: Any) -> None:
     """One short draft, so that its kernels (CUDA compiles each on first use) are not the
-    first drafted token's measured cost, which sizes every draft after it; then forgotten."""
+    first drafted token's measured cost, which sizes every draft after it; then forgotten,
+    but for one warm prefill's rate per token (what a sequence's first draft must catch up)."""
     from mlxc.engine.decode.draft_model import DraftSequence
 
     tokens = tokenizer.encode("Warm up: the quick brown fox jumps over the lazy dog.")
     DraftSequence(draft).propose(tokens[:-1], tokens[-1], 4)
     DraftSequence(draft).propose(tokens[:1], tokens[1], 2)  # the catch-up of one token too
+    draft.seconds_per_token = draft.seconds_per_prefilled = None
+    prompt = (tokens * (128 // len(tokens) + 1))[:128]  # now warm: a prompt's rate per token
+    DraftSequence(draft).propose(prompt[:-1], prompt[-1], 1)
     draft.seconds_per_token, draft.prefilled_tokens, draft.prefill_seconds = None, 0, 0.0
 
 

@@ -17,7 +17,11 @@ keeps the target's distribution as with prompt lookup.
 Whether a draft pays: with the draft's acceptance a (a decayed count per sequence, as
 speculate.py's Drafter keeps) a pass yields (1 - a^(k+1)) / (1 - a) tokens for verify(k) + k
 drafted tokens, all measured: verify(k) by `StepCosts`, a drafted token's time by
-`DraftModel.saw` (the draft steps of each proposal over the tokens drafted). Engine thread only.
+`DraftModel.saw` (the draft steps of each proposal over the tokens drafted). A catch-up (the
+whole prompt at a sequence's first draft, a stretch decoded in the batch) is charged once, at
+its measured rate per token: drafting starts only when the answer still to come (at most the
+tokens max_tokens leaves) would win back that prefill, so a short answer to a long prompt
+decodes plain instead of paying the draft's prefill first. Engine thread only.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from mlxc.engine.decode.speculate import (
 PRIOR_DRAFT_SHARE = 0.3  # a drafted token's cost in plain target steps, until one is measured
 CATCH_UP_TIMED = 2  # proposals that feed more than this many tokens first are prefills, not timed
 PREFILL_STEP = 512  # tokens per pass when the draft catches up on a long prompt
+PRIOR_PREFILL_SHARE = 0.05  # a caught-up token's cost in plain target steps, until measured
 
 
 class DraftModel:
@@ -50,6 +55,13 @@ class DraftModel:
         self.seconds_per_token: float | None = None
         self.prefilled_tokens = 0  # tokens fed to catch up (prompts, batch stretches)
         self.prefill_seconds = 0.0
+        self.seconds_per_prefilled: float | None = None  # a caught-up token's, decayed
+
+    def saw_prefill(self, tokens: int, seconds: float) -> None:
+        self.prefilled_tokens += tokens
+        self.prefill_seconds += seconds
+        per, old = seconds / tokens, self.seconds_per_prefilled
+        self.seconds_per_prefilled = per if old is None else DECAY * old + (1 - DECAY) * per
 
     def saw(self, tokens: int, seconds: float) -> None:
         per = seconds / tokens
@@ -61,6 +73,12 @@ class DraftModel:
         if self.seconds_per_token is None or not costs.plain:
             return PRIOR_DRAFT_SHARE
         return self.seconds_per_token / costs.plain
+
+    def prefill_share(self, costs: StepCosts) -> float:
+        """A caught-up token's cost in plain target steps."""
+        if self.seconds_per_prefilled is None or not costs.plain:
+            return PRIOR_PREFILL_SHARE
+        return self.seconds_per_prefilled / costs.plain
 
     def figures(self) -> dict[str, Any]:
         per = self.seconds_per_token
@@ -87,16 +105,26 @@ class DraftSequence:
     def acceptance(self) -> float:
         return self._taken / self._trials
 
-    def best_length(self, limit: int, costs: StepCosts) -> int:
+    def best_length(self, limit: int, costs: StepCosts, seen: list[int] | None = None) -> int:
         """The draft length that yields most tokens per unit of time, counting the draft's own
-        steps; 0 when none beats a plain step by GAIN_NEEDED."""
+        steps; 0 when none beats a plain step by GAIN_NEEDED, or when catching up on `seen`
+        (the sequence's tokens) costs more than drafting the `limit` tokens left could win."""
         share = self.draft.share(costs)
         best, best_gain = 0, GAIN_NEEDED
         for k in range(1, min(limit, LONGEST_DRAFT) + 1):
             gain = expected_tokens(self.acceptance, k) / (costs.ratio(k) + k * share)
             if gain > best_gain:
                 best, best_gain = k, gain
+        behind = self.behind(seen) if seen is not None else 0
+        if best and behind > CATCH_UP_TIMED:
+            # in plain steps: `limit` plain, against the catch-up and then `limit` / gain
+            if behind * self.draft.prefill_share(costs) + limit / best_gain >= limit:
+                return 0
         return best
+
+    def behind(self, seen: list[int]) -> int:
+        """Tokens a draft after `seen` (and the pending one) would feed first."""
+        return len(seen) + 1 - _common_prefix(self.fed, seen)
 
     def propose(self, seen: list[int], last: int, k: int) -> list[int]:
         """k tokens to follow `last`, which follows `seen` (every token of the sequence
@@ -110,8 +138,7 @@ class DraftSequence:
         passes = k  # timed draft passes: a catch-up longer than a step or two is a prefill
         if len(feed) > CATCH_UP_TIMED:
             mx.eval(drafted[0])
-            self.draft.prefilled_tokens += len(feed)
-            self.draft.prefill_seconds += time.perf_counter() - started
+            self.draft.saw_prefill(len(feed), time.perf_counter() - started)
             started, passes = time.perf_counter(), k - 1
         for _ in range(k - 1):  # queued lazily: one evaluation for the whole draft
             logits = self.draft.model(drafted[-1][None], cache=self.cache)[:, -1, :]

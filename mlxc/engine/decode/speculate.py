@@ -164,7 +164,8 @@ class Drafter:
         if k > 0 and (run := self._looked_up(last, k, ngram=self.lookup_alone or not alone)):
             return run
         model = self.model if alone else None
-        if model is not None and (k_model := model.best_length(limit, self.costs)) > 0:
+        if model is not None and (k_model := model.best_length(limit, self.costs,
+                                                               self._seen)) > 0:
             self._source = "draft"
             return model.propose(self._seen, last, k_model)
         if limit > 0 and (k <= 0 or model is not None):  # no source pays (or finds one)
