@@ -11,6 +11,7 @@ import pytest
 from draft_maker import layers_copy, vocab_changed_copy
 
 from mlxc.config import ConfigError, load_settings
+from mlxc.engine.decode.speculate import StepCosts
 from mlxc.errors import ModelError
 from mlxc.request import GenerationRequest
 
@@ -95,11 +96,11 @@ def test_sampled_requests_draft_and_finish(engines):
     """Unseeded sampled requests speculate by rejection sampling over the greedy draft (a
     point mass, as prompt lookup's: tests/test_speculate_sampled.py tests the sampler)."""
     cut = engines["cut"]
-    # Its measured costs (~half a step a drafted token here, and the prompt's catch-up, which
-    # a short answer does not win back) stop its drafts; a draft model whose costs are not known yet
-    # is tried.
-    def unmeasured(engine):
+    # Its measured costs (~half a step a drafted token here, the prompt's catch-up, slow verify
+    # passes) stop its drafts; a draft model whose costs are not known yet is tried.
+    def unmeasured(engine):  # the passes' costs too: the earlier tests' on a loaded machine
         engine.draft.seconds_per_token = engine.draft.seconds_per_prefilled = None
+        engine.scheduler.step_costs = StepCosts()
 
     cut.call(unmeasured).result()
     answer = cut.submit(chat(PROMPTS[1], temperature=0.7, max_tokens=64)).result()

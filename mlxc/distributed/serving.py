@@ -89,9 +89,10 @@ def fail_and_exit(role: Role, rank: int | None, reason: str) -> None:
           flush=True)
     if role.leader is not None:
         role.leader.stopped = True  # nothing more is shared: that would wait for ever
-        role.leader.named(role.lost)
     engine = role.engine
     generations = engine.fail(RankLost(role.lost)) if engine is not None else []
+    if role.leader is not None:  # after fail: the engine thread's error is then expected
+        role.leader.named(role.lost)
     deadline = time.monotonic() + DRAIN_WAIT
     while time.monotonic() < deadline and any(g.subscribers for g in generations):
         time.sleep(0.05)

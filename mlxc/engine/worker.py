@@ -218,7 +218,8 @@ class Engine:
             try:
                 self.scheduler.tick()
             except Exception as exc:  # fail what runs, keep serving: never a dead thread
-                log.exception("engine step failed")
+                if self._failed is None:  # else a consequence of the failure, already told
+                    log.exception("engine step failed")
                 self.scheduler.cancel_all(exc)
         if self.prompt_cache is not None:
             self.prompt_cache.close()
