@@ -115,8 +115,7 @@ class DraftSequence:
             gain = expected_tokens(self.acceptance, k) / (costs.ratio(k) + k * share)
             if gain > best_gain:
                 best, best_gain = k, gain
-        behind = self.behind(seen) if seen is not None else 0
-        if best and behind > CATCH_UP_TIMED:
+        if best and seen is not None and (behind := self.behind(seen)) > CATCH_UP_TIMED:
             # in plain steps: `limit` plain, against the catch-up and then `limit` / gain
             if behind * self.draft.prefill_share(costs) + limit / best_gain >= limit:
                 return 0
