@@ -75,3 +75,46 @@ def test_a_draft_model_starts_only_where_the_answer_left_wins_back_its_prefill(t
     sequence.propose(prompt, 5, 4)  # caught up: the next draft feeds only the new tokens
     assert sequence.behind([*prompt, 5, *sequence.fed[201:]]) <= 2
     assert sequence.best_length(16, plain, sequence.fed) > 0
+
+
+def test_passes_timed_without_a_plain_step_pause_drafting_to_time_one():
+    """Where every step finds a draft, no two plain steps in a row would ever be timed and the
+    gate would judge by its prior for good: the drafter steps plain to measure one."""
+    from mlxc.engine.decode.speculate import PLAIN_PROBE
+
+    c = StepCosts()
+    c.saw_verify(4, 0.020)
+    d = Drafter(PROMPT, None, ngram=True, costs=c)
+    assert d.propose(1, 50) == [] and d.pause == PLAIN_PROBE
+    c.saw_plain(0.004)  # measured: the gate decides by the two again
+    d.pause = 0
+    assert d.propose(1, 50) == [] and d.pause > PLAIN_PROBE  # 5x a step: drafts do not pay
+    assert c.describe()["plain_step_ms"] == 4.0
+
+
+def test_a_sequence_drafted_at_every_step_still_times_plain_steps(tiny_model, tmp_path):
+    """A prediction that is the whole answer finds a draft at every step; the engine's gate
+    must still measure a plain step (the /health figure), and the answer is the plain one."""
+    from mlxc.config import load_settings
+    from mlxc.engine.worker import Engine
+    from mlxc.model.refs import resolve_model
+    from mlxc.request import GenerationRequest
+
+    answers = {}
+    for mode in ("off", "auto"):
+        settings = load_settings().with_overrides(
+            cache_dir=tmp_path / mode, model=str(tiny_model), speculate=mode,
+            prefix_memory_bytes=0, prefix_disk_bytes=0)
+        engine = Engine(resolve_model(settings.model, settings), settings).start()
+        try:
+            engine.wait_loaded()
+            request = GenerationRequest(
+                messages=[{"role": "user", "content": "Count on and on."}], max_tokens=64,
+                ignore_eos=True, prediction=answers.get("off"))
+            answers[mode] = engine.submit(request).result().text
+            figures = engine.figures()["speculation"]
+        finally:
+            engine.shutdown(wait=30)
+    assert answers["auto"] == answers["off"]
+    assert figures["drafted"] > 0
+    assert figures["step_costs"]["plain_step_ms"] > 0

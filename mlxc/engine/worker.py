@@ -439,4 +439,5 @@ def _speculation(figures: Any, draft: Any) -> dict[str, Any]:
     return {"drafted": drafted, "accepted": accepted,
             "acceptance_rate": round(accepted / drafted, 3) if drafted else 0.0,
             "sources": {name: {"drafted": d, "accepted": a} for name, (d, a) in sources.items()},
+            "step_costs": figures.step_costs.describe() if figures else None,
             "draft_model": draft.figures() if draft is not None else None}

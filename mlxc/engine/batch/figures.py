@@ -21,6 +21,7 @@ class Figures:
     drafted: int = 0  # speculative decoding: draft tokens verified, of finished sequences
     accepted: int = 0  # and of them, taken into answers
     sources: dict = field(default_factory=dict)  # by draft source: "ngram" -> (drafted, taken)
+    step_costs: Any = None  # the lone gate's StepCosts (its describe() is plain numbers)
     recent: deque = field(default_factory=lambda: deque(maxlen=256))  # (time, tokens)
 
     def add_speculation(self, f: Any) -> None:

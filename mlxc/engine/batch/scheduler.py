@@ -67,7 +67,7 @@ class Scheduler:
         self.draft = getattr(engine, "draft", None)  # a DraftModel drafts for the lone loop
         self.ready: list[Sequence] = []  # prefilled in a burst, waiting to join together
         self.next_turns: list[NextTurn] = []
-        self.figures = Figures()
+        self.figures = Figures(step_costs=self.step_costs)
         self.pacing = PrefillPacing()
         self.lone_prefill = 0.0  # seconds to the first token of the last prompt run alone
 

@@ -35,6 +35,7 @@ from mlxc.engine.decode.speculate import (
     FIRST_PAUSE,
     GAIN_NEEDED,
     LONGEST_PAUSE,
+    PLAIN_PROBE,
     StepCosts,
     accepted_run,
     expected_tokens,
@@ -94,6 +95,9 @@ class BatchSpeculation:
             self.pause -= 1
             return None
         if not any(asking):
+            return None
+        if self._costs(len(seqs)).unmeasured_plain:  # as the lone drafter: time plain steps
+            self.pause = PLAIN_PROBE
             return None
         pending = gen._next_tokens.tolist()  # waits for the step in flight
         drafts = []

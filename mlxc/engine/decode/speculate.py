@@ -43,6 +43,7 @@ DECAY = 0.8  # weight of the past in the acceptance count and the cost fit
 PRIOR_TAKEN, PRIOR_TRIALS = 1.0, 1.5  # acceptance 2/3 before any draft: the first one is made
 PRIOR_SLOPE = 0.05  # verify cost per drafted token, in plain steps, until two lengths are seen
 GAIN_NEEDED = 1.05  # tokens per unit of time over a plain step: below it, no draft
+PLAIN_PROBE = 3  # plain steps run to time one, when passes were timed and no plain step was
 
 
 class StepCosts:
@@ -61,6 +62,20 @@ class StepCosts:
         d = DECAY
         self._w, self._k, self._t = d * self._w + 1, d * self._k + k, d * self._t + seconds
         self._kk, self._kt = d * self._kk + k * k, d * self._kt + k * seconds
+
+    @property
+    def unmeasured_plain(self) -> bool:
+        """Verify passes were timed but no steady plain step yet: the ratio would rest on its
+        prior for good where every step finds a draft (text that repeats its prompt), and
+        drafts it cannot afford (a 4-bit model on CUDA: 3-5x slower at 139 tokens/s)."""
+        return self.plain is None and self._w > 0
+
+    def describe(self) -> dict:
+        """For /health: the costs the gate decides by, in ms (None until measured)."""
+        plain = None if self.plain is None else round(self.plain * 1e3, 3)
+        verify = {k: round(self.ratio(k) * self.plain * 1e3, 3) for k in (1, 4, 12)} \
+            if self.plain is not None and self._w else None
+        return {"plain_step_ms": plain, "verify_pass_ms": verify}
 
     def ratio(self, k: int) -> float:
         """verify(k) / plain step; a cheap guess before both have been seen, so drafting is
@@ -160,6 +175,9 @@ class Drafter:
     def propose(self, last: int, limit: int, alone: bool = False) -> list[int]:
         """Up to `limit` tokens to follow `last` (the token after those caught up with);
         `alone`: the sequence decodes alone (its draft model may draft)."""
+        if self.costs.unmeasured_plain:
+            self.pause = PLAIN_PROBE  # time plain steps before drafting on
+            return []
         k = self.best_length(limit)
         if k > 0 and (run := self._looked_up(last, k, ngram=self.lookup_alone or not alone)):
             return run
