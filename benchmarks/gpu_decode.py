@@ -106,7 +106,7 @@ def time_rows(layers: list, bits: int, rows: int, blocks: list[tuple[int, int]])
         def ours(x: Any, w: Any, s: Any, b: Any, block: tuple = block) -> Any:
             return quant_rows.project(x, w, s, b, 64, bits, block)
 
-        row[f"kernel_{block[0]}x{block[1]}_ms"] = median_time(lambda: chain(ours)) * 1e3
+        row[f"kernel_{'x'.join(map(str, block))}_ms"] = median_time(lambda: chain(ours)) * 1e3
     row["best_ms"] = min(v for key, v in row.items() if key.startswith("kernel_"))
     return row
 
@@ -151,6 +151,7 @@ DECODE_VARIANTS = (  # name, dtype, kernel, fused, compiled: within a dtype, in 
     ("compiled 4-bit", "keep", False, False, True),
     ("stacked+compiled 4-bit", "keep", False, True, True),
     ("stacked+compiled+kernel 4-bit", "keep", True, True, True),
+    ("stacked+compiled+kernel from 2 rows 4-bit", "keep", True, True, True),
     ("bfloat16 (dequantized)", "bfloat16", False, False, False),
     ("bfloat16 compiled", "bfloat16", False, False, True),
 )
@@ -174,6 +175,7 @@ def part_decode(path: str, tokens: int, report: dict, repeat: int = 3,
                 print(f"{name:30s} left out: mlxc's kernel runs on CUDA only", flush=True)
                 continue
             switch_in(model, kernel, fused)
+            quant_rows.MIN_ROWS = 2 if "from 2 rows" in name else 1  # read as steps trace
             forward = CompiledDecode(model) if compiled else model
             rows[name] = {"one_stream": one_stream(forward, tokenizer, tokens, repeat),
                           "eight_streams": streams(forward, tokenizer, 8, tokens, repeat)}
@@ -207,9 +209,14 @@ def part_decode(path: str, tokens: int, report: dict, repeat: int = 3,
           f"{rows.get('bfloat16 (dequantized)', {}).get('eight_streams', float('nan')):.0f})")
 
 
-def part_engine(path: str, tokens: int, report: dict, repeat: int = 3) -> None:
+ENGINE_VARIANTS = "keep:off,keep:on,auto:on"  # --dtype : stacked projections
+
+
+def part_engine(path: str, tokens: int, report: dict, repeat: int = 3,
+                variants: str = ENGINE_VARIANTS, speculate: str = "") -> None:
     """mlxc's engine as `mlxc serve` runs it (defaults: compiled step, stacked projections,
-    no prefix reuse here), one request and 8 at once, greedy, to `tokens` (ignore_eos)."""
+    no prefix reuse here), one request and 8 at once, greedy, to `tokens` (ignore_eos);
+    each variant under each `speculate` mode (comma-separated; default: MLXC_SPECULATE's)."""
     import tempfile
     from pathlib import Path
 
@@ -224,10 +231,14 @@ def part_engine(path: str, tokens: int, report: dict, repeat: int = 3) -> None:
             ignore_eos=True)
 
     rows = {}
-    for dtype, fused in (("keep", False), ("keep", True), ("auto", True)):
+    modes = speculate.split(",") if speculate else [load_settings().speculate]
+    for variant, mode in ((v, m) for v in variants.split(",") for m in modes):
+        dtype, stacked = variant.split(":")
+        fused = stacked == "on"
         settings = load_settings().with_overrides(
             cache_dir=Path(tempfile.mkdtemp(prefix="mlxc-gpu-")), model=path, dtype=dtype,
-            prefix_memory_bytes=0, prefix_disk_bytes=0, fused_projections=fused)
+            prefix_memory_bytes=0, prefix_disk_bytes=0, fused_projections=fused,
+            speculate=mode)
         engine = Engine(resolve_model(path, settings), settings).start()
         engine.wait_loaded()
         # warm-up: kernels compile and steps trace, lone and for the batch of 8 (MLX compiles
@@ -245,12 +256,15 @@ def part_engine(path: str, tokens: int, report: dict, repeat: int = 3) -> None:
                           / (time.perf_counter() - started))
         name = f"engine --dtype {dtype} ({engine.dtype}), stacked {'on' if fused else 'off'}"
         name += f", speculation {settings.speculate}"
+        figures = engine.figures()
         rows[name] = {"one_stream": one, "eight_streams_with_prefill": statistics.median(eights),
-                      "figures": engine.figures()}
+                      "figures": figures}
         print(f"{name:44s} one stream {one:7.1f} tok/s, 8 at once "
               f"{rows[name]['eight_streams_with_prefill']:7.1f} tok/s (prefills included, "
               f"{rows[name]['eight_streams_with_prefill'] / one:.2f}x); "
-              f"compiled: {rows[name]['figures'].get('compiled_decode')}", flush=True)
+              f"compiled: {figures.get('compiled_decode')}; drafted/accepted "
+              f"{figures['speculation']['drafted']}/{figures['speculation']['accepted']}, "
+              f"gate's costs {figures['speculation'].get('step_costs')}", flush=True)
         engine.shutdown(wait=30)
         mx.clear_cache()
     report["engine"] = rows
@@ -345,6 +359,11 @@ def main() -> None:
                         help="words in each decode/engine prompt (~3 tokens each)")
     parser.add_argument("--variants", help="decode variants to run, comma-separated (default "
                         "all): " + ", ".join(v[0] for v in DECODE_VARIANTS))
+    parser.add_argument("--engine-variants", default=ENGINE_VARIANTS,
+                        help="engine part: DTYPE:STACKED pairs, comma-separated")
+    parser.add_argument("--speculate", default="",
+                        help="engine part: speculation modes to run each variant under "
+                        "(e.g. auto,off; default MLXC_SPECULATE's)")
     parser.add_argument("--prompt-tokens", type=int, default=20000)
     parser.add_argument("--long-rows", default="256,100000000",
                         help="dequantize-then-GEMM thresholds to time (a huge one: off)")
@@ -370,7 +389,8 @@ def main() -> None:
         "kernels": lambda: part_kernels(
             [tuple(int(v) for v in b.split("x")) for b in args.blocks.split(",")], report),
         "decode": lambda: part_decode(args.model, args.tokens, report, args.repeat, names),
-        "engine": lambda: part_engine(args.model, args.tokens, report, args.repeat),
+        "engine": lambda: part_engine(args.model, args.tokens, report, args.repeat,
+                                      args.engine_variants, args.speculate),
         "prefill": lambda: part_prefill(args.model, args.prompt_tokens,
                                         [int(v) for v in args.long_rows.split(",")], report),
         "identity": lambda: part_identity(args.model, args.prompts, args.tokens, report,

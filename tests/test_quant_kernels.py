@@ -100,6 +100,29 @@ def test_the_kernel_computes_mlxs_quantized_matmul(bits, group, rows):
     assert mx.abs(got - want).max().item() <= 8e-3 * mx.abs(want).max().item()
 
 
+def test_a_thread_loads_as_many_words_as_k_splits_into():
+    assert quant_rows.load_words(4, 3072, 4) == 4  # 32 values a load
+    assert quant_rows.load_words(4, 3072 + 16, 4) == 2  # 16 values: K splits no wider
+    assert quant_rows.load_words(4, 3072 + 8, 4) == 1
+    assert quant_rows.load_words(8, 3072, 1) == 2  # 8 values take two words in 8 bits
+    assert quant_rows.load_words(8, 3072 + 8, 4) == 2
+
+
+@on_cuda
+@pytest.mark.parametrize(("bits", "group"), LAYOUTS)
+@pytest.mark.parametrize("block", [(4, 4, 1), (4, 4, 4), (8, 2, 4)])
+def test_each_load_width_computes_mlxs_quantized_matmul(bits, group, block, rows=3):
+    """(features, warps, words): each kernel shape is a compile of its own (~1 s), so the
+    widths are checked at one row count; the row counts above at the default shape."""
+    w, scales, biases = quantized(515, 2048, group, bits, seed=rows)
+    x = mx.random.normal((rows, 2048)).astype(mx.bfloat16)
+    got = quant_rows.project(x, w, scales, biases, group, bits, block).astype(mx.float32)
+    want = mx.quantized_matmul(x.astype(mx.float32), w, scales.astype(mx.float32),
+                               biases.astype(mx.float32), transpose=True, group_size=group,
+                               bits=bits, stream=mx.cpu)
+    assert mx.abs(got - want).max().item() <= 8e-3 * mx.abs(want).max().item()
+
+
 @on_cuda
 @pytest.mark.parametrize("dtype", [mx.float16, mx.float32])
 def test_the_kernel_takes_other_activation_dtypes(dtype):

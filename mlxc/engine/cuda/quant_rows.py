@@ -26,24 +26,31 @@ MAX_ROWS = 16  # a speculative verify of 4 sequences x 4 tokens at the most
 ROW_BUCKETS = (1, 2, 4, 8, 16)  # rows are a run-time bound under a compiled per-bucket cap
 GROUPS = (32, 64, 128)
 BITS = (4, 8)
-# (outputs a block computes, warps splitting K), by row bucket: to be set by measurement
-# (benchmarks/gpu_decode.py --blocks); each x chunk a thread loads serves FEATURES weights.
+# (outputs a block computes, warps splitting K[, uint32 words a thread loads per weight row]),
+# by row bucket: to be set by measurement (benchmarks/gpu_decode.py --blocks); each x chunk a
+# thread loads serves FEATURES weights.
 BLOCKS = {1: (4, 4), 2: (4, 4), 4: (4, 4), 8: (4, 4), 16: (4, 4)}
-# MLXC_QUANT_BLOCKS="1:8x4,16:2x4" overrides some (for benchmarks)
+# MLXC_QUANT_BLOCKS="1:8x4x4,16:2x4" overrides some (for benchmarks)
 for _part in filter(None, os.environ.get("MLXC_QUANT_BLOCKS", "").split(",")):
     _rows, _, _shape = _part.partition(":")
     BLOCKS[int(_rows)] = tuple(int(v) for v in _shape.split("x"))  # type: ignore[assignment]
 ENV = "MLXC_QUANT_KERNEL"
+# Fewer rows than this stay MLX's (its one-row kernel was faster than this one's first form:
+# H100, 3B 4-bit, one stream 285 against 224 tokens/s); benchmarks/gpu_decode.py times both.
+MIN_ROWS = int(os.environ.get("MLXC_QUANT_MIN_ROWS", "1"))
 # Chunks of at least this many rows (a prompt's) dequantize the weight and run one GEMM; to be
 # set by measurement (benchmarks/gpu_decode.py --long-rows); between, MLX's quantized matmul.
 LONG_ROWS = int(os.environ.get("MLXC_QUANT_LONG_ROWS", "256"))
 
 _SOURCE = """
-    constexpr int VALS = 8;                    // values a thread takes at once
-    constexpr int WORDS = BITS / 4;            // uint32 words holding them
+    // LOADW uint32 words of one weight row per load (16 bytes at 4: more bytes in flight
+    // per thread), taken apart in pieces of 8 values (one word in 4 bits, two in 8).
     constexpr int PER_WORD = 32 / BITS;
     constexpr unsigned MASK = (1u << BITS) - 1u;
-    constexpr int XLOADS = VALS * sizeof(T) / 16;  // 16-byte loads for 8 values of x
+    constexpr int PIECE_WORDS = BITS / 4;      // words holding 8 values
+    constexpr int PIECES = LOADW / PIECE_WORDS;
+    constexpr int VALS = 8 * PIECES;           // values a thread takes at once
+    constexpr int XLOADS = 8 * sizeof(T) / 16; // 16-byte loads for 8 values of x
     const int tid = threadIdx.x;
     const int lane = tid % 32, warp = tid / 32;
     const int M = x_shape[0];
@@ -68,47 +75,57 @@ _SOURCE = """
         brow[f] = biases + n * G;
     }
     for (int c = tid; c < chunks; c += WARPS * 32) {
-        const int g = (c * VALS) / GROUP;
-        float q[FEATURES][VALS], s[FEATURES], b[FEATURES];
+        const int g = (c * VALS) / GROUP;      // VALS divides GROUP: one group a chunk
+        uint32_t word[FEATURES][LOADW];
+        float s[FEATURES], b[FEATURES];
         #pragma unroll
         for (int f = 0; f < FEATURES; ++f) {
-            uint32_t word[WORDS];
-            if (WORDS == 1) {
-                word[0] = wrow[f][c];
+            if (LOADW == 4) {
+                const uint4 v = reinterpret_cast<const uint4*>(wrow[f])[c];
+                word[f][0] = v.x; word[f][1 % LOADW] = v.y;
+                word[f][2 % LOADW] = v.z; word[f][3 % LOADW] = v.w;
+            } else if (LOADW == 2) {
+                const uint2 v = reinterpret_cast<const uint2*>(wrow[f])[c];
+                word[f][0] = v.x; word[f][1 % LOADW] = v.y;
             } else {
-                const uint2 two = reinterpret_cast<const uint2*>(wrow[f])[c];
-                word[0] = two.x;
-                word[WORDS - 1] = two.y;
+                word[f][0] = wrow[f][c];
             }
-            #pragma unroll
-            for (int i = 0; i < VALS; ++i)
-                q[f][i] = static_cast<float>(
-                    (word[i / PER_WORD] >> (BITS * (i % PER_WORD))) & MASK);
             s[f] = static_cast<float>(srow[f][g]);
             b[f] = static_cast<float>(brow[f][g]);
         }
         #pragma unroll
-        for (int m = 0; m < MAXM; ++m) {
-            if (m < M) {
-                const uint4* xp =
-                    reinterpret_cast<const uint4*>(x + (size_t)m * K + (size_t)c * VALS);
-                uint4 xv[XLOADS];
+        for (int p = 0; p < PIECES; ++p) {
+            float q[FEATURES][8];
+            #pragma unroll
+            for (int f = 0; f < FEATURES; ++f)
                 #pragma unroll
-                for (int l = 0; l < XLOADS; ++l) xv[l] = xp[l];
-                const T* xt = reinterpret_cast<const T*>(xv);
-                float xf[VALS];
-                float xsum = 0.0f;
-                #pragma unroll
-                for (int i = 0; i < VALS; ++i) {
-                    xf[i] = static_cast<float>(xt[i]);
-                    xsum += xf[i];
-                }
-                #pragma unroll
-                for (int f = 0; f < FEATURES; ++f) {
-                    float dot = 0.0f;
+                for (int i = 0; i < 8; ++i)
+                    q[f][i] = static_cast<float>(
+                        (word[f][p * PIECE_WORDS + i / PER_WORD] >> (BITS * (i % PER_WORD)))
+                        & MASK);
+            #pragma unroll
+            for (int m = 0; m < MAXM; ++m) {
+                if (m < M) {
+                    const uint4* xp = reinterpret_cast<const uint4*>(
+                        x + (size_t)m * K + (size_t)c * VALS + p * 8);
+                    uint4 xv[XLOADS];
                     #pragma unroll
-                    for (int i = 0; i < VALS; ++i) dot += q[f][i] * xf[i];
-                    acc[f][m] += s[f] * dot + b[f] * xsum;
+                    for (int l = 0; l < XLOADS; ++l) xv[l] = xp[l];
+                    const T* xt = reinterpret_cast<const T*>(xv);
+                    float xf[8];
+                    float xsum = 0.0f;
+                    #pragma unroll
+                    for (int i = 0; i < 8; ++i) {
+                        xf[i] = static_cast<float>(xt[i]);
+                        xsum += xf[i];
+                    }
+                    #pragma unroll
+                    for (int f = 0; f < FEATURES; ++f) {
+                        float dot = 0.0f;
+                        #pragma unroll
+                        for (int i = 0; i < 8; ++i) dot += q[f][i] * xf[i];
+                        acc[f][m] += s[f] * dot + b[f] * xsum;
+                    }
                 }
             }
         }
@@ -164,12 +181,13 @@ def _kernel() -> Any:
 
 @cache
 def _launch(dtype: Any, scales_dtype: Any, outputs: int, bits: int, group: int, bucket: int,
-            features: int, warps: int) -> dict:
+            features: int, warps: int, words: int) -> dict:
     """The kernel call's fixed arguments (built once per shape: a step makes ~200 calls, and
     the host sets a lone step's pace)."""
     blocks = -(-outputs // features)
     return {"template": [("T", dtype), ("S", scales_dtype), ("BITS", bits), ("GROUP", group),
-                         ("MAXM", bucket), ("FEATURES", features), ("WARPS", warps)],
+                         ("MAXM", bucket), ("FEATURES", features), ("WARPS", warps),
+                         ("LOADW", words)],
             "grid": (blocks * warps * 32, 1, 1), "threadgroup": (warps * 32, 1, 1),
             "output_dtypes": [dtype]}
 
@@ -178,19 +196,29 @@ def bucket(rows: int) -> int:
     return next(b for b in ROW_BUCKETS if rows <= b)
 
 
+def load_words(bits: int, k: int, wanted: int) -> int:
+    """uint32 words a thread loads per weight row at once: `wanted` (1, 2 or 4) where K splits
+    into chunks that wide, at least the two words 8 values take in 8 bits."""
+    words = max(wanted, bits // 4)
+    while words > bits // 4 and k % (words * 32 // bits):
+        words //= 2
+    return words
+
+
 def project(x: Any, weight: Any, scales: Any, biases: Any, group_size: int, bits: int,
-            block: tuple[int, int] | None = None) -> Any:
+            block: tuple[int, ...] | None = None) -> Any:
     """x (..., K) with 1..MAX_ROWS rows in all, times the affine-quantized weight (N, K)
     transposed: what `mx.quantized_matmul(x, weight, scales, biases, transpose=True, ...)`
-    computes (`block`: (features, warps), for benchmarks)."""
+    computes (`block`: (features, warps[, words]), for benchmarks)."""
     shape = x.shape
     k, n = shape[-1], scales.shape[0]
     rows = x.size // k
     size = bucket(rows)
-    block = block or BLOCKS[size]
+    features, warps, *words = block or BLOCKS[size]
+    words = load_words(bits, k, words[0] if words else 1)
     (out,) = _kernel()(
         inputs=[x.reshape(rows, k), weight, scales, biases], output_shapes=[(rows, n)],
-        **_launch(x.dtype, scales.dtype, n, bits, group_size, size, *block))
+        **_launch(x.dtype, scales.dtype, n, bits, group_size, size, features, warps, words))
     return out.reshape(*shape[:-1], n)
 
 
@@ -211,7 +239,8 @@ def fits(layer: Any) -> bool:
 
 def _routes(layer: Any, x: Any) -> bool:
     k = x.shape[-1]
-    return x.size <= MAX_ROWS * k and x.dtype == layer["scales"].dtype and x.size > 0
+    return (MIN_ROWS * k <= x.size <= MAX_ROWS * k and x.dtype == layer["scales"].dtype
+            and x.size > 0)
 
 
 def _long(layer: Any, x: Any) -> bool:
