@@ -9,6 +9,7 @@ import asyncio
 import logging
 
 import httpx
+import pytest
 
 from mlxc.config import Settings
 from mlxc.server.app import create_app
@@ -98,3 +99,32 @@ def test_a_client_that_stops_reading_is_let_go(tmp_path, tiny_model):
     assert seconds < 5
     assert [line for line in lines if "GET /v1/endless 200" in line
             and "the client stopped reading" in line]
+
+
+def test_one_timer_times_out_late_waits_and_leaves_other_cancellations_alone():
+    """The guard's deadlines (one timer for all waits): a wait past its deadline raises
+    TimeoutError and leaves its task usable; a cancellation from elsewhere (shutdown) is
+    passed on as it came; a wait that finishes in time returns its value."""
+    from mlxc.server.guard import Deadlines
+
+    async def run() -> None:
+        deadlines = Deadlines(period=0.02)
+        loop = asyncio.get_running_loop()
+        assert await deadlines.within(asyncio.sleep(0.01, "on time"), loop.time() + 5) == \
+            "on time"
+        with pytest.raises(asyncio.TimeoutError):
+            await deadlines.within(asyncio.sleep(3600), loop.time() + 0.05)
+        await asyncio.sleep(0)  # not cancelled any more: the task goes on
+        assert asyncio.current_task().cancelling() == 0
+
+        async def waits() -> None:
+            await deadlines.within(asyncio.sleep(3600), loop.time() + 3600)
+
+        other = asyncio.ensure_future(waits())
+        await asyncio.sleep(0.05)
+        other.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await other
+        assert not deadlines.waiting
+
+    asyncio.run(run())
