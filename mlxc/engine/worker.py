@@ -123,21 +123,9 @@ class Engine:
 
     def figures(self) -> dict[str, Any]:
         """Batch figures for /health and /metrics (plain numbers, any thread)."""
-        scheduler = self.scheduler
-        figures = scheduler.figures if scheduler else None
-        return {
-            "running": self.running,
-            "waiting": self.waiting,
-            "max_batch": self.max_batch,
-            "max_queue": self.max_queue,
-            "batch_sizes": dict(figures.batch_sizes) if figures else {},
-            "generated_tokens": figures.generated_tokens if figures else 0,
-            "back_alone": figures.back_alone if figures else 0,
-            "speculation": _speculation(figures, getattr(self, "draft", None)),
-            "tokens_per_second": round(figures.tokens_per_second(), 2) if figures else 0.0,
-            **(self.memory.figures() if self.memory is not None else {}),
-            **getattr(getattr(self, "batch_model", None), "figures", dict)(),  # CUDA: compiled
-        }
+        from mlxc.engine.batch.figures import engine_figures
+
+        return engine_figures(self)
 
     def submit(self, request: GenerationRequest) -> Generation:
         """Queue a generation; its events arrive on the returned Generation. Raises
@@ -429,15 +417,3 @@ class Engine:
             prediction=self.tokenizer.encode(request.prediction, add_special_tokens=False)
             if request.prediction else None,
         )
-
-
-def _speculation(figures: Any, draft: Any) -> dict[str, Any]:
-    """Draft tokens verified and accepted (decode/speculate.py), and the acceptance rate; the
-    same by draft source (ngram, prediction, draft); the draft model, if any."""
-    drafted, accepted = (figures.drafted, figures.accepted) if figures else (0, 0)
-    sources = dict(figures.sources) if figures else {}
-    return {"drafted": drafted, "accepted": accepted,
-            "acceptance_rate": round(accepted / drafted, 3) if drafted else 0.0,
-            "sources": {name: {"drafted": d, "accepted": a} for name, (d, a) in sources.items()},
-            "step_costs": figures.step_costs.describe() if figures else None,
-            "draft_model": draft.figures() if draft is not None else None}

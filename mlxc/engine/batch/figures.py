@@ -39,3 +39,34 @@ class Figures:
             return 0.0
         span = recent[-1][0] - recent[0][0]
         return sum(n for _, n in recent[1:]) / span if span > 0 else 0.0
+
+
+def engine_figures(engine: Any) -> dict[str, Any]:
+    """An Engine's batch figures for /health and /metrics (plain numbers, any thread)."""
+    scheduler = engine.scheduler
+    figures = scheduler.figures if scheduler else None
+    return {
+        "running": engine.running,
+        "waiting": engine.waiting,
+        "max_batch": engine.max_batch,
+        "max_queue": engine.max_queue,
+        "batch_sizes": dict(figures.batch_sizes) if figures else {},
+        "generated_tokens": figures.generated_tokens if figures else 0,
+        "back_alone": figures.back_alone if figures else 0,
+        "speculation": _speculation(figures, getattr(engine, "draft", None)),
+        "tokens_per_second": round(figures.tokens_per_second(), 2) if figures else 0.0,
+        **(engine.memory.figures() if engine.memory is not None else {}),
+        **getattr(getattr(engine, "batch_model", None), "figures", dict)(),  # CUDA: compiled
+    }
+
+
+def _speculation(figures: Any, draft: Any) -> dict[str, Any]:
+    """Draft tokens verified and accepted (decode/speculate.py), and the acceptance rate; the
+    same by draft source (ngram, prediction, draft); the draft model, if any."""
+    drafted, accepted = (figures.drafted, figures.accepted) if figures else (0, 0)
+    sources = dict(figures.sources) if figures else {}
+    return {"drafted": drafted, "accepted": accepted,
+            "acceptance_rate": round(accepted / drafted, 3) if drafted else 0.0,
+            "sources": {name: {"drafted": d, "accepted": a} for name, (d, a) in sources.items()},
+            "step_costs": figures.step_costs.describe() if figures else None,
+            "draft_model": draft.figures() if draft is not None else None}
