@@ -118,3 +118,14 @@ def test_a_sequence_drafted_at_every_step_still_times_plain_steps(tiny_model, tm
     assert answers["auto"] == answers["off"]
     assert figures["drafted"] > 0
     assert figures["step_costs"]["plain_step_ms"] > 0
+
+
+def test_a_resting_drafter_looks_again_when_the_answer_copies_its_prompt_again():
+    """A pause grown long would miss a copy that resumes (an edit given back past its changed
+    lines): a plain step whose last tokens recur in the prompt ends it; others count it down."""
+    d = Drafter(PROMPT, None, ngram=True, costs=costs(0.080, 0.086, 0.007))
+    d.pause = 200
+    d.rested([50, 51, 52, 53])  # nothing the sequence said before
+    assert d.pause == 199
+    d.rested([99, 3, 4, 5, 6])  # ... 3, 4, 5, 6 is in the prompt
+    assert d.pause == 0

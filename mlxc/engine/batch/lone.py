@@ -101,7 +101,7 @@ class LoneDecoder:
                 return self._speculate(token, row, draft)
             # None found: the plain step; the drafter looks again next time
         elif self.drafter is not None:
-            self.drafter.pause -= 1
+            self.drafter.rested(self.seq.tail())
         self.pending, self.pending_row = self._queue(token)
         done = self.seq.take(token.item(), row)
         if self._pipelined:  # one step's time, in steady state

@@ -49,6 +49,10 @@ class Sequence:
         """Prompt and answer tokens: the prefix state's key once it is done."""
         return self.prompt + self.generated
 
+    def tail(self, n: int = 4) -> list[int]:
+        """The last `n` tokens of prompt and taken, without joining the whole lists."""
+        return (self.prompt[-n:] + self.taken)[-n:] if len(self.taken) < n else self.taken[-n:]
+
     @property
     def remaining(self) -> int:
         return self.request.max_tokens - len(self.generated)

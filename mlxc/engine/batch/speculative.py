@@ -88,9 +88,9 @@ class BatchSpeculation:
         seqs = [running[uid] for uid in gen.uids]
         drafters = [_drafter(seq, self.lone_costs, gen.prompt_cache) for seq in seqs]
         asking = [d is not None and d.pause == 0 for d in drafters]
-        for d in drafters:
+        for seq, d in zip(seqs, drafters, strict=True):
             if d is not None and d.pause > 0:
-                d.pause -= 1  # as the lone loop counts its plain steps
+                d.rested(seq.tail())  # as the lone loop counts its plain steps
         if self.pause > 0:
             self.pause -= 1
             return None

@@ -226,6 +226,16 @@ class Drafter:
         if accepted:
             self._next_pause = FIRST_PAUSE
 
+    def rested(self, tail: list[int]) -> None:
+        """One plain step of a pause (`tail`: the sequence's last tokens, at least
+        LONGEST_NGRAM). The pause ends early where those recur earlier in the sequence: a
+        copy has resumed (an edit given back past its changed lines), and a pause grown to
+        LONGEST_PAUSE steps would miss it. Looking costs a dict lookup, no read of the GPU."""
+        self.pause -= 1
+        if self.pause > 0 and self.context is not None and len(tail) >= LONGEST_NGRAM \
+                and tuple(tail[-LONGEST_NGRAM:]) in self.context._after:
+            self.pause = 0
+
     def _rest(self) -> None:
         """No draft pays now: decode plain for a while (longer each time), then look again
         with the acceptance count back at its prior, so a sequence that starts repeating its
