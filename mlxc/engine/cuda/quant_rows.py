@@ -5,8 +5,8 @@ sequence) by each packed weight. On MLX 0.32.4's CUDA backend `quantized_matmul`
 past 4 rows (H200, 3B shape: 4-bit 276 tok/s at batch 4, 159 at 8, see model/dtype.py), which
 is why `--dtype auto` used to dequantize. This kernel reads each packed weight once for all the
 rows: a block takes FEATURES output features, its threads split the input features in chunks of
-8 values (one 32-bit word in 4 bits, two in 8 bits), and per chunk it adds
-scale * (q . x) + bias * sum(x) for every row, in float32.
+LOADW 32-bit words (8 values a word in 4 bits, 4 in 8; one 16-byte load at LOADW 4), and per
+8 values it adds scale * (q . x) + bias * sum(x) for every row, in float32.
 
 MLX's affine layout (`mx.quantize`): a row of K values packs into K*bits/32 uint32 words, value
 j of a word in bits [bits*j, bits*(j+1)), lowest first; one scale and one bias per group of
