@@ -49,12 +49,24 @@ FILES = {  # file -> the small change asked for
     "mlxc/engine/decode/seeds.py": "add a one-line comment at the top of the file",
     "mlxc/engine/batch/figures.py": "rename RATE_WINDOW to WINDOW_SECONDS",
 }
+# The files as of this commit: the workload must not change when the code does (figures.py
+# grew in 7 Dec's work, and its edit drafted 30 tokens where it had drafted ~105).
+SOURCE_REVISION = "61bb135"
 CHATS = ["Write a short story about a lighthouse keeper.", "Explain how rainbows form."]
+
+
+def source_of(path: str) -> str:
+    """`path` at SOURCE_REVISION (the working copy where git or that commit is missing)."""
+    import subprocess
+
+    shown = subprocess.run(["git", "-C", str(ROOT), "show", f"{SOURCE_REVISION}:{path}"],
+                           capture_output=True, text=True)
+    return shown.stdout if shown.returncode == 0 else (ROOT / path).read_text()
 
 
 def edit(path: str, change: str, max_tokens: int, predicted: bool,
          sampling: dict) -> GenerationRequest:
-    source = (ROOT / path).read_text()
+    source = source_of(path)
     text = f"Here is {path}:\n```python\n{source}```\nGive back the whole file, with one " \
            f"change: {change}. Answer with the file only."
     return GenerationRequest(messages=[{"role": "user", "content": text}],
