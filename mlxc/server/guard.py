@@ -69,11 +69,12 @@ class Deadlines:
         except asyncio.CancelledError:
             if task not in self.late:
                 raise  # a cancellation of someone else's (shutdown, a disconnect)
-            self.late.discard(task)
-            task.uncancel()
             raise asyncio.TimeoutError from None
         finally:
             self.waiting.pop(task, None)
+            if task in self.late:  # ours taken back, even where the awaitable swallowed it
+                self.late.discard(task)
+                task.uncancel()
 
     def _check(self) -> None:
         loop = asyncio.get_running_loop()

@@ -116,6 +116,10 @@ class NgramIndex:
                     self._after[tuple(self.tokens[end - n : end])] = end
             self.tokens.append(token)
 
+    def __contains__(self, ngram: tuple[int, ...]) -> bool:
+        """Whether `ngram` occurred with a token after it."""
+        return ngram in self._after
+
     def continuation(self, suffix: tuple[int, ...], k: int) -> list[int]:
         start = self._after.get(suffix)
         return [] if start is None else self.tokens[start : start + k]
@@ -233,7 +237,7 @@ class Drafter:
         LONGEST_PAUSE steps would miss it. Looking costs a dict lookup, no read of the GPU."""
         self.pause -= 1
         if self.pause > 0 and self.context is not None and len(tail) >= LONGEST_NGRAM \
-                and tuple(tail[-LONGEST_NGRAM:]) in self.context._after:
+                and tuple(tail[-LONGEST_NGRAM:]) in self.context:
             self.pause = 0
 
     def _rest(self) -> None:
