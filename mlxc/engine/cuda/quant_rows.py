@@ -26,18 +26,22 @@ MAX_ROWS = 16  # a speculative verify of 4 sequences x 4 tokens at the most
 ROW_BUCKETS = (1, 2, 4, 8, 16)  # rows are a run-time bound under a compiled per-bucket cap
 GROUPS = (32, 64, 128)
 BITS = (4, 8)
-# (outputs a block computes, warps splitting K[, uint32 words a thread loads per weight row]),
-# by row bucket: to be set by measurement (benchmarks/gpu_decode.py --blocks); each x chunk a
-# thread loads serves FEATURES weights.
-BLOCKS = {1: (4, 4), 2: (4, 4), 4: (4, 4), 8: (4, 4), 16: (4, 4)}
-# MLXC_QUANT_BLOCKS="1:8x4x4,16:2x4" overrides some (for benchmarks)
+# (outputs a block computes, warps splitting K, uint32 words a thread loads per weight row), by
+# bits and row bucket. 4 bits: the fastest of 7 shapes on an H100, 8 Dec 2026 (`gpu_decode.py
+# --parts kernels`, docs/performance.md); 8 bits: not yet timed past 2 rows, so the first form's.
+# Each x chunk a thread loads serves FEATURES weights.
+BLOCKS = {4: {1: (8, 4, 4), 2: (4, 2, 4), 4: (2, 4, 4), 8: (4, 4, 2), 16: (4, 4, 1)},
+          8: dict.fromkeys(ROW_BUCKETS, (4, 4, 1))}
+# MLXC_QUANT_BLOCKS="1:8x4x4,16:2x4" overrides some, for both widths (for benchmarks)
 for _part in filter(None, os.environ.get("MLXC_QUANT_BLOCKS", "").split(",")):
     _rows, _, _shape = _part.partition(":")
-    BLOCKS[int(_rows)] = tuple(int(v) for v in _shape.split("x"))  # type: ignore[assignment]
+    for _table in BLOCKS.values():
+        _table[int(_rows)] = tuple(int(v) for v in _shape.split("x"))
 ENV = "MLXC_QUANT_KERNEL"
-# Fewer rows than this stay MLX's (its one-row kernel was faster than this one's first form:
-# H100, 3B 4-bit, one stream 285 against 224 tokens/s); benchmarks/gpu_decode.py times both.
-MIN_ROWS = int(os.environ.get("MLXC_QUANT_MIN_ROWS", "1"))
+# Fewer rows than this stay MLX's: its one-row kernel is faster than this one (H100, 3B 4-bit,
+# 8 Dec: 4 layers' projections 0.477 against 0.547 ms at best; one stream 274 tok/s with one row
+# left to MLX against 209 without); benchmarks/gpu_decode.py times both.
+MIN_ROWS = int(os.environ.get("MLXC_QUANT_MIN_ROWS", "2"))
 # Chunks of at least this many rows (a prompt's) dequantize the weight and run one GEMM; to be
 # set by measurement (benchmarks/gpu_decode.py --long-rows); between, MLX's quantized matmul.
 LONG_ROWS = int(os.environ.get("MLXC_QUANT_LONG_ROWS", "256"))
@@ -214,7 +218,7 @@ def project(x: Any, weight: Any, scales: Any, biases: Any, group_size: int, bits
     k, n = shape[-1], scales.shape[0]
     rows = x.size // k
     size = bucket(rows)
-    features, warps, *words = block or BLOCKS[size]
+    features, warps, *words = block or BLOCKS[bits][size]
     words = load_words(bits, k, words[0] if words else 1)
     (out,) = _kernel()(
         inputs=[x.reshape(rows, k), weight, scales, biases], output_shapes=[(rows, n)],
