@@ -14,13 +14,20 @@ with the draft on this CPU).
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from concurrent.futures import Future
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import httpx
-from concurrency_servers import LAUNCH_MLX_LM, _env, float32_copy
+from concurrency_servers import LAUNCH_MLX_LM, _env
 from mlx_lm_peer import mlx_lm_server
 
 
@@ -53,24 +60,53 @@ def decode_rate(url: str, messages: list[dict], max_tokens: int) -> tuple[float,
     return tokens / max(end - (first or end), 1e-9), "".join(parts)
 
 
-def peer_rates(folder: str, draft: str, requests: list[list[dict]], max_tokens: int,
-               rounds: int, num_draft: int) -> dict[str, list[tuple[float, str]]]:
-    """plain and draft: per request, (median decode tokens/s over `rounds`, last text)."""
-    import statistics
+@dataclass
+class PeerAnswer:
+    """What speculative.run reads of an answer: its text, decode rate and speculation usage
+    (mlx_lm.server reports none)."""
 
-    out: dict[str, list[tuple[float, str]]] = {}
-    f32 = {path: str(float32_copy(Path(path), Path(tempfile.gettempdir()) /
-                                  f"mlxc-f32-{Path(path).name}-{abs(hash(path)) % 10**8}"))
+    text: str
+    tokens_per_second: float
+    usage: Any = field(default_factory=lambda: SimpleNamespace(accepted_tokens=None,
+                                                               drafted_tokens=None))
+
+
+class PeerEngine:
+    """A running mlx_lm.server as speculative.run drives an engine (`submit(r).result()`), so
+    the peer is taken in turns with mlxc's modes, request by request, on one machine's load."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    def submit(self, request: Any) -> Future:
+        messages = [m.model_dump(exclude_none=True) for m in request.messages]
+        rate, text = decode_rate(self.url, messages, request.max_tokens)
+        done: Future = Future()
+        done.set_result(PeerAnswer(text, rate))
+        return done
+
+    def figures(self) -> dict:
+        return {}
+
+    def shutdown(self, wait: float = 0) -> None:
+        """The server stops with `peer_engines`' context."""
+
+
+@contextmanager
+def peer_engines(folder: str, draft: str, num_draft: int) -> Iterator[dict[str, PeerEngine]]:
+    """mlx_lm.server plain and with `draft`, both running (float32 copies, warmed), by name."""
+    f32 = {path: str(Path(tempfile.gettempdir()) /
+                     f"mlxc-f32-{Path(path).name}-{abs(hash(path)) % 10**8}")
            for path in (folder, draft)}
-    folder, draft = f32[folder], f32[draft]
-    for name, with_draft in (("plain", None), ("draft", draft)):
-        with server(folder, with_draft, num_draft) as url:
+    for path, copy in f32.items():  # in a child: MLX on this main thread slows the engines
+        subprocess.run([sys.executable, "-c", "import sys; from pathlib import Path; "
+                        "sys.path.insert(0, sys.argv[1]); from concurrency_servers import "
+                        "float32_copy; float32_copy(Path(sys.argv[2]), Path(sys.argv[3]))",
+                        str(Path(__file__).resolve().parent), path, copy], check=True)
+    with ExitStack() as stack:
+        engines = {}
+        for name, with_draft in (("plain", None), ("draft", f32[draft])):
+            url = stack.enter_context(server(f32[folder], with_draft, num_draft))
             decode_rate(url, [{"role": "user", "content": "Say hello."}], 4)  # warm
-            rows = []
-            for messages in requests:
-                runs = [decode_rate(url, messages, max_tokens) for _ in range(rounds)]
-                rows.append((statistics.median(r for r, _ in runs), runs[-1][1]))
-                print(f"mlx_lm.server {name}: {rows[-1][0]:.1f} tok/s", file=sys.stderr,
-                      flush=True)
-            out[name] = rows
-    return out
+            engines[f"mlx_lm.server {name}"] = PeerEngine(url)
+        yield engines

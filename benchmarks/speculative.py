@@ -89,12 +89,14 @@ def engine_for(mode: str, draft: str | None = None) -> Engine:
 
 
 def run(plans: dict[str, tuple[str, list[GenerationRequest]]], rounds: int,
-        drafts: dict[str, str] | None = None) -> dict:
+        drafts: dict[str, str] | None = None, engines: dict | None = None) -> dict:
     """Each plan (name -> (mode, requests)) on its own engine (with `drafts[name]` as its
-    draft model), taken in turns request by request, so a shared machine's load falls on every
-    mode alike: name -> [(answer, median tokens/s over `rounds` passes)] per request."""
+    draft model, or `engines[name]` where given: a peer), taken in turns request by request, so
+    a shared machine's load falls on every mode alike: name -> [(answer, median tokens/s over
+    `rounds` passes)] per request."""
     drafts = drafts or {}
-    engines = {name: engine_for(mode, drafts.get(name)) for name, (mode, _) in plans.items()}
+    engines = {name: (engines or {}).get(name) or engine_for(mode, drafts.get(name))
+               for name, (mode, _) in plans.items()}
     results: dict[str, list] = {name: [] for name in plans}
     try:
         for i in range(max(len(requests) for _, requests in plans.values())):
