@@ -13,6 +13,7 @@ with the draft on this CPU).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -60,6 +61,17 @@ def decode_rate(url: str, messages: list[dict], max_tokens: int) -> tuple[float,
     return tokens / max(end - (first or end), 1e-9), "".join(parts)
 
 
+def in_child(code: str, *args: str) -> None:
+    """Run `code` (benchmarks/ and tests/ importable, `Path` and `args` defined) in a child
+    process: MLX used on this process's main thread before its engines start halved their
+    decode (SmolLM2-135M, 2-core CPU, 8 Dec: 13-14 -> 6.3-7.8 tok/s)."""
+    here = Path(__file__).resolve().parent
+    prelude = ("import sys; from pathlib import Path; sys.path[:0] = sys.argv[1:3]; "
+               "args = sys.argv[3:]; ")
+    subprocess.run([sys.executable, "-c", prelude + code, str(here), str(here.parent / "tests"),
+                    *args], check=True)
+
+
 @dataclass
 class PeerAnswer:
     """What speculative.run reads of an answer: its text, decode rate and speculation usage
@@ -95,14 +107,12 @@ class PeerEngine:
 @contextmanager
 def peer_engines(folder: str, draft: str, num_draft: int) -> Iterator[dict[str, PeerEngine]]:
     """mlx_lm.server plain and with `draft`, both running (float32 copies, warmed), by name."""
-    f32 = {path: str(Path(tempfile.gettempdir()) /
-                     f"mlxc-f32-{Path(path).name}-{abs(hash(path)) % 10**8}")
+    f32 = {path: str(Path(tempfile.gettempdir()) / f"mlxc-f32-{Path(path).name}-"
+                     f"{hashlib.sha256(path.encode()).hexdigest()[:8]}")  # reused run to run
            for path in (folder, draft)}
-    for path, copy in f32.items():  # in a child: MLX on this main thread slows the engines
-        subprocess.run([sys.executable, "-c", "import sys; from pathlib import Path; "
-                        "sys.path.insert(0, sys.argv[1]); from concurrency_servers import "
-                        "float32_copy; float32_copy(Path(sys.argv[2]), Path(sys.argv[3]))",
-                        str(Path(__file__).resolve().parent), path, copy], check=True)
+    for path, copy in f32.items():
+        in_child("from concurrency_servers import float32_copy; "
+                 "float32_copy(Path(args[0]), Path(args[1]))", path, copy)
     with ExitStack() as stack:
         engines = {}
         for name, with_draft in (("plain", None), ("draft", f32[draft])):

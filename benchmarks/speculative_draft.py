@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 from contextlib import nullcontext
@@ -16,6 +15,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from draft_peer import in_child  # noqa: E402
 
 
 def draft_folder(spec: str, model: Path) -> str:
@@ -29,15 +29,10 @@ def draft_folder(spec: str, model: Path) -> str:
     for part in spec.removeprefix("layers:").split(","):
         first, _, last = part.partition("-")
         layers += list(range(int(first), int(last or first) + 1))
-    # Cut in a child process: MLX used on this process's main thread before the engines start
-    # halved their decode here (SmolLM2-135M, 2-core CPU, 8 Dec: 13-14 -> 6.3-7.8 tok/s).
     folder = Path(tempfile.mkdtemp()) / "draft"
-    tests = Path(__file__).resolve().parent.parent / "tests"
-    subprocess.run([sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]); "
-                    "from pathlib import Path; from draft_maker import layers_copy; "
-                    "layers_copy(Path(sys.argv[2]), Path(sys.argv[3]), "
-                    "[int(v) for v in sys.argv[4].split(',')])",
-                    str(tests), str(model), str(folder), ",".join(map(str, layers))], check=True)
+    in_child("from draft_maker import layers_copy; layers_copy(Path(args[0]), Path(args[1]), "
+             "[int(v) for v in args[2].split(',')])", str(model), str(folder),
+             ",".join(map(str, layers)))
     return str(folder)
 
 
