@@ -1,8 +1,8 @@
 """How much prompt lookup could gain on the code-edit and chat requests of
 benchmarks/speculative.py, whatever the gate decides: the greedy answers are generated once
-(speculation off), then each is replayed against the drafter's own lookup (decode/speculate.py
-`NgramIndex`, longest suffix first; with `--prediction`, the original file as a prediction
-too) with an oracle gate that drafts only where the draft's first token is taken. Each pass
+(speculation off), then each is replayed through the drafter's own lookup (decode/speculate.py
+`Drafter`, longest suffix first; for the edits also with the original file as a prediction)
+with an oracle gate that drafts only where the draft's first token is taken. Each pass
 is charged verify(k)/plain from `--costs` (benchmarks/diagnostics/verify_cost.py's table for
 this machine); a plain step costs 1. The ratio is the ceiling of what the real gate reaches,
 since the real one cannot know in advance which drafts are taken.
@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from speculative import CHATS, FILES, edit, engine_for, source_of  # noqa: E402
 
-from mlxc.engine.decode.speculate import LONGEST_NGRAM, SHORTEST_NGRAM, NgramIndex  # noqa: E402
+from mlxc.engine.decode.speculate import Drafter  # noqa: E402
 from mlxc.request import GenerationRequest  # noqa: E402
 
 
@@ -38,16 +38,11 @@ def cost_of(k: int, table: dict[int, float]) -> float:
 def replay(prompt: list[int], answer: list[int], prediction: list[int] | None, longest: int,
            table: dict[int, float]) -> dict:
     """The answer decoded with oracle-gated lookup drafts of up to `longest` tokens."""
-    context, predicted = NgramIndex(prompt + answer[:1]), NgramIndex(prediction or [])
-    seen, i, cost, drafted, taken = prompt + answer[:1], 1, 0.0, 0, 0
+    drafter = Drafter(prompt, prediction, ngram=True)
+    i, cost, drafted, taken = 1, 0.0, 0, 0
     while i < len(answer):
-        run: list[int] = []
-        for n in range(LONGEST_NGRAM, 0, -1):
-            suffix = tuple(seen[-n:])
-            if prediction and (run := predicted.continuation(suffix, longest)):
-                break
-            if n >= SHORTEST_NGRAM and (run := context.continuation(suffix, longest)):
-                break
+        drafter.catch_up(prompt + answer[: i - 1])  # the pending token answer[i-1] is not
+        run = drafter._looked_up(answer[i - 1], longest, ngram=True)  # fed yet
         agreed = 0
         while agreed < len(run) and i + agreed < len(answer) and run[agreed] == answer[i + agreed]:
             agreed += 1
@@ -56,8 +51,6 @@ def replay(prompt: list[int], answer: list[int], prediction: list[int] | None, l
         drafted, taken = drafted + k, taken + agreed
         new = answer[i : i + agreed + 1]
         i += len(new)
-        context.extend(new)
-        seen.extend(new)
     return {"ceiling": round((len(answer) - 1) / max(cost, 1e-9), 3),
             "accepted": taken, "drafted": drafted}
 
